@@ -152,6 +152,36 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="device to train on, e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)",
     )
     parser.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the official CIFAR / VOC archive into --data-dir when it is not there (default: off)",
+    )
+    parser.add_argument(
+        "--coarse-labels",
+        action="store_true",
+        help="train CIFAR-100 on its 20 coarse classes instead of the 100 fine ones (default: off)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder for the VOC 256x256 resize cache (default: alexnet_cache/ in the VOC folder, or "
+        "~/.cache/alexnet when that is read-only)",
+    )
+    parser.add_argument(
+        "--loader",
+        choices=["auto", "memory", "stream"],
+        default="auto",
+        help="memory: whole data set on the training device; stream: read the VOC cache with DataLoader "
+        "workers; auto: memory when it fits (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader worker processes when streaming (default: %(default)s)",
+    )
+    parser.add_argument(
         "--no-lrn",
         dest="lrn",
         action="store_false",
@@ -210,6 +240,10 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
         dry_run=args.dry_run,
         log=args.log,
         message=args.message,
+        coarse_labels=args.coarse_labels,
+        cache_dir=str(args.cache_dir or ""),
+        loader=args.loader,
+        workers=args.workers,
         shapes_train=args.shapes_train,
         shapes_test=args.shapes_test,
         shapes_seed=args.shapes_seed,
@@ -222,6 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.lrn and not args.paper_model:
         parser.error("--no-lrn only applies to the paper's features; add -pm")
+    if args.cifar and DATASETS[args.dataset].image_size != 32:
+        size = DATASETS[args.dataset].image_size
+        parser.error(f"-c (CifarAlexNet, 32x32 inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c")
+    if args.coarse_labels and args.dataset != "Cifar100":
+        parser.error("--coarse-labels only applies to -ds Cifar100")
+    if args.workers < 0:
+        parser.error(f"argument --workers: must be 0 or more, got {args.workers}")
     setup_logging()
     try:
         device = resolve_device(args.device)
@@ -230,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config.dataset,
             DataOptions(
                 data_dir=args.data_dir,
+                download=args.download,
+                coarse_labels=args.coarse_labels,
+                cache_dir=args.cache_dir,
                 shapes_train=config.shapes_train,
                 shapes_test=config.shapes_test,
                 shapes_seed=config.shapes_seed,

@@ -8,13 +8,14 @@ Outputs of a run named ``<run>`` on data set ``<ds>`` (nothing under runs/ or ch
 ``dry_run``)::
 
     runs/<ds>/<run>/           TensorBoard events, summary.json, config.json, confusion CSVs
-    checkpoints/<ds>/<run>/    best.pt (best top-1 so far), last.pt (end of the latest epoch)
+    checkpoints/<ds>/<run>/    best.pt (best top-1, or mAP for VOC, so far), last.pt (latest epoch)
     log/<run>.log              the terminal output, with ``log``
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from datasets import BatchLoader, BatchTransform, DataSet, channel_stats
+from datasets import BatchLoader, DataSet, Split, fits_in_memory, make_pipeline
 from utils import __version__, add_log_file, atomic_torch_save, atomic_write_json, unique_run_name
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ class TrainConfig:
     dry_run: bool = False
     log: bool = False
     message: str = ""
+    coarse_labels: bool = False
+    cache_dir: str = ""
+    loader: str = "auto"
+    workers: int = 2
     shapes_train: int = 8000
     shapes_test: int = 1600
     shapes_seed: int = 0
@@ -110,47 +115,112 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the present (1) and absent (-1) entries of VOC-style labels;
+    "difficult only" entries (0) count neither way. Mean over the entries that count."""
+    weight = (labels != 0).float()
+    target = (labels > 0).float()
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target, weight, reduction="sum")
+    return loss / weight.sum().clamp_min(1)
+
+
+def voc_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """All-points average precision of one class (the VOC2010+ definition): the area under the
+    precision-recall curve after replacing each precision by the best precision at any higher
+    recall. ``labels`` are 1 / -1 / 0; entries labelled 0 are left out. Ties in ``scores`` keep
+    their data order. NaN when the class has no positive example."""
+    keep = labels != 0
+    scores, positive = scores[keep].double(), labels[keep] > 0
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    positive = positive[order]
+    tp = positive.cumsum(0).double()
+    precision = tp / torch.arange(1, len(positive) + 1, dtype=torch.float64)
+    envelope = precision.flip(0).cummax(0).values.flip(0)
+    # Recall grows by 1/n_pos exactly at each positive, so the area is a sum over positives.
+    return float(envelope[positive].sum() / n_pos)
+
+
 @dataclass
 class EvalResult:
-    """Metrics over a whole evaluation split (exact counts, not means of batch means)."""
+    """Metrics over a whole evaluation split (exact counts, not means of batch means).
+
+    Single-label: top-1/top-5 accuracy and a confusion matrix. Multi-label: top-1/top-5 hit
+    rate (a positive label among the best 1 / 5 scores), per-class AP and their mean, mAP.
+    """
 
     loss: float
     top1: float  # percent
     top5: float  # percent
-    confusion: torch.Tensor  # C x C counts, rows = true class, columns = predicted class
     count: int
+    confusion: torch.Tensor | None = None  # C x C counts, rows = true class, columns = predicted
+    ap: list[float] | None = None  # percent per class, NaN for classes absent from the split
+    mAP: float | None = None  # percent, mean over classes with positives
+
+    @property
+    def score(self) -> float:
+        """The number that decides "better": mAP for multi-label data, else top-1."""
+        return self.mAP if self.mAP is not None else self.top1
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int) -> EvalResult:
-    """Cross-entropy, top-1 and top-5 accuracy and the confusion matrix over ``loader``.
+def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel: bool = False) -> EvalResult:
+    """Loss, top-1/top-5 and the confusion matrix (or AP per class) over ``loader``.
 
-    Top-5 becomes top-``num_classes`` when there are fewer than five classes. Counts stay on the
-    device until the end so the loop never waits for the GPU.
+    Batches come as N x V x C x H x W; with V > 1 (10-crop) the softmax (sigmoid for multi-label)
+    outputs of the views are averaged, as in the paper. Top-5 becomes top-``num_classes`` when
+    there are fewer than five classes. Counts stay on the device until the end so the loop never
+    waits for the GPU.
     """
     model.eval()
-    device = loader.split.images.device
+    device = loader.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_weight = torch.zeros((), dtype=torch.float64, device=device)
     hits1 = torch.zeros((), dtype=torch.int64, device=device)
     hits5 = torch.zeros((), dtype=torch.int64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    all_scores, all_labels = [], []
     k = min(5, num_classes)
     for images, labels in loader:
-        logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-        top = logits.topk(k, dim=1).indices
-        hit = top == labels[:, None]
+        n, views = images.shape[:2]
+        logits = model(images.flatten(0, 1)).float().view(n, views, -1)
+        if multilabel:
+            scores = torch.sigmoid(logits).mean(1)
+            weight = (labels != 0).double()
+            target = (labels > 0).double()
+            loss_sum += F.binary_cross_entropy(scores.double().clamp(1e-7, 1 - 1e-7), target, weight, reduction="sum")
+            loss_weight += weight.sum()
+            top = scores.topk(k, dim=1).indices
+            hit = labels.gather(1, top) > 0
+            all_scores.append(scores)
+            all_labels.append(labels)
+        else:
+            # log of the mean of the views' softmax, computed stably
+            scores = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(views)
+            loss_sum += F.nll_loss(scores, labels, reduction="sum")
+            loss_weight += n
+            top = scores.topk(k, dim=1).indices
+            hit = top == labels[:, None]
+            confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
         hits1 += hit[:, 0].sum()
         hits5 += hit.any(dim=1).sum()
-        confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
     count = len(loader.split)
-    return EvalResult(
-        loss=loss_sum.item() / count,
+    result = EvalResult(
+        loss=loss_sum.item() / max(loss_weight.item(), 1.0),
         top1=100.0 * hits1.item() / count,
         top5=100.0 * hits5.item() / count,
-        confusion=confusion.view(num_classes, num_classes).cpu(),
         count=count,
     )
+    if multilabel:
+        scores, labels = torch.cat(all_scores).cpu(), torch.cat(all_labels).cpu()
+        result.ap = [100.0 * voc_average_precision(scores[:, c], labels[:, c]) for c in range(num_classes)]
+        present = [a for a in result.ap if not math.isnan(a)]
+        result.mAP = sum(present) / len(present) if present else 0.0
+    else:
+        result.confusion = confusion.view(num_classes, num_classes).cpu()
+    return result
 
 
 def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
@@ -167,14 +237,23 @@ class Trainer:
         self.device = device
         self.data = data
         self.model = model.to(device)
-        self.train_split = data.train.to(device)
-        self.test_split = data.test.to(device)
+        self.train_split = self._place(data.train, config)
+        self.test_split = self._place(data.test, config)
 
-        mean, std = channel_stats(self.train_split.images)
-        self.transform = BatchTransform(mean, std, input_size=unwrap(model).input_size)
+        input_size = unwrap(model).input_size
+        self.pipeline = make_pipeline(self.train_split, input_size, paper=config.paper_train, device=device)
+        self.loss_fn = multilabel_loss if data.multilabel else F.cross_entropy
+        # Two streams: the order of images (CPU) and the augmentation (on the device), both seeded.
+        self.index_generator = torch.Generator().manual_seed(config.seed)
         self.generator = torch.Generator(device).manual_seed(config.seed)
-        self.train_loader = BatchLoader(self.train_split, config.batch_size, self.transform, True, self.generator)
-        self.eval_loader = BatchLoader(self.test_split, config.eval_batch_size, self.transform, False)
+        self.train_loader = BatchLoader(
+            self.train_split, config.batch_size, self.pipeline, True, device,
+            generator=self.generator, index_generator=self.index_generator, workers=config.workers,
+        )  # fmt: skip
+        eval_batch = max(1, config.eval_batch_size // self.pipeline.views)
+        self.eval_loader = BatchLoader(
+            self.test_split, eval_batch, self.pipeline, False, device, workers=config.workers
+        )
 
         self.optimizer = build_optimizer(model.parameters(), config)
         # Decay on the evaluation top-1 (mode="max"): "when the validation error stopped improving".
@@ -194,9 +273,26 @@ class Trainer:
 
         self.best: EvalResult | None = None
         self.best_epoch = 0
+        self.top1_max = 0.0
         self.global_step = 0
         self.writer: SummaryWriter | None = None
         self._log_handler: logging.Handler | None = None
+
+    def _place(self, split: Split, config: TrainConfig) -> Split:
+        """The whole split on the training device when it fits (or ``--loader memory``);
+        otherwise it stays memory-mapped and is streamed by DataLoader workers."""
+        if split.source is None:
+            return split.to(self.device)
+        stream = config.loader == "stream" or (
+            config.loader == "auto" and not fits_in_memory(split.nbytes, self.device)
+        )
+        if not stream:
+            return split.to(self.device)
+        logger.info(
+            "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
+            len(split), split.nbytes / 1e9, split.source, config.workers,
+        )  # fmt: skip
+        return split
 
     # ----------------------------------------------------------------------------------------
 
@@ -234,6 +330,8 @@ class Trainer:
         if config.message:
             logger.info("message: %s", config.message)
 
+        logger.info("augmentation: %s", self.pipeline.describe())
+        metric = "mAP" if self.data.multilabel else "top-1"
         train_images, train_seconds = 0, 0.0
         stale = 0
         epoch = 0
@@ -244,27 +342,28 @@ class Trainer:
             seconds = time.perf_counter() - start
             train_images += len(self.train_split)
             train_seconds += seconds
-            result = evaluate(self.model, self.eval_loader, self.data.num_classes)
+            result = evaluate(self.model, self.eval_loader, self.data.num_classes, self.data.multilabel)
             lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step(result.top1)
+            self.scheduler.step(result.score)
 
-            improved = self.best is None or result.top1 > self.best.top1
+            improved = self.best is None or result.score > self.best.score
             if improved:
                 self.best, self.best_epoch, stale = result, epoch, 0
             else:
                 stale += 1
+            self.top1_max = max(self.top1_max, result.top1)
             self._log_epoch(epoch, train_loss, result, lr, len(self.train_split) / seconds, time.perf_counter() - start)
             if not config.dry_run:
                 checkpoint = self._checkpoint(epoch)
                 atomic_torch_save(checkpoint, self.ckpt_dir / "last.pt")
                 if improved:
                     atomic_torch_save(checkpoint, self.ckpt_dir / "best.pt")
-                if epoch % config.log_confusion_epoch == 0 or epoch == config.n_epoch:
-                    write_confusion_csv(
-                        result.confusion, self.data.classes, self.run_dir / f"confusion_epoch{epoch:03d}.csv"
-                    )
+                due = epoch % config.log_confusion_epoch == 0 or epoch == config.n_epoch
+                if due and result.confusion is not None:
+                    path = self.run_dir / f"confusion_epoch{epoch:03d}.csv"
+                    write_confusion_csv(result.confusion, self.data.classes, path)
             if stale >= config.early_stop:
-                logger.info("early stop: no better top-1 for %d epochs", stale)
+                logger.info("early stop: no better %s for %d epochs", metric, stale)
                 break
 
         assert self.best is not None and result is not None
@@ -277,21 +376,34 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "final_top1": result.top1,
             "final_top5": result.top5,
+            "top1_max": self.top1_max,
             "epochs": epoch,
             "train_images_per_second": train_images / train_seconds,
             "train_size": len(self.train_split),
             "test_size": len(self.test_split),
             "config": asdict(config),
         }
+        if self.best.mAP is not None:
+            summary["best_mAP"] = self.best.mAP
+            summary["final_mAP"] = result.mAP
+            # Classes absent from the evaluation split have no AP: null, not NaN, to stay valid JSON.
+            summary["best_ap_per_class"] = {
+                c: None if math.isnan(ap) else ap for c, ap in zip(self.data.classes, self.best.ap or [])
+            }
+            logger.info("best mAP %.2f%% at epoch %d of %d; final mAP %.2f%%", self.best.mAP, self.best_epoch, epoch,
+                        result.mAP)  # fmt: skip
         logger.info(
             "best top-1 %.2f%% (top-5 %.2f%%) at epoch %d of %d; final top-1 %.2f%%; %.0f training images/s",
             self.best.top1, self.best.top5, self.best_epoch, epoch, result.top1, summary["train_images_per_second"],
         )  # fmt: skip
         if not config.dry_run:
             assert self.writer is not None
+            metrics = {"hparam/best_top1": self.best.top1, "hparam/best_top5": self.best.top5}
+            if self.best.mAP is not None:
+                metrics["hparam/best_mAP"] = self.best.mAP
             self.writer.add_hparams(
                 {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))},
-                {"hparam/best_top1": self.best.top1, "hparam/best_top5": self.best.top5},
+                metrics,
                 run_name=".",
             )
             atomic_write_json(summary, self.run_dir / "summary.json")
@@ -312,7 +424,7 @@ class Trainer:
             self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True
         )
         for images, labels in bar:
-            loss = F.cross_entropy(self.model(images), labels)
+            loss = self.loss_fn(self.model(images), labels)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -335,10 +447,11 @@ class Trainer:
     def _log_epoch(
         self, epoch: int, train_loss: float, result: EvalResult, lr: float, images_per_s: float, seconds: float
     ) -> None:
-        assert self.best is not None
+        mAP = f"  mAP {result.mAP:.2f}%" if result.mAP is not None else ""
         logger.info(
-            "epoch %d/%d  train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  lr %.2e  %.0f img/s  %.1f s",
-            epoch, self.config.n_epoch, train_loss, result.loss, result.top1, result.top5, lr, images_per_s, seconds,
+            "epoch %d/%d  train loss %.4f  val loss %.4f%s  top-1 %.2f%%  top-5 %.2f%%  lr %.2e  %.0f img/s  %.1f s",
+            epoch, self.config.n_epoch, train_loss, result.loss, mAP, result.top1, result.top5, lr, images_per_s,
+            seconds,
         )  # fmt: skip
         if self.writer is not None:
             prefix = f"{self.data.name}/"
@@ -347,9 +460,12 @@ class Trainer:
                 "val/loss": result.loss,
                 "val/top1": result.top1,
                 "val/top5": result.top5,
-                "val/top1_max": self.best.top1,
+                "val/top1_max": self.top1_max,
                 "train/images_per_second": images_per_s,
             }
+            if result.mAP is not None and result.ap is not None:
+                scalars["val/mAP"] = result.mAP
+                scalars.update({f"val/AP/{c}": ap for c, ap in zip(self.data.classes, result.ap) if not math.isnan(ap)})
             for tag, value in scalars.items():
                 self.writer.add_scalar(prefix + tag, value, epoch)
             self.writer.flush()
@@ -361,7 +477,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
-            "best_top1": self.best.top1,
+            "best_score": self.best.score,
             "best_epoch": self.best_epoch,
             "classes": list(self.data.classes),
             "config": asdict(self.config),

@@ -24,12 +24,29 @@ class UserError(Exception):
     """
 
 
+def short_reason(error: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-sentence user errors."""
+    text = str(error).strip()
+    line = text.splitlines()[0].rstrip(":") if text else type(error).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s folder (same file system, so ``os.replace`` is atomic),
+    with the permissions a plain ``open`` would give rather than ``mkstemp``'s owner-only 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same folder, fsync it, then ``os.replace`` it over
     ``path``, so a crash at any moment leaves either the old file or the new one, never half."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

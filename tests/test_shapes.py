@@ -1,23 +1,10 @@
-"""The built-in Shapes data, the batched transforms and the loader."""
-
-import math
+"""The built-in Shapes data set."""
 
 import numpy as np
 import pytest
 import torch
 
-from datasets import (
-    SHAPES_CLASSES,
-    BatchLoader,
-    BatchTransform,
-    DataError,
-    DataOptions,
-    Split,
-    channel_stats,
-    load_dataset,
-    make_shapes,
-    random_crop_flip,
-)
+from datasets import SHAPES_CLASSES, DataError, DataOptions, load_dataset, make_shapes
 
 
 def test_shapes_is_deterministic_for_a_seed():
@@ -89,68 +76,3 @@ def test_shape_masks_are_the_named_shapes():
 def test_load_dataset_rejects_unknown_names():
     with pytest.raises(DataError, match="unknown data set 'Imagenet'"):
         load_dataset("Imagenet", DataOptions())
-
-
-def test_channel_stats_are_exact():
-    split = make_shapes(64, seed=0)
-    mean, std = channel_stats(split.images, chunk=10)
-    x = split.images.numpy().astype(np.float64) / 255
-    assert np.allclose(mean.numpy(), x.mean(axis=(0, 2, 3)), atol=1e-6)
-    assert np.allclose(std.numpy(), x.std(axis=(0, 2, 3)), atol=1e-6)
-
-
-def test_random_crop_flip_returns_crops_and_mirrors_of_the_padded_image():
-    torch.manual_seed(0)
-    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
-    out = random_crop_flip(x, padding=2, generator=torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    flips = 0
-    for i in range(64):
-        crops = [(dy, dx, padded[i, :, dy : dy + 8, dx : dx + 8]) for dy in range(5) for dx in range(5)]
-        candidates = [(dy, dx, flip) for dy, dx, c in crops for flip, view in ((False, c), (True, c.flip(-1)))
-                      if torch.equal(out[i], view)]  # fmt: skip
-        assert candidates, f"image {i} is not a crop of its padded input"
-        flips += candidates[0][2]
-    assert 10 < flips < 54  # mirrors happen about half the time
-
-
-def index_split(n: int) -> Split:
-    """Images whose every pixel is their own index, labels = index % 3."""
-    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
-    return Split(images, torch.arange(n) % 3)
-
-
-def identity_transform(size: int = 4) -> BatchTransform:
-    return BatchTransform(torch.zeros(3), torch.full((3,), 1 / 255), input_size=size, crop_padding=0)
-
-
-def test_loader_visits_every_image_once_per_epoch_in_a_new_order():
-    split = index_split(103)
-    loader = BatchLoader(split, 10, identity_transform(), train=True, generator=torch.Generator().manual_seed(0))
-    assert len(loader) == math.ceil(103 / 10)
-    orders = []
-    for _ in range(2):
-        seen = []
-        for images, labels in loader:
-            idx = images[:, 0, 0, 0].round().long()
-            assert torch.equal(labels, idx % 3)  # labels travel with their images
-            seen += idx.tolist()
-        assert sorted(seen) == list(range(103))
-        orders.append(seen)
-    assert orders[0] != orders[1]
-
-
-def test_eval_loader_keeps_order_and_does_not_augment():
-    split = index_split(25)
-    seen = [img[:, 0, 0, 0].round().long() for img, _ in BatchLoader(split, 7, identity_transform(), train=False)]
-    assert torch.cat(seen).tolist() == list(range(25))
-
-
-def test_transform_normalises_and_resizes_for_224_models():
-    split = make_shapes(4, seed=0)
-    mean, std = channel_stats(split.images)
-    out = BatchTransform(mean, std, input_size=224)(split.images, train=False)
-    assert out.shape == (4, 3, 224, 224) and out.dtype == torch.float32
-    native = BatchTransform(mean, std, input_size=32)(split.images, train=False)
-    assert native.mean(dim=(0, 2, 3)).abs().max() < 1e-5
-    assert torch.allclose(native.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
