@@ -496,7 +496,9 @@ def read_image_list(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read image list {path} ({short_reason(error)}); replace it with the original.") from None
+        raise DataError(
+            f"cannot read image list {path} ({short_reason(error)}); replace it with the original."
+        ) from None
     ids = [line.split()[0] for line in lines if line.strip()]
     if not ids:
         raise DataError(f"image list {path} is empty; replace it with the original from the VOC release.")
@@ -532,7 +534,9 @@ def parse_voc_xml(path: Path) -> np.ndarray:
     try:
         root = ET.fromstring(data)
     except ET.ParseError as error:
-        raise DataError(f"{path} is not well-formed XML ({short_reason(error)}); restore it from the VOC release.") from None
+        raise DataError(
+            f"{path} is not well-formed XML ({short_reason(error)}); restore it from the VOC release."
+        ) from None
     labels = np.full(len(VOC_CLASSES), -1, np.int8)
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()

@@ -1,49 +1,68 @@
 """AlexNet training tool: parse the command line, build data and model, hand over to the trainer.
 
-python main.py -c                      # CifarAlexNet on the built-in Shapes data
-python main.py -c -ds Shapes -ne 3     # three epochs
-python main.py -pm -pt -ds Shapes      # the paper's network and training setup
+python main.py -c                                   # CifarAlexNet on the built-in Shapes data
+python main.py -c -ds Cifar10 --data-dir dataset    # CIFAR-10
+python main.py -pm -pt -ds PascalVOC2012            # the paper's network and training setup
+python main.py --resume checkpoints/Shapes/<run>/last.pt
+python main.py --evaluate checkpoints/Shapes/<run>/best.pt
 tensorboard --logdir runs
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from datasets import DATASETS, DataOptions, load_dataset
 from network import build_model
-from trainer import SETUPS, TrainConfig, Trainer
+from trainer import (
+    SETUPS,
+    TrainConfig,
+    Trainer,
+    check_compatible,
+    evaluate_checkpoint,
+    format_metrics,
+    load_checkpoint,
+)
 from utils import UserError, __version__, resolve_device, setup_logging
 
 logger = logging.getLogger("alexnet")
 
 
-def positive_int(text: str) -> int:
-    """argparse type for counts that must be at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def number_type(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
+                high_open: bool = False) -> Any:  # fmt: skip
+    """An argparse type: ``kind`` within [low, high] (open ends where asked), with the reason
+    in one sentence when not."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            noun = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        if isinstance(value, float) and not abs(value) < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'above' if low_open else 'at least'} {low}"
+            hi = "" if high is None else f"{'below' if high_open else 'at most'} {high}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(p for p in (lo, hi) if p)}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_float(text: str) -> float:
-    """argparse type for rates that must be above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+positive_int = number_type(int, 1)
+positive_float = number_type(float, 0, low_open=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,139 +73,209 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="AlexNet (Krizhevsky, Sutskever & Hinton, 2012) training tool: the paper's network, "
         "torchvision's variant and a 32x32 variant on Shapes, CIFAR-10/100 and Pascal VOC 2012.",
     )
-    parser.add_argument("-v", "--version", action="version", version=f"alexnet {__version__}")
-    parser.add_argument(
+    add = parser.add_argument
+    add("-v", "--version", action="version", version=f"alexnet {__version__}")
+    add(
         "-d",
         "--dry_run",
         action="store_true",
         help="train without writing TensorBoard runs or checkpoints (default: off)",
     )
-    parser.add_argument(
-        "-l", "--log", action="store_true", help="also save the terminal output to log/<run-name>.log (default: off)"
-    )
-    parser.add_argument(
+    add("-l", "--log", action="store_true", help="also save the terminal output to log/<run-name>.log (default: off)")
+    add(
         "-c",
         "--cifar",
         action="store_true",
         help="use CifarAlexNet, the 32x32 network (default: off, TorchAlexNet at 224)",
     )
-    parser.add_argument(
+    add(
         "-pt",
         "--paper_train",
         action="store_true",
-        help=f"train with the paper's setup: SGD, batch {paper.batch_size}, lr {paper.lr}, momentum "
-        f"{paper.momentum}, weight decay {paper.weight_decay}, lr/10 on plateau (default: off, Adam)",
+        help=f"train with the paper's setup: SGD with the paper's update rule, batch {paper.batch_size}, lr {paper.lr}, "
+        f"momentum {paper.momentum}, weight decay {paper.weight_decay}, lr/10 on plateau at most {paper.max_lr_drops} "
+        f"times, stop at the next plateau or after {paper.n_epoch} epochs, 10-crop evaluation at 224 "
+        "(default: off, the modern setup with Adam)",
     )
-    parser.add_argument(
+    add(
         "-pm",
         "--paper_model",
         action="store_true",
-        help="use the paper's network: PaperAlexNet, or with -c CifarAlexNet with the paper's "
-        "features (LRN, two-GPU grouping, paper init) (default: off)",
+        help="use the paper's network: PaperAlexNet, or with -c CifarAlexNet with the paper's features (LRN, "
+        "two-GPU grouping, paper init) (default: off)",
     )
-    parser.add_argument(
+    add(
         "-ne",
         "--n_epoch",
         type=positive_int,
-        default=200,
-        help="maximum number of training epochs (default: %(default)s)",
+        default=None,
+        help=f"maximum number of training epochs (default: {modern.n_epoch}; {paper.n_epoch} with -pt)",
     )
-    parser.add_argument(
+    add(
         "-es",
         "--early_stop",
         type=positive_int,
-        default=50,
-        help="stop after this many epochs without a better top-1 (default: %(default)s)",
+        default=None,
+        help=f"stop after this many epochs without a better top-1 / mAP (default: {modern.early_stop}; with -pt off: "
+        "the run stops at the plateau after the last lr drop)",
     )
-    parser.add_argument(
+    add(
         "-lls",
         "--log_loss_step",
         type=positive_int,
         default=100,
         help="log the training loss every this many steps (default: %(default)s)",
     )
-    parser.add_argument(
+    add(
         "-lce",
         "--log_confusion_epoch",
         type=positive_int,
         default=10,
-        help="save the confusion matrix every this many epochs and at the end (default: %(default)s)",
+        help="save the confusion matrix (figure and CSV) every this many epochs and at the end (default: %(default)s)",
     )
-    parser.add_argument(
+    add(
         "-ds",
         "--dataset",
         default="Shapes",
         choices=list(DATASETS),
-        help="data set to train on (default: %(default)s, generated, no download)",
+        metavar="DATASET",
+        help=f"data set to train on: {', '.join(DATASETS)} (default: %(default)s, generated, no download)",
     )
-    parser.add_argument(
-        "-m", "--message", default="", help="a note about this run, saved to the log and TensorBoard (default: none)"
-    )
-    parser.add_argument(
+    add("-m", "--message", default="", help="a note about this run, saved to the log and TensorBoard (default: none)")
+
+    paths = parser.add_argument_group("data and outputs")
+    paths.add_argument(
         "--data-dir", type=Path, default=Path("dataset"), help="folder holding the data sets (default: %(default)s)"
     )
-    parser.add_argument(
+    paths.add_argument(
         "--output-dir",
         type=Path,
         default=Path("."),
         help="folder under which runs/, checkpoints/ and log/ are written (default: current folder)",
     )
-    parser.add_argument(
+    paths.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch the official CIFAR / VOC archive into --data-dir when it is not there (default: off)",
+    )
+    paths.add_argument(
+        "--coarse-labels",
+        action="store_true",
+        help="train CIFAR-100 on its 20 coarse classes instead of the 100 fine ones (default: off)",
+    )
+    paths.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder for the VOC 256x256 resize cache (default: alexnet_cache/ in the VOC folder, "
+        "or ~/.cache/alexnet when that is read-only)",
+    )
+    paths.add_argument(
+        "--loader",
+        choices=["auto", "memory", "stream"],
+        default="auto",
+        help="memory: whole data set on the training device; stream: read the VOC cache with "
+        "DataLoader workers; auto: memory when it fits (default: %(default)s)",
+    )
+    paths.add_argument(
+        "--workers",
+        type=number_type(int, 0),
+        default=2,
+        help="DataLoader worker processes when streaming (default: %(default)s)",
+    )
+
+    opt = parser.add_argument_group("optimisation (defaults follow the setup: modern, or the paper's with -pt)")
+    opt.add_argument(
+        "--optimizer",
+        choices=["sgd", "adam"],
+        default=None,
+        help=f"sgd (the paper's update rule under -pt, PyTorch's otherwise) or adam "
+        f"(default: {modern.optimizer}; {paper.optimizer} with -pt)",
+    )
+    opt.add_argument(
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"initial learning rate (default: {modern.lr}; {paper.lr} with -pt)",
+    )
+    opt.add_argument(
         "--batch-size",
         type=positive_int,
         default=None,
         help=f"training batch size (default: {modern.batch_size}; {paper.batch_size} with -pt)",
     )
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
+    opt.add_argument(
+        "--weight-decay",
+        type=number_type(float, 0),
         default=None,
-        help=f"initial learning rate (default: {modern.lr} with Adam, {paper.lr} with -pt)",
+        help=f"weight decay (default: {modern.weight_decay}; {paper.weight_decay} with -pt)",
     )
-    parser.add_argument(
+    opt.add_argument(
+        "--momentum",
+        type=number_type(float, 0, 1, high_open=True),
+        default=None,
+        help=f"SGD momentum (default: {modern.momentum}; {paper.momentum} with -pt)",
+    )
+    opt.add_argument(
+        "--plateau-patience",
+        type=positive_int,
+        default=None,
+        help="epochs without a better top-1 / mAP that make a plateau (default: "
+        f"{modern.plateau_patience}; {paper.plateau_patience} with -pt)",
+    )
+    opt.add_argument(
+        "--lr-factor",
+        type=number_type(float, 0, 1, low_open=True, high_open=True),
+        default=None,
+        help=f"learning-rate multiplier at a plateau (default: {modern.lr_factor}; {paper.lr_factor} with -pt)",
+    )
+    opt.add_argument(
+        "--max-lr-drops",
+        type=number_type(int, 0),
+        default=None,
+        help=f"most learning-rate drops (default: {modern.max_lr_drops}; {paper.max_lr_drops} with -pt)",
+    )
+    opt.add_argument(
+        "--warm-start",
+        type=number_type(float, 1),
+        default=1.0,
+        metavar="FACTOR",
+        help="start at FACTOR x --lr and let plateaus bring it back down before the counted drops "
+        "(the seed's finding: a large initial learning rate helps) (default: 1, off)",
+    )
+    opt.add_argument(
         "--seed", type=int, default=0, help="random seed for weights, shuffling and augmentation (default: %(default)s)"
     )
-    parser.add_argument(
+    opt.add_argument(
         "--device",
         default=None,
         help="device to train on, e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)",
     )
-    parser.add_argument(
-        "--download",
-        action="store_true",
-        help="fetch the official CIFAR / VOC archive into --data-dir when it is not there (default: off)",
-    )
-    parser.add_argument(
-        "--coarse-labels",
-        action="store_true",
-        help="train CIFAR-100 on its 20 coarse classes instead of the 100 fine ones (default: off)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="folder for the VOC 256x256 resize cache (default: alexnet_cache/ in the VOC folder, or "
-        "~/.cache/alexnet when that is read-only)",
-    )
-    parser.add_argument(
-        "--loader",
-        choices=["auto", "memory", "stream"],
-        default="auto",
-        help="memory: whole data set on the training device; stream: read the VOC cache with DataLoader "
-        "workers; auto: memory when it fits (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="DataLoader worker processes when streaming (default: %(default)s)",
-    )
-    parser.add_argument(
+    opt.add_argument(
         "--no-lrn",
         dest="lrn",
         action="store_false",
         help="drop local response normalisation from the paper's features, -pm only (default: keep)",
     )
+
+    ckpt = parser.add_argument_group("checkpoints").add_mutually_exclusive_group()
+    ckpt.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="continue the run of this last.pt where it stopped: same run folder, epoch, learning "
+        "rate, counters and random streams; -ne may extend it (default: none)",
+    )
+    ckpt.add_argument(
+        "--evaluate",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="evaluate this checkpoint on the evaluation split (10-crop if it was trained with -pt), "
+        "print the metrics as JSON and exit (default: none)",
+    )
+
     shapes = parser.add_argument_group("Shapes data set")
     shapes.add_argument(
         "--shapes-train",
@@ -206,13 +295,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=DataOptions.shapes_seed,
         help="seed the images are generated from (default: %(default)s)",
     )
-    return parser
+    return parser  # fmt: skip
+
+
+def explicit_flags(argv: Sequence[str] | None) -> set[str]:
+    """The destinations the user actually gave on the command line (not defaults)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainConfig:
-    """Resolve the flags and the chosen setup's defaults into one ``TrainConfig``."""
+    """Resolve the flags and the chosen setup's defaults into one ``TrainConfig`` (a new run)."""
     setup_name = "paper" if args.paper_train else "modern"
     setup = SETUPS[setup_name]
+
+    def pick(value: Any, default: Any) -> Any:
+        return default if value is None else value
+
     model = "CifarAlexNet" if args.cifar else "PaperAlexNet" if args.paper_model else "TorchAlexNet"
     return TrainConfig(
         dataset=args.dataset,
@@ -222,15 +323,19 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
         paper_train=args.paper_train,
         lrn=args.lrn,
         setup=setup_name,
-        optimizer=setup.optimizer,
-        lr=args.lr if args.lr is not None else setup.lr,
-        momentum=setup.momentum,
-        weight_decay=setup.weight_decay,
-        batch_size=args.batch_size if args.batch_size is not None else setup.batch_size,
-        lr_factor=setup.lr_factor,
-        plateau_patience=setup.plateau_patience,
-        n_epoch=args.n_epoch,
-        early_stop=args.early_stop,
+        optimizer=pick(args.optimizer, setup.optimizer),
+        paper_update=setup.paper_update,
+        lr=pick(args.lr, setup.lr),
+        momentum=pick(args.momentum, setup.momentum),
+        weight_decay=pick(args.weight_decay, setup.weight_decay),
+        batch_size=pick(args.batch_size, setup.batch_size),
+        lr_factor=pick(args.lr_factor, setup.lr_factor),
+        plateau_patience=pick(args.plateau_patience, setup.plateau_patience),
+        max_lr_drops=pick(args.max_lr_drops, setup.max_lr_drops),
+        stop_after_last_drop=setup.stop_after_last_drop,
+        warm_start=args.warm_start,
+        n_epoch=pick(args.n_epoch, setup.n_epoch),
+        early_stop=pick(args.early_stop, setup.early_stop),
         log_loss_step=args.log_loss_step,
         log_confusion_epoch=args.log_confusion_epoch,
         seed=args.seed,
@@ -250,10 +355,50 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
     )
 
 
+# Flags that may differ from the checkpoint: where the data and outputs are, how long to go on,
+# how to log, and on what hardware. Everything else defines the run being continued.
+RESUME_MAY_CHANGE = {"n_epoch", "early_stop", "log_loss_step", "log_confusion_epoch", "data_dir", "cache_dir",
+                     "loader", "workers", "device", "log", "download", "resume", "output_dir"}  # fmt: skip
+EVALUATE_MAY_CHANGE = {"dataset", "cifar", "paper_model", "paper_train", "lrn", "coarse_labels", "data_dir",
+                       "cache_dir", "loader", "workers", "device", "download", "evaluate", "shapes_train",
+                       "shapes_test", "shapes_seed"}  # fmt: skip
+
+
+def config_from_checkpoint(
+    checkpoint: dict[str, Any], path: Path, args: argparse.Namespace, given: set[str], device: torch.device,
+    may_change: set[str],
+) -> TrainConfig:  # fmt: skip
+    """The checkpoint's config with the flags the user gave on top, where they may change it."""
+    base = TrainConfig.from_dict(checkpoint["config"])
+    fresh = asdict(config_from_args(args, device))
+    fields = {f for f in given if f in fresh}
+    refused = sorted(f for f in fields - may_change if fresh[f] != getattr(base, f))
+    if refused:
+        what = ", ".join(f"{f} ({fresh[f]!r}; the checkpoint has {getattr(base, f)!r})" for f in refused)
+        raise UserError(f"{path} fixes these settings, which the command line changes: {what}; drop those flags.")
+    changes = {f: fresh[f] for f in fields & may_change}
+    if "cifar" in changes or "paper_model" in changes:
+        cifar = changes.get("cifar", base.cifar)
+        changes["model"] = "CifarAlexNet" if cifar else "PaperAlexNet" if changes.get("paper_model", base.paper_model) \
+            else "TorchAlexNet"  # fmt: skip
+    changes["device"] = str(device)
+    return replace(base, **changes)
+
+
+def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str:
+    """``<out>`` for ``<out>/checkpoints/<dataset>/<run>/last.pt``, so a resumed run finds its
+    folders wherever it is started from; the recorded one otherwise."""
+    parts = checkpoint_path.resolve().parts
+    if len(parts) >= 4 and parts[-4] == "checkpoints" and parts[-3] == config.dataset and parts[-2] == config.run_name:
+        return str(Path(*parts[:-4]))
+    return config.output_dir
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    given = explicit_flags(argv)
     if not args.lrn and not args.paper_model:
         parser.error("--no-lrn only applies to the paper's features; add -pm")
     if args.cifar and DATASETS[args.dataset].image_size != 32:
@@ -261,27 +406,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"-c (CifarAlexNet, 32x32 inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c")
     if args.coarse_labels and args.dataset != "Cifar100":
         parser.error("--coarse-labels only applies to -ds Cifar100")
-    if args.workers < 0:
-        parser.error(f"argument --workers: must be 0 or more, got {args.workers}")
     setup_logging()
     try:
         device = resolve_device(args.device)
-        config = config_from_args(args, device)
-        data = load_dataset(
-            config.dataset,
-            DataOptions(
-                data_dir=args.data_dir,
-                download=args.download,
-                coarse_labels=args.coarse_labels,
-                cache_dir=args.cache_dir,
-                shapes_train=config.shapes_train,
-                shapes_test=config.shapes_test,
-                shapes_seed=config.shapes_seed,
-            ),
+        checkpoint_path = args.resume or args.evaluate
+        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+        if checkpoint is None:
+            config = config_from_args(args, device)
+        else:
+            may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
+            config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, device, may_change)
+            if args.resume and "output_dir" not in given:
+                config.output_dir = output_dir_of(checkpoint_path, config)
+        options = DataOptions(
+            data_dir=Path(config.data_dir),
+            download=args.download,
+            coarse_labels=config.coarse_labels,
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+            shapes_train=config.shapes_train,
+            shapes_test=config.shapes_test,
+            shapes_seed=config.shapes_seed,
         )
+        data = load_dataset(config.dataset, options)
         torch.manual_seed(config.seed)
         model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
-        Trainer(config, model, data, device).fit()
+        if checkpoint is not None:
+            check_compatible(checkpoint, checkpoint_path, model, data)
+        if args.evaluate:
+            result = evaluate_checkpoint(config, model, data, device)
+            views = " (10-crop)" if config.paper_train and config.model != "CifarAlexNet" else ""
+            logger.info("%s on %s, %d images%s: %s", checkpoint_path, data.name, result.count, views,
+                        format_metrics(result))  # fmt: skip
+            recorded = checkpoint.get("last") or {}
+            if recorded and config.dataset == checkpoint["config"].get("dataset"):
+                metric = "mAP" if "mAP" in recorded else "top1"
+                logger.info("recorded at epoch %d: %s %.2f%%", checkpoint["epoch"], metric, recorded[metric])
+            print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **result.metrics()}))
+            return 0
+        Trainer(config, model, data, device, resume=checkpoint if args.resume else None).fit()
     except UserError as error:
         logger.error("error: %s", error)
         return 1

@@ -1,24 +1,32 @@
-"""Training: setups, the epoch loop, metrics, TensorBoard, logs, checkpoints and summary.json.
+"""Training: setups, optimisers, the epoch loop, metrics, TensorBoard, logs, checkpoints, resume.
 
-One loop serves every model and data set. ``Trainer.fit`` trains for ``n_epoch`` epochs,
-evaluates on the evaluation split after each, keeps the best model, decays the learning rate
-when top-1 stops improving and stops early after ``early_stop`` epochs without improvement.
+One loop serves every model and data set. ``Trainer.fit`` trains epoch after epoch, evaluates
+on the evaluation split after each, keeps the best model, divides the learning rate when the
+evaluation metric (top-1; mAP for multi-label VOC) stops improving, and stops when the setup
+says so: after ``n_epoch`` epochs, after ``early_stop`` epochs without improvement (modern), or
+at the first plateau after the last allowed learning-rate drop (paper).
 
 Outputs of a run named ``<run>`` on data set ``<ds>`` (nothing under runs/ or checkpoints/ with
 ``dry_run``)::
 
-    runs/<ds>/<run>/           TensorBoard events, summary.json, config.json, confusion CSVs
-    checkpoints/<ds>/<run>/    best.pt (best top-1, or mAP for VOC, so far), last.pt (latest epoch)
+    runs/<ds>/<run>/           TensorBoard events, config.json, summary.json, confusion CSVs
+    checkpoints/<ds>/<run>/    last.pt (every epoch), best.pt (on improvement)
     log/<run>.log              the terminal output, with ``log``
+
+All TensorBoard scalars use the training step as their x-axis (``<ds>/train/epoch`` maps steps
+to epochs), so that a resumed run can purge whatever the interrupted one logged after its last
+checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +36,26 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from datasets import BatchLoader, DataSet, Split, fits_in_memory, make_pipeline
-from utils import __version__, add_log_file, atomic_torch_save, atomic_write_json, unique_run_name
+from datasets import BatchLoader, DataSet, Pipeline, Split, fits_in_memory, make_pipeline
+from utils import (
+    UserError,
+    __version__,
+    add_log_file,
+    atomic_write_json,
+    short_reason,
+    temp_file_beside,
+    unique_run_name,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, foreign or does not fit the model and data."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Setups and configuration
 
 
 @dataclass(frozen=True)
@@ -45,15 +69,26 @@ class Setup:
     weight_decay: float
     lr_factor: float
     plateau_patience: int
+    max_lr_drops: int
+    n_epoch: int
+    early_stop: int  # epochs without improvement before stopping; 0 = never
+    stop_after_last_drop: bool  # a plateau after the last allowed drop ends the run
+    paper_update: bool  # SGD with the paper's own update rule (PaperSGD)
 
 
 SETUPS: dict[str, Setup] = {
-    # §5 of the paper: SGD, batch 128, momentum 0.9, weight decay 5e-4, lr 0.01 divided by 10
-    # when the validation error stops improving.
-    "paper": Setup("sgd", lr=0.01, batch_size=128, momentum=0.9, weight_decay=5e-4, lr_factor=0.1, plateau_patience=5),
-    # Adam with the same plateau decay; needs no tuning across the three models and data sets.
-    "modern": Setup("adam", lr=1e-4, batch_size=128, momentum=0.9, weight_decay=0.0, lr_factor=0.1, plateau_patience=5),
-}
+    # §5 of the paper: batch 128, momentum 0.9, weight decay 5e-4 with the paper's update rule,
+    # lr 0.01 divided by 10 when the validation error stops improving, "reduced three times
+    # prior to termination", about 90 epochs.
+    "paper": Setup("sgd", lr=0.01, batch_size=128, momentum=0.9, weight_decay=5e-4, lr_factor=0.1,
+                   plateau_patience=5, max_lr_drops=3, n_epoch=90, early_stop=0, stop_after_last_drop=True,
+                   paper_update=True),
+    # Adam with plateau decay and early stopping: works across the three models and data sets
+    # without tuning.
+    "modern": Setup("adam", lr=1e-4, batch_size=128, momentum=0.9, weight_decay=0.0, lr_factor=0.1,
+                    plateau_patience=5, max_lr_drops=3, n_epoch=200, early_stop=50, stop_after_last_drop=False,
+                    paper_update=False),
+}  # fmt: skip
 
 
 @dataclass
@@ -71,6 +106,7 @@ class TrainConfig:
     lrn: bool = True
     setup: str = "modern"
     optimizer: str = "adam"
+    paper_update: bool = False
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -78,6 +114,9 @@ class TrainConfig:
     eval_batch_size: int = 512
     lr_factor: float = 0.1
     plateau_patience: int = 5
+    max_lr_drops: int = 3
+    stop_after_last_drop: bool = False
+    warm_start: float = 1.0
     n_epoch: int = 200
     early_stop: int = 50
     log_loss_step: int = 100
@@ -99,9 +138,62 @@ class TrainConfig:
     run_name: str = ""
     version: str = field(default=__version__)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from a checkpoint's dict; keys this version does not know are dropped."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation
+
+
+class PaperSGD(torch.optim.Optimizer):
+    """Stochastic gradient descent with the paper's own update rule (§5)::
+
+        v <- momentum * v - weight_decay * lr * w - lr * dL/dw
+        w <- w + v
+
+    ``torch.optim.SGD(momentum, weight_decay)`` keeps ``v`` in gradient units and multiplies by
+    the current learning rate at every step, so a learning-rate drop shrinks the whole velocity
+    at once. Here ``v`` already holds each past step's learning rate, so after a drop the old
+    velocity decays away over the next steps, as in the original training. While the learning
+    rate is constant the two rules give the same weights. Weight decay applies to every
+    parameter, as the formula is written.
+    """
+
+    def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            velocities = []
+            for p in params:
+                state = self.state[p]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                velocities.append(state["velocity"])
+            grads = [p.grad for p in params]
+            step = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # dL/dw + wd * w
+            torch._foreach_mul_(velocities, group["momentum"])
+            torch._foreach_add_(velocities, step, alpha=-group["lr"])
+            torch._foreach_add_(params, velocities)
+        return loss
+
 
 def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD with momentum or Adam, as the config says."""
+    """The paper's SGD, PyTorch's SGD with momentum, or Adam, as the config says."""
+    if config.optimizer == "sgd" and config.paper_update:
+        return PaperSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
@@ -109,10 +201,87 @@ def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
+@dataclass
+class Decision:
+    """What the schedule decided after an epoch."""
+
+    improved: bool
+    lr: float
+    dropped: bool = False
+    stop: str = ""  # why the run should stop, or "" to go on
+
+
+@dataclass
+class PlateauSchedule:
+    """Learning-rate decay on plateaus, early stopping, and the warm start, in one place.
+
+    A plateau is ``patience`` epochs in a row without a better score; each plateau multiplies
+    the learning rate by ``factor``, at most ``max_drops`` times. With ``warm_start`` = F > 1 the
+    run starts at F x ``base_lr`` (the seed's finding: start large, decay on plateau); the
+    plateaus that bring it back down to ``base_lr`` do not count as drops. Then:
+
+    - ``stop_after_last_drop`` (paper): the first plateau after the last drop ends the run;
+    - ``early_stop`` > 0 (modern): ``early_stop`` epochs without a better score end the run.
+    """
+
+    base_lr: float
+    factor: float = 0.1
+    patience: int = 5
+    max_drops: int = 3
+    early_stop: int = 0
+    stop_after_last_drop: bool = False
+    warm_start: float = 1.0
+    lr: float = 0.0
+    best: float = -math.inf
+    bad_epochs: int = 0
+    stale: int = 0
+    drops: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr == 0.0:
+            self.lr = self.base_lr * self.warm_start
+
+    def step(self, score: float) -> Decision:
+        """Record one epoch's score and return the learning rate to use next."""
+        improved = score > self.best
+        if improved:
+            self.best, self.bad_epochs, self.stale = score, 0, 0
+        else:
+            self.bad_epochs += 1
+            self.stale += 1
+        decision = Decision(improved=improved, lr=self.lr)
+        if self.bad_epochs >= self.patience:
+            self.bad_epochs = 0
+            if self.lr > self.base_lr * (1 + 1e-9):  # still warm: come back down, uncounted
+                self.lr = max(self.lr * self.factor, self.base_lr)
+                decision.dropped = True
+            elif self.drops < self.max_drops:
+                self.drops += 1
+                self.lr *= self.factor
+                decision.dropped = True
+            elif self.stop_after_last_drop:
+                decision.stop = f"a plateau after the last of {self.max_drops} learning-rate drops"
+        if not decision.stop and self.early_stop and self.stale >= self.early_stop:
+            decision.stop = f"no better score for {self.stale} epochs"
+        decision.lr = self.lr
+        return decision
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model under ``torch.compile`` and DistributedDataParallel wrappers."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
 
 
 def multilabel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -147,8 +316,10 @@ def voc_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
 class EvalResult:
     """Metrics over a whole evaluation split (exact counts, not means of batch means).
 
-    Single-label: top-1/top-5 accuracy and a confusion matrix. Multi-label: top-1/top-5 hit
-    rate (a positive label among the best 1 / 5 scores), per-class AP and their mean, mAP.
+    Single-label: top-1/top-5 accuracy. Multi-label: top-1/top-5 hit rate (a positive label
+    among the best 1 / 5 scores), per-class AP and their mean, mAP. The confusion matrix counts
+    (true class, top-1 prediction) pairs; for multi-label data every positive label of an image
+    is a true class.
     """
 
     loss: float
@@ -164,10 +335,18 @@ class EvalResult:
         """The number that decides "better": mAP for multi-label data, else top-1."""
         return self.mAP if self.mAP is not None else self.top1
 
+    def metrics(self) -> dict[str, Any]:
+        """The numbers, JSON-ready (an AP of a class absent from the split is null)."""
+        out: dict[str, Any] = {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count}
+        if self.mAP is not None:
+            out["mAP"] = self.mAP
+            out["ap"] = [None if math.isnan(a) else a for a in self.ap or []]
+        return out
+
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel: bool = False) -> EvalResult:
-    """Loss, top-1/top-5 and the confusion matrix (or AP per class) over ``loader``.
+    """Loss, top-1/top-5, the confusion matrix and (multi-label) AP per class over ``loader``.
 
     Batches come as N x V x C x H x W; with V > 1 (10-crop) the softmax (sigmoid for multi-label)
     outputs of the views are averaged, as in the paper. Top-5 becomes top-``num_classes`` when
@@ -194,6 +373,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel
             loss_weight += weight.sum()
             top = scores.topk(k, dim=1).indices
             hit = labels.gather(1, top) > 0
+            image, true = (labels > 0).nonzero(as_tuple=True)
+            pairs = true * num_classes + top[image, 0]
             all_scores.append(scores)
             all_labels.append(labels)
         else:
@@ -203,7 +384,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel
             loss_weight += n
             top = scores.topk(k, dim=1).indices
             hit = top == labels[:, None]
-            confusion += torch.bincount(labels * num_classes + top[:, 0], minlength=num_classes * num_classes)
+            pairs = labels * num_classes + top[:, 0]
+        confusion += torch.bincount(pairs, minlength=num_classes * num_classes)
         hits1 += hit[:, 0].sum()
         hits5 += hit.any(dim=1).sum()
     count = len(loader.split)
@@ -212,15 +394,24 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel
         top1=100.0 * hits1.item() / count,
         top5=100.0 * hits5.item() / count,
         count=count,
+        confusion=confusion.view(num_classes, num_classes).cpu(),
     )
     if multilabel:
         scores, labels = torch.cat(all_scores).cpu(), torch.cat(all_labels).cpu()
         result.ap = [100.0 * voc_average_precision(scores[:, c], labels[:, c]) for c in range(num_classes)]
         present = [a for a in result.ap if not math.isnan(a)]
         result.mAP = sum(present) / len(present) if present else 0.0
-    else:
-        result.confusion = confusion.view(num_classes, num_classes).cpu()
     return result
+
+
+def format_metrics(result: EvalResult) -> str:
+    """``val loss ...  [mAP ...]  top-1 ...  top-5 ...`` for log lines."""
+    mAP = f"  mAP {result.mAP:.2f}%" if result.mAP is not None else ""
+    return f"val loss {result.loss:.4f}{mAP}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures and files for TensorBoard and the run folder
 
 
 def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
@@ -230,18 +421,182 @@ def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-class Trainer:
-    """Trains ``model`` on ``data`` as ``config`` says; ``fit()`` runs it and returns the summary."""
+def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str) -> Any:
+    """A matplotlib figure of the confusion matrix, rows normalised to the share of each true
+    class. Up to 20 classes: every class named on both axes and every cell's count written in
+    it. More (CIFAR-100): a plain heat map with every tenth class named."""
+    import matplotlib
 
-    def __init__(self, config: TrainConfig, model: nn.Module, data: DataSet, device: torch.device) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = confusion.double()
+    shares = (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = len(classes)
+    labelled = n <= 20
+    size = 6 if n <= 10 else 9 if labelled else 10
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = list(range(n)) if labelled else list(range(0, n, 10))
+    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=8)
+    ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=8)
+    ax.set_xlabel("predicted (top-1)")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if labelled:
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    colour = "white" if shares[i, j] > 0.5 else "black"
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7, color=colour)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: torch.Tensor, max_images: int = 64) -> torch.Tensor:
+    """Model inputs (any normalisation) as one picture, each image stretched to [0, 1]."""
+    from torchvision.utils import make_grid
+
+    x = images[:max_images].detach().float().cpu()
+    return make_grid(x, nrow=8, normalize=True, scale_each=True, padding=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(checkpoint: dict[str, Any], last: Path, best: Path | None) -> None:
+    """Write ``last`` (and ``best`` when given) atomically: serialise once to a temporary file,
+    fsync, hard-link it as the new ``best``, then rename it over ``last``. A crash at any moment
+    leaves each file either whole and old or whole and new."""
+    fd, tmp = temp_file_beside(last)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if best is not None:
+            fd_best, tmp_best = temp_file_beside(best)
+            os.close(fd_best)
+            os.unlink(tmp_best)
+            try:
+                os.link(tmp, tmp_best)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(tmp, tmp_best)
+            os.replace(tmp_best, best)
+        os.replace(tmp, last)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by this tool, loaded with ``weights_only=True`` (tensors and plain
+    values only, so a crafted file cannot run code). Every failure is a ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (truncated zip, foreign pickle, refused global: all "unusable")
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded ({short_reason(error)}); it is damaged or was not written by "
+            "this tool, so use another one (best.pt or last.pt of the run)."
+        ) from None
+    missing = [
+        k for k in ("model", "config", "epoch", "classes") if not isinstance(checkpoint, dict) or k not in checkpoint
+    ]
+    if missing or not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["model"], dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by this tool (it lacks {', '.join(missing) or 'a valid config'}); "
+            "pass a last.pt or best.pt from checkpoints/."
+        )
+    return checkpoint
+
+
+def check_compatible(checkpoint: dict[str, Any], path: Path, model: nn.Module, data: DataSet) -> None:
+    """One sentence when the checkpoint holds another model or another class count than the
+    model and data it is about to be loaded into."""
+    config = checkpoint["config"]
+    ours = type(unwrap(model)).__name__
+    classes = checkpoint["classes"]
+    if config.get("model") != ours:
+        raise CheckpointError(
+            f"checkpoint {path} holds a {config.get('model')}, but this command builds a {ours}; "
+            "drop the model flags (-c, -pm) or pass a checkpoint of this model."
+        )
+    if len(classes) != data.num_classes:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {len(classes)} classes ({config.get('dataset')}), but {data.name} "
+            f"has {data.num_classes}; pass a checkpoint trained on {data.name}."
+        )
+    try:
+        unwrap(model).load_state_dict(checkpoint["model"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {ours} ({short_reason(error)}); pass a checkpoint written for it."
+        ) from None
+
+
+def place_split(split: Split, device: torch.device, loader: str, workers: int) -> Split:
+    """The whole split on the training device when it fits (or ``loader="memory"``); otherwise
+    it stays memory-mapped from its cache and is streamed by DataLoader workers."""
+    if split.source is None:
+        return split.to(device)
+    stream = loader == "stream" or (loader == "auto" and not fits_in_memory(split.nbytes, device))
+    if not stream:
+        return split.to(device)
+    logger.info(
+        "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
+        len(split), split.nbytes / 1e9, split.source, workers,
+    )  # fmt: skip
+    return split
+
+
+def eval_loader(split: Split, pipeline: Pipeline, config: TrainConfig, device: torch.device) -> BatchLoader:
+    """Large evaluation batches, counted in model inputs: 10-crop takes a tenth of the images."""
+    batch = max(1, config.eval_batch_size // pipeline.views)
+    return BatchLoader(split, batch, pipeline, False, device, workers=config.workers)
+
+
+def evaluate_checkpoint(config: TrainConfig, model: nn.Module, data: DataSet, device: torch.device) -> EvalResult:
+    """``--evaluate``: the metrics of ``model`` (weights already loaded) on the evaluation split,
+    with the run's pipeline (10-crop under the paper setup)."""
+    model = model.to(device)
+    train = place_split(data.train, device, config.loader, config.workers)
+    test = place_split(data.test, device, config.loader, config.workers)
+    pipeline = make_pipeline(train, unwrap(model).input_size, paper=config.paper_train, device=device)
+    return evaluate(model, eval_loader(test, pipeline, config, device), data.num_classes, data.multilabel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` as ``config`` says; ``fit()`` runs it and returns the summary.
+
+    With ``resume`` (a checkpoint from ``load_checkpoint``) it continues that run: same run
+    folder, epoch, learning rate, counters and random streams.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        data: DataSet,
+        device: torch.device,
+        resume: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
         self.device = device
         self.data = data
         self.model = model.to(device)
-        self.train_split = self._place(data.train, config)
-        self.test_split = self._place(data.test, config)
+        self.train_split = place_split(data.train, device, config.loader, config.workers)
+        self.test_split = place_split(data.test, device, config.loader, config.workers)
 
-        input_size = unwrap(model).input_size
-        self.pipeline = make_pipeline(self.train_split, input_size, paper=config.paper_train, device=device)
+        self.pipeline = make_pipeline(self.train_split, unwrap(model).input_size, config.paper_train, device)
         self.loss_fn = multilabel_loss if data.multilabel else F.cross_entropy
         # Two streams: the order of images (CPU) and the augmentation (on the device), both seeded.
         self.index_generator = torch.Generator().manual_seed(config.seed)
@@ -250,49 +605,45 @@ class Trainer:
             self.train_split, config.batch_size, self.pipeline, True, device,
             generator=self.generator, index_generator=self.index_generator, workers=config.workers,
         )  # fmt: skip
-        eval_batch = max(1, config.eval_batch_size // self.pipeline.views)
-        self.eval_loader = BatchLoader(
-            self.test_split, eval_batch, self.pipeline, False, device, workers=config.workers
-        )
+        self.eval_loader = eval_loader(self.test_split, self.pipeline, config, device)
 
+        self.schedule = PlateauSchedule(
+            base_lr=config.lr, factor=config.lr_factor, patience=config.plateau_patience,
+            max_drops=config.max_lr_drops, early_stop=config.early_stop,
+            stop_after_last_drop=config.stop_after_last_drop, warm_start=config.warm_start,
+        )  # fmt: skip
         self.optimizer = build_optimizer(model.parameters(), config)
-        # Decay on the evaluation top-1 (mode="max"): "when the validation error stopped improving".
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=config.lr_factor, patience=config.plateau_patience
-        )
+        self._set_lr(self.schedule.lr)
 
         output = Path(config.output_dir)
-        stem = f"{type(unwrap(model)).__name__}_{config.setup}"
-        self.run_dir = output / "runs" / data.name
-        self.ckpt_dir = output / "checkpoints" / data.name
-        config.run_name = unique_run_name(stem, self.run_dir, self.ckpt_dir, output / "log")
-        self.run_dir /= config.run_name
-        self.ckpt_dir /= config.run_name
+        if not config.run_name:
+            stem = f"{data.name}_{type(unwrap(model)).__name__}_{config.setup}"
+            config.run_name = unique_run_name(stem, output / "runs" / data.name, output / "checkpoints" / data.name,
+                                              output / "log")  # fmt: skip
+        self.run_dir = output / "runs" / data.name / config.run_name
+        self.ckpt_dir = output / "checkpoints" / data.name / config.run_name
         self.log_file = output / "log" / f"{config.run_name}.log" if config.log else None
-        self.config = config
 
-        self.best: EvalResult | None = None
+        # Progress, all of it saved in checkpoints.
+        self.epoch = 0
+        self.global_step = 0
+        self.best: dict[str, Any] | None = None  # EvalResult.metrics() of the best epoch
         self.best_epoch = 0
         self.top1_max = 0.0
-        self.global_step = 0
+        self.train_images = 0
+        self.train_seconds = 0.0
+        self.last: dict[str, Any] | None = None
+        self.stop_reason = ""
+        self.resume = resume
+        if resume is not None:
+            self._restore(resume)
+
         self.writer: SummaryWriter | None = None
         self._log_handler: logging.Handler | None = None
 
-    def _place(self, split: Split, config: TrainConfig) -> Split:
-        """The whole split on the training device when it fits (or ``--loader memory``);
-        otherwise it stays memory-mapped and is streamed by DataLoader workers."""
-        if split.source is None:
-            return split.to(self.device)
-        stream = config.loader == "stream" or (
-            config.loader == "auto" and not fits_in_memory(split.nbytes, self.device)
-        )
-        if not stream:
-            return split.to(self.device)
-        logger.info(
-            "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
-            len(split), split.nbytes / 1e9, split.source, config.workers,
-        )  # fmt: skip
-        return split
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     # ----------------------------------------------------------------------------------------
 
@@ -303,13 +654,7 @@ class Trainer:
             self._log_handler = add_log_file(self.log_file)
         try:
             if not config.dry_run:
-                self.run_dir.mkdir(parents=True)
-                self.ckpt_dir.mkdir(parents=True)
-                atomic_write_json(asdict(config), self.run_dir / "config.json")
-                self.writer = SummaryWriter(log_dir=str(self.run_dir))
-                self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in asdict(config).items()))
-                if config.message:
-                    self.writer.add_text("message", config.message)
+                self._open_outputs()
             return self._fit()
         finally:
             if self.writer is not None:
@@ -318,111 +663,82 @@ class Trainer:
                 logging.getLogger().removeHandler(self._log_handler)
                 self._log_handler.close()
 
+    def _open_outputs(self) -> None:
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=self.resume is not None)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=self.resume is not None)
+        if self.resume is None:
+            atomic_write_json(asdict(config), self.run_dir / "config.json")
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in asdict(config).items()))
+            if config.message:
+                self.writer.add_text("message", config.message)
+            self._log_augmented_batch()
+        else:
+            # Hide whatever the interrupted run logged after the checkpoint it resumes from.
+            self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.global_step + 1)
+
+    def _log_augmented_batch(self) -> None:
+        """One grid of augmented training inputs, drawn with its own generator so the training
+        stream stays the same with or without it."""
+        assert self.writer is not None
+        count = min(64, len(self.train_split))
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + 1)
+        raw = self.train_split.images[:count].to(self.device)
+        self.writer.add_image(f"{self.data.name}/train/augmented", image_grid(self.pipeline.train(raw, generator)), 0)
+
     def _fit(self) -> dict[str, Any]:
-        config, name = self.config, self.data.name
+        config = self.config
         model_name = type(unwrap(self.model)).__name__
         logger.info(
             "run %s: %s on %s (%d train / %d test images, %d classes), %s setup, %s lr %g, batch %d, device %s%s",
-            config.run_name, model_name, name, len(self.train_split), len(self.test_split), self.data.num_classes,
-            config.setup, config.optimizer, config.lr, config.batch_size, self.device,
+            config.run_name, model_name, self.data.name, len(self.train_split), len(self.test_split),
+            self.data.num_classes, config.setup, config.optimizer + (" (paper rule)" if config.paper_update else ""),
+            config.lr * config.warm_start, config.batch_size, self.device,
             " (dry run: nothing saved under runs/ or checkpoints/)" if config.dry_run else "",
         )  # fmt: skip
+        if self.resume is not None:
+            logger.info("resumed after epoch %d (step %d) at lr %.2e", self.epoch, self.global_step, self.schedule.lr)
         if config.message:
             logger.info("message: %s", config.message)
-
         logger.info("augmentation: %s", self.pipeline.describe())
-        metric = "mAP" if self.data.multilabel else "top-1"
-        train_images, train_seconds = 0, 0.0
-        stale = 0
-        epoch = 0
-        result: EvalResult | None = None
-        for epoch in range(1, config.n_epoch + 1):
+
+        while self.epoch < config.n_epoch and not self.stop_reason:
+            self.epoch += 1
             start = time.perf_counter()
-            train_loss = self.train_one_epoch(epoch)
-            seconds = time.perf_counter() - start
-            train_images += len(self.train_split)
-            train_seconds += seconds
+            train_loss, train_seconds = self.train_one_epoch(self.epoch)
+            images_per_s = len(self.train_split) / train_seconds
+            self.train_images += len(self.train_split)
+            self.train_seconds += train_seconds
             result = evaluate(self.model, self.eval_loader, self.data.num_classes, self.data.multilabel)
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step(result.score)
-
-            improved = self.best is None or result.score > self.best.score
-            if improved:
-                self.best, self.best_epoch, stale = result, epoch, 0
-            else:
-                stale += 1
+            lr = self.schedule.lr
+            decision = self.schedule.step(result.score)
+            self._set_lr(decision.lr)
+            if decision.improved:
+                self.best, self.best_epoch = result.metrics(), self.epoch
             self.top1_max = max(self.top1_max, result.top1)
-            self._log_epoch(epoch, train_loss, result, lr, len(self.train_split) / seconds, time.perf_counter() - start)
+            self.last = result.metrics()
+            self.stop_reason = decision.stop
+            seconds = time.perf_counter() - start
+            self._log_epoch(result, train_loss, lr, images_per_s, seconds)
+            if decision.dropped:
+                logger.info("plateau: learning rate %.2e -> %.2e", lr, decision.lr)
             if not config.dry_run:
-                checkpoint = self._checkpoint(epoch)
-                atomic_torch_save(checkpoint, self.ckpt_dir / "last.pt")
-                if improved:
-                    atomic_torch_save(checkpoint, self.ckpt_dir / "best.pt")
-                due = epoch % config.log_confusion_epoch == 0 or epoch == config.n_epoch
-                if due and result.confusion is not None:
-                    path = self.run_dir / f"confusion_epoch{epoch:03d}.csv"
-                    write_confusion_csv(result.confusion, self.data.classes, path)
-            if stale >= config.early_stop:
-                logger.info("early stop: no better %s for %d epochs", metric, stale)
-                break
+                self._save(result, decision.improved)
+        if self.stop_reason:
+            logger.info("stopping after epoch %d: %s", self.epoch, self.stop_reason)
+        return self._finish()
 
-        assert self.best is not None and result is not None
-        summary = {
-            "run_name": config.run_name,
-            "dataset": name,
-            "model": model_name,
-            "best_top1": self.best.top1,
-            "best_top5": self.best.top5,
-            "best_epoch": self.best_epoch,
-            "final_top1": result.top1,
-            "final_top5": result.top5,
-            "top1_max": self.top1_max,
-            "epochs": epoch,
-            "train_images_per_second": train_images / train_seconds,
-            "train_size": len(self.train_split),
-            "test_size": len(self.test_split),
-            "config": asdict(config),
-        }
-        if self.best.mAP is not None:
-            summary["best_mAP"] = self.best.mAP
-            summary["final_mAP"] = result.mAP
-            # Classes absent from the evaluation split have no AP: null, not NaN, to stay valid JSON.
-            summary["best_ap_per_class"] = {
-                c: None if math.isnan(ap) else ap for c, ap in zip(self.data.classes, self.best.ap or [])
-            }
-            logger.info("best mAP %.2f%% at epoch %d of %d; final mAP %.2f%%", self.best.mAP, self.best_epoch, epoch,
-                        result.mAP)  # fmt: skip
-        logger.info(
-            "best top-1 %.2f%% (top-5 %.2f%%) at epoch %d of %d; final top-1 %.2f%%; %.0f training images/s",
-            self.best.top1, self.best.top5, self.best_epoch, epoch, result.top1, summary["train_images_per_second"],
-        )  # fmt: skip
-        if not config.dry_run:
-            assert self.writer is not None
-            metrics = {"hparam/best_top1": self.best.top1, "hparam/best_top5": self.best.top5}
-            if self.best.mAP is not None:
-                metrics["hparam/best_mAP"] = self.best.mAP
-            self.writer.add_hparams(
-                {k: v for k, v in asdict(config).items() if isinstance(v, (int, float, str, bool))},
-                metrics,
-                run_name=".",
-            )
-            atomic_write_json(summary, self.run_dir / "summary.json")
-            logger.info("TensorBoard and summary.json: %s", self.run_dir)
-            logger.info("checkpoints: %s", self.ckpt_dir)
-        if self.log_file is not None:
-            logger.info("log: %s", self.log_file)
-        return summary
-
-    def train_one_epoch(self, epoch: int) -> float:
-        """One pass over the training split; returns the mean training loss."""
+    def train_one_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over the training split; returns the mean training loss and the seconds."""
         config = self.config
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         window = torch.zeros((), device=self.device)
         window_steps = 0
-        bar = tqdm(
-            self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True
-        )
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(),
+                   dynamic_ncols=True)  # fmt: skip
+        start = window_start = time.perf_counter()
         for images, labels in bar:
             loss = self.loss_fn(self.model(images), labels)
             self.optimizer.zero_grad(set_to_none=True)
@@ -437,49 +753,156 @@ class Trainer:
             # Reading a loss forces a GPU sync, so it happens only every log_loss_step steps.
             if self.global_step % config.log_loss_step == 0:
                 mean = window.item() / window_steps
+                now = time.perf_counter()
+                rate = window_steps * config.batch_size / (now - window_start)
                 window.zero_()
-                window_steps = 0
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                window_steps, window_start = 0, now
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.schedule.lr:.2e}", img_s=f"{rate:.0f}")
                 if self.writer is not None:
                     self.writer.add_scalar(f"{self.data.name}/train/loss", mean, self.global_step)
-        return loss_sum.item() / len(self.train_split)
+        mean_loss = loss_sum.item() / len(self.train_split)  # the epoch's one forced sync
+        return mean_loss, time.perf_counter() - start
 
-    def _log_epoch(
-        self, epoch: int, train_loss: float, result: EvalResult, lr: float, images_per_s: float, seconds: float
-    ) -> None:
-        mAP = f"  mAP {result.mAP:.2f}%" if result.mAP is not None else ""
+    def _log_epoch(self, result: EvalResult, train_loss: float, lr: float, images_per_s: float, seconds: float) -> None:
+        config = self.config
         logger.info(
-            "epoch %d/%d  train loss %.4f  val loss %.4f%s  top-1 %.2f%%  top-5 %.2f%%  lr %.2e  %.0f img/s  %.1f s",
-            epoch, self.config.n_epoch, train_loss, result.loss, mAP, result.top1, result.top5, lr, images_per_s,
-            seconds,
+            "epoch %d/%d  train loss %.4f  %s  lr %.2e  %.0f img/s  %.1f s",
+            self.epoch, config.n_epoch, train_loss, format_metrics(result), lr, images_per_s, seconds,
         )  # fmt: skip
-        if self.writer is not None:
-            prefix = f"{self.data.name}/"
-            scalars = {
-                "train/lr": lr,
-                "val/loss": result.loss,
-                "val/top1": result.top1,
-                "val/top5": result.top5,
-                "val/top1_max": self.top1_max,
-                "train/images_per_second": images_per_s,
-            }
-            if result.mAP is not None and result.ap is not None:
-                scalars["val/mAP"] = result.mAP
-                scalars.update({f"val/AP/{c}": ap for c, ap in zip(self.data.classes, result.ap) if not math.isnan(ap)})
-            for tag, value in scalars.items():
-                self.writer.add_scalar(prefix + tag, value, epoch)
-            self.writer.flush()
+        if self.writer is None:
+            return
+        prefix, step = f"{self.data.name}/", self.global_step
+        scalars = {
+            "train/epoch": self.epoch,
+            "train/lr": lr,
+            "train/epoch_loss": train_loss,
+            "train/images_per_second": images_per_s,
+            "val/loss": result.loss,
+            "val/top1": result.top1,
+            "val/top5": result.top5,
+            "val/top1_max": self.top1_max,
+        }
+        if result.mAP is not None and result.ap is not None:
+            scalars["val/mAP"] = result.mAP
+            scalars.update({f"val/AP/{c}": a for c, a in zip(self.data.classes, result.ap) if not math.isnan(a)})
+        for tag, value in scalars.items():
+            self.writer.add_scalar(prefix + tag, value, step)
+        if (
+            self.epoch % config.log_confusion_epoch == 0 or self.epoch == config.n_epoch
+        ) and result.confusion is not None:
+            write_confusion_csv(
+                result.confusion, self.data.classes, self.run_dir / f"confusion_epoch{self.epoch:03d}.csv"
+            )
+            title = f"{self.data.name} epoch {self.epoch}: top-1 {result.top1:.1f}%"
+            self.writer.add_figure(prefix + "val/confusion", confusion_figure(result.confusion, self.data.classes, title),
+                                   step)  # fmt: skip
+        self.writer.flush()
 
-    def _checkpoint(self, epoch: int) -> dict[str, Any]:
-        assert self.best is not None
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints and the summary
+
+    def _state(self) -> dict[str, Any]:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "index": self.index_generator.get_state(),
+            "augment": self.generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": epoch,
-            "best_score": self.best.score,
+            "scheduler": self.schedule.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best_metric": self.best["mAP" if self.data.multilabel else "top1"] if self.best else None,
+            "best": self.best,
             "best_epoch": self.best_epoch,
+            "last": self.last,
+            "top1_max": self.top1_max,
+            "train_images": self.train_images,
+            "train_seconds": self.train_seconds,
+            "stop_reason": self.stop_reason,
+            "rng": rng,
             "classes": list(self.data.classes),
             "config": asdict(self.config),
             "version": __version__,
         }
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        """Continue from a checkpoint's state (its model weights are already loaded)."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.schedule.load_state_dict(checkpoint["scheduler"])
+        self._set_lr(self.schedule.lr)
+        for key in ("epoch", "global_step", "best", "best_epoch", "last", "top1_max", "train_images", "train_seconds",
+                    "stop_reason"):  # fmt: skip
+            setattr(self, key, checkpoint[key])
+        rng = checkpoint["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.index_generator.set_state(rng["index"])
+        self.generator.set_state(rng["augment"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _save(self, result: EvalResult, improved: bool) -> None:
+        save_checkpoint(self._state(), self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt" if improved else None)
+        atomic_write_json(self._summary(finished=False), self.run_dir / "summary.json")
+
+    def _summary(self, finished: bool) -> dict[str, Any]:
+        assert self.best is not None and self.last is not None
+        summary: dict[str, Any] = {
+            "run_name": self.config.run_name,
+            "dataset": self.data.name,
+            "model": type(unwrap(self.model)).__name__,
+            "status": "finished" if finished else "running",
+            "stop_reason": self.stop_reason or ("epoch limit" if finished else ""),
+            "best_top1": self.best["top1"],
+            "best_top5": self.best["top5"],
+            "best_epoch": self.best_epoch,
+            "final_top1": self.last["top1"],
+            "final_top5": self.last["top5"],
+            "top1_max": self.top1_max,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "final_lr": self.schedule.lr,
+            "lr_drops": self.schedule.drops,
+            "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
+            "train_seconds": self.train_seconds,
+            "train_size": len(self.train_split),
+            "test_size": len(self.test_split),
+            "config": asdict(self.config),
+        }
+        if "mAP" in self.best:
+            summary["best_mAP"] = self.best["mAP"]
+            summary["final_mAP"] = self.last["mAP"]
+            # Classes absent from the evaluation split have no AP: null.
+            summary["best_ap_per_class"] = dict(zip(self.data.classes, self.best["ap"]))
+        return summary
+
+    def _finish(self) -> dict[str, Any]:
+        if self.best is None:  # resumed a run that had already finished
+            raise UserError(f"run {self.config.run_name} has no finished epoch to report; train it first.")
+        summary = self._summary(finished=True)
+        best = self.best
+        if "mAP" in best:
+            logger.info("best mAP %.2f%% at epoch %d of %d; final mAP %.2f%%", best["mAP"], self.best_epoch,
+                        self.epoch, self.last["mAP"])  # fmt: skip
+        logger.info(
+            "best top-1 %.2f%% (top-5 %.2f%%) at epoch %d of %d; final top-1 %.2f%%; %.0f training images/s",
+            best["top1"], best["top5"], self.best_epoch, self.epoch, summary["final_top1"],
+            summary["train_images_per_second"],
+        )  # fmt: skip
+        if not self.config.dry_run:
+            assert self.writer is not None
+            metrics = {"hparam/best_top1": best["top1"], "hparam/best_top5": best["top5"]}
+            if "mAP" in best:
+                metrics["hparam/best_mAP"] = best["mAP"]
+            hparams = {k: v for k, v in asdict(self.config).items() if isinstance(v, (int, float, str, bool))}
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+            atomic_write_json(summary, self.run_dir / "summary.json")
+            logger.info("TensorBoard, summary.json and confusion CSVs: %s", self.run_dir)
+            logger.info("checkpoints (best.pt, last.pt): %s", self.ckpt_dir)
+            logger.info("resume with: --resume %s", self.ckpt_dir / "last.pt")
+        if self.log_file is not None:
+            logger.info("log: %s", self.log_file)
+        return summary

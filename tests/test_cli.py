@@ -125,7 +125,7 @@ def test_every_model_trains_on_shapes(tmp_path, flags, model):
     assert result.returncode == 0, result.stderr
     assert f"{model} on Shapes" in result.stderr and "epoch 1/1" in result.stderr
     if "-pt" in flags:
-        assert "paper setup, sgd lr 0.01, batch 8" in result.stderr
+        assert "paper setup, sgd (paper rule) lr 0.01, batch 8" in result.stderr and "10-crop test" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -133,7 +133,16 @@ def test_every_model_trains_on_shapes(tmp_path, flags, model):
     [
         (["-ne", "0"], "argument -ne/--n_epoch: must be at least 1, got 0"),
         (["-es", "-3"], "argument -es/--early_stop: must be at least 1, got -3"),
-        (["--lr", "-0.1"], "argument --lr: must be a positive number, got -0.1"),
+        (["--lr", "-0.1"], "argument --lr: must be above 0, got -0.1"),
+        (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+        (["--momentum", "1"], "argument --momentum: must be at least 0 and below 1, got 1"),
+        (["--lr-factor", "1.5"], "argument --lr-factor: must be above 0 and below 1, got 1.5"),
+        (["--warm-start", "0.5"], "argument --warm-start: must be at least 1, got 0.5"),
+        (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+        (["--max-lr-drops", "two"], "argument --max-lr-drops: 'two' is not a whole number"),
+        (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
+        (["--resume", "a.pt", "--evaluate", "b.pt"], "argument --evaluate: not allowed with argument --resume"),
+        (["--coarse-labels"], "--coarse-labels only applies to -ds Cifar100"),
         (["--batch-size", "many"], "argument --batch-size: 'many' is not a whole number"),
         (["-ds", "ImageNet"], "argument -ds/--dataset: invalid choice: 'ImageNet'"),
         (["--no-lrn"], "--no-lrn only applies to the paper's features; add -pm"),

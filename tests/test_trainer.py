@@ -198,7 +198,11 @@ def test_evaluate_multilabel_gives_map_and_hit_rates():
     # Top class per row: 0 (positive), 2 (difficult: not a hit), 1 (positive), 0 (negative).
     assert result.top1 == 50.0
     assert result.top5 == 100.0  # every image has a positive somewhere among its 3 classes
-    assert result.confusion is None
+    # Confusion of multi-label data: (each positive class, top-1 prediction) pairs.
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    for true, predicted in [(0, 0), (1, 2), (0, 1), (1, 1), (2, 0)]:
+        expected[true, predicted] += 1
+    assert torch.equal(result.confusion, expected)
 
 
 class TwoViews(Identity):
