@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import logging
 import math
@@ -233,6 +234,13 @@ def require_data_dir(data_dir: Path, what: str) -> None:
         raise DataError(f"data folder {data_dir} does not exist; create it and put {what} in it, or pass --data-dir.")
     if not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file, not a folder; pass the folder that holds {what}.")
+    try:
+        next(data_dir.iterdir(), None)
+    except OSError as error:
+        raise DataError(
+            f"cannot read data folder {data_dir} ({short_reason(error.strerror or error)}); give this user read "
+            "access to it, or pass another --data-dir."
+        ) from None
 
 
 def download(url: str, md5: str, root: Path, what: str) -> None:
@@ -285,13 +293,18 @@ def _numpy_reconstruct() -> Callable:
     return core.multiarray._reconstruct
 
 
-class CifarUnpickler(pickle.Unpickler):
+class CifarUnpickler(pickle._Unpickler):
     """An unpickler that can build only what the official CIFAR files contain.
 
     The official files hold dicts of bytes keys, lists of ints and bytes, and uint8 numpy arrays.
     Rebuilding those needs numpy's array reconstructor, ``ndarray`` and ``dtype`` (plus
     ``_codecs.encode``, which Python 3 uses for bytes in protocol-2 pickles). Any other global,
     such as ``os.system`` in a crafted file, is refused before it can be called.
+
+    It extends the pure-Python unpickler: the C one grows its memo table to the largest index a
+    file names, so four damaged bytes in a PUT opcode can make it fill gigabytes (found by the
+    fuzz tests). The Python one keeps a dict, and is as fast on these files (they are one big
+    byte string and a list of labels).
     """
 
     ALLOWED: ClassVar[dict[tuple[str, str], Callable[[], object]]] = {
@@ -315,8 +328,9 @@ class ForbiddenGlobal(pickle.UnpicklingError):
 def safe_unpickle(path: Path) -> object:
     """Load a CIFAR pickle with ``CifarUnpickler``; every failure is a ``DataError``."""
     try:
-        with open(path, "rb") as f:
-            return CifarUnpickler(f, encoding="bytes").load()
+        # From memory, not the file: a damaged length field then cannot make the unpickler
+        # reserve gigabytes for bytes that are not there.
+        return CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except ForbiddenGlobal as error:
         raise DataError(
             f"{path} asks to call {error}, which no CIFAR file does, so it was not loaded (it may be crafted "
@@ -462,6 +476,7 @@ VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-201
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 VOC_CACHE_SIZE = 256
 VOC_CACHE_VERSION = 1
+MAX_IMAGE_PIXELS = 50_000_000  # VOC images are at most 500x500; this refuses decompression bombs
 
 
 def _is_voc_folder(path: Path) -> bool:
@@ -556,6 +571,12 @@ def decode_resized(path: Path, size: int) -> torch.Tensor:
     bilinear filter), then the centre ``size x size`` crop."""
     try:
         with Image.open(path) as image:
+            width, height = image.size  # from the header; nothing decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"{path} claims to be {width}x{height} pixels, far more than any VOC image; "
+                    "restore it from the VOC release."
+                )
             image = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(
@@ -692,7 +713,14 @@ def load_dataset(name: str, options: DataOptions) -> DataSet:
     """Load the data set registered under ``name``."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}.")
-    return DATASETS[name].load(options)
+    try:
+        return DATASETS[name].load(options)
+    except OSError as error:  # permissions, I/O errors: whatever the readers did not foresee
+        where = error.filename or options.data_dir
+        raise DataError(
+            f"cannot read {where} ({short_reason(error.strerror or error)}); check that this user may read it, "
+            "or pass another --data-dir."
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -979,6 +1007,13 @@ def fits_in_memory(nbytes: int, device: torch.device) -> bool:
     return nbytes <= available // 2
 
 
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _CacheRows(torch.utils.data.Dataset):
     """Batches of rows of a ``.npy`` cache, opened lazily in each worker process."""
 
@@ -1025,6 +1060,7 @@ class BatchLoader:
         self.generator = generator
         self.index_generator = index_generator
         self.workers = workers
+        self.order: torch.Tensor | None = None  # the order of the epoch under way
         # A split still memory-mapped from its cache is streamed; ``Split.to`` drops ``source``.
         self.streaming = split.source is not None
 
@@ -1035,11 +1071,16 @@ class BatchLoader:
         n = len(self.split)
         return torch.randperm(n, generator=self.index_generator) if self.train else torch.arange(n)
 
-    def _raw_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order()
+    def iterate(self, order: torch.Tensor | None = None, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass, like ``iter(loader)``; with ``order`` and ``skip`` it replays an interrupted
+        epoch: the same image order, starting after its first ``skip`` batches."""
+        self.order = self._order() if order is None else order
+        yield from self._transformed(self._raw_batches(self.order, skip))
+
+    def _raw_batches(self, order: torch.Tensor, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.streaming:
             order = order.to(self.split.images.device)
-            for idx in order.split(self.batch_size):
+            for idx in order.split(self.batch_size)[skip:]:
                 images, labels = self.split.images[idx], self.split.labels[idx]
                 if images.device != self.device:
                     images = images.pin_memory() if self.device.type == "cuda" else images
@@ -1048,17 +1089,23 @@ class BatchLoader:
             return
         loader = torch.utils.data.DataLoader(
             _CacheRows(self.split.source, self.split.labels.cpu()),
-            sampler=list(order.split(self.batch_size)),
+            sampler=list(order.split(self.batch_size)[skip:]),
             batch_size=None,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_interrupts,
         )
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self._raw_batches():
+    def _transformed(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in batches:
             if self.train:
                 yield self.pipeline.train(images, self.generator), labels
             else:
                 yield self.pipeline.evaluate(images), labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -25,6 +27,7 @@ from datasets import DATASETS, DataOptions, load_dataset
 from network import build_model
 from trainer import (
     SETUPS,
+    Interrupted,
     TrainConfig,
     Trainer,
     check_compatible,
@@ -252,6 +255,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="device to train on, e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)",
     )
     opt.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels only, so a run (and a resumed run) repeats bit for bit on the same "
+        "machine; slower on GPUs (default: off)",
+    )
+    opt.add_argument(
         "--no-lrn",
         dest="lrn",
         action="store_false",
@@ -339,6 +348,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
         log_loss_step=args.log_loss_step,
         log_confusion_epoch=args.log_confusion_epoch,
         seed=args.seed,
+        deterministic=args.deterministic,
         device=str(device),
         data_dir=str(args.data_dir),
         output_dir=str(args.output_dir),
@@ -358,7 +368,8 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
 # Flags that may differ from the checkpoint: where the data and outputs are, how long to go on,
 # how to log, and on what hardware. Everything else defines the run being continued.
 RESUME_MAY_CHANGE = {"n_epoch", "early_stop", "log_loss_step", "log_confusion_epoch", "data_dir", "cache_dir",
-                     "loader", "workers", "device", "log", "download", "resume", "output_dir"}  # fmt: skip
+                     "loader", "workers", "device", "log", "download", "resume", "output_dir", "lr",
+                     "deterministic"}  # fmt: skip
 EVALUATE_MAY_CHANGE = {"dataset", "cifar", "paper_model", "paper_train", "lrn", "coarse_labels", "data_dir",
                        "cache_dir", "loader", "workers", "device", "download", "evaluate", "shapes_train",
                        "shapes_test", "shapes_seed"}  # fmt: skip
@@ -407,50 +418,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.coarse_labels and args.dataset != "Cifar100":
         parser.error("--coarse-labels only applies to -ds Cifar100")
     setup_logging()
+    # Outside the training loop (loading, caching) SIGTERM unwinds like Ctrl-C, so temporary
+    # files are removed; inside it the trainer saves first.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        device = resolve_device(args.device)
-        checkpoint_path = args.resume or args.evaluate
-        checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
-        if checkpoint is None:
-            config = config_from_args(args, device)
-        else:
-            may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
-            config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, device, may_change)
-            if args.resume and "output_dir" not in given:
-                config.output_dir = output_dir_of(checkpoint_path, config)
-        options = DataOptions(
-            data_dir=Path(config.data_dir),
-            download=args.download,
-            coarse_labels=config.coarse_labels,
-            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-            shapes_train=config.shapes_train,
-            shapes_test=config.shapes_test,
-            shapes_seed=config.shapes_seed,
-        )
-        data = load_dataset(config.dataset, options)
-        torch.manual_seed(config.seed)
-        model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
-        if checkpoint is not None:
-            check_compatible(checkpoint, checkpoint_path, model, data)
-        if args.evaluate:
-            result = evaluate_checkpoint(config, model, data, device)
-            views = " (10-crop)" if config.paper_train and config.model != "CifarAlexNet" else ""
-            logger.info("%s on %s, %d images%s: %s", checkpoint_path, data.name, result.count, views,
-                        format_metrics(result))  # fmt: skip
-            recorded = checkpoint.get("last") or {}
-            if recorded and config.dataset == checkpoint["config"].get("dataset"):
-                metric = "mAP" if "mAP" in recorded else "top1"
-                logger.info("recorded at epoch %d: %s %.2f%%", checkpoint["epoch"], metric, recorded[metric])
-            print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **result.metrics()}))
-            return 0
-        Trainer(config, model, data, device, resume=checkpoint if args.resume else None).fit()
+        return run(args, given)
     except UserError as error:
         logger.error("error: %s", error)
         return 1
+    except Interrupted as stop:
+        return stop.exit_code
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def run(args: argparse.Namespace, given: set[str]) -> int:
+    """Build what the arguments ask for and train, resume or evaluate."""
+    device = resolve_device(args.device)
+    checkpoint_path = args.resume or args.evaluate
+    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint is None:
+        config = config_from_args(args, device)
+    else:
+        may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
+        config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, device, may_change)
+        if args.resume and "output_dir" not in given:
+            config.output_dir = output_dir_of(checkpoint_path, config)
+    if config.deterministic:
+        make_deterministic()
+    options = DataOptions(
+        data_dir=Path(config.data_dir),
+        download=args.download,
+        coarse_labels=config.coarse_labels,
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        shapes_train=config.shapes_train,
+        shapes_test=config.shapes_test,
+        shapes_seed=config.shapes_seed,
+    )
+    data = load_dataset(config.dataset, options)
+    torch.manual_seed(config.seed)
+    model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
+    if checkpoint is not None:
+        check_compatible(checkpoint, checkpoint_path, model, data)
+    if args.evaluate:
+        result = evaluate_checkpoint(config, model, data, device)
+        views = " (10-crop)" if config.paper_train and config.model != "CifarAlexNet" else ""
+        logger.info(
+            "%s on %s, %d images%s: %s", checkpoint_path, data.name, result.count, views, format_metrics(result)
+        )
+        recorded = checkpoint.get("last") or {}
+        if recorded and config.dataset == checkpoint["config"].get("dataset"):
+            metric = "mAP" if "mAP" in recorded else "top1"
+            logger.info("recorded at epoch %d: %s %.2f%%", checkpoint["epoch"], metric, recorded[metric])
+        print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **result.metrics()}))
+        return 0
+    Trainer(config, model, data, device, resume=checkpoint if args.resume else None).fit()
     return 0
+
+
+def make_deterministic() -> None:
+    """Bit-for-bit repeatable runs (``--deterministic``): deterministic kernels only, no cuDNN
+    autotuning, and the cuBLAS workspace setting that deterministic CUDA matmuls need."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 if __name__ == "__main__":

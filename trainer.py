@@ -24,7 +24,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -52,6 +54,41 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, damaged, foreign or does not fit the model and data."""
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after its state was saved; ``exit_code`` is 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class StopRequest:
+    """Signal handler that only takes note: the training loop finishes its step, saves and stops.
+    Further signals while it saves are acknowledged and otherwise ignored, so a second Ctrl-C
+    cannot cut a checkpoint in half."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signum:
+            logger.warning("%s again: already stopping, the checkpoint is being saved", name)
+            return
+        self.signum = signum
+        logger.warning("%s: finishing the current step, then saving and stopping", name)
+
+    def install(self) -> dict[int, Any]:
+        """Take over SIGINT and SIGTERM (main thread only); returns the handlers to restore."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +159,7 @@ class TrainConfig:
     log_loss_step: int = 100
     log_confusion_epoch: int = 10
     seed: int = 0
+    deterministic: bool = False
     device: str = "cpu"
     data_dir: str = "dataset"
     output_dir: str = "."
@@ -373,8 +411,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel
             loss_weight += weight.sum()
             top = scores.topk(k, dim=1).indices
             hit = labels.gather(1, top) > 0
-            image, true = (labels > 0).nonzero(as_tuple=True)
-            pairs = true * num_classes + top[image, 0]
+            true = (labels > 0).float()  # every positive label of an image is a true class
+            predicted = F.one_hot(top[:, 0], num_classes).float()
             all_scores.append(scores)
             all_labels.append(labels)
         else:
@@ -384,8 +422,11 @@ def evaluate(model: nn.Module, loader: BatchLoader, num_classes: int, multilabel
             loss_weight += n
             top = scores.topk(k, dim=1).indices
             hit = top == labels[:, None]
-            pairs = labels * num_classes + top[:, 0]
-        confusion += torch.bincount(pairs, minlength=num_classes * num_classes)
+            true = F.one_hot(labels, num_classes).float()
+            predicted = F.one_hot(top[:, 0], num_classes).float()
+        # Counts as a product of one-hot matrices: exact for any batch below 2^24 images, and
+        # deterministic on GPUs, where bincount is not.
+        confusion += (true.T @ predicted).round().long().flatten()
         hits1 += hit[:, 0].sum()
         hits5 += hit.any(dim=1).sum()
     count = len(loader.split)
@@ -634,6 +675,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.last: dict[str, Any] | None = None
         self.stop_reason = ""
+        self.partial: dict[str, Any] | None = None  # where an interrupted epoch stopped
+        self.stop = StopRequest()
         self.resume = resume
         if resume is not None:
             self._restore(resume)
@@ -648,20 +691,37 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        """Train, evaluate every epoch, keep the best checkpoint; return the run's summary."""
+        """Train, evaluate every epoch, keep the best checkpoint; return the run's summary.
+
+        Raises ``Interrupted`` after saving when SIGINT/SIGTERM arrives, ``TrainingDiverged``
+        when the loss stops being finite, and ``UserError`` when outputs cannot be written.
+        """
         config = self.config
-        if self.log_file is not None:
-            self._log_handler = add_log_file(self.log_file)
+        previous_handlers = self.stop.install()
         try:
+            if self.log_file is not None:
+                self._log_handler = self._writing(self.log_file, lambda: add_log_file(self.log_file))
             if not config.dry_run:
-                self._open_outputs()
+                self._writing(self.run_dir, self._open_outputs)
             return self._fit()
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             if self.writer is not None:
                 self.writer.close()
             if self._log_handler is not None:
                 logging.getLogger().removeHandler(self._log_handler)
                 self._log_handler.close()
+
+    def _writing(self, path: Path, action: Any) -> Any:
+        """Run ``action``; a failure to write becomes one sentence naming the folder."""
+        try:
+            return action()
+        except OSError as error:
+            raise UserError(
+                f"cannot write to {error.filename or path} ({short_reason(error.strerror or error)}); "
+                "pass a writable --output-dir."
+            ) from None
 
     def _open_outputs(self) -> None:
         config = self.config
@@ -675,6 +735,11 @@ class Trainer:
                 self.writer.add_text("message", config.message)
             self._log_augmented_batch()
         else:
+            # A run killed while saving leaves its temporary file behind; the checkpoint it was
+            # replacing is whole, and this folder belongs to this run alone.
+            for folder in (self.run_dir, self.ckpt_dir):
+                for stale in folder.glob(".*.tmp"):
+                    stale.unlink(missing_ok=True)
             # Hide whatever the interrupted run logged after the checkpoint it resumes from.
             self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.global_step + 1)
 
@@ -698,15 +763,17 @@ class Trainer:
             " (dry run: nothing saved under runs/ or checkpoints/)" if config.dry_run else "",
         )  # fmt: skip
         if self.resume is not None:
-            logger.info("resumed after epoch %d (step %d) at lr %.2e", self.epoch, self.global_step, self.schedule.lr)
+            where = f"epoch {self.epoch}" if not self.partial else \
+                f"batch {self.partial['batches_done']} of epoch {self.epoch + 1}"  # fmt: skip
+            logger.info("resumed after %s (step %d) at lr %.2e", where, self.global_step, self.schedule.lr)
         if config.message:
             logger.info("message: %s", config.message)
         logger.info("augmentation: %s", self.pipeline.describe())
 
         while self.epoch < config.n_epoch and not self.stop_reason:
-            self.epoch += 1
             start = time.perf_counter()
-            train_loss, train_seconds = self.train_one_epoch(self.epoch)
+            train_loss, train_seconds = self.train_one_epoch(self.epoch + 1)
+            self.epoch += 1
             images_per_s = len(self.train_split) / train_seconds
             self.train_images += len(self.train_split)
             self.train_seconds += train_seconds
@@ -724,20 +791,33 @@ class Trainer:
             if decision.dropped:
                 logger.info("plateau: learning rate %.2e -> %.2e", lr, decision.lr)
             if not config.dry_run:
-                self._save(result, decision.improved)
+                self._save(best=decision.improved)
+            if self.stop.signum:
+                self._interrupted(f"after epoch {self.epoch}")
         if self.stop_reason:
             logger.info("stopping after epoch %d: %s", self.epoch, self.stop_reason)
         return self._finish()
 
     def train_one_epoch(self, epoch: int) -> tuple[float, float]:
-        """One pass over the training split; returns the mean training loss and the seconds."""
+        """One pass over the training split (or the rest of an interrupted one); returns the mean
+        training loss and the seconds it took.
+
+        The loop never waits for the GPU except every ``log_loss_step`` steps: the running loss
+        and the first step whose loss was not finite are kept on the device until then.
+        """
         config = self.config
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
+        partial, self.partial = self.partial, None
+        skip = partial["batches_done"] if partial else 0
+        loss_sum = torch.tensor(partial["loss_sum"] if partial else 0.0, device=self.device)
+        seconds_before = partial["seconds"] if partial else 0.0
         window = torch.zeros((), device=self.device)
-        window_steps = 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty(),
-                   dynamic_ncols=True)  # fmt: skip
+        step_counter = torch.tensor(self.global_step, device=self.device)
+        first_bad = torch.tensor(-1, device=self.device)
+        window_steps, batches_done = 0, skip
+        batches = self.train_loader.iterate(partial["order"] if partial else None, skip)
+        bar = tqdm(batches, desc=f"epoch {epoch}", total=len(self.train_loader), initial=skip, leave=False,
+                   disable=not sys.stderr.isatty(), dynamic_ncols=True)  # fmt: skip
         start = window_start = time.perf_counter()
         for images, labels in bar:
             loss = self.loss_fn(self.model(images), labels)
@@ -748,11 +828,15 @@ class Trainer:
             detached = loss.detach()
             loss_sum += detached * labels.shape[0]
             window += detached
+            step_counter += 1
+            first_bad = torch.where(~torch.isfinite(detached) & (first_bad < 0), step_counter, first_bad)
             window_steps += 1
+            batches_done += 1
             self.global_step += 1
-            # Reading a loss forces a GPU sync, so it happens only every log_loss_step steps.
             if self.global_step % config.log_loss_step == 0:
-                mean = window.item() / window_steps
+                # The one sync: read the loss window and the divergence marker together.
+                mean, bad = torch.stack([window / window_steps, first_bad.to(window.dtype)]).tolist()
+                self._check_finite(int(bad), epoch)
                 now = time.perf_counter()
                 rate = window_steps * config.batch_size / (now - window_start)
                 window.zero_()
@@ -760,8 +844,53 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{self.schedule.lr:.2e}", img_s=f"{rate:.0f}")
                 if self.writer is not None:
                     self.writer.add_scalar(f"{self.data.name}/train/loss", mean, self.global_step)
-        mean_loss = loss_sum.item() / len(self.train_split)  # the epoch's one forced sync
-        return mean_loss, time.perf_counter() - start
+            if self.stop.signum and batches_done < len(self.train_loader):
+                self._check_finite(int(first_bad), epoch)
+                self.partial = {
+                    "order": self.train_loader.order.cpu(),
+                    "batches_done": batches_done,
+                    "loss_sum": loss_sum.item(),
+                    "seconds": seconds_before + time.perf_counter() - start,
+                }
+                if not config.dry_run:
+                    self._save(best=False)
+                self._interrupted(f"at step {self.global_step} (epoch {epoch}, batch {batches_done} of "
+                                  f"{len(self.train_loader)})")  # fmt: skip
+        bar.close()
+        self._check_finite(int(first_bad), epoch)  # the epoch's sync
+        return loss_sum.item() / len(self.train_split), seconds_before + time.perf_counter() - start
+
+    def _check_finite(self, first_bad_step: int, epoch: int) -> None:
+        """Stop with one sentence when a training loss was NaN or infinite; nothing is saved
+        from the diverged weights, so the last checkpoint stays the last good one."""
+        if first_bad_step < 0:
+            return
+        lr = self.schedule.lr
+        last = self.ckpt_dir / "last.pt"
+        if not self.config.dry_run and last.exists() and self.epoch > 0:
+            if self.best is not None:
+                self._write_summary("diverged")
+            advice = (f"{last} from epoch {self.epoch} is kept: resume from it with a smaller learning rate, "
+                      f"e.g. --resume {last} --lr {lr / 10:.1e}.")  # fmt: skip
+        else:
+            advice = f"nothing was saved: start again with a smaller learning rate, e.g. --lr {lr / 10:.1e}."
+        raise TrainingDiverged(
+            f"training diverged: the loss became NaN or infinite at step {first_bad_step} (epoch {epoch}, "
+            f"learning rate {lr:.2e}); {advice}"
+        )
+
+    def _interrupted(self, where: str) -> None:
+        """Say what was kept and how to go on, then raise ``Interrupted``."""
+        name = signal.Signals(self.stop.signum).name
+        if self.config.dry_run:
+            logger.warning("stopped by %s %s (dry run: nothing saved)", name, where)
+        else:
+            if self.best is not None:
+                self._write_summary("interrupted")
+            last = self.ckpt_dir / "last.pt"
+            logger.warning("stopped by %s %s; saved %s", name, where, last)
+            logger.warning("resume with: python main.py --resume %s", last)
+        raise Interrupted(self.stop.signum)
 
     def _log_epoch(self, result: EvalResult, train_loss: float, lr: float, images_per_s: float, seconds: float) -> None:
         config = self.config
@@ -823,6 +952,7 @@ class Trainer:
             "train_images": self.train_images,
             "train_seconds": self.train_seconds,
             "stop_reason": self.stop_reason,
+            "partial": self.partial,
             "rng": rng,
             "classes": list(self.data.classes),
             "config": asdict(self.config),
@@ -835,8 +965,14 @@ class Trainer:
         self.schedule.load_state_dict(checkpoint["scheduler"])
         self._set_lr(self.schedule.lr)
         for key in ("epoch", "global_step", "best", "best_epoch", "last", "top1_max", "train_images", "train_seconds",
-                    "stop_reason"):  # fmt: skip
-            setattr(self, key, checkpoint[key])
+                    "stop_reason", "partial"):  # fmt: skip
+            setattr(self, key, checkpoint.get(key))
+        recorded_lr = checkpoint["config"].get("lr")
+        if recorded_lr is not None and not math.isclose(self.config.lr, recorded_lr):
+            # --lr on --resume: go on at this rate (after a divergence, say) with no warm phase left.
+            self.schedule.base_lr = self.schedule.lr = self.config.lr
+            self._set_lr(self.config.lr)
+            logger.info("learning rate set to %.2e for the rest of the run", self.config.lr)
         rng = checkpoint["rng"]
         torch.set_rng_state(rng["torch"])
         self.index_generator.set_state(rng["index"])
@@ -844,17 +980,34 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def _save(self, result: EvalResult, improved: bool) -> None:
-        save_checkpoint(self._state(), self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt" if improved else None)
-        atomic_write_json(self._summary(finished=False), self.run_dir / "summary.json")
+    def _save(self, best: bool) -> None:
+        """``last.pt`` (and ``best.pt``) and the summary; a full disk is one sentence, and the
+        files of the previous epoch stay as they were."""
+        try:
+            save_checkpoint(self._state(), self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt" if best else None)
+            if self.best is not None:
+                self._write_summary("running")
+        except (OSError, RuntimeError) as error:
+            # torch.save reports a failed write as a RuntimeError raised from the OSError.
+            cause = error if isinstance(error, OSError) else error.__context__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else short_reason(error)
+            raise UserError(
+                f"could not save the checkpoint of epoch {self.epoch} in {self.ckpt_dir} ({reason}); free some disk "
+                "space or pass another --output-dir (the previous last.pt and best.pt are unchanged)."
+            ) from None
 
-    def _summary(self, finished: bool) -> dict[str, Any]:
+    def _write_summary(self, status: str) -> None:
+        atomic_write_json(self._summary(status), self.run_dir / "summary.json")
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        """``status``: running, finished, interrupted or diverged."""
         assert self.best is not None and self.last is not None
+        finished = status == "finished"
         summary: dict[str, Any] = {
             "run_name": self.config.run_name,
             "dataset": self.data.name,
             "model": type(unwrap(self.model)).__name__,
-            "status": "finished" if finished else "running",
+            "status": status,
             "stop_reason": self.stop_reason or ("epoch limit" if finished else ""),
             "best_top1": self.best["top1"],
             "best_top5": self.best["top5"],
@@ -882,7 +1035,7 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         if self.best is None:  # resumed a run that had already finished
             raise UserError(f"run {self.config.run_name} has no finished epoch to report; train it first.")
-        summary = self._summary(finished=True)
+        summary = self._summary("finished")
         best = self.best
         if "mAP" in best:
             logger.info("best mAP %.2f%% at epoch %d of %d; final mAP %.2f%%", best["mAP"], self.best_epoch,

@@ -230,7 +230,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     whole.mkdir()
     split.mkdir()
-    flags = ["-c", "--seed", "3", "-lls", "1", *TINY]
+    flags = ["-c", "--seed", "3", "--deterministic", "-lls", "1", *TINY]
     assert run(*flags, "-ne", "3", cwd=whole).returncode == 0
     first = run(*flags, "-ne", "2", cwd=split)
     assert first.returncode == 0, first.stderr
@@ -341,10 +341,12 @@ def test_checkpoint_of_torch_alexnet_refuses_the_cifar_model(tmp_path):
 
 
 def test_resume_refuses_flags_that_change_the_run(tmp_path, shapes_checkpoint):
-    result = run("--resume", str(shapes_checkpoint), "--lr", "0.5", "-ds", "Cifar10", cwd=tmp_path)
+    result = run("--resume", str(shapes_checkpoint), "--batch-size", "64", "-ds", "Cifar10", cwd=tmp_path)
     assert result.returncode == 1
-    assert "fixes these settings, which the command line changes: dataset ('Cifar10'; the checkpoint has 'Shapes'), " \
-           "lr (0.5; the checkpoint has 0.0001); drop those flags." in result.stderr  # fmt: skip
+    assert (
+        "fixes these settings, which the command line changes: batch_size (64; the checkpoint has 40), "
+        "dataset ('Cifar10'; the checkpoint has 'Shapes'); drop those flags." in result.stderr
+    )
 
 
 def test_the_seeds_tag_filters_select_our_tags():
