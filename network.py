@@ -1,9 +1,11 @@
-"""The three AlexNets.
+"""The three AlexNets, and the paper's one split over two devices.
 
 - ``PaperAlexNet``: the network of Krizhevsky, Sutskever & Hinton (NIPS 2012) as published:
   96-256-384-384-256 kernels, the two-GPU split expressed as ``groups=2`` on conv2/4/5, local
   response normalisation after the first two ReLUs, overlapping 3/2 max-pooling, dropout on
   fc6/fc7 and the paper's initialisation. 60,965,224 parameters at 1000 classes.
+- ``SplitPaperAlexNet``: the same network with its two towers on two devices, as the paper ran
+  it (model parallel), giving the grouped model's outputs; its weights convert both ways.
 - ``TorchAlexNet``: torchvision's variant ("One weird trick", Krizhevsky 2014), layer for layer
   and key for key the same as ``torchvision.models.alexnet``. 61,100,840 parameters.
 - ``CifarAlexNet``: the same five-conv/three-fc network for 32x32 images, the first 11x11/4
@@ -15,10 +17,15 @@ so state_dicts are comparable and ``print(model)`` reads like the paper's table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
+
+from utils import UserError
 
 #: Fully connected width of fc6 and fc7 in every AlexNet.
 FC_WIDTH = 4096
@@ -35,14 +42,28 @@ class PaperLRN(nn.LocalResponseNorm):
     the clipped window at the channel edges come out exactly as in the formula. cuda-convnet's
     own layer config also divided its scale by the window, so whether the paper's 1e-4 already
     meant the averaged form is disputed; we follow the paper's text as written.
+
+    With ``groups=2`` the channels are normalised as two separate halves, the window never
+    reaching across the middle: each of the paper's GPUs normalised its own kernel maps (the
+    two-GPU layer config of cuda-convnet2 has ``rnorm1a``/``rnorm1b`` over 48 channels each), so
+    this is what makes the grouped single-device network equal the two towers.
     """
 
-    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1) -> None:
         super().__init__(size=size, alpha=alpha * size, beta=beta, k=k)
         self.paper_alpha = alpha
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        # Folding the groups into the batch makes each group's window clip at its own edges.
+        return super().forward(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, alpha={self.paper_alpha} (summed), beta={self.beta}, k={self.k}"
+        groups = f", groups={self.groups}" if self.groups > 1 else ""
+        return f"size={self.size}, alpha={self.paper_alpha} (summed), beta={self.beta}, k={self.k}{groups}"
 
 
 def alexnet_features(
@@ -141,6 +162,11 @@ class PaperAlexNet(nn.Module):
     supported and both give 55x55 after conv1: ``input_size=224`` pads conv1 by 2 (default, the
     crop size of the paper's pipeline), ``input_size=227`` pads by 0.
 
+    The two halves are the paper's two GPUs, and every layer keeps them apart where the GPUs
+    did: conv2/4/5 by ``groups=2``, and LRN by normalising each half of the maps on its own
+    (``PaperLRN(groups=2)``), so no LRN window spans channels 47/48 of conv1 or 127/128 of
+    conv2. ``SplitPaperAlexNet`` runs the same network on two real devices.
+
     Args:
         num_classes: size of fc8.
         dropout: drop probability on the outputs of fc6 and fc7 (paper: 0.5).
@@ -158,7 +184,7 @@ class PaperAlexNet(nn.Module):
             channels=(96, 256, 384, 384, 256),
             conv1=(11, 4, 2 if input_size == 224 else 0),
             groups=2,
-            norm=PaperLRN if lrn else nn.Identity,
+            norm=partial(PaperLRN, groups=2) if lrn else nn.Identity,
         )
         self.classifier = paper_classifier(256 * 6 * 6, num_classes, dropout)
         paper_init_(self)
@@ -167,6 +193,198 @@ class PaperAlexNet(nn.Module):
         x = self.features(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
+
+
+# Where the two towers of SplitPaperAlexNet meet: before conv3 (``features[8]``), fc6 (the
+# classifier's input), fc7 (``classifier[3]``) and fc8 (``classifier[6]``). The indices are
+# PaperAlexNet's, which the LRN slots keep fixed whether or not LRN is on.
+_CONV3, _FC7, _FC8 = 8, 3, 6
+_FC8_BIAS = f"classifier.{_FC8}.bias"
+
+
+def _tower_dim(name: str) -> int | None:
+    """The dimension along which a PaperAlexNet tensor is cut into the towers' halves: the output
+    dimension everywhere but fc8, which is cut by its inputs (dim 1) so each tower adds a partial
+    sum; ``None`` for fc8's bias, which lives whole on the first tower."""
+    if name == _FC8_BIAS:
+        return None
+    return 1 if name.startswith(f"classifier.{_FC8}.") else 0
+
+
+def split_grouped(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Cut a PaperAlexNet state_dict (or any tensors under its names, e.g. gradients) into the
+    state_dicts of the two towers of ``SplitPaperAlexNet``."""
+    towers: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] = ({}, {})
+    for name, tensor in state.items():
+        dim = _tower_dim(name)
+        if dim is None:
+            towers[0][name] = tensor
+        else:
+            towers[0][name], towers[1][name] = tensor.chunk(2, dim)
+    return towers
+
+
+def join_towers(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``split_grouped``: PaperAlexNet tensors from the two towers' halves, on the
+    device of ``a``."""
+    joined = {}
+    for name, first in a.items():
+        dim = _tower_dim(name)
+        joined[name] = first if dim is None else torch.cat([first, b[name].to(first.device)], dim)
+    return joined
+
+
+def _tower_layer(layer: nn.Module, tower: int, fc8: bool = False) -> nn.Module:
+    """One tower's part of a PaperAlexNet layer: half the kernels or neurons of every convolution
+    and of fc6/fc7, fc8 over half of its inputs, LRN over the tower's own maps; layers without
+    weights are copied. Built on the meta device: the weights come from
+    ``load_grouped_state_dict``, so initialising them would be wasted work."""
+    if isinstance(layer, nn.Conv2d):
+        # A grouped convolution sees only its own half of the input, an ungrouped one all of it.
+        return nn.Conv2d(
+            layer.in_channels // layer.groups,
+            layer.out_channels // 2,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            device="meta",
+        )
+    if isinstance(layer, nn.Linear) and fc8:
+        return nn.Linear(layer.in_features // 2, layer.out_features, bias=tower == 0, device="meta")
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, layer.out_features // 2, device="meta")
+    if isinstance(layer, PaperLRN):
+        return PaperLRN(layer.size, layer.paper_alpha, layer.beta, layer.k)
+    return copy.deepcopy(layer)
+
+
+class PaperTower(nn.Module):
+    """One of the paper's two GPUs: PaperAlexNet's layers under the same names, each holding its
+    half of the kernels and neurons. It has no ``forward``: the towers exchange activations
+    four times, which ``SplitPaperAlexNet.forward`` does."""
+
+    def __init__(self, model: PaperAlexNet, tower: int, device: torch.device) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*(_tower_layer(layer, tower) for layer in model.features))
+        self.classifier = nn.Sequential(
+            *(_tower_layer(layer, tower, fc8=i == _FC8) for i, layer in enumerate(model.classifier))
+        )
+        self.to_empty(device=device)
+
+
+def _run(layers: nn.Sequential, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    for layer in itertools.islice(layers, start, stop):
+        x = layer(x)
+    return x
+
+
+class SplitPaperAlexNet(nn.Module):
+    """PaperAlexNet with its two towers on two devices, the model parallelism of the paper (§3.2).
+
+    Tower k (on ``devices[k]``) holds half of every layer: 48 conv1 kernels over the whole image,
+    LRN over its own 48 maps, 128 conv2 kernels over its own maps, 192 conv3 kernels, 192 conv4
+    and 128 conv5 kernels, and 2048 of the 4096 neurons of fc6 and fc7. The towers exchange
+    activations where the paper's GPUs communicated: conv3 sees both towers' conv2 maps, fc6 both
+    towers' conv5 maps, fc7 both towers' fc6 neurons. fc8 is cut by its inputs instead: each
+    tower multiplies its own 2048 fc7 neurons by its half of fc8's weights and only the partial
+    logits cross to ``devices[0]``, which holds fc8's bias and returns the sum. The output (and
+    the loss, and so the labels) live on ``devices[0]``; the input may be anywhere.
+
+    The outputs are the grouped model's up to float rounding, and so are the gradients; dropout
+    draws its masks per tower, so training steps differ from the grouped model's only in which
+    units are dropped. Both towers may sit on one device (the CPU in the tests).
+
+    Built from a PaperAlexNet, whose settings (classes, dropout, LRN, input size) and weights it
+    takes; the layers are created on their devices, so do not ``.to()`` it afterwards.
+    Checkpoints should hold the grouped model's state_dict, which ``grouped_state_dict`` gives
+    and ``load_grouped_state_dict`` reads (``to_grouped`` gives a whole PaperAlexNet).
+    """
+
+    def __init__(self, model: PaperAlexNet, devices: Sequence[torch.device | str] = ("cpu", "cpu")) -> None:
+        super().__init__()
+        if not isinstance(model, PaperAlexNet):
+            raise TypeError(f"SplitPaperAlexNet splits a PaperAlexNet, not a {type(model).__name__}")
+        if len(devices) != 2:
+            raise ValueError(f"SplitPaperAlexNet needs two devices, got {len(devices)}")
+        self.devices = tuple(torch.device(d) for d in devices)
+        self.input_size = model.input_size
+        self.towers = nn.ModuleList(PaperTower(model, k, device) for k, device in enumerate(self.devices))
+        self._settings = {
+            "num_classes": model.classifier[_FC8].out_features,
+            "dropout": model.classifier[_FC8 - 1].p,
+            "lrn": isinstance(model.features[2], PaperLRN),
+            "input_size": model.input_size,
+        }
+        self.load_grouped_state_dict(model.state_dict())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (a, b), (da, db) = self.towers, self.devices
+        # conv1 and conv2: each tower convolves the whole image with its own kernels.
+        ya = _run(a.features, x.to(da, non_blocking=True), stop=_CONV3)
+        yb = _run(b.features, x.to(db, non_blocking=True), stop=_CONV3)
+        ya, yb = self._exchange(ya, yb)
+        ya, yb = _run(a.features, ya, _CONV3), _run(b.features, yb, _CONV3)
+        # Flattening is channel-major, so joining the flat halves is flattening the joined maps.
+        ya, yb = self._exchange(torch.flatten(ya, 1), torch.flatten(yb, 1))
+        ya, yb = _run(a.classifier, ya, stop=_FC7), _run(b.classifier, yb, stop=_FC7)
+        ya, yb = self._exchange(ya, yb)
+        ya, yb = _run(a.classifier, ya, _FC7, _FC8), _run(b.classifier, yb, _FC7, _FC8)
+        return a.classifier[_FC8](ya) + b.classifier[_FC8](yb).to(da, non_blocking=True)
+
+    def _exchange(self, ya: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both towers' channels (tower 0's first) on each tower's device."""
+        da, db = self.devices
+        return torch.cat([ya, yb.to(da, non_blocking=True)], 1), torch.cat([ya.to(db, non_blocking=True), yb], 1)
+
+    def grouped_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as PaperAlexNet's state_dict (same keys and shapes), on ``devices[0]``."""
+        a, b = (tower.state_dict() for tower in self.towers)
+        return join_towers(a, b)
+
+    @torch.no_grad()
+    def load_grouped_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a PaperAlexNet state_dict, each tower taking its halves; as strict as
+        ``load_state_dict(strict=True)`` about keys and shapes."""
+        expected = self.towers[0].state_dict().keys()
+        if state.keys() != expected:
+            missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+            raise RuntimeError(f"not a PaperAlexNet state_dict: missing {missing}, unexpected {unexpected}")
+        for tower, halves in zip(self.towers, split_grouped(state), strict=True):
+            params = tower.state_dict(keep_vars=True)
+            for name, half in halves.items():
+                if half.shape != params[name].shape:
+                    raise RuntimeError(
+                        f"size mismatch for {name}: a tower holds {tuple(params[name].shape)}, "
+                        f"the state_dict gives half of it as {tuple(half.shape)}"
+                    )
+                params[name].copy_(half)
+
+    def to_grouped(self) -> PaperAlexNet:
+        """A PaperAlexNet with these weights, on ``devices[0]``."""
+        with self.devices[0]:
+            model = PaperAlexNet(**self._settings)
+        model.load_state_dict(self.grouped_state_dict())
+        return model.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"devices=({self.devices[0]}, {self.devices[1]})"
+
+
+def split_devices(device: torch.device) -> tuple[torch.device, torch.device]:
+    """The two devices of ``--split-gpus`` for the training device ``device``: ``cuda`` (or
+    ``cuda:N``) gives that GPU and the next one, ``cpu`` puts both towers on the CPU (as the
+    tests do). Raises ``UserError`` when there is no second GPU."""
+    if device.type == "cpu":
+        return device, device
+    if device.type != "cuda":
+        raise UserError(f"--split-gpus runs the two towers on two CUDA devices (or the CPU), not on {device.type}.")
+    first, count = device.index or 0, torch.cuda.device_count()
+    if first + 2 > count:
+        raise UserError(
+            f"--split-gpus needs two CUDA devices (cuda:{first} and cuda:{first + 1}), found {count}; "
+            "drop --split-gpus to train the grouped model on one device."
+        )
+    return torch.device("cuda", first), torch.device("cuda", first + 1)
 
 
 class TorchAlexNet(nn.Module):
@@ -198,8 +416,8 @@ class CifarAlexNet(nn.Module):
     at 32x32). Everything after it is AlexNet's.
 
     With ``paper=False`` (default) the widths follow torchvision; with ``paper=True`` they are
-    the paper's, with ``groups=2`` on conv2/4/5, LRN after the first two ReLUs (switchable with
-    ``lrn``), the paper's head and the paper's initialisation.
+    the paper's, with ``groups=2`` on conv2/4/5, LRN after the first two ReLUs over each half
+    of the maps (switchable with ``lrn``), the paper's head and the paper's initialisation.
 
     ===== ======================= ======== ============ ====== =========================
     layer out (torch / paper)     kernel   stride / pad map    then
@@ -223,7 +441,10 @@ class CifarAlexNet(nn.Module):
         self.paper = paper
         if paper:
             self.features = alexnet_features(
-                channels=(96, 256, 384, 384, 256), conv1=(3, 1, 1), groups=2, norm=PaperLRN if lrn else nn.Identity
+                channels=(96, 256, 384, 384, 256),
+                conv1=(3, 1, 1),
+                groups=2,
+                norm=partial(PaperLRN, groups=2) if lrn else nn.Identity,
             )
         else:
             self.features = alexnet_features(channels=(64, 192, 384, 256, 256), conv1=(3, 1, 1))

@@ -1,0 +1,224 @@
+"""The paper's two-GPU split: SplitPaperAlexNet against the grouped single-device PaperAlexNet."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from network import (
+    CifarAlexNet,
+    PaperAlexNet,
+    PaperLRN,
+    SplitPaperAlexNet,
+    join_towers,
+    split_devices,
+    split_grouped,
+)
+from utils import UserError
+
+CPU = ("cpu", "cpu")
+DEVICES = [
+    pytest.param(CPU, id="cpu"),
+    pytest.param(
+        ("cuda:0", "cuda:0"),
+        id="one-gpu",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ),
+    pytest.param(
+        ("cuda:0", "cuda:1"),
+        id="two-gpus",
+        marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_cuda_float32(monkeypatch):
+    """TF32 convolutions would round the grouped and the split model differently (1e-3)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+def models(devices, seed=0, **kwargs) -> tuple[PaperAlexNet, SplitPaperAlexNet]:
+    """A paper-initialised PaperAlexNet on the first device and its split copy."""
+    torch.manual_seed(seed)
+    grouped = PaperAlexNet(**kwargs)
+    return grouped.to(devices[0]), SplitPaperAlexNet(grouped, devices)
+
+
+def images(size: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """Mean-subtracted pixel values (about +-100), large enough for LRN to bite."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 60
+
+
+# ---------------------------------------------------------------------------------------------
+# LRN per tower: the grouped model normalises each GPU's maps on its own
+
+
+def test_grouped_lrn_is_two_independent_lrns():
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(2, 96, 3, 3, dtype=torch.float64) * 300)
+    per_tower = torch.cat([PaperLRN()(a[:, :48]), PaperLRN()(a[:, 48:])], dim=1)
+    assert torch.allclose(PaperLRN(groups=2)(a), per_tower, rtol=1e-12, atol=0)
+    # A window spanning the whole 96 maps differs exactly where it reaches over the middle:
+    # channels 46 and 47 see 48 and 49 there, and the other way round.
+    across = (PaperLRN()(a) - per_tower).abs().amax(dim=(0, 2, 3))
+    assert torch.nonzero(across).flatten().tolist() == [46, 47, 48, 49]
+
+
+@pytest.mark.parametrize("model_fn", [PaperAlexNet, lambda: CifarAlexNet(10, paper=True)])
+def test_paper_features_normalise_per_tower(model_fn):
+    lrns = [m for m in model_fn().modules() if isinstance(m, PaperLRN)]
+    assert [(m.groups, m.size, m.paper_alpha, m.beta, m.k) for m in lrns] == [(2, 5, 1e-4, 0.75, 2.0)] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The towers (built on the meta device: shapes only, no time spent on weights)
+
+
+def meta_paper_alexnet(**kwargs) -> PaperAlexNet:
+    with torch.device("meta"):
+        return PaperAlexNet(**kwargs)
+
+
+def test_towers_hold_the_papers_halves_and_all_its_parameters():
+    split = SplitPaperAlexNet(meta_paper_alexnet(num_classes=1000), devices=("meta", "meta"))
+    assert sum(p.numel() for p in split.parameters()) == 60_965_224
+    for tower in split.towers:
+        convs = [m for m in tower.features if isinstance(m, nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels, c.groups) for c in convs] == [
+            (3, 48, 1),  # the whole image
+            (48, 128, 1),  # own half only
+            (256, 192, 1),  # both towers
+            (192, 192, 1),
+            (192, 128, 1),
+        ]
+        fcs = [(m.in_features, m.out_features) for m in tower.classifier if isinstance(m, nn.Linear)]
+        assert fcs == [(9216, 2048), (4096, 2048), (2048, 1000)]
+    # fc8's bias is added once, on the first tower.
+    assert split.towers[0].classifier[6].bias is not None and split.towers[1].classifier[6].bias is None
+
+
+def test_split_keeps_the_models_settings():
+    grouped = meta_paper_alexnet(num_classes=7, dropout=0.3, lrn=False, input_size=227)
+    split = SplitPaperAlexNet(grouped, devices=("meta", "meta"))
+    assert split.input_size == 227
+    assert not any(isinstance(m, PaperLRN) for m in split.modules())
+    assert [m.p for m in split.modules() if isinstance(m, nn.Dropout)] == [0.3] * 4
+    back = split.to_grouped()
+    assert back.input_size == 227 and back.features[0].padding == (0, 0)
+    assert not any(isinstance(m, PaperLRN) for m in back.modules())
+    assert back.classifier[6].out_features == 7 and back.classifier[2].p == 0.3
+
+
+def test_split_refuses_other_models():
+    with pytest.raises(TypeError, match="PaperAlexNet"):
+        SplitPaperAlexNet(CifarAlexNet(10, paper=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Same outputs and gradients as the grouped model
+
+
+@pytest.mark.parametrize("devices", DEVICES)
+@pytest.mark.parametrize("lrn, size", [(True, 224), (False, 227)])
+def test_split_outputs_and_gradients_equal_the_grouped_models(devices, lrn, size):
+    grouped, split = models(devices, num_classes=10, lrn=lrn, input_size=size)
+    grouped.eval(), split.eval()  # no dropout: the towers draw their own masks
+    x, target = images(size), torch.tensor([3, 7], device=devices[0])
+    x_grouped = x.to(devices[0], copy=True).requires_grad_()
+    x_split = x.clone().requires_grad_()  # on the CPU: the split model moves it to each tower
+    expected, got = grouped(x_grouped), split(x_split)
+    assert got.device == torch.device(devices[0]) and got.shape == (2, 10)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    F.cross_entropy(expected, target).backward()
+    F.cross_entropy(got, target).backward()
+    a, b = ({name: p.grad for name, p in tower.named_parameters()} for tower in split.towers)
+    grads = join_towers(a, b)
+    assert list(grads) == [name for name, _ in grouped.named_parameters()]
+    for name, p in grouped.named_parameters():
+        assert p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+    scale = x_grouped.grad.abs().max().item()
+    torch.testing.assert_close(x_split.grad.to(devices[0]), x_grouped.grad, rtol=1e-4, atol=1e-5 * scale)
+
+    if lrn:  # The guard: the same weights with one LRN window over all 96 maps are another network.
+        grouped.features[2] = PaperLRN()
+        with torch.no_grad():
+            assert not torch.allclose(grouped(x_grouped), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints hold the grouped model's state_dict
+
+
+@pytest.mark.parametrize("devices", DEVICES)
+def test_grouped_to_split_to_grouped_is_the_identity(devices):
+    grouped, split = models(devices, num_classes=10)
+    state = grouped.state_dict()
+    back = split.grouped_state_dict()
+    assert list(back) == list(state)
+    assert all(torch.equal(back[name], state[name]) for name in state)
+    assert all(t.device == torch.device(devices[0]) for t in back.values())
+    # ``to_grouped`` gives a whole PaperAlexNet; PaperAlexNet loads the dict strictly.
+    assert all(torch.equal(w, state[name]) for name, w in split.to_grouped().state_dict().items())
+    grouped.load_state_dict(back, strict=True)
+
+    a, b = split_grouped(state)
+    assert a["features.0.weight"].shape == b["features.0.weight"].shape == (48, 3, 11, 11)
+    assert a["features.4.weight"].shape == (128, 48, 5, 5)
+    assert a["classifier.6.weight"].shape == (10, 2048)
+    assert "classifier.6.bias" in a and "classifier.6.bias" not in b
+    assert all(torch.equal(w, state[name]) for name, w in join_towers(a, b).items())
+
+    # Loading another model's weights makes the split model that model.
+    other = {name: w + torch.rand_like(w) for name, w in state.items()}
+    split.load_grouped_state_dict(other)
+    assert all(torch.equal(w, other[name]) for name, w in split.grouped_state_dict().items())
+
+
+def test_load_grouped_state_dict_is_strict():
+    split = SplitPaperAlexNet(meta_paper_alexnet(num_classes=10), devices=("meta", "meta"))
+    state = meta_paper_alexnet(num_classes=10).state_dict()
+    del state["features.8.bias"]
+    with pytest.raises(RuntimeError, match=r"missing \['features.8.bias'\]"):
+        split.load_grouped_state_dict(state)
+    with pytest.raises(RuntimeError, match="size mismatch for classifier.6.weight"):
+        split.load_grouped_state_dict(meta_paper_alexnet(num_classes=20).state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices for --split-gpus
+
+
+def test_split_devices_on_the_cpu_puts_both_towers_there():
+    assert split_devices(torch.device("cpu")) == (torch.device("cpu"), torch.device("cpu"))
+
+
+def test_split_devices_takes_the_gpu_and_the_next(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert split_devices(torch.device("cuda")) == (torch.device("cuda", 0), torch.device("cuda", 1))
+    assert split_devices(torch.device("cuda:1")) == (torch.device("cuda", 1), torch.device("cuda", 2))
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_split_devices_without_a_second_gpu_is_a_user_error(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(UserError) as error:
+        split_devices(torch.device("cuda"))
+    assert str(error.value) == (
+        f"--split-gpus needs two CUDA devices (cuda:0 and cuda:1), found {count}; "
+        "drop --split-gpus to train the grouped model on one device."
+    )
+
+
+def test_split_devices_past_the_last_gpu_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserError, match=r"needs two CUDA devices \(cuda:1 and cuda:2\), found 2"):
+        split_devices(torch.device("cuda:1"))
+
+
+def test_split_devices_refuses_other_device_types():
+    with pytest.raises(UserError, match="two CUDA devices \\(or the CPU\\), not on mps"):
+        split_devices(torch.device("mps"))
