@@ -110,6 +110,7 @@ class DataOptions:
     shapes_train: int = 8000
     shapes_test: int = 1600
     shapes_seed: int = 0
+    decode_device: str = "cpu"  # where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,30 +567,72 @@ def parse_voc_xml(path: Path) -> np.ndarray:
     return labels
 
 
+def _check_header(image: Image.Image, path: Path) -> None:
+    width, height = image.size  # from the header; nothing decoded yet
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{path} claims to be {width}x{height} pixels, far more than any VOC image; restore it from the VOC release."
+        )
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side ``size``; int() truncates as torchvision's resize does."""
+    scale = size / min(width, height)
+    return (size, int(height * scale)) if width <= height else (int(width * scale), size)
+
+
 def decode_resized(path: Path, size: int) -> torch.Tensor:
     """A JPEG as uint8 3 x size x size: short side resized to ``size`` (PIL's antialiased
     bilinear filter), then the centre ``size x size`` crop."""
     try:
         with Image.open(path) as image:
-            width, height = image.size  # from the header; nothing decoded yet
-            if width * height > MAX_IMAGE_PIXELS:
-                raise DataError(
-                    f"{path} claims to be {width}x{height} pixels, far more than any VOC image; "
-                    "restore it from the VOC release."
-                )
+            _check_header(image, path)
             image = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(
             f"{path} cannot be decoded as a JPEG ({short_reason(error)}); restore it from the VOC release."
         ) from None
-    width, height = image.size
-    scale = size / min(width, height)
-    # int() truncates as torchvision's resize does; the short side is exactly ``size``.
-    new = (size, int(height * scale)) if width <= height else (int(width * scale), size)
+    new = resized_shape(*image.size, size)
     image = image.resize(new, Image.BILINEAR)
     left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
     image = image.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_resized_batch(paths: list[Path], size: int, device: torch.device | str) -> torch.Tensor:
+    """``decode_resized`` of several JPEGs at once with torchvision's decoder on ``device``
+    (nvJPEG on a GPU) and an antialiased bilinear resize there; uint8 N x 3 x size x size on the
+    CPU. Within a few grey levels of the PIL path (different resampling code). A file the
+    batched decoder refuses goes through ``decode_resized``, which names it or decodes it."""
+    import torchvision.io
+    from torchvision.transforms.v2 import functional as TF
+
+    device = torch.device(device)
+    data = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                _check_header(image, path)
+                jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            jpeg = False  # decode_resized below says what is wrong with it
+        data.append(torchvision.io.read_file(str(path)) if jpeg else None)
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    readable = [i for i, d in enumerate(data) if d is not None]
+    try:
+        decoded = torchvision.io.decode_jpeg([data[i] for i in readable], mode=torchvision.io.ImageReadMode.RGB,
+                                             device=device) if readable else []  # fmt: skip
+    except RuntimeError:
+        decoded, readable = [], []  # one bad file spoils the batch: every image the slow way
+    for i, image in zip(readable, decoded):
+        width, height = image.shape[2], image.shape[1]
+        new_w, new_h = resized_shape(width, height, size)
+        image = TF.resize(image, [new_h, new_w], antialias=True)
+        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+        out[i] = image[:, top : top + size, left : left + size].cpu()
+    for i in sorted(set(range(len(paths))) - set(readable)):
+        out[i] = decode_resized(paths[i], size)
+    return out
 
 
 def voc_fingerprint(paths: list[Path], size: int) -> str:
@@ -601,9 +644,10 @@ def voc_fingerprint(paths: list[Path], size: int) -> str:
     return h.hexdigest()
 
 
-def load_resize_cache(paths: list[Path], cache: Path, size: int) -> np.ndarray:
+def load_resize_cache(paths: list[Path], cache: Path, size: int, device: str = "cpu") -> np.ndarray:
     """The images resized to ``size`` as a memory-mapped N x 3 x size x size uint8 array, built
-    once into ``cache`` (``.npy`` + ``.json`` fingerprint) and rebuilt when the sources change."""
+    once into ``cache`` (``.npy`` + ``.json`` fingerprint) and rebuilt when the sources change.
+    On a CUDA ``device`` the JPEGs are decoded and resized on the GPU."""
     fingerprint = voc_fingerprint(paths, size)
     meta_path = cache.with_suffix(".json")
     shape = (len(paths), 3, size, size)
@@ -622,7 +666,7 @@ def load_resize_cache(paths: list[Path], cache: Path, size: int) -> np.ndarray:
     fd, tmp = temp_file_beside(cache)
     os.close(fd)
     try:
-        _fill_resized(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape), paths, size)
+        _fill_resized(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape), paths, size, device)
         os.replace(tmp, cache)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -631,17 +675,24 @@ def load_resize_cache(paths: list[Path], cache: Path, size: int) -> np.ndarray:
     return np.load(cache, mmap_mode="c", allow_pickle=False)
 
 
-def _fill_resized(array: np.ndarray, paths: list[Path], size: int) -> None:
-    """Decode and resize ``paths`` into the rows of ``array`` on a few threads (decoding releases
-    the GIL), then flush it to disk."""
+def _fill_resized(array: np.ndarray, paths: list[Path], size: int, device: str = "cpu") -> None:
+    """Decode and resize ``paths`` into the rows of ``array``, then flush it to disk: on a GPU
+    in batches of 64 through nvJPEG, on the CPU on a few threads (PIL releases the GIL)."""
+    bar = tqdm(total=len(paths), desc="resize", leave=False, disable=not sys.stderr.isatty())
+    if torch.device(device).type == "cuda":
+        for start in range(0, len(paths), 64):
+            chunk = paths[start : start + 64]
+            array[start : start + len(chunk)] = decode_resized_batch(chunk, size, device).numpy()
+            bar.update(len(chunk))
+    else:
 
-    def work(i: int) -> None:
-        array[i] = decode_resized(paths[i], size).numpy()
+        def work(i: int) -> None:
+            array[i] = decode_resized(paths[i], size).numpy()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        jobs = pool.map(work, range(len(paths)))
-        for _ in tqdm(jobs, total=len(paths), desc="resize", leave=False, disable=not sys.stderr.isatty()):
-            pass
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            for _ in pool.map(work, range(len(paths))):
+                bar.update(1)
+    bar.close()
     array.flush()
 
 
@@ -658,7 +709,7 @@ def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
     return fallback
 
 
-def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path) -> Split:
+def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path, device: str = "cpu") -> Split:
     """Labels from the XML files and images from the resize cache for one image list."""
     list_path = folder / "ImageSets" / "Main" / f"{name}.txt"
     jpegs, labels = [], []
@@ -673,7 +724,7 @@ def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path) -> 
         jpegs.append(jpeg)
         labels.append(parse_voc_xml(xml))
     cache = cache_dir / f"{name}_{VOC_CACHE_SIZE}.npy"
-    array = load_resize_cache(jpegs, cache, VOC_CACHE_SIZE)
+    array = load_resize_cache(jpegs, cache, VOC_CACHE_SIZE, device)
     return Split(torch.from_numpy(array), torch.from_numpy(np.stack(labels)), source=cache)
 
 
@@ -682,8 +733,8 @@ def load_voc2012(options: DataOptions) -> DataSet:
     folder = find_voc_folder(options)
     (train_name, train_ids), (test_name, test_ids) = voc_image_lists(folder)
     cache_dir = voc_cache_dir(folder, options)
-    train = load_voc_split(folder, train_name, train_ids, cache_dir)
-    test = load_voc_split(folder, test_name, test_ids, cache_dir)
+    train = load_voc_split(folder, train_name, train_ids, cache_dir, options.decode_device)
+    test = load_voc_split(folder, test_name, test_ids, cache_dir, options.decode_device)
     logger.info("Pascal VOC 2012 from %s: %d images in %s.txt, %d in %s.txt", folder, len(train), train_name,
                 len(test), test_name)  # fmt: skip
     return DataSet(name="PascalVOC2012", classes=list(VOC_CLASSES), train=train, test=test)
@@ -1039,6 +1090,11 @@ class BatchLoader:
     Otherwise (a memory-mapped cache too large for it) a ``DataLoader`` with ``workers``
     processes reads the rows and they are copied over pinned and non-blocking.
     ``index_generator`` (CPU) draws the order, ``generator`` (on ``device``) the augmentation.
+
+    Under data parallelism (``world`` > 1) every process draws the same order and takes its
+    ``rank``-th share of each batch of ``batch_size`` (the global batch), so the processes
+    together see every image once per epoch; a last batch smaller than ``world`` is dropped by
+    all of them (training) or shared out unevenly (evaluation, where some take none).
     """
 
     def __init__(
@@ -1051,8 +1107,12 @@ class BatchLoader:
         generator: torch.Generator | None = None,
         index_generator: torch.Generator | None = None,
         workers: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.split = split
+        self.rank = rank
+        self.world = world
         self.batch_size = batch_size
         self.pipeline = pipeline
         self.train = train
@@ -1077,10 +1137,21 @@ class BatchLoader:
         self.order = self._order() if order is None else order
         yield from self._transformed(self._raw_batches(self.order, skip))
 
+    def _shares(self, order: torch.Tensor, skip: int) -> list[torch.Tensor]:
+        """This process's indices of each remaining batch."""
+        batches = order.split(self.batch_size)[skip:]
+        if self.world == 1:
+            return list(batches)
+        if not self.train:
+            # Evaluation: each process a contiguous slice of the split, every image counted once.
+            share = order.tensor_split(self.world)[self.rank]
+            return [b for b in share.split(max(1, self.batch_size // self.world)) if len(b)]
+        return [b.tensor_split(self.world)[self.rank] for b in batches if len(b) >= self.world]
+
     def _raw_batches(self, order: torch.Tensor, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not self.streaming:
             order = order.to(self.split.images.device)
-            for idx in order.split(self.batch_size)[skip:]:
+            for idx in self._shares(order, skip):
                 images, labels = self.split.images[idx], self.split.labels[idx]
                 if images.device != self.device:
                     images = images.pin_memory() if self.device.type == "cuda" else images
@@ -1089,7 +1160,7 @@ class BatchLoader:
             return
         loader = torch.utils.data.DataLoader(
             _CacheRows(self.split.source, self.split.labels.cpu()),
-            sampler=list(order.split(self.batch_size)[skip:]),
+            sampler=self._shares(order, skip),
             batch_size=None,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",

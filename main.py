@@ -24,18 +24,29 @@ from typing import Any
 import torch
 
 from datasets import DATASETS, DataOptions, load_dataset
-from network import build_model
+from network import SplitPaperAlexNet, build_model, split_devices
 from trainer import (
+    AMP_DTYPES,
     SETUPS,
     Interrupted,
     TrainConfig,
     Trainer,
     check_compatible,
+    default_amp,
+    default_channels_last,
     evaluate_checkpoint,
     format_metrics,
     load_checkpoint,
 )
-from utils import UserError, __version__, resolve_device, setup_logging
+from utils import (
+    UserError,
+    __version__,
+    init_distributed,
+    launched_by_torchrun,
+    rank_and_world,
+    resolve_device,
+    setup_logging,
+)
 
 logger = logging.getLogger("alexnet")
 
@@ -66,6 +77,13 @@ def number_type(kind: type, low: float | None = None, high: float | None = None,
 
 positive_int = number_type(int, 1)
 positive_float = number_type(float, 0, low_open=True)
+
+
+def run_name_type(text: str) -> str:
+    """A run name usable as one folder name."""
+    if not text or text in (".", "..") or any(c in text for c in "/\\\0") or text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder name; use letters, digits, - _ .")
+    return text
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -155,6 +173,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=Path,
         default=Path("."),
         help="folder under which runs/, checkpoints/ and log/ are written (default: current folder)",
+    )
+    paths.add_argument(
+        "--run-name",
+        type=run_name_type,
+        default=None,
+        help="name of the run's folders under runs/, checkpoints/ and log/; must be new "
+        "(default: <date>_<time>_<dataset>_<model>_<setup>)",
     )
     paths.add_argument(
         "--download",
@@ -260,6 +285,35 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="deterministic kernels only, so a run (and a resumed run) repeats bit for bit on the same "
         "machine; slower on GPUs (default: off)",
     )
+    fast = parser.add_argument_group("speed")
+    fast.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        help="autocast precision of the forward and backward passes; fp16 adds loss scaling "
+        "(default: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else off)",
+    )
+    fast.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep images and convolution weights in NHWC, the layout tensor-core and oneDNN bf16 "
+        "convolutions read (default: on where --amp defaults to bf16)",
+    )
+    fast.add_argument(
+        "--split-gpus",
+        action="store_true",
+        help="-pm only: run the paper's two towers on two GPUs (--device and the next one) as in 2012, "
+        "exchanging activations at conv3, fc6, fc7 and fc8; with --device cpu both towers run on the CPU "
+        "(default: off, the grouped model on one device)",
+    )
+    fast.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the model (a minute of compiling first; falls back to eager with a warning "
+        "where unavailable) (default: off)",
+    )
     opt.add_argument(
         "--no-lrn",
         dest="lrn",
@@ -350,6 +404,10 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
         seed=args.seed,
         deterministic=args.deterministic,
         device=str(device),
+        amp=pick(args.amp, default_amp(device)),
+        channels_last=pick(args.channels_last, default_channels_last(device)),
+        compile=args.compile,
+        split_gpus=args.split_gpus,
         data_dir=str(args.data_dir),
         output_dir=str(args.output_dir),
         dry_run=args.dry_run,
@@ -362,6 +420,7 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
         shapes_train=args.shapes_train,
         shapes_test=args.shapes_test,
         shapes_seed=args.shapes_seed,
+        run_name=args.run_name or "",
     )
 
 
@@ -369,10 +428,12 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
 # how to log, and on what hardware. Everything else defines the run being continued.
 RESUME_MAY_CHANGE = {"n_epoch", "early_stop", "log_loss_step", "log_confusion_epoch", "data_dir", "cache_dir",
                      "loader", "workers", "device", "log", "download", "resume", "output_dir", "lr",
-                     "deterministic"}  # fmt: skip
+                     "deterministic", "amp", "channels_last", "compile"}  # fmt: skip
+# Speed settings that follow the device unless given: a run moved from a GPU to a CPU drops bf16.
+DEVICE_DEFAULTS = {"amp", "channels_last"}
 EVALUATE_MAY_CHANGE = {"dataset", "cifar", "paper_model", "paper_train", "lrn", "coarse_labels", "data_dir",
                        "cache_dir", "loader", "workers", "device", "download", "evaluate", "shapes_train",
-                       "shapes_test", "shapes_seed"}  # fmt: skip
+                       "shapes_test", "shapes_seed", "amp", "channels_last", "compile", "split_gpus"}  # fmt: skip
 
 
 def config_from_checkpoint(
@@ -388,6 +449,7 @@ def config_from_checkpoint(
         what = ", ".join(f"{f} ({fresh[f]!r}; the checkpoint has {getattr(base, f)!r})" for f in refused)
         raise UserError(f"{path} fixes these settings, which the command line changes: {what}; drop those flags.")
     changes = {f: fresh[f] for f in fields & may_change}
+    changes.update({f: fresh[f] for f in DEVICE_DEFAULTS - fields})
     if "cifar" in changes or "paper_model" in changes:
         cifar = changes.get("cifar", base.cifar)
         changes["model"] = "CifarAlexNet" if cifar else "PaperAlexNet" if changes.get("paper_model", base.paper_model) \
@@ -407,6 +469,12 @@ def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["report"], ["experiments"]):
+        # `python main.py report runs/` is `python -m experiments report runs/`.
+        from experiments.__main__ import main as experiments_main
+
+        return experiments_main(argv if argv[0] == "report" else argv[1:])
     parser = get_args_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(argv)
@@ -417,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"-c (CifarAlexNet, 32x32 inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c")
     if args.coarse_labels and args.dataset != "Cifar100":
         parser.error("--coarse-labels only applies to -ds Cifar100")
+    if args.split_gpus and (not args.paper_model or args.cifar):
+        parser.error("--split-gpus splits the paper's network: add -pm (and drop -c)")
+    if args.split_gpus and launched_by_torchrun():
+        parser.error("--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun")
     setup_logging()
     # Outside the training loop (loading, caching) SIGTERM unwinds like Ctrl-C, so temporary
     # files are removed; inside it the trainer saves first.
@@ -431,6 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -440,6 +515,15 @@ def _terminate(signum: int, frame: Any) -> None:
 def run(args: argparse.Namespace, given: set[str]) -> int:
     """Build what the arguments ask for and train, resume or evaluate."""
     device = resolve_device(args.device)
+    if launched_by_torchrun():
+        if args.evaluate:
+            raise UserError("--evaluate runs in one process; start it with python, not torchrun.")
+        device = init_distributed(device)
+        rank, world = rank_and_world()
+        if rank != 0:  # one voice: the other processes only speak up about problems
+            logging.getLogger().setLevel(logging.WARNING)
+        logger.info("data parallel: %d processes (%s), global batch split between them", world,
+                    "NCCL" if device.type == "cuda" else "gloo")  # fmt: skip
     checkpoint_path = args.resume or args.evaluate
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is None:
@@ -451,6 +535,9 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
             config.output_dir = output_dir_of(checkpoint_path, config)
     if config.deterministic:
         make_deterministic()
+    elif device.type == "cuda":
+        # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     options = DataOptions(
         data_dir=Path(config.data_dir),
         download=args.download,
@@ -459,12 +546,16 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         shapes_train=config.shapes_train,
         shapes_test=config.shapes_test,
         shapes_seed=config.shapes_seed,
+        decode_device=str(device),
     )
-    data = load_dataset(config.dataset, options)
+    data = load_first_on_rank0(config.dataset, options)
     torch.manual_seed(config.seed)
     model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
     if checkpoint is not None:
         check_compatible(checkpoint, checkpoint_path, model, data)
+    if config.split_gpus:
+        model = SplitPaperAlexNet(model, split_devices(device))
+        logger.info("the two towers run on %s and %s", *model.devices)
     if args.evaluate:
         result = evaluate_checkpoint(config, model, data, device)
         views = " (10-crop)" if config.paper_train and config.model != "CifarAlexNet" else ""
@@ -479,6 +570,18 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         return 0
     Trainer(config, model, data, device, resume=checkpoint if args.resume else None).fit()
     return 0
+
+
+def load_first_on_rank0(name: str, options: DataOptions) -> Any:
+    """The data set; under torchrun rank 0 reads it first (building any cache once) while the
+    others wait, then they read what it built."""
+    rank, world = rank_and_world()
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    data = load_dataset(name, options)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+    return data
 
 
 def make_deterministic() -> None:

@@ -111,3 +111,40 @@ def add_log_file(path: Path) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism (torchrun)
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that ``torchrun`` started."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on CPUs); returns this
+    process's device: ``cuda:LOCAL_RANK`` on a GPU machine, the CPU otherwise."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"torchrun started process {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); pass --nproc_per_node at most that number."
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
+                            else None)  # fmt: skip
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

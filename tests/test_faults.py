@@ -211,6 +211,9 @@ CATALOGUE = [
     Case("output folder not writable", ["-ne", "1", *TINY, "--output-dir", "readonly"], 1,
          r"cannot write to readonly/runs \(Permission denied\); pass a writable --output-dir\.",
          prepare=locked_output, prefix=without_file_permission_override),
+    Case("run name already used", ["--run-name", "taken", "-ne", "1", *TINY], 1,
+         r"--run-name taken: runs/Shapes/taken already exists; pick another name, or --resume the run from its "
+         r"last.pt\.", prepare=lambda w, e: (w / "runs" / "Shapes" / "taken").mkdir()),
     Case("disk full while saving", ["-c", "-ne", "1", *TINY], 1,
          r"could not save the checkpoint of epoch 1 in checkpoints/Shapes/.* \(File too large\); free some disk space "
          r"or pass another --output-dir \(the previous last.pt and best.pt are unchanged\)\.",

@@ -130,7 +130,7 @@ def scripted_trainer(monkeypatch, tmp_path, scores, **config) -> Trainer:
     """A Trainer on tiny Shapes whose evaluation returns the scripted top-1 values."""
     curve = iter(scores)
 
-    def fake_evaluate(model, loader, num_classes, multilabel=False):
+    def fake_evaluate(model, loader, num_classes, multilabel=False, amp="off", channels_last=False):
         top1 = next(curve)
         return EvalResult(loss=1.0, top1=top1, top5=100.0, count=10, confusion=torch.zeros(10, 10, dtype=torch.int64))
 

@@ -1,0 +1,364 @@
+"""Our training path against the usual one, side by side in one run, for the three AlexNets.
+
+    python benchmarks/speed.py                      # all three models, full measurement
+    python benchmarks/speed.py --quick              # under a minute on a 2-core CPU
+    python benchmarks/speed.py --json speed.json    # also write the figures
+    python benchmarks/speed.py --device cuda --compile
+
+For each model it measures, in the same process and on the same random images:
+
+(a) the data pipeline alone. Ours: the uint8 training set as one tensor on the device and the
+    batched augmentation of ``datasets`` (CifarAlexNet: crop + mirror; TorchAlexNet: the
+    modern random-resized crop; PaperAlexNet: the paper's mean image, PCA colour, random crop
+    and mirror). Usual: a ``Dataset`` returning one PIL image per item with the matching
+    torchvision transforms, batched by a ``DataLoader`` with ``--workers`` processes.
+(b) training steps. Ours: ``trainer.TrainStep`` on the device's default fast path (bf16
+    autocast and channels-last on CUDA and on CPUs with native bf16, else fp32; ``--compile``
+    adds torch.compile) fed by
+    our pipeline, with no host sync until the end. Usual: an fp32 eager loop fed by the usual
+    pipeline that copies each batch to the device and reads ``loss.item()`` every step.
+
+Both sides use Adam, batch ``--batch-size`` and warm up (worker start-up, first-call
+allocations, cuDNN autotuning, compilation) before the clock starts. Model FLOP utilisation is
+3 x the forward FLOPs of one image (forward + backward) x images/s / peak, where the peak is
+the fastest large matmul timed in the same run in the precision the path computes in (fp32 for
+the usual loop; bf16 for ours where it autocasts) and 989 TFLOP/s (dense bf16) on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets import (
+    BatchLoader,
+    CifarPipeline,
+    ModernPipeline,
+    PaperPipeline,
+    Split,
+    channel_stats,
+    mean_image,
+    rgb_eigen,
+)
+from network import CifarAlexNet, PaperAlexNet, TorchAlexNet
+from trainer import AMP_DTYPES, TrainStep, compile_model, default_amp, default_channels_last, model_input, prepare_model
+
+H100_BF16_DENSE = 989e12
+
+
+class PILImages(torch.utils.data.Dataset):
+    """What torchvision's data sets do per item: an HWC uint8 array -> PIL image -> transform."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable) -> None:
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+class Lighting:
+    """The per-image PCA colour shift as AlexNet scripts usually write it (on a CHW float)."""
+
+    def __init__(self, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor, sigma: float = 0.1) -> None:
+        self.eigenvalues = eigenvalues
+        self.eigenvectors = eigenvectors
+        self.sigma = sigma
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = torch.randn(3) * self.sigma
+        return x + (self.eigenvectors @ (alpha * self.eigenvalues)).view(3, 1, 1)
+
+
+@dataclass
+class Case:
+    """One model with its input data and both pipelines."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    image_size: int  # stored images (32, or 256 after the resize cache)
+    ours: Callable[[Split, torch.device], object]  # -> Pipeline
+    usual: Callable[[Split], Callable]  # -> per-image transform
+
+
+def cifar_case() -> Case:
+    def ours(split: Split, device: torch.device):
+        mean, std = channel_stats(split.images)
+        return CifarPipeline(mean.to(device), std.to(device), 32)
+
+    def usual(split: Split):
+        mean, std = channel_stats(split.images)
+        return transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(mean.tolist(), std.tolist()),
+        ])  # fmt: skip
+
+    return Case("CifarAlexNet", lambda: CifarAlexNet(10), 32, ours, usual)
+
+
+def torch_case() -> Case:
+    def ours(split: Split, device: torch.device):
+        mean, std = channel_stats(split.images)
+        return ModernPipeline(mean.to(device), std.to(device), crop=224)
+
+    def usual(split: Split):
+        mean, std = channel_stats(split.images)
+        return transforms.Compose([
+            transforms.RandomResizedCrop(224, scale=(0.25, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist()),
+        ])  # fmt: skip
+
+    return Case("TorchAlexNet", lambda: TorchAlexNet(1000), 256, ours, usual)
+
+
+def paper_case() -> Case:
+    def ours(split: Split, device: torch.device):
+        values, vectors = rgb_eigen(split.images)
+        return PaperPipeline(mean_image(split.images).to(device), values.to(device), vectors.to(device), crop=224)
+
+    def usual(split: Split):
+        values, vectors = rgb_eigen(split.images)
+        mean = (mean_image(split.images) / 255).mean((1, 2))
+        return transforms.Compose([
+            transforms.RandomCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            Lighting(values.float(), vectors.float()), transforms.Normalize(mean.tolist(), [1 / 255] * 3),
+        ])  # fmt: skip
+
+    return Case("PaperAlexNet", lambda: PaperAlexNet(1000), 256, ours, usual)
+
+
+CASES = {"CifarAlexNet": cifar_case, "TorchAlexNet": torch_case, "PaperAlexNet": paper_case}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(batches: Iterator, steps: int, batch_size: int, device: torch.device, consume: Callable) -> float:
+    """Images per second over ``steps`` batches after one warm-up batch."""
+    consume(*next(batches))
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        consume(*next(batches))
+    synchronize(device)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def forever(make: Callable[[], Iterator]) -> Iterator:
+    while True:
+        yield from make()
+
+
+def to_device(device: torch.device) -> Callable:
+    """The pipeline's last step: the batch on ``device`` (a no-op for ours, already there)."""
+
+    def consume(x: torch.Tensor, y: torch.Tensor) -> None:
+        x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    return consume
+
+
+def usual_loader(split: Split, case: Case, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    dataset = PILImages(split.images.permute(0, 2, 3, 1).numpy(), split.labels.numpy(), case.usual(split))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                       drop_last=True, persistent_workers=workers > 0,
+                                       pin_memory=torch.cuda.is_available())  # fmt: skip
+
+
+def forward_flops(model: torch.nn.Module, size: int) -> float:
+    """FLOPs of one image's forward pass (a multiply-add counts two)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The peak the utilisation is measured against, and where it comes from: the datasheet's
+    dense bf16 figure on an H100, else the fastest of several large matmuls in ``dtype``."""
+    if device.type == "cuda" and dtype == torch.bfloat16 and "H100" in torch.cuda.get_device_name(device):
+        return H100_BF16_DENSE, "H100 dense bf16 (989 TFLOP/s, datasheet)"
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    synchronize(device)
+    best = math.inf
+    for _ in range(5):  # the fastest of several: a peak, not an average
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    flops = 2 * n**3 / best
+    return flops, f"{n}x{n} {str(dtype).removeprefix('torch.')} matmul measured in this run"
+
+
+def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: dict[str, float]) -> dict[str, float]:
+    """Pipeline and training images/s, ours and usual, for one model."""
+    size = 32 if case.name == "CifarAlexNet" else 224
+    quick = args.quick
+    big = case.image_size > 32
+    batch = args.batch_size or (128 if not big or device.type == "cuda" else 16)
+    images = args.images or (50_000 if not big else 2_048) // (10 if quick else 1)
+    images = max(images, 4 * batch)
+    g = torch.Generator().manual_seed(0)
+    split = Split(
+        torch.randint(0, 256, (images, 3, case.image_size, case.image_size), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (images,), generator=g),
+    )
+    on_device = split.to(device)
+    pipeline = case.ours(split, device)
+    ours_loader = BatchLoader(on_device, batch, pipeline, train=True, device=device,
+                              generator=torch.Generator(device).manual_seed(0),
+                              index_generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # Drop each epoch's last partial batch so every timed batch is full on both sides.
+    full = len(split) // batch
+
+    def ours_batches() -> Iterator:
+        return itertools.islice(iter(ours_loader), full)
+
+    usual = usual_loader(split, case, batch, args.workers)
+    pipe_steps = max(2, full - 2) if not quick else max(2, min(full - 2, 8 if big else 30))
+    out: dict[str, float] = {}
+    out["pipeline.ours_img_s"] = rate(forever(ours_batches), pipe_steps, batch, device, to_device(device))
+    out["pipeline.usual_img_s"] = rate(forever(lambda: iter(usual)), pipe_steps, batch, device, to_device(device))
+
+    # Training: the same initial weights on both sides.
+    torch.manual_seed(0)
+    reference = case.build()
+    flops = 3 * forward_flops(reference, size)
+    train_steps = args.train_steps or ((2 if big else 4) if quick else (10 if big and device.type == "cpu" else 50))
+
+    amp, channels_last = default_amp(device), default_channels_last(device)
+    model = prepare_model(case.build(), device, channels_last)
+    model.load_state_dict(reference.state_dict())
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    if args.compile:
+        warm = next(iter(ours_batches()))
+
+        def warm_up(m: torch.nn.Module) -> None:
+            F.cross_entropy(m(model_input(warm[0], channels_last)), warm[1]).backward()
+
+        model = compile_model(model, warm_up)
+    step = TrainStep(model, optimizer, F.cross_entropy, device, amp, channels_last)
+    out["train.ours_img_s"] = rate(forever(ours_batches), train_steps, batch, device, step)
+
+    plain = case.build().to(device)
+    plain.load_state_dict(reference.state_dict())
+    plain.train()
+    plain_optimizer = torch.optim.Adam(plain.parameters(), lr=1e-4)
+
+    def usual_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device), y.to(device)
+        if x.shape[-1] != size:  # 32x32 images for a 224 model: the usual upsampling
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(plain(x), y)
+        plain_optimizer.zero_grad()
+        loss.backward()
+        plain_optimizer.step()
+        loss.item()  # the usual running-loss bookkeeping: a host sync every step
+
+    out["train.usual_img_s"] = rate(forever(lambda: iter(usual)), train_steps, batch, device, usual_step)
+    for part in ("pipeline", "train"):
+        out[f"{part}.ratio"] = out[f"{part}.ours_img_s"] / out[f"{part}.usual_img_s"]
+    # Each path against the peak of the precision it computes in.
+    out["train.ours_mfu"] = flops * out["train.ours_img_s"] / peaks[amp]
+    out["train.usual_mfu"] = flops * out["train.usual_img_s"] / peaks["off"]
+    out["pipeline_over_train"] = out["pipeline.ours_img_s"] / out["train.ours_img_s"]
+    out["batch_size"] = batch
+    out["forward_gflops_per_image"] = flops / 3 / 1e9
+    out["amp"] = amp
+    out["channels_last"] = channels_last
+    return out
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps per measurement, < 1 min on 2 CPU cores "
+                        "(default: off)")  # fmt: skip
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="models to measure (default: all three)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="batch size (default: 128; 16 for the 224 models on a CPU)")  # fmt: skip
+    parser.add_argument("--images", type=int, default=0, help="images in the synthetic training set "
+                        "(default: 50,000 at 32x32, 2,048 at 256x256; a tenth with --quick)")  # fmt: skip
+    parser.add_argument("--train-steps", type=int, default=0, help="timed training steps per side (default: "
+                        "50; 10 for the 224 models on a CPU; 4 / 2 with --quick)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the usual side (default: 2)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our side (default: off)")
+    args = parser.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    peak, peak_source = peak_flops(device, torch.float32)
+    peaks = {"off": peak}
+    figures: dict[str, object] = {
+        "hardware": hardware(device),
+        "torch": torch.__version__,
+        "device": str(device),
+        "quick": args.quick,
+        "compile": args.compile,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+    }
+    amp = default_amp(device)
+    if amp != "off":
+        peaks[amp], source = peak_flops(device, AMP_DTYPES[amp])
+        figures[f"peak_flops_{amp}"], figures[f"peak_source_{amp}"] = peaks[amp], source
+    print(f"{figures['hardware']}, torch {torch.__version__}; peak "
+          + ", ".join(f"{'fp32' if k == 'off' else k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()))  # fmt: skip
+    print(f"{'model':<14}{'part':<10}{'ours img/s':>12}{'usual img/s':>13}{'ratio':>8}{'MFU ours':>10}{'batch':>7}")
+    for name in args.models:
+        result = measure(CASES[name](), args, device, peaks)
+        figures.update({f"{name}.{key}": value for key, value in result.items()})
+        for part in ("pipeline", "train"):
+            mfu = f"{100 * result['train.ours_mfu']:.1f}%" if part == "train" else ""
+            print(f"{name:<14}{part:<10}{result[part + '.ours_img_s']:>12,.0f}{result[part + '.usual_img_s']:>13,.0f}"
+                  f"{result[part + '.ratio']:>7.1f}x{mfu:>10}{result['batch_size']:>7}")  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""The fast path (autocast, channels-last, torch.compile) against the plain fp32 eager path, the
+CPU fallbacks of the CUDA-only pieces, and the benchmark's ``--quick`` mode."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from network import CifarAlexNet, TorchAlexNet
+from trainer import (
+    TrainStep,
+    autocast,
+    compile_model,
+    default_amp,
+    default_channels_last,
+    evaluate,
+    model_input,
+    prepare_model,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Documented bound: over the first steps of training, a bf16-autocast loss stays within 2 % of
+# the fp32 loss (bf16 keeps 8 significant bits, ~0.4 % per rounding; the errors average out over
+# the sums of a convolution). fp16 keeps 11 bits: 0.5 %.
+BF16_REL = 0.02
+FP16_REL = 0.005
+
+
+def _batches(steps: int, n: int = 8, size: int = 32, classes: int = 10):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
+            for _ in range(steps)]  # fmt: skip
+
+
+def _losses(amp: str, channels_last: bool, steps: int = 3) -> list[float]:
+    torch.manual_seed(0)
+    model = prepare_model(CifarAlexNet(10, dropout=0.0), torch.device("cpu"), channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    step = TrainStep(model, optimizer, F.cross_entropy, torch.device("cpu"), amp=amp, channels_last=channels_last)
+    return [step(x, y).item() for x, y in _batches(steps)]
+
+
+def test_default_precision_follows_the_device(monkeypatch):
+    assert default_amp(torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert default_amp(torch.device("cpu")) == "off" and not default_channels_last(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert default_amp(torch.device("cpu")) == "bf16" and default_channels_last(torch.device("cpu"))
+
+
+def test_channels_last_trains_like_contiguous():
+    plain, nhwc = _losses("off", False), _losses("off", True)
+    assert nhwc == pytest.approx(plain, rel=1e-4)
+
+
+def test_bf16_loss_stays_within_the_documented_bound_of_fp32():
+    fp32, bf16 = _losses("off", False), _losses("bf16", False)
+    assert bf16 == pytest.approx(fp32, rel=BF16_REL)
+    assert bf16 != fp32  # autocast really ran in bf16
+
+
+def test_fp16_uses_a_grad_scaler_and_stays_within_its_bound():
+    torch.manual_seed(0)
+    model = CifarAlexNet(10, dropout=0.0)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.01), F.cross_entropy, torch.device("cpu"), "fp16")
+    assert step.scaler is not None
+    assert TrainStep(model, step.optimizer, F.cross_entropy, torch.device("cpu"), "bf16").scaler is None
+    assert _losses("fp16", False) == pytest.approx(_losses("off", False), rel=FP16_REL)
+
+
+def test_autocast_off_is_plain_fp32():
+    model = CifarAlexNet(10)
+    with autocast(torch.device("cpu"), "off"):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.float32
+    with autocast(torch.device("cpu"), "bf16"):
+        assert model(torch.randn(2, 3, 32, 32)).dtype == torch.bfloat16
+
+
+def test_model_input_layout():
+    x = torch.randn(2, 3, 8, 8)
+    assert model_input(x, True).is_contiguous(memory_format=torch.channels_last)
+    assert model_input(x, False) is x
+
+
+def test_evaluation_metrics_agree_between_fp32_and_bf16():
+    from datasets import BatchLoader, CifarPipeline, Split
+
+    g = torch.Generator().manual_seed(1)
+    split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(64) % 10)
+    loader = BatchLoader(split, 32, CifarPipeline(torch.full((3,), 0.5), torch.full((3,), 0.25), 32), train=False)
+    torch.manual_seed(0)
+    model = CifarAlexNet(10)
+    fp32 = evaluate(model, loader, 10)
+    bf16 = evaluate(model, loader, 10, amp="bf16", channels_last=True)
+    assert bf16.count == fp32.count == 64
+    assert bf16.loss == pytest.approx(fp32.loss, rel=BF16_REL)
+
+
+def test_compile_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    model = CifarAlexNet(10)
+
+    def broken(module, **kwargs):
+        def call(*args):
+            raise RuntimeError("Compiler: cc not found")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level(logging.WARNING):
+        out = compile_model(model, lambda m: m(torch.randn(2, 3, 32, 32)))
+    assert out is model
+    assert "torch.compile is unavailable here (Compiler: cc not found); training eagerly" in caplog.text
+
+
+def test_compile_warm_up_leaves_random_streams_and_gradients_alone(monkeypatch):
+    # An identity "compiler" isolates compile_model's own bookkeeping from inductor's run time.
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    model = CifarAlexNet(10)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+
+    def warm_up(m):
+        m.train()
+        m(torch.randn(4, 3, 32, 32)).sum().backward()  # draws dropout masks and randn
+
+    assert compile_model(model, warm_up) is model
+    assert torch.equal(torch.rand(3), expected)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+def test_compiled_model_gives_the_eager_outputs():
+    torch.manual_seed(0)
+    model = CifarAlexNet(10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = compile_model(model, lambda m: m(x))
+        assert compiled is not model  # the real compiler ran
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_a_compiled_model_has_plain_keys():
+    from trainer import unwrap
+
+    model = TorchAlexNet(10)
+    wrapped = torch.compile(model)  # wrapping alone compiles nothing
+    assert unwrap(wrapped) is model
+    assert list(unwrap(wrapped).state_dict()) == list(copy.deepcopy(model).state_dict())
+
+
+def test_benchmark_quick_writes_every_key(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/speed.py", "--quick", "--json", str(out)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for model in ("CifarAlexNet", "TorchAlexNet", "PaperAlexNet"):
+        for part in ("pipeline", "train"):
+            for key in ("ours_img_s", "usual_img_s"):
+                assert figures[f"{model}.{part}.{key}"] > 0
+            ratio = figures[f"{model}.{part}.ratio"]
+            assert ratio == pytest.approx(
+                figures[f"{model}.{part}.ours_img_s"] / figures[f"{model}.{part}.usual_img_s"]
+            )
+        assert figures[f"{model}.train.ours_mfu"] > 0  # a ratio of two timings: no bound asserted
+    assert figures["torch"] == torch.__version__
+    assert figures["hardware"]
+    assert figures["peak_flops"] > 0
+
+
+# --- VOC resize cache through torchvision's batched decoder (nvJPEG on a GPU) ----------------
+
+
+def _jpegs(folder: Path) -> list[Path]:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    paths = []
+    for i, (w, h) in enumerate([(500, 375), (333, 500), (256, 256), (640, 427)]):
+        # Smooth content, as in photographs: blocky noise would make every resampler differ.
+        small = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8, generator=g).float()[None]
+        image = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 255).byte()
+        path = folder / f"img{i}.jpg"
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def _batch_matches_pil(paths: list[Path], device: str) -> None:
+    from datasets import decode_resized, decode_resized_batch
+
+    batch = decode_resized_batch(paths, 256, device)
+    assert batch.shape == (len(paths), 3, 256, 256) and batch.dtype == torch.uint8 and batch.device.type == "cpu"
+    for row, path in zip(batch, paths):
+        diff = (row.int() - decode_resized(path, 256).int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.05
+
+
+def test_batched_decode_matches_the_pil_path_on_cpu(tmp_path):
+    _batch_matches_pil(_jpegs(tmp_path), "cpu")
+
+
+def test_batched_decode_on_the_real_voc_sample(shared_data):
+    folder = shared_data / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    _batch_matches_pil(sorted(folder.glob("*.jpg")), "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_batched_decode_on_the_gpu_matches_the_pil_path(tmp_path):
+    _batch_matches_pil(_jpegs(tmp_path), "cuda")
+
+
+def test_batched_decode_names_a_corrupt_file_and_decodes_the_rest(tmp_path):
+    from datasets import DataError, decode_resized_batch
+
+    paths = _jpegs(tmp_path)
+    paths[1].write_bytes(paths[1].read_bytes()[:300])  # truncated: PIL still reads its header
+    with pytest.raises(DataError, match=r"img1\.jpg cannot be decoded as a JPEG .*restore it from the VOC release"):
+        decode_resized_batch(paths, 256, "cpu")
+    png = tmp_path / "img0.jpg"  # a PNG under a .jpg name: decoded by PIL instead
+    from PIL import Image
+
+    Image.open(paths[2]).save(png, format="PNG")
+    assert decode_resized_batch([png, paths[2]], 256, "cpu").shape == (2, 3, 256, 256)
