@@ -73,9 +73,13 @@ def test_torchrun_trains_writes_one_run_and_keeps_the_ranks_identical(tmp_path):
     assert len(list((tmp_path / "out" / "runs" / "Shapes").iterdir())) == 1
 
 
-def _init(rank: int, world: int, store: str) -> None:
+def _init(rank: int, world: int, store: str, device: str = "cpu") -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,31 +89,43 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sgd_step(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    TrainStep(model, optimizer, F.cross_entropy, torch.device("cpu"))(images, labels)
+    device = next(model.parameters()).device
+    TrainStep(model, optimizer, F.cross_entropy, device)(images.to(device), labels.to(device))
 
 
-def _ddp_step_worker(rank: int, world: int, store: str, out: str) -> None:
-    _init(rank, world, store)
+def _ddp_step_worker(rank: int, world: int, store: str, out: str, device: str) -> None:
+    _init(rank, world, store, device)
     torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(CifarAlexNet(10, dropout=0.0))
+    local = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+    ids = [rank] if device == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(CifarAlexNet(10, dropout=0.0).to(local), device_ids=ids)
     images, labels = _batch()
     half = slice(rank * 8, rank * 8 + 8)
     _sgd_step(model, images[half], labels[half])
     if rank == 0:
-        torch.save(model.module.state_dict(), out)
+        torch.save({k: v.cpu() for k, v in model.module.state_dict().items()}, out)
     dist.destroy_process_group()
 
 
-def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA "
+                                                          "devices for NCCL"))],
+)  # fmt: skip
+def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path, device):
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_step_worker, args=(2, str(tmp_path / "store"), str(out)), nprocs=2)
+    mp.spawn(_ddp_step_worker, args=(2, str(tmp_path / "store"), str(out), device), nprocs=2)
     torch.manual_seed(0)
     single = CifarAlexNet(10, dropout=0.0)
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        single = single.cuda()
     before = {k: v.clone() for k, v in single.state_dict().items()}
     _sgd_step(single, *_batch())
     ddp = torch.load(out, weights_only=True)
     for key, value in single.state_dict().items():
-        assert not torch.equal(value, before[key])  # the step moved every tensor
+        value = value.cpu()
+        assert not torch.equal(value, before[key].cpu())  # the step moved every tensor
         torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-5)
 
 
