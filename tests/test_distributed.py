@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -221,3 +222,40 @@ def test_split_gpus_on_cpu_trains_and_saves_the_grouped_weights(tmp_path):
                                cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["top1"] == pytest.approx(saved["last"]["top1"])
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = ["-c", "-ne", "2", "--shapes-train", "512", "--shapes-test", "32", "--batch-size", "32", "-lls", "1",
+             "--output-dir", "out", "--run-name", "ddp"]  # fmt: skip
+    log = tmp_path / "log.txt"
+    with log.open("w") as out:
+        job = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), *flags],
+                               cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while "epoch 1/2" not in log.read_text() and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.5)
+        time.sleep(2)  # into epoch 2 (8 s of steps here)
+        job.send_signal(signal.SIGTERM)  # what a scheduler does; torchrun passes it on to the workers
+        job.wait(timeout=300)
+    text = log.read_text()
+    assert job.returncode != 0
+    # Mid-epoch as a rule; at the epoch's end if the signal came while epoch 1 was being saved.
+    assert re.search(r"stopped by SIGTERM (at step \d+ \(epoch 2, batch \d+ of 16\)|after epoch 1); saved "
+                     r"out/checkpoints/Shapes/ddp/last.pt", text), text[-3000:]  # fmt: skip
+    assert "resume with: torchrun ... main.py --resume out/checkpoints/Shapes/ddp/last.pt" in text
+    saved = torch.load(tmp_path / "out/checkpoints/Shapes/ddp/last.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    where = f"batch {saved['partial']['batches_done']} of epoch 2" if saved["partial"] else "epoch 1"
+
+    resumed = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), "--resume",
+                              "out/checkpoints/Shapes/ddp/last.pt"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed after {where}" in resumed.stderr
+    summary = json.loads((tmp_path / "out/runs/Shapes/ddp/summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["status"] == "finished" and summary["steps"] == 32
