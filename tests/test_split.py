@@ -34,9 +34,13 @@ DEVICES = [
 
 @pytest.fixture(autouse=True)
 def exact_cuda_float32(monkeypatch):
-    """TF32 convolutions would round the grouped and the split model differently (1e-3)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    """TF32 convolutions would round the grouped and the split model differently (1e-3). TF32
+    exists on CUDA only, so without it nothing is patched. The flags go through
+    ``fp32_precision``, the API of every torch we support (>= 2.9): the older ``allow_tf32``
+    is deprecated there, and reading it raises once anything has used the new API."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "ieee")
+        monkeypatch.setattr(torch.backends.cuda.matmul, "fp32_precision", "ieee")
 
 
 def models(devices, seed=0, **kwargs) -> tuple[PaperAlexNet, SplitPaperAlexNet]:
