@@ -27,11 +27,12 @@ import logging
 import math
 import os
 import pickle
-import shutil
+import signal
 import sys
 import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
+import xml.parsers.expat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from utils import UserError, atomic_write_json, short_reason, temp_file_beside
+from utils import UnsafeName, UserError, atomic_write_json, printable, safe_child, short_reason, temp_file_beside
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +196,38 @@ def make_shapes(n: int, seed: int, size: int = 32) -> Split:
     return Split(images, torch.from_numpy(labels.astype(np.int64)))
 
 
+#: Peak memory of ``make_shapes`` per image (float64 intermediates), measured: about 115 kB.
+SHAPES_BYTES_PER_IMAGE = 120_000
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still hand out (MemAvailable: free plus reclaimable
+    cache), or None where that cannot be told."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def load_shapes(options: DataOptions) -> DataSet:
-    """The built-in data set: generated, never downloaded, train and test from separate seeds."""
+    """The built-in data set: generated, never downloaded, train and test from separate seeds.
+    A count that would not fit in memory while it is generated is one sentence, not a crash."""
+    largest = max(options.shapes_train, options.shapes_test)
+    need, have = largest * SHAPES_BYTES_PER_IMAGE, available_memory()
+    if have is not None and need > have:
+        raise DataError(
+            f"generating {largest} Shapes images needs about {need / 1e9:.1f} GB of memory and this machine has "
+            f"{have / 1e9:.1f} GB available; pass a smaller --shapes-train / --shapes-test."
+        )
+    logger.info("generating %d training and %d test images of Shapes (seed %d)", options.shapes_train,
+                options.shapes_test, options.shapes_seed)  # fmt: skip
     return DataSet(
         name="Shapes",
         classes=list(SHAPES_CLASSES),
@@ -244,63 +275,210 @@ def require_data_dir(data_dir: Path, what: str) -> None:
         ) from None
 
 
-def download(url: str, md5: str, root: Path, what: str) -> None:
-    """Fetch and unpack an official archive with torchvision's checksummed downloader."""
-    from torchvision.datasets.utils import download_and_extract_archive
+def download_archive(url: str, md5: str, root: Path, what: str) -> Path:
+    """Fetch an official archive into ``root`` with torchvision's checksummed downloader (a file
+    already there with the right checksum is kept); returns its path. Unpacking is left to
+    ``extract_archive``, so a download obeys the same rule as an archive the user put there."""
+    from torchvision.datasets.utils import download_url
 
+    filename = url.rsplit("/", 1)[-1]
     logger.info("downloading %s from %s into %s", what, url, root)
     try:
-        download_and_extract_archive(url, download_root=str(root), md5=md5)
+        download_url(url, str(root), filename=filename, md5=md5)
     except Exception as error:  # noqa: BLE001 (network, disk or checksum: all end the same way for the user)
         raise DataError(
             f"could not download {what} from {url} ({short_reason(error)}); download it by hand and put it in {root}."
         ) from None
+    return root / filename
 
 
-def extract_archive(archive: Path, cache_dir: Path | None) -> Path:
-    """Unpack a .tar.gz once, next to it (or in the cache folder if that is read-only); returns
-    the folder it was unpacked into. Unpacked into a temporary folder first, then renamed, so an
-    interrupted extraction is never mistaken for a complete one."""
+def _member_parts(name: str) -> list[str]:
+    """The components of an archive entry's name, without empty and ``.`` ones."""
+    return [part for part in name.split("/") if part not in ("", ".")]
+
+
+def extract_archive(
+    archive: Path, folder: str, holds: Callable[[Path], bool], what: str, cache_dir: Path | None
+) -> Path:
+    """Unpack the data set's own ``folder`` from ``archive`` next to it (or, if that is read-only,
+    into the cache folder); returns the unpacked folder.
+
+    The archive may create that one folder and nothing else: entries outside it are left out
+    with a warning, because a crafted or repacked archive could otherwise replace whatever sits
+    beside it (an earlier run's ``checkpoints/``, the other CIFAR's folder). Nothing that
+    exists is deleted or replaced: a ``folder`` already there is used if ``holds`` says it holds
+    the data, and is otherwise the user's to remove or rename. Unpacked into a temporary folder
+    first (``tarfile``'s ``data`` filter: no absolute paths, links out of it or device files),
+    checked, then renamed into place, so an interrupted extraction is never mistaken for a
+    complete one and leaves nothing behind.
+    """
     target = archive.parent
     if not is_writable_dir(target):
         target = cache_dir or user_cache_dir() / f"archive-{short_hash(str(archive.resolve()))}"
         logger.info("%s is read-only; unpacking %s into %s", archive.parent, archive.name, target)
-    done = target / f".{archive.name}.extracted"
-    if done.exists():
-        return target
-    logger.info("unpacking %s (once)", archive)
+    destination = target / folder
+    if destination.exists() or destination.is_symlink():
+        if holds(destination):
+            return destination
+        raise DataError(
+            f"{destination} already exists but holds no {what}; remove or rename it so that {archive.name} can be "
+            "unpacked there."
+        )
+    logger.info("unpacking %s/ from %s (once)", folder, archive)
     target.mkdir(parents=True, exist_ok=True)
+    skipped = 0
+
+    def own_entries(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        nonlocal skipped
+        for member in tar:
+            parts = _member_parts(member.name)
+            if parts and parts[0] == folder and ".." not in parts:
+                yield member
+            else:
+                skipped += 1
+
     with tempfile.TemporaryDirectory(dir=target, prefix=".extract-") as tmp:
         try:
             with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, members=own_entries(tar), filter="data")
         except (tarfile.TarError, EOFError, OSError, ValueError) as error:
             raise DataError(f"archive {archive} is damaged ({short_reason(error)}); download it again.") from None
-        for entry in Path(tmp).iterdir():
-            destination = target / entry.name
-            if destination.exists():
-                shutil.rmtree(destination) if destination.is_dir() else destination.unlink()
-            os.replace(entry, destination)
-    done.touch()
-    return target
+        if skipped:
+            logger.warning("%s: left out %d entries outside %s/ (an archive of %s may create only that folder)",
+                           archive, skipped, folder, what)  # fmt: skip
+        unpacked = Path(tmp) / folder
+        if unpacked.is_symlink() or not holds(unpacked):
+            raise DataError(f"{archive} holds no {what} in a {folder}/ folder, so it is not the official archive; "
+                            "download it again.")  # fmt: skip
+        # Checked again just before the rename, which would silently replace an empty folder.
+        if destination.exists() or destination.is_symlink():
+            raise DataError(f"{destination} appeared while {archive.name} was unpacked; remove or rename it and run "
+                            "this again.")  # fmt: skip
+        os.rename(unpacked, destination)
+    return destination
 
 
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 / CIFAR-100
 
 
-def _numpy_reconstruct() -> Callable:
-    core = getattr(np, "_core", None) or np.core
-    return core.multiarray._reconstruct
+class CraftedPickle(pickle.UnpicklingError):
+    """A pickle that builds something no CIFAR file does; the message says what, as a phrase
+    ("calls numpy.ndarray directly")."""
+
+
+class ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside ``CifarUnpickler.ALLOWED``."""
+
+
+#: The numpy types an array in a CIFAR file may have (the files hold uint8 images; the others
+#: are plain numbers that a re-saved file could use for labels). No objects, strings, records.
+PLAIN_DTYPES = frozenset({"b1", "u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f2", "f4", "f8"})
+MAX_ARRAY_DIMS = 8
+#: What each numpy call in a pickle is charged against the byte budget (its Python objects).
+CALL_COST = 256
+
+
+def _text(value: object) -> str | None:
+    """``value`` as text when it is short ASCII text or bytes (Python 2 pickles give bytes)."""
+    if isinstance(value, bytes) and len(value) <= 16:
+        value = value.decode("ascii", "replace")
+    return value if isinstance(value, str) and len(value) <= 16 else None
+
+
+class _NdarrayMarker:
+    """What ``numpy.ndarray`` unpickles to: the first argument ``_reconstruct`` expects. Calling
+    it is refused, because ``ndarray(shape, dtype, buffer, offset, strides)`` can make an array
+    that the file's bytes do not back (a stride of 0 turns one byte into any number of images)."""
+
+    def __call__(self, *args: object) -> None:
+        raise CraftedPickle("calls numpy.ndarray directly")
+
+
+_NDARRAY = _NdarrayMarker()
+
+
+class _PendingDtype:
+    """A ``numpy.dtype`` call from a pickle, resolved to a built-in dtype once checked. numpy's
+    own ``dtype.__setstate__`` is never called: with ``copy=False`` the dtype is numpy's shared
+    one, and its state (byte order, fields) would change every array of that type."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+        self.order: str | None = None
+
+    def build(self, state: object) -> None:
+        if self.order is not None:
+            raise CraftedPickle("sets the state of one numpy dtype twice")
+        orders = ("|",) if self.code[1] == "1" else ("<", ">", "=")
+        order = _text(state[1]) if isinstance(state, tuple) and len(state) == 8 else None
+        if order not in orders or state[0] != 3 or state[2:] != (None, None, None, -1, -1, 0):
+            raise CraftedPickle(f"gives numpy dtype {self.code!r} a state numpy never writes")
+        self.order = order
+
+    def resolved(self) -> np.dtype:
+        dtype = np.dtype(self.code)
+        return dtype.newbyteorder(self.order) if self.order in ("<", ">") else dtype
+
+
+class _PendingArray:
+    """A ``_reconstruct`` call from a pickle: an array only once ``build`` gives it its bytes."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def build(self, state: object, unpickler: CifarUnpickler) -> None:
+        if self.array is not None:
+            raise CraftedPickle("sets the state of one array twice")
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise CraftedPickle("gives an array a state numpy never writes")
+        version, shape, dtype, fortran, raw = state
+        if (
+            version != 1
+            or not isinstance(shape, tuple)
+            or len(shape) > MAX_ARRAY_DIMS
+            or not all(type(n) is int and n >= 0 for n in shape)
+            or not isinstance(dtype, _PendingDtype)
+            or type(fortran) not in (bool, int)
+            or fortran not in (0, 1)
+            or not isinstance(raw, bytes)
+        ):
+            raise CraftedPickle("gives an array a state numpy never writes")
+        dtype = dtype.resolved()
+        size = math.prod(shape) * dtype.itemsize
+        if len(raw) != size:
+            raise CraftedPickle(
+                f"builds a {' x '.join(map(str, shape)) or 'scalar'} {dtype.name} array of {size:,} bytes from "
+                f"{len(raw):,} bytes"
+            )
+        unpickler.charge(size)
+        # A read-only view of the pickle's own bytes: what the array holds is what the file held.
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 class CifarUnpickler(pickle._Unpickler):
     """An unpickler that can build only what the official CIFAR files contain.
 
-    The official files hold dicts of bytes keys, lists of ints and bytes, and uint8 numpy arrays.
-    Rebuilding those needs numpy's array reconstructor, ``ndarray`` and ``dtype`` (plus
-    ``_codecs.encode``, which Python 3 uses for bytes in protocol-2 pickles). Any other global,
-    such as ``os.system`` in a crafted file, is refused before it can be called.
+    The official files hold dicts of bytes keys, lists of ints and bytes, and uint8 numpy arrays,
+    written as ``_reconstruct(ndarray, (0,), b"b")`` followed by a state (BUILD) that carries the
+    array's shape, dtype and raw bytes (plus ``_codecs.encode(text, "latin1")``, which Python 3
+    uses for bytes in protocol-2 pickles). Any other global, such as ``os.system`` in a crafted
+    file, is refused before it can be called.
+
+    None of numpy's own constructors is reachable: the allowed globals resolve to stand-ins that
+    accept exactly the calls numpy writes, so that whatever a file says, the data it yields is
+    backed by its own bytes and memory stays bounded by its size:
+
+    - an array exists only once its state gave it raw bytes of exactly shape x itemsize length
+      and a plain dtype (``PLAIN_DTYPES``); ``ndarray`` is not callable (strides, offsets and
+      foreign buffers are how a few bytes became 100 images), and an array left without its
+      state (numpy would hand out uninitialised memory) is refused;
+    - ``_codecs.encode`` encodes text as latin-1 and nothing else (other codecs, such as hex,
+      double their input at each call of a chain);
+    - every array and encoded string is charged against a budget of ``4 x file size + 1 MiB``
+      bytes, whether or not it shares memory, so memo references that reuse one big bytes object
+      for many arrays cannot multiply memory either. (Lists, tuples and dicts cost at most a few
+      dozen bytes per byte of the file, a bound of the same kind.)
 
     It extends the pure-Python unpickler: the C one grows its memo table to the largest index a
     file names, so four damaged bytes in a PUT opcode can make it fill gigabytes (found by the
@@ -308,22 +486,100 @@ class CifarUnpickler(pickle._Unpickler):
     byte string and a list of labels).
     """
 
-    ALLOWED: ClassVar[dict[tuple[str, str], Callable[[], object]]] = {
-        ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-        ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-        ("numpy", "ndarray"): lambda: np.ndarray,
-        ("numpy", "dtype"): lambda: np.dtype,
-        ("_codecs", "encode"): lambda: __import__("codecs").encode,
+    ALLOWED: ClassVar[dict[tuple[str, str], Callable[[CifarUnpickler], object]]] = {
+        ("numpy.core.multiarray", "_reconstruct"): lambda u: u._reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): lambda u: u._reconstruct,
+        ("numpy", "ndarray"): lambda u: _NDARRAY,
+        ("numpy", "dtype"): lambda u: u._dtype,
+        ("_codecs", "encode"): lambda u: u._encode,
     }
+
+    def __init__(self, file: io.BytesIO, size: int) -> None:
+        super().__init__(file, encoding="bytes")
+        self.budget = 4 * size + (1 << 20)
+        self.size = size
+        self.spent = 0
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) in self.ALLOWED:
-            return self.ALLOWED[(module, name)]()
+            return self.ALLOWED[(module, name)](self)
         raise ForbiddenGlobal(f"{module}.{name}")
 
+    def charge(self, nbytes: int) -> None:
+        """Count ``nbytes`` more of memory against the file's budget, before they are taken."""
+        self.spent += nbytes
+        if self.spent > self.budget:
+            raise CraftedPickle(f"needs more than {self.budget:,} bytes of memory for its {self.size:,} bytes")
 
-class ForbiddenGlobal(pickle.UnpicklingError):
-    """A pickle asked for a global outside ``CifarUnpickler.ALLOWED``."""
+    def _reconstruct(self, subtype: object, shape: object, code: object) -> _PendingArray:
+        if subtype is not _NDARRAY or shape != (0,) or code not in (b"b", "b"):
+            raise CraftedPickle("calls numpy's _reconstruct with arguments numpy never writes")
+        self.charge(CALL_COST)
+        return _PendingArray()
+
+    def _dtype(self, code: object, align: object = False, copy: object = True) -> _PendingDtype:
+        text = _text(code)
+        if text not in PLAIN_DTYPES:
+            shown = printable(repr(code))
+            raise CraftedPickle(f"asks for numpy dtype {shown[:40]}, which is not a plain number type")
+        if type(align) not in (bool, int) or align != 0 or type(copy) not in (bool, int) or copy not in (0, 1):
+            raise CraftedPickle("calls numpy.dtype with arguments numpy never writes")
+        self.charge(CALL_COST)
+        return _PendingDtype(text)
+
+    def _encode(self, text: object, *args: object) -> bytes:
+        if not isinstance(text, str) or args not in (("latin1",), ("latin-1",)):
+            raise CraftedPickle("calls _codecs.encode other than as encode(text, 'latin1') for bytes")
+        self.charge(len(text))
+        return text.encode("latin-1")
+
+    def load_build(self) -> None:
+        """BUILD gives state to what ``_reconstruct`` and ``dtype`` returned, and to nothing else."""
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if isinstance(target, _PendingArray):
+            target.build(state, self)
+        elif isinstance(target, _PendingDtype):
+            target.build(state)
+        else:
+            raise CraftedPickle(f"sets the state of a {type(target).__name__}")
+
+    dispatch: ClassVar[dict] = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+
+    def load(self) -> object:
+        return self._resolve(super().load(), {})
+
+    def _resolve(self, obj: object, seen: dict[int, object]) -> object:
+        """``obj`` with every stand-in replaced by its array or dtype; containers are visited
+        once each (shared tuples would otherwise cost exponential time)."""
+        if isinstance(obj, _PendingArray):
+            if obj.array is None:
+                raise CraftedPickle("makes an array without giving it its bytes")
+            return obj.array
+        if isinstance(obj, _PendingDtype):
+            return obj.resolved()
+        if isinstance(obj, (bytes, str, int, float, type(None))):  # bool is an int
+            return obj
+        if not isinstance(obj, (list, dict, tuple, set, frozenset)):
+            kind = "bare numpy or codecs function" if callable(obj) else type(obj).__name__
+            raise CraftedPickle(f"holds a {kind} among its data")
+        if id(obj) in seen:
+            return seen[id(obj)]
+        seen[id(obj)] = obj
+        if isinstance(obj, list):
+            obj[:] = [self._resolve(item, seen) for item in obj]
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                if self._resolve(key, seen) is not key:
+                    raise CraftedPickle("uses an array as a dictionary key")
+                obj[key] = self._resolve(value, seen)
+        elif isinstance(obj, tuple):
+            items = [self._resolve(item, seen) for item in obj]
+            if any(a is not b for a, b in zip(items, obj)):
+                seen[id(obj)] = tuple(items)
+        elif any(self._resolve(item, seen) is not item for item in obj):
+            raise CraftedPickle("puts an array in a set")
+        return seen[id(obj)]
 
 
 def safe_unpickle(path: Path) -> object:
@@ -331,11 +587,17 @@ def safe_unpickle(path: Path) -> object:
     try:
         # From memory, not the file: a damaged length field then cannot make the unpickler
         # reserve gigabytes for bytes that are not there.
-        return CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        data = path.read_bytes()
+        return CifarUnpickler(io.BytesIO(data), size=len(data)).load()
     except ForbiddenGlobal as error:
         raise DataError(
             f"{path} asks to call {error}, which no CIFAR file does, so it was not loaded (it may be crafted "
             "to run code); replace it with the file from the official archive."
+        ) from None
+    except CraftedPickle as error:
+        raise DataError(
+            f"{path} was not loaded: it {error}, which no CIFAR file does (it may be crafted); replace it with the "
+            "file from the official archive."
         ) from None
     except OSError as error:
         raise DataError(
@@ -350,7 +612,8 @@ def safe_unpickle(path: Path) -> object:
 
 @dataclass(frozen=True)
 class CifarSpec:
-    """Where one CIFAR version lives and how its files are laid out."""
+    """Where one CIFAR version lives and how its files are laid out. ``labels`` and
+    ``coarse_labels`` are (meta key of the class names, batch key of the labels, class count)."""
 
     title: str
     seed_name: str  # the seed tool's folder name under --data-dir
@@ -361,17 +624,21 @@ class CifarSpec:
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     meta_file: str
+    labels: tuple[bytes, bytes, int]
+    coarse_labels: tuple[bytes, bytes, int] | None = None
 
 
 CIFAR10 = CifarSpec(
     "CIFAR-10", "cifar-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
     "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
     tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
+    (b"label_names", b"labels", 10),
 )  # fmt: skip
 CIFAR100 = CifarSpec(
     "CIFAR-100", "cifar-100", "cifar-100-python", "cifar-100-python.tar.gz",
     "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
     ("train",), ("test",), "meta",
+    (b"fine_label_names", b"fine_labels", 100), (b"coarse_label_names", b"coarse_labels", 20),
 )  # fmt: skip
 
 
@@ -394,23 +661,65 @@ def find_cifar_folder(spec: CifarSpec, options: DataOptions) -> Path:
         for folder in (root, root / spec.folder):
             if _looks_like_cifar(folder, spec):
                 return folder
-    for root in roots:
-        if (root / spec.archive).is_file():
-            return extract_archive(root / spec.archive, options.cache_dir) / spec.folder
-    if options.download:
-        download(spec.url, spec.md5, data_dir, spec.title)
-        return data_dir / spec.folder
+    archives = [root / spec.archive for root in roots if (root / spec.archive).is_file()]
+    if not archives and options.download:
+        archives = [download_archive(spec.url, spec.md5, data_dir, spec.title)]
+    if archives:
+        return extract_archive(archives[0], spec.folder, lambda f: _looks_like_cifar(f, spec), spec.title,
+                               options.cache_dir)  # fmt: skip
     raise DataError(
         f"found no {spec.title} in {data_dir}: put the official python version there as {spec.seed_name}/, "
         f"{spec.folder}/ or {spec.archive}, or pass --download."
     )
 
 
-def _names(meta: object, key: bytes, path: Path) -> list[str]:
+MAX_CLASS_NAME = 100  # characters; the longest official name has 29
+
+
+def class_names(meta: object, key: bytes, count: int, path: Path, title: str) -> list[str]:
+    """The ``count`` class names under ``key`` of a meta file: unique, non-empty, printable
+    UTF-8 text. The list sets the model's number of outputs, so a file that lists more or fewer
+    names than the data set has would silently train another model."""
     names = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or not names or not all(isinstance(n, (bytes, str)) for n in names):
         raise DataError(f"{path} is not a CIFAR meta file (no list of class names under {key!r}); replace it.")
-    return [n.decode() if isinstance(n, bytes) else n for n in names]
+    if len(names) != count:
+        raise DataError(
+            f"{path} lists {len(names)} class names under {key!r}, but {title} has {count}; replace it with the file "
+            "from the official archive."
+        )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        try:
+            text = name.decode("utf-8") if isinstance(name, bytes) else name
+        except UnicodeDecodeError:
+            text, problem = name.decode("utf-8", "replace"), "not UTF-8 text"
+        else:
+            problem = (
+                "empty" if not text
+                else f"longer than {MAX_CLASS_NAME} characters" if len(text) > MAX_CLASS_NAME
+                else "not printable text" if not text.isprintable()
+                else f"the same as name {seen[text] + 1}" if text in seen
+                else None
+            )  # fmt: skip
+        if problem:
+            raise DataError(
+                f"{path}: class name {i + 1} under {key!r} ({printable(repr(text[:40]))}) is {problem}; replace it "
+                "with the file from the official archive."
+            )
+        seen[text] = i
+    return list(seen)
+
+
+def _label_array(labels: object) -> np.ndarray | None:
+    """One int64 label per entry from a list of ints (the official files) or a 1-D integer
+    array; None for anything else. Checked before numpy sees it: ``np.asarray`` of a list that
+    repeats one big object would copy that object once per entry."""
+    if isinstance(labels, np.ndarray):
+        return labels.astype(np.int64) if labels.ndim == 1 and labels.dtype.kind in "iu" else None
+    if isinstance(labels, list) and all(type(n) is int and -(2**63) <= n < 2**63 for n in labels):
+        return np.array(labels, dtype=np.int64)
+    return None
 
 
 def read_cifar_batch(path: Path, label_key: bytes, num_classes: int) -> Split:
@@ -420,22 +729,18 @@ def read_cifar_batch(path: Path, label_key: bytes, num_classes: int) -> Split:
     batch = safe_unpickle(path)
     if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
         raise DataError(f"{path} is not a CIFAR batch file (it lacks b'data' or {label_key!r}); replace it.")
-    data, labels = batch[b"data"], batch[label_key]
+    data, labels = batch[b"data"], _label_array(batch[label_key])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", type(data).__name__)
         raise DataError(f"{path}: b'data' must be a uint8 N x 3072 array, found {shape}; replace the file.")
-    try:
-        labels = np.asarray(labels)
-    except Exception:  # noqa: BLE001 (ragged or exotic label lists from a damaged file)
-        labels = np.asarray([None])
-    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+    if labels is None or labels.shape != (data.shape[0],):
         raise DataError(f"{path}: {label_key!r} must hold one whole-number label per image; replace the file.")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(
             f"{path}: labels must be 0..{num_classes - 1}, found {labels.min()}..{labels.max()}; replace the file."
         )
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
-    return Split(images, torch.from_numpy(labels.astype(np.int64)))
+    return Split(images, torch.from_numpy(labels))
 
 
 def concat_splits(splits: list[Split]) -> Split:
@@ -449,12 +754,8 @@ def load_cifar(spec: CifarSpec, options: DataOptions, name: str) -> DataSet:
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing; copy the complete {spec.folder} folder from the official archive.")
     meta = safe_unpickle(meta_path)
-    if spec is CIFAR10:
-        classes, label_key = _names(meta, b"label_names", meta_path), b"labels"
-    elif options.coarse_labels:
-        classes, label_key = _names(meta, b"coarse_label_names", meta_path), b"coarse_labels"
-    else:
-        classes, label_key = _names(meta, b"fine_label_names", meta_path), b"fine_labels"
+    names_key, label_key, count = spec.coarse_labels if options.coarse_labels and spec.coarse_labels else spec.labels
+    classes = class_names(meta, names_key, count, meta_path, spec.title)
     train = concat_splits([read_cifar_batch(folder / f, label_key, len(classes)) for f in spec.train_files])
     test = concat_splits([read_cifar_batch(folder / f, label_key, len(classes)) for f in spec.test_files])
     for split, files in ((train, spec.train_files), (test, spec.test_files)):
@@ -476,8 +777,12 @@ VOC_CLASSES = [
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 VOC_CACHE_SIZE = 256
-VOC_CACHE_VERSION = 1
+#: 2: the centre box is resized on its own (``resize_centre``), and the cache's digest is kept.
+VOC_CACHE_VERSION = 2
 MAX_IMAGE_PIXELS = 50_000_000  # VOC images are at most 500x500; this refuses decompression bombs
+#: The batched (GPU) decoder resizes whole images, so it takes only those whose resized long side
+#: stays within this many times the short one (every VOC image: their sides are within 1:4).
+MAX_BATCH_ASPECT = 4
 
 
 def _is_voc_folder(path: Path) -> bool:
@@ -486,7 +791,8 @@ def _is_voc_folder(path: Path) -> bool:
 
 def find_voc_folder(options: DataOptions) -> Path:
     """The ``VOC2012`` folder: ``<data-dir>/PascalVOC2012`` (the seed's layout, itself VOC2012 or a
-    VOCdevkit root), ``<data-dir>/VOCdevkit/VOC2012``, or ``--data-dir`` being either."""
+    VOCdevkit root), ``<data-dir>/VOCdevkit/VOC2012``, or ``--data-dir`` being either; failing
+    those, the official archive in ``--data-dir``, unpacked once. ``--download`` fetches it."""
     data_dir = options.data_dir
     if options.download:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -498,9 +804,13 @@ def find_voc_folder(options: DataOptions) -> Path:
     for folder in candidates:
         if _is_voc_folder(folder):
             return folder
-    if options.download:
-        download(VOC_URL, VOC_MD5, data_dir, "Pascal VOC 2012")
-        return data_dir / "VOCdevkit" / "VOC2012"
+    archive = data_dir / VOC_URL.rsplit("/", 1)[-1]
+    if not archive.is_file() and options.download:
+        archive = download_archive(VOC_URL, VOC_MD5, data_dir, "Pascal VOC 2012")
+    if archive.is_file():
+        devkit = extract_archive(archive, "VOCdevkit", lambda f: _is_voc_folder(f / "VOC2012"), "Pascal VOC 2012",
+                                 options.cache_dir)  # fmt: skip
+        return devkit / "VOC2012"
     raise DataError(
         f"found no Pascal VOC 2012 in {data_dir}: put the VOCdevkit/VOC2012 folder there as PascalVOC2012/ "
         "(or VOCdevkit/), with Annotations/, JPEGImages/ and ImageSets/Main/, or pass --download."
@@ -508,14 +818,31 @@ def find_voc_folder(options: DataOptions) -> Path:
 
 
 def read_image_list(path: Path) -> list[str]:
-    """Image ids of an ``ImageSets/Main/<split>.txt`` file (first column)."""
+    """Image ids of an ``ImageSets/Main/<split>.txt`` file (first column), each one checked by
+    the project's one rule for names that become paths (``utils.safe_child``): an id names a
+    file inside ``JPEGImages/`` and ``Annotations/``, never a path out of them. Read as
+    ``utf-8-sig`` (a byte-order mark from a Windows editor is not part of the first id); CRLF
+    line ends are whitespace to ``split``."""
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(
             f"cannot read image list {path} ({short_reason(error)}); replace it with the original."
         ) from None
-    ids = [line.split()[0] for line in lines if line.strip()]
+    ids = []
+    for number, line in enumerate(lines, 1):
+        words = line.split()
+        if not words:
+            continue
+        try:
+            safe_child(path.parent, words[0])  # the id itself, then the longest file name made from it
+            safe_child(path.parent, f"{words[0]}.jpg")
+        except UnsafeName as error:
+            raise DataError(
+                f"{path} line {number}: the image id {error}, so it cannot name a file in the VOC folder; fix the "
+                "line or remove it."
+            ) from None
+        ids.append(words[0])
     if not ids:
         raise DataError(f"image list {path} is empty; replace it with the original from the VOC release.")
     return ids
@@ -534,6 +861,28 @@ def voc_image_lists(folder: Path) -> tuple[tuple[str, list[str]], tuple[str, lis
     )
 
 
+class _Declaration(Exception):
+    """Raised by the expat pre-pass at a DOCTYPE or entity declaration."""
+
+
+def _refuse_declarations(data: bytes) -> None:
+    """Raise ``_Declaration`` if the XML declares a DOCTYPE or an entity, found by the parser
+    itself rather than by a byte search, so no encoding (UTF-16, a BOM, a declared charset)
+    hides one. Other parse errors are left to the real parse, which reports them."""
+
+    def refuse(*args: object) -> None:
+        raise _Declaration
+
+    parser = xml.parsers.expat.ParserCreate()
+    parser.StartDoctypeDeclHandler = refuse
+    parser.EntityDeclHandler = refuse
+    parser.SetParamEntityParsing(xml.parsers.expat.XML_PARAM_ENTITY_PARSING_NEVER)
+    try:
+        parser.Parse(data, True)
+    except xml.parsers.expat.ExpatError:
+        pass
+
+
 def parse_voc_xml(path: Path) -> np.ndarray:
     """The image's 20-class label vector: 1 if it has a non-difficult object of the class, 0 if
     all its objects of the class are difficult (ignored), -1 otherwise.
@@ -545,8 +894,12 @@ def parse_voc_xml(path: Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as error:
         raise DataError(f"cannot read {path} ({short_reason(error)}); restore it from the VOC release.") from None
-    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
-        raise DataError(f"{path} declares a DOCTYPE or entities, which VOC annotations never do; it was not parsed.")
+    try:
+        _refuse_declarations(data)
+    except _Declaration:
+        raise DataError(
+            f"{path} declares a DOCTYPE or entities, which VOC annotations never do; it was not parsed."
+        ) from None
     try:
         root = ET.fromstring(data)
     except ET.ParseError as error:
@@ -557,7 +910,8 @@ def parse_voc_xml(path: Path) -> np.ndarray:
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in VOC_CLASSES:
-            raise DataError(f"{path} names an unknown class {name!r} (VOC has {', '.join(VOC_CLASSES)}); fix the file.")
+            shown = printable(repr(name[:40]))
+            raise DataError(f"{path} names an unknown class {shown} (VOC has {', '.join(VOC_CLASSES)}); fix the file.")
         difficult = (obj.findtext("difficult") or "0").strip() == "1"
         index = VOC_CLASSES.index(name)
         if not difficult:
@@ -576,34 +930,85 @@ def _check_header(image: Image.Image, path: Path) -> None:
 
 
 def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
-    """(width, height) with the short side ``size``; int() truncates as torchvision's resize does."""
+    """(width, height) with the short side ``size``; int() truncates as torchvision's resize does
+    (never below ``size``, which float rounding could give for a square)."""
     scale = size / min(width, height)
-    return (size, int(height * scale)) if width <= height else (int(width * scale), size)
+    return (size, max(size, int(height * scale))) if width <= height else (max(size, int(width * scale)), size)
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` as 8-bit RGB, whatever its mode.
+
+    ``convert("RGB")`` is right for 8-bit modes (greyscale, palette, CMYK, YCbCr) but clips
+    16-bit greyscale (``I;16*``: PNG, TIFF) at 255, so an ordinary photo comes out near-white:
+    those are scaled to 8 bits (v / 257, rounded). 32-bit integer and floating-point pixels
+    (``I``, ``F``) have no fixed white level, so they are refused rather than guessed. Pixels
+    with transparency (an alpha band, or a palette or colour marked transparent) are composed
+    over white, as viewers show them; dropping the alpha would show whatever colour the
+    transparent pixels happen to hold.
+    """
+    if image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    elif image.mode in ("I", "F") or image.mode.startswith(("I;", "F;")):
+        raise DataError(
+            f"{path} holds {image.mode} pixels (32-bit integers or floating point), which have no fixed white level; "
+            "save it as an 8-bit JPEG or PNG."
+        )
+    if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_centre(image: Image.Image, size: int) -> Image.Image:
+    """The centre ``size x size`` crop of ``image`` resized so that its short side is ``size``
+    (PIL's antialiased bilinear filter), computed without ever making the whole resized image.
+
+    A 1 x 10000 JPEG is 3 KB, but resizing its short side to 256 makes the long side 2.56
+    million pixels: 2 GB for a picture of which 256 x 256 pixels are kept. So the crop box is
+    taken in source coordinates and only it is resampled, in the same two passes as a whole
+    resize (horizontal on the rows the vertical pass reads, then vertical): the memory is that
+    of the source image and two buffers of about ``size`` x its short side. Refusing thin
+    images instead would refuse legitimate panoramas; this gives every image an answer.
+
+    The result is the old resize-then-crop within 1 grey level (the filter positions are the
+    same up to float rounding): on the VOC samples in ``shared/data`` 0.05-0.3 % of the values
+    differ, by 1.
+    """
+    width, height = image.size
+    new_w, new_h = resized_shape(width, height, size)
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    x0, x1 = left * width / new_w, min(width, (left + size) * width / new_w)
+    y0, y1 = top * height / new_h, min(height, (top + size) * height / new_h)
+    reach = 2 * max(1.0, height / new_h) + 1  # rows beyond the box that the vertical filter reads
+    r0, r1 = max(0, math.floor(y0 - reach)), min(height, math.ceil(y1 + reach))
+    rows = image.crop((0, r0, width, r1)).resize((size, r1 - r0), Image.BILINEAR, box=(x0, 0, x1, r1 - r0))
+    return rows.resize((size, size), Image.BILINEAR, box=(0, y0 - r0, size, y1 - r0))
 
 
 def decode_resized(path: Path, size: int) -> torch.Tensor:
-    """A JPEG as uint8 3 x size x size: short side resized to ``size`` (PIL's antialiased
-    bilinear filter), then the centre ``size x size`` crop."""
+    """An image file (a JPEG in VOC; any format PIL reads) as uint8 3 x size x size: its short
+    side resized to ``size`` and the centre ``size x size`` crop (``resize_centre``)."""
     try:
         with Image.open(path) as image:
             _check_header(image, path)
-            image = image.convert("RGB")
+            image = to_rgb(image, path)
+        image = resize_centre(image, size)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(
             f"{path} cannot be decoded as a JPEG ({short_reason(error)}); restore it from the VOC release."
         ) from None
-    new = resized_shape(*image.size, size)
-    image = image.resize(new, Image.BILINEAR)
-    left, top = round((new[0] - size) / 2), round((new[1] - size) / 2)
-    image = image.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_resized_batch(paths: list[Path], size: int, device: torch.device | str) -> torch.Tensor:
     """``decode_resized`` of several JPEGs at once with torchvision's decoder on ``device``
     (nvJPEG on a GPU) and an antialiased bilinear resize there; uint8 N x 3 x size x size on the
-    CPU. Within a few grey levels of the PIL path (different resampling code). A file the
-    batched decoder refuses goes through ``decode_resized``, which names it or decodes it."""
+    CPU. Within a few grey levels of the PIL path (different resampling code). This path resizes
+    the whole image, so it takes only 8-bit JPEGs whose resized long side stays within
+    ``MAX_BATCH_ASPECT`` x ``size`` (memory bounded as in ``resize_centre``); every other file
+    goes through ``decode_resized``, which names it or decodes it."""
     import torchvision.io
     from torchvision.transforms.v2 import functional as TF
 
@@ -614,6 +1019,7 @@ def decode_resized_batch(paths: list[Path], size: int, device: torch.device | st
             with Image.open(path) as image:
                 _check_header(image, path)
                 jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+                jpeg = jpeg and max(resized_shape(*image.size, size)) <= MAX_BATCH_ASPECT * size
         except (OSError, ValueError, Image.DecompressionBombError):
             jpeg = False  # decode_resized below says what is wrong with it
         data.append(torchvision.io.read_file(str(path)) if jpeg else None)
@@ -624,13 +1030,16 @@ def decode_resized_batch(paths: list[Path], size: int, device: torch.device | st
                                              device=device) if readable else []  # fmt: skip
     except RuntimeError:
         decoded, readable = [], []  # one bad file spoils the batch: every image the slow way
+    slow = set(range(len(paths))) - set(readable)
     for i, image in zip(readable, decoded):
-        width, height = image.shape[2], image.shape[1]
-        new_w, new_h = resized_shape(width, height, size)
+        new_w, new_h = resized_shape(image.shape[2], image.shape[1], size)
+        if max(new_w, new_h) > MAX_BATCH_ASPECT * size:  # the header said otherwise
+            slow.add(i)
+            continue
         image = TF.resize(image, [new_h, new_w], antialias=True)
         top, left = round((new_h - size) / 2), round((new_w - size) / 2)
         out[i] = image[:, top : top + size, left : left + size].cpu()
-    for i in sorted(set(range(len(paths))) - set(readable)):
+    for i in sorted(slow):
         out[i] = decode_resized(paths[i], size)
     return out
 
@@ -644,55 +1053,112 @@ def voc_fingerprint(paths: list[Path], size: int) -> str:
     return h.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """BLAKE2b of a file's contents, read in chunks (about 1 s per GB on one core, less than
+    reading the file from disk; the VOC training cache is 1.1 GB)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+MAX_CACHE_META_BYTES = 1 << 16  # the meta file this tool writes is about 300 bytes
+
+
+def read_cache_meta(meta_path: Path) -> dict | None:
+    """The resize cache's ``.json`` if it is what this tool writes (an object with a
+    fingerprint and a digest, both text); otherwise None, after a warning saying why."""
+    try:
+        if meta_path.stat().st_size > MAX_CACHE_META_BYTES:
+            raise ValueError(f"larger than {MAX_CACHE_META_BYTES} bytes")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        logger.warning("resize cache meta %s is unreadable (%s); rebuilding the cache", meta_path, short_reason(error))
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(key), str) for key in ("fingerprint", "digest")):
+        logger.warning("resize cache meta %s is not what this tool writes (no fingerprint and digest); rebuilding the "
+                       "cache", meta_path)  # fmt: skip
+        return None
+    return meta
+
+
+def _cached_array(cache: Path, meta: dict, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cache memory-mapped, if it has ``shape`` and the digest its meta recorded when it was
+    built; otherwise None, after a warning. The fingerprint covers the JPEGs, not the cache: a
+    cache replaced by zeros of the right shape would be used without the digest."""
+    try:
+        array = np.load(cache, mmap_mode="c", allow_pickle=False)
+        if array.shape != shape or array.dtype != np.uint8:
+            problem = f"holds {array.dtype} {array.shape}, not uint8 {shape}"
+        elif cache.stat().st_size != array.offset + array.nbytes:
+            problem = "has bytes beyond its array"
+        elif file_digest(cache) != meta["digest"]:
+            problem = "does not match the digest recorded when it was built (it was changed or damaged)"
+        else:
+            return array
+    except (OSError, ValueError) as error:
+        problem = f"is unreadable ({short_reason(error)})"
+    logger.warning("resize cache %s %s; rebuilding it", cache, problem)
+    return None
+
+
 def load_resize_cache(paths: list[Path], cache: Path, size: int, device: str = "cpu") -> np.ndarray:
     """The images resized to ``size`` as a memory-mapped N x 3 x size x size uint8 array, built
-    once into ``cache`` (``.npy`` + ``.json`` fingerprint) and rebuilt when the sources change.
-    On a CUDA ``device`` the JPEGs are decoded and resized on the GPU."""
+    once into ``cache`` (``.npy`` + ``.json`` with the sources' fingerprint and the cache's own
+    digest) and rebuilt when the sources change or the cache does not match its digest. On a
+    CUDA ``device`` the JPEGs are decoded and resized on the GPU."""
     fingerprint = voc_fingerprint(paths, size)
     meta_path = cache.with_suffix(".json")
     shape = (len(paths), 3, size, size)
     if cache.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("fingerprint") == fingerprint:
-                array = np.load(cache, mmap_mode="c", allow_pickle=False)
-                if array.shape == shape and array.dtype == np.uint8:
-                    return array
-        except (OSError, ValueError) as error:
-            logger.warning("resize cache %s is unreadable (%s); rebuilding it", cache, error)
-        logger.info("the images changed since %s was built; rebuilding it", cache)
+        meta = read_cache_meta(meta_path)
+        if meta is not None and meta["fingerprint"] != fingerprint:
+            logger.info("the images changed since %s was built; rebuilding it", cache)
+        elif meta is not None:
+            array = _cached_array(cache, meta, shape)
+            if array is not None:
+                return array
 
     logger.info("building the %dx%d resize cache of %d images in %s (once)", size, size, len(paths), cache)
     fd, tmp = temp_file_beside(cache)
     os.close(fd)
     try:
         _fill_resized(np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape), paths, size, device)
+        digest = file_digest(Path(tmp))
         os.replace(tmp, cache)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    atomic_write_json({"fingerprint": fingerprint, "shape": list(shape), "count": len(paths)}, meta_path)
+    atomic_write_json({"fingerprint": fingerprint, "digest": digest, "shape": list(shape), "count": len(paths)},
+                      meta_path)  # fmt: skip
     return np.load(cache, mmap_mode="c", allow_pickle=False)
 
 
 def _fill_resized(array: np.ndarray, paths: list[Path], size: int, device: str = "cpu") -> None:
     """Decode and resize ``paths`` into the rows of ``array``, then flush it to disk: on a GPU
-    in batches of 64 through nvJPEG, on the CPU on a few threads (PIL releases the GIL)."""
+    in batches of 64 through nvJPEG, on the CPU on a few threads (PIL releases the GIL).
+
+    Stops promptly on Ctrl-C, SIGTERM (main's handler raises in this thread) or a bad image:
+    the queued images are cancelled and only those already being decoded are waited for,
+    instead of the whole data set that ``pool.map`` has submitted."""
     bar = tqdm(total=len(paths), desc="resize", leave=False, disable=not sys.stderr.isatty())
-    if torch.device(device).type == "cuda":
-        for start in range(0, len(paths), 64):
-            chunk = paths[start : start + 64]
-            array[start : start + len(chunk)] = decode_resized_batch(chunk, size, device).numpy()
-            bar.update(len(chunk))
-    else:
+    try:
+        if torch.device(device).type == "cuda":
+            for start in range(0, len(paths), 64):
+                chunk = paths[start : start + 64]
+                array[start : start + len(chunk)] = decode_resized_batch(chunk, size, device).numpy()
+                bar.update(len(chunk))
+        else:
 
-        def work(i: int) -> None:
-            array[i] = decode_resized(paths[i], size).numpy()
+            def work(i: int) -> None:
+                array[i] = decode_resized(paths[i], size).numpy()
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for _ in pool.map(work, range(len(paths))):
-                bar.update(1)
-    bar.close()
+            pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+            try:
+                for _ in pool.map(work, range(len(paths))):
+                    bar.update(1)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
     array.flush()
 
 
@@ -710,12 +1176,20 @@ def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
 
 
 def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path, device: str = "cpu") -> Split:
-    """Labels from the XML files and images from the resize cache for one image list."""
+    """Labels from the XML files and images from the resize cache for one image list (its ids
+    already checked by ``read_image_list``; ``safe_child`` again here, since this is where they
+    become paths)."""
     list_path = folder / "ImageSets" / "Main" / f"{name}.txt"
     jpegs, labels = [], []
     for image_id in ids:
-        jpeg = folder / "JPEGImages" / f"{image_id}.jpg"
-        xml = folder / "Annotations" / f"{image_id}.xml"
+        try:
+            jpeg = safe_child(folder / "JPEGImages", f"{image_id}.jpg")
+            xml = safe_child(folder / "Annotations", f"{image_id}.xml")
+        except UnsafeName as error:
+            raise DataError(
+                f"{list_path}: the image id {printable(image_id)!r} cannot name a file in the VOC folder ({error}); fix "
+                "its line or remove it."
+            ) from None
         for path in (jpeg, xml):
             if not path.is_file():
                 raise DataError(
@@ -1058,11 +1532,15 @@ def fits_in_memory(nbytes: int, device: torch.device) -> bool:
     return nbytes <= available // 2
 
 
-def _ignore_interrupts(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops the run cleanly."""
-    import signal
-
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops the run
+    cleanly (saving ``last.pt``) and then shuts them down. Schedulers (Slurm, systemd) send
+    SIGTERM to every process of the job at once; a worker killed by it makes the main process's
+    next batch a RuntimeError instead of a clean stop. A worker still exits when the main
+    process dies (the DataLoader's watchdog) and on SIGKILL, which schedulers send after their
+    grace period."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _CacheRows(torch.utils.data.Dataset):
@@ -1164,7 +1642,7 @@ class BatchLoader:
             batch_size=None,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            worker_init_fn=_ignore_interrupts,
+            worker_init_fn=_ignore_stop_signals,
         )
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

@@ -4,6 +4,7 @@
   strings as ``BINSTRING`` opcodes, numpy arrays through ``numpy.core.multiarray._reconstruct``,
   ``data`` a uint8 N x 3072 array in CHW row order, labels plain lists of ints.
 - VOC: ``JPEGImages/<id>.jpg``, ``Annotations/<id>.xml`` as in the release, ``ImageSets/Main``.
+- Crafted pickles (``Ops``): opcode by opcode, for the files a plain pickler would never write.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import io
 import pickle
 import struct
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -154,3 +156,164 @@ def write_voc(root: Path, annotations: dict[str, list[tuple[str, bool]]], lists:
     for name, ids in lists.items():
         (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Crafted pickles: what an attacker writes by hand
+
+
+class Ops:
+    """A tiny protocol-2 pickle assembler: each method appends one opcode and returns ``self``,
+    so a crafted file reads as the program it is, e.g.
+    ``Ops().glob("numpy", "dtype").text("u1").int(0).int(1).tuple3().reduce()``."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(pickle.PROTO + b"\x02")
+
+    def op(self, code: bytes, arg: bytes = b"") -> Ops:
+        self.out += code + arg
+        return self
+
+    def glob(self, module: str, name: str) -> Ops:
+        return self.op(pickle.GLOBAL, f"{module}\n{name}\n".encode())
+
+    def bytes(self, data: bytes) -> Ops:  # Python 2's str, read as bytes
+        if len(data) < 256:
+            return self.op(pickle.SHORT_BINSTRING, bytes([len(data)]) + data)
+        return self.op(pickle.BINSTRING, struct.pack("<i", len(data)) + data)
+
+    def text(self, value: str) -> Ops:
+        data = value.encode("utf-8", "surrogatepass")
+        return self.op(pickle.BINUNICODE, struct.pack("<I", len(data)) + data)
+
+    def int(self, n: int) -> Ops:
+        return self.op(pickle.BININT1, bytes([n])) if 0 <= n < 256 else self.op(pickle.BININT, struct.pack("<i", n))
+
+    def none(self) -> Ops:
+        return self.op(pickle.NONE)
+
+    def false(self) -> Ops:
+        return self.op(pickle.NEWFALSE)
+
+    def true(self) -> Ops:
+        return self.op(pickle.NEWTRUE)
+
+    def mark(self) -> Ops:
+        return self.op(pickle.MARK)
+
+    def tuple(self) -> Ops:
+        return self.op(pickle.TUPLE)
+
+    def tuple1(self) -> Ops:
+        return self.op(pickle.TUPLE1)
+
+    def tuple2(self) -> Ops:
+        return self.op(pickle.TUPLE2)
+
+    def tuple3(self) -> Ops:
+        return self.op(pickle.TUPLE3)
+
+    def reduce(self) -> Ops:
+        return self.op(pickle.REDUCE)
+
+    def build(self) -> Ops:
+        return self.op(pickle.BUILD)
+
+    def dict(self) -> Ops:
+        return self.op(pickle.EMPTY_DICT)
+
+    def list(self) -> Ops:
+        return self.op(pickle.EMPTY_LIST)
+
+    def setitems(self) -> Ops:
+        return self.op(pickle.SETITEMS)
+
+    def appends(self) -> Ops:
+        return self.op(pickle.APPENDS)
+
+    def put(self, i: int) -> Ops:
+        return self.op(pickle.LONG_BINPUT, struct.pack("<I", i))
+
+    def get(self, i: int) -> Ops:
+        return self.op(pickle.LONG_BINGET, struct.pack("<I", i))
+
+    def done(self) -> bytes:
+        return bytes(self.out + pickle.STOP)
+
+    # Pieces numpy writes
+
+    def dtype(self, code: str = "u1", order: str = "|", copy: bool = True) -> Ops:
+        """``numpy.dtype(code, False, copy)`` and its state, as numpy pickles it."""
+        self.glob("numpy", "dtype").text(code).false().op(pickle.NEWTRUE if copy else pickle.NEWFALSE).tuple3()
+        return self.reduce().mark().int(3).text(order).none().none().none().int(-1).int(-1).int(0).tuple().build()
+
+    def shape(self, shape: tuple[int, ...]) -> Ops:
+        self.mark()
+        for n in shape:
+            self.int(n)
+        return self.tuple()
+
+    def reconstruct(self) -> Ops:
+        """``_reconstruct(ndarray, (0,), b"b")``: an empty array waiting for its state."""
+        self.glob("numpy.core.multiarray", "_reconstruct").glob("numpy", "ndarray").int(0).tuple1().bytes(b"b")
+        return self.tuple3().reduce()
+
+    def array(self, shape: tuple[int, ...], raw: Callable[[Ops], Ops], code: str = "u1", order: str = "|") -> Ops:
+        """An array as numpy pickles it, its raw bytes pushed by ``raw`` (a literal, a memo get)."""
+        self.reconstruct().mark().int(1).shape(shape).dtype(code, order).false()
+        return raw(self).tuple().build()
+
+    def batch(self, data: Callable[[Ops], Ops], labels: Callable[[Ops], Ops]) -> bytes:
+        """``{b"data": ..., b"labels": ...}``, the two values pushed by the callables."""
+        self.dict().mark().bytes(b"data")
+        data(self)
+        self.bytes(b"labels")
+        labels(self)
+        return self.setitems().done()
+
+
+def zero_stride_batch(n: int) -> bytes:
+    """A batch of ``n`` images and labels conjured from one byte: ``ndarray(shape, dtype, buffer,
+    offset, strides)`` with strides of 0 (a few hundred bytes whatever ``n``)."""
+
+    return Ops().batch(lambda o: _ndarray_call(o, (n, 3072)), lambda o: _ndarray_call(o, (n,)))
+
+
+def _ndarray_call(ops: Ops, shape: tuple[int, ...]) -> Ops:
+    """``numpy.ndarray(shape, dtype("u1"), b"\x00", 0, (0, ...))``: every element the same byte."""
+    ops.glob("numpy", "ndarray").mark().shape(shape).dtype().bytes(b"\x00").int(0).shape((0,) * len(shape))
+    return ops.tuple().reduce()
+
+
+def stateless_batch(n: int) -> bytes:
+    """A batch whose arrays come from ``_reconstruct(ndarray, shape, dtype)`` with no state after
+    it: numpy hands out ``n`` images and labels of uninitialised memory, backed by no bytes."""
+
+    def empty(shape: tuple[int, ...]) -> Callable[[Ops], Ops]:
+        glob = ("numpy.core.multiarray", "_reconstruct")
+        return lambda o: o.glob(*glob).glob("numpy", "ndarray").shape(shape).dtype().tuple3().reduce()
+
+    return Ops().batch(empty((n, 3072)), empty((n,)))
+
+
+def codec_chain(levels: int, seed: int = 200) -> bytes:
+    """``_codecs.encode`` applied ``levels`` times with the hex codec to ``seed`` bytes: each call
+    doubles the bytes, so a file of a few hundred bytes asks for ``seed * 2**levels``."""
+    ops = Ops().dict().mark().bytes(b"data")
+    for _ in range(levels):
+        ops.glob("_codecs", "encode")
+    ops.bytes(b"x" * seed)
+    for _ in range(levels):
+        ops.text("hex").tuple2().reduce()
+    return ops.bytes(b"labels").list().setitems().done()
+
+
+def memo_reuse_batch(copies: int, rows: int = 100) -> bytes:
+    """One ``rows`` x 3072 block of bytes, memoised once and given to the data array and to
+    ``copies`` more arrays (the labels list): about ``rows * 3072`` bytes of file, ``copies``
+    times that of arrays once a reader copies them (``np.asarray`` of the labels does)."""
+    block = Ops().bytes(b"\x07" * rows * 3072).put(0).op(pickle.POP)  # memoised, then off the stack
+    ops = block.dict().mark().bytes(b"data").array((rows, 3072), lambda o: o.get(0)).bytes(b"labels").list().mark()
+    for _ in range(copies):
+        ops.array((rows, 3072), lambda o: o.get(0))
+    return ops.appends().setitems().done()

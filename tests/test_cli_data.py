@@ -1,25 +1,11 @@
 """Real data sets through the command line (the data errors are in test_faults' catalogue)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from fakedata import write_cifar10, write_voc
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        check=False,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+from main_cli import run
 
 
 def summary(cwd: Path, dataset: str) -> dict:

@@ -1,21 +1,34 @@
 """Property tests: random and mutated bytes through the CIFAR and VOC readers and the checkpoint
-loader. Every outcome must be a correct load or the tool's own one-sentence error; any other
-exception, a hang (the deadline) or a crash fails the test. Bounded so the suite stays fast."""
+loader, crafted pickle programs and array fields through the restricted unpickler, and random
+text through the VOC image-id rule. Every outcome must be a correct load or the tool's own
+one-sentence error; any other exception, a hang (the deadline) or a crash fails the test.
+Bounded so the suite stays fast."""
 
 from __future__ import annotations
 
+import math
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from fakedata import python2_pickle, voc_xml
+from fakedata import Ops, python2_pickle, voc_xml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from datasets import DataError, decode_resized, parse_voc_xml, read_cifar_batch, safe_unpickle
+from datasets import (
+    PLAIN_DTYPES,
+    DataError,
+    decode_resized,
+    parse_voc_xml,
+    read_cifar_batch,
+    read_image_list,
+    safe_unpickle,
+)
 from trainer import CheckpointError, load_checkpoint
+from utils import safe_child
 
 FUZZ = settings(max_examples=300, deadline=3000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 
@@ -162,3 +175,141 @@ def test_checkpoint_mutated(data):
 @given(st.binary(max_size=512))
 def test_checkpoint_random(data):
     with_file(data, ".pt", check_checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crafted pickles: numpy's array fields, and whole programs of the allowed calls
+
+SOME = settings(max_examples=200, deadline=3000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+
+
+def budget(data: bytes) -> int:
+    return 4 * len(data) + (1 << 20)
+
+
+def arrays_in(obj: object) -> list[np.ndarray]:
+    """Every array reachable from ``obj``; fails on anything the unpickler should not hand out."""
+    found, stack, seen = [], [obj], set()
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, np.ndarray):
+            found.append(item)
+        elif isinstance(item, dict):
+            stack += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack += list(item)
+        else:
+            assert isinstance(item, (bytes, str, int, float, bool, type(None), np.dtype)), type(item)
+    return found
+
+
+def check_loaded(data: bytes) -> object:
+    """Load ``data``: a DataError, or plain objects whose arrays are views of the file's own
+    bytes (plain dtypes, no more bytes than the budget)."""
+
+    def check(path: Path) -> None:
+        try:
+            obj = safe_unpickle(path)
+        except DataError as error:
+            assert re.match(rf"{re.escape(str(path))} (was not loaded: it |asks to call |is truncated or not a CIFAR "
+                            r"pickle)", str(error)), error  # fmt: skip
+            return
+        arrays = arrays_in(obj)
+        assert sum(a.nbytes for a in arrays) <= budget(data)
+        for array in arrays:
+            assert array.dtype.str[1:] in PLAIN_DTYPES and not array.flags.writeable
+            assert isinstance(array.base if array.base is not None else b"", (bytes, np.ndarray))
+
+    with_file(data, "", check)
+
+
+CODES = [*sorted(PLAIN_DTYPES), "O", "V8", "U3", "S5", "M8", "c16", "f16", "u1x", ""]
+
+
+@SOME
+@given(
+    shape=st.lists(st.integers(0, 300), max_size=4).map(tuple)
+    | st.lists(st.integers(-3, 2**31 - 1), max_size=3).map(tuple),
+    code=st.sampled_from(CODES),
+    order=st.sampled_from(["|", "<", ">", "=", "!", ""]),
+    fortran=st.sampled_from([0, 1, 2]),
+    version=st.sampled_from([0, 1, 2]),
+    exact=st.booleans(),
+    off=st.integers(-3, 3),
+)
+def test_cifar_array_fields(shape, code, order, fortran, version, exact, off):
+    itemsize = np.dtype(code).itemsize if code in PLAIN_DTYPES else 1
+    wanted = math.prod(shape) * itemsize
+    size = wanted if exact and 0 <= wanted <= 200_000 else min(max(0, wanted + off), 200_000)
+    ops = Ops().reconstruct().mark().int(version).shape(shape).dtype(code or "u1", order).int(fortran)
+    data = ops.bytes(bytes(range(256)) * (size // 256) + bytes(size % 256)).tuple().build().done()
+    check_loaded(data)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "a").write_bytes(data)
+            array = safe_unpickle(Path(tmp) / "a")
+    except DataError:
+        return
+    assert array.shape == shape and array.nbytes == size and version == 1 and fortran in (0, 1)
+
+
+STEPS = st.sampled_from([
+    lambda o: o.reconstruct(), lambda o: o.dtype(), lambda o: o.dtype("i8", "<"), lambda o: o.dtype("u1", "|", False),
+    lambda o: o.bytes(b"\x01" * 3072), lambda o: o.bytes(b"b"), lambda o: o.text("latin1"), lambda o: o.text("hex"),
+    lambda o: o.text("\xff" * 100), lambda o: o.int(0), lambda o: o.int(1), lambda o: o.int(3), lambda o: o.int(3072),
+    lambda o: o.mark(), lambda o: o.tuple(), lambda o: o.tuple1(), lambda o: o.tuple2(), lambda o: o.tuple3(),
+    lambda o: o.reduce(), lambda o: o.build(), lambda o: o.dict(), lambda o: o.list(), lambda o: o.setitems(),
+    lambda o: o.appends(), lambda o: o.put(0), lambda o: o.put(1), lambda o: o.get(0), lambda o: o.get(1),
+    lambda o: o.false(), lambda o: o.none(), lambda o: o.glob("numpy", "ndarray"), lambda o: o.glob("_codecs", "encode"),
+    lambda o: o.glob("numpy", "dtype"), lambda o: o.glob("numpy.core.multiarray", "_reconstruct"),
+    lambda o: o.array((1, 3072), lambda o: o.bytes(b"\x02" * 3072)), lambda o: o.array((1, 3072), lambda o: o.get(0)),
+])  # fmt: skip
+
+
+@SOME
+@given(st.lists(STEPS, min_size=1, max_size=40))
+def test_cifar_pickle_programs(steps):
+    """Random programs of the calls the unpickler allows (and of what can go wrong with them):
+    memo reuse, calls with wrong arguments, states on the wrong objects, arrays never built."""
+    ops = Ops()
+    for step in steps:
+        step(ops)
+    check_loaded(ops.done())
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC image ids: whatever a list says, an id names a file inside the folder or is refused
+
+ID_TEXT = st.text(
+    alphabet=st.one_of(st.sampled_from(["/", "\\", ".", "-", "\x00", "\r", "\n", "\ufeff", " ", "~", "\u2028"]),
+                       st.characters(exclude_categories=("Cs",))),
+    max_size=30,
+)  # fmt: skip
+ID_SENTENCE = re.compile(
+    r".*train\.txt (line \d+: the image id .*, so it cannot name a file in the VOC folder; fix the line or remove it"
+    r"|is empty; replace it with the original from the VOC release)\.",
+    re.DOTALL,
+)
+
+
+@SOME
+@given(st.lists(ID_TEXT | st.sampled_from(["../../etc/passwd", "/etc/passwd", "..", ".", "x" * 210]), min_size=1,
+                max_size=4))  # fmt: skip
+def test_voc_ids_name_files_inside_the_folder(lines):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "VOC2012"
+        (folder / "ImageSets" / "Main").mkdir(parents=True)
+        path = folder / "ImageSets" / "Main" / "train.txt"
+        path.write_bytes("\n".join(lines).encode("utf-8"))
+        try:
+            ids = read_image_list(path)
+        except DataError as error:
+            assert ID_SENTENCE.fullmatch(str(error)), error
+            return
+        for image_id in ids:
+            for sub, suffix in (("JPEGImages", ".jpg"), ("Annotations", ".xml")):
+                child = safe_child(folder / sub, f"{image_id}{suffix}")
+                assert child.resolve().parent == (folder / sub).resolve() and child.name == f"{image_id}{suffix}"

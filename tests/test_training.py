@@ -2,33 +2,17 @@
 --evaluate, and the TensorBoard record."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from main_cli import TINY, only, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import trainer as trainer_module
 from datasets import DataOptions, load_dataset
 from network import CifarAlexNet
 from trainer import EvalResult, PaperSGD, PlateauSchedule, TrainConfig, Trainer, confusion_figure
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--shapes-train", "120", "--shapes-test", "40", "--batch-size", "40"]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        check=False,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # The paper's update rule
@@ -185,11 +169,6 @@ def test_confusion_figure_is_labelled_up_to_20_classes_and_a_heat_map_beyond(cla
 
 # ---------------------------------------------------------------------------------------------
 # Through the command line: TensorBoard, checkpoints, resume, --evaluate
-
-
-def only(path: Path, pattern: str) -> Path:
-    (match,) = path.glob(pattern)
-    return match
 
 
 def test_tensorboard_holds_every_tag_and_checkpoints_hold_every_state(tmp_path):

@@ -1,0 +1,778 @@
+"""Trust nothing a data file says: archives, pickles, images, image lists, caches and meta files
+crafted to delete, exhaust memory or read outside the data folder (issue 12, the data half).
+
+``CASES`` are rows of the README's "When things go wrong" table: each runs the real command line
+in a folder holding an earlier run (``main_cli.run_case``). Where the right outcome is a run that
+succeeds with a warning, a plain command-line test checks the files and the warning. The memory
+bounds are measured in a fresh process (peak RSS before and after, under an address-space cap).
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fakedata import (
+    CIFAR10_NAMES,
+    Ops,
+    codec_chain,
+    memo_reuse_batch,
+    python2_pickle,
+    stateless_batch,
+    voc_xml,
+    write_cifar10,
+    write_cifar100,
+    write_voc,
+    zero_stride_batch,
+)
+from main_cli import ROOT, Case, command, only, run, run_case, snapshot, unchanged
+from PIL import Image
+
+import datasets
+from datasets import DataError, DataOptions, load_dataset
+
+CIFAR = ["-c", "-ds", "Cifar10", "--data-dir", "data", "-ne", "1", "-d"]
+CIFAR_HERE = ["-c", "-ds", "Cifar10", "--data-dir", ".", "-ne", "1", "-d"]
+VOC = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "-d", "--cache-dir", "cache", "--batch-size", "2"]
+OFFICIAL = r"; replace it with the file from the official archive\."
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, written in the real on-disk formats
+
+
+def cifar(work: Path) -> Path:
+    folder = work / "data" / "cifar-10"
+    write_cifar10(folder)
+    return folder
+
+
+def replace_batch(work: Path, data: bytes) -> None:
+    (cifar(work) / "data_batch_2").write_bytes(data)
+
+
+def voc(work: Path) -> Path:
+    annotations = {f"2010_{i:06d}": [(c, False)] for i, c in enumerate(["dog", "cat", "person"])}
+    ids = list(annotations)
+    return write_voc(work / "data" / "PascalVOC2012", annotations, {"train": ids[:2], "val": ids[2:]})
+
+
+def cifar_archive(archive: Path, extra: dict[str, str] | None = None, own: bool = True) -> None:
+    """An official-layout ``cifar-10-python.tar.gz`` (unless not ``own``), plus ``extra``
+    entries (archive name: text) beside its folder."""
+    build = archive.parent / ".build"
+    with tarfile.open(archive, "w:gz") as tar:
+        if own:
+            write_cifar10(build / "cifar-10-batches-py")
+            tar.add(build / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        for name, text in (extra or {}).items():
+            path = build / "extra" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            tar.add(path, arcname=name)
+    for path in sorted(build.rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    build.rmdir()
+
+
+def archive_over_checkpoints(work: Path, earlier: Path) -> None:
+    """An archive in ``--data-dir .`` that holds no CIFAR, only a ``checkpoints/`` entry."""
+    cifar_archive(work / "cifar-10-python.tar.gz", {"checkpoints/Shapes/note.txt": "from the archive"}, own=False)
+
+
+def folder_in_the_way(work: Path, earlier: Path) -> None:
+    (work / "data").mkdir()
+    cifar_archive(work / "data" / "cifar-10-python.tar.gz")
+    (work / "data" / "cifar-10-batches-py").mkdir()
+    (work / "data" / "cifar-10-batches-py" / "notes.txt").write_text("the user's own")
+
+
+def still_there(work: Path, result: subprocess.CompletedProcess) -> None:
+    assert (work / "data" / "cifar-10-batches-py" / "notes.txt").read_text() == "the user's own"
+    assert sorted(p.name for p in (work / "data").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def meta_with(names: list[bytes]) -> bytes:
+    return python2_pickle({b"label_names": names, b"num_cases_per_batch": 3, b"num_vis": 3072})
+
+
+def image_list(work: Path, lines: list[str]) -> None:
+    folder = voc(work)
+    (folder / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{line}\n" for line in lines))
+
+
+def outside_image(work: Path) -> Path:
+    """A JPEG and its XML outside the VOC folder: ``work/outside/x``."""
+    (work / "outside").mkdir()
+    Image.new("RGB", (40, 30), (9, 9, 9)).save(work / "outside" / "x.jpg")
+    (work / "outside" / "x.xml").write_text(voc_xml("x.jpg", 40, 30, [("dog", False)]))
+    return work / "outside" / "x"
+
+
+BOMB = (
+    '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 '
+    '"&lol;&lol;&lol;&lol;&lol;&lol;">]><annotation><object><name>&lol2;</name></object></annotation>'
+)
+
+
+def float_image(work: Path) -> None:
+    path = voc(work) / "JPEGImages" / "2010_000001.jpg"
+    Image.fromarray(np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(30, 40), "F").save(path, format="TIFF")
+
+
+# ---------------------------------------------------------------------------------------------
+# The catalogue rows
+
+CASES = [
+    # 1. An archive creates its own data set's folder and nothing else, and deletes nothing.
+    Case("archive without its data folder", CIFAR_HERE, 1,
+         r"cifar-10-python.tar.gz holds no CIFAR-10 in a cifar-10-batches-py/ folder, so it is not the official "
+         r"archive; download it again\.", prepare=archive_over_checkpoints),
+    Case("folder in the archive's way", CIFAR, 1,
+         r"data/cifar-10-batches-py already exists but holds no CIFAR-10; remove or rename it so that "
+         r"cifar-10-python.tar.gz can be unpacked there\.", prepare=folder_in_the_way, check=still_there),
+    # 2. What a file yields is backed by its own bytes; memory is bounded by its size.
+    Case("pickle conjuring images from one byte", CIFAR, 1,
+         r"data/cifar-10/data_batch_2 was not loaded: it calls numpy.ndarray directly, which no CIFAR file does "
+         r"\(it may be crafted\)" + OFFICIAL, prepare=lambda w, e: replace_batch(w, zero_stride_batch(100))),
+    Case("pickle array without its bytes", CIFAR, 1,
+         r"data/cifar-10/data_batch_2 was not loaded: it makes an array without giving it its bytes, which no CIFAR "
+         r"file does \(it may be crafted\)" + OFFICIAL,
+         prepare=lambda w, e: replace_batch(w, Ops().batch(lambda o: o.reconstruct(), lambda o: o.list()))),
+    Case("pickle codec chain", CIFAR, 1,
+         r"data/cifar-10/data_batch_2 was not loaded: it calls _codecs.encode other than as encode\(text, 'latin1'\) "
+         r"for bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
+         prepare=lambda w, e: replace_batch(w, codec_chain(22))),
+    Case("pickle reusing its bytes for many arrays", CIFAR, 1,
+         r"data/cifar-10/data_batch_2 was not loaded: it needs more than [\d,]+ bytes of memory for its [\d,]+ "
+         r"bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
+         prepare=lambda w, e: replace_batch(w, memo_reuse_batch(400))),
+    # 3. Names from data files become paths only through utils.safe_child.
+    Case("image id leading out of the folder", VOC, 1,
+         r"data/PascalVOC2012/ImageSets/Main/train.txt line 2: the image id '../../../outside/x' holds a path "
+         r"separator, so it cannot name a file in the VOC folder; fix the line or remove it\.",
+         prepare=lambda w, e: [outside_image(w), image_list(w, ["2010_000000", "../../../outside/x"])]),
+    Case("absolute image id", VOC, 1,
+         r"data/PascalVOC2012/ImageSets/Main/train.txt line 1: the image id '/.*' holds a path separator, "
+         r"so it cannot name a file in the VOC folder; fix the line or remove it\.",
+         prepare=lambda w, e: image_list(w, [str(outside_image(w)), "2010_000000"])),
+    # 4. Meta files and images are what they claim.
+    Case("class names of another count", CIFAR, 1,
+         r"data/cifar-10/batches.meta lists 11 class names under b'label_names', but CIFAR-10 has 10" + OFFICIAL,
+         prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
+             meta_with([n.encode() for n in CIFAR10_NAMES] + [b"unicorn"]))),
+    Case("repeated class name", CIFAR, 1,
+         r"data/cifar-10/batches.meta: class name 4 under b'label_names' \('bird'\) is the same as name 3" + OFFICIAL,
+         prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
+             meta_with([n.encode() for n in CIFAR10_NAMES[:3]] + [b"bird"] + [n.encode() for n in CIFAR10_NAMES[4:]]))),
+    Case("XML bomb in UTF-16", VOC, 1,
+         r"data/PascalVOC2012/Annotations/2010_000001.xml declares a DOCTYPE or entities, which VOC annotations never "
+         r"do; it was not parsed\.",
+         prepare=lambda w, e: (voc(w) / "Annotations/2010_000001.xml").write_bytes(BOMB.encode("utf-16"))),
+    Case("floating-point image", VOC, 1,
+         r"data/PascalVOC2012/JPEGImages/2010_000001.jpg holds F pixels \(32-bit integers or floating point\), which "
+         r"have no fixed white level; save it as an 8-bit JPEG or PNG\.", prepare=lambda w, e: float_image(w)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_untrusted_data_catalogue(tmp_path, earlier, case):
+    run_case(case, tmp_path, earlier)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Archives
+
+
+def test_archive_entries_beside_its_folder_are_left_out_and_nothing_is_replaced(tmp_path, earlier):
+    """The probe's case: ``cifar-10-python.tar.gz`` with extra ``checkpoints/`` and
+    ``cifar-100-python/`` entries, unpacked with ``--data-dir .`` in a folder holding an earlier
+    run and the user's own CIFAR-100: the run goes on, with a warning, and only
+    ``cifar-10-batches-py/`` is new."""
+    work = tmp_path / "work"
+    shutil.copytree(earlier, work, copy_function=os.link)  # hard links: a rewrite shows as a new inode
+    write_cifar100(work / "cifar-100-python")
+    cifar_archive(work / "cifar-10-python.tar.gz", {
+        "checkpoints/Shapes/evil/last.pt": "not a checkpoint",
+        "cifar-100-python/train": "not CIFAR-100",
+        "runs": "a file where the runs folder is",
+    })  # fmt: skip
+    before = snapshot(work)
+    names = {p.name for p in work.iterdir()}
+    result = run(*CIFAR_HERE, cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert "cifar-10-python.tar.gz: left out 3 entries outside cifar-10-batches-py/ (an archive of CIFAR-10 may " \
+        "create only that folder)" in result.stderr  # fmt: skip
+    assert unchanged(work, before)
+    assert {p.name for p in work.iterdir()} == names | {"cifar-10-batches-py"}
+    assert not (work / "checkpoints" / "Shapes" / "evil").exists()
+    assert "CifarAlexNet on Cifar10 (15 train / 4 test images, 10 classes)" in result.stderr
+
+
+def test_extraction_leaves_no_trace_when_the_archive_is_refused(tmp_path):
+    cifar_archive(tmp_path / "cifar-10-python.tar.gz", {"elsewhere/x": "x"}, own=False)
+    with pytest.raises(DataError, match=r"holds no CIFAR-10 in a cifar-10-batches-py/ folder"):
+        load_dataset("Cifar10", DataOptions(data_dir=tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz"]
+
+
+def test_an_archive_entry_cannot_climb_out_through_its_own_folder(tmp_path):
+    """``cifar-10-batches-py/../x`` starts with the right folder but leads beside it."""
+    build = tmp_path / "build"
+    write_cifar10(build / "cifar-10-batches-py")
+    (build / "x").write_text("escaped")
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(build / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        tar.add(build / "x", arcname="cifar-10-batches-py/../x")
+    assert len(load_dataset("Cifar10", DataOptions(data_dir=data)).train) == 15
+    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_an_existing_folder_that_holds_the_data_is_used_not_replaced(tmp_path, monkeypatch):
+    """Read-only data folder: the archive goes to the cache folder, once; a second start finds
+    what the first unpacked there and leaves it alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    cifar_archive(data / "cifar-10-python.tar.gz")
+    real = datasets.is_writable_dir
+    monkeypatch.setattr(datasets, "is_writable_dir", lambda p: False if p == data else real(p))
+    options = DataOptions(data_dir=data, cache_dir=tmp_path / "cache")
+    load_dataset("Cifar10", options)
+    unpacked = tmp_path / "cache" / "cifar-10-batches-py" / "data_batch_1"
+    stamp = unpacked.stat().st_mtime_ns
+    assert len(load_dataset("Cifar10", options).train) == 15
+    assert unpacked.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["cifar-10-batches-py"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Memory bounded by the file's size
+
+
+PROBE = """
+import json, resource, sys
+sys.path.insert(0, {root!r})
+import numpy as np, torch, torchvision.io, torchvision.transforms.v2, PIL.Image
+import datasets
+from pathlib import Path
+
+def vm_size():
+    return int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# A cap on the address space as well, so that a reader that does not bound its memory fails
+# here instead of taking gigabytes from the machine.
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + (1 << 30), resource.RLIM_INFINITY))
+reports = []
+for path, call in {calls!r}:
+    path = Path(path)
+    try:
+        value = eval(call)
+        outcome = "loaded " + str(tuple(getattr(value, "shape", ())))
+    except datasets.DataError as error:
+        outcome = "DataError: " + str(error)
+    except MemoryError:
+        outcome = "MemoryError"
+    # The peak only grows: each call's figure bounds its own growth and every earlier one's.
+    reports.append((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before, outcome))
+print(json.dumps(reports))
+"""
+
+
+def peak_growth(calls: list[tuple[Path, str]]) -> list[tuple[int, str]]:
+    """Run each ``call`` (an expression over ``path`` and ``datasets``) in turn in one fresh
+    Python, and return after each how much the process's peak resident memory has grown since
+    the start, and what happened. One process for all: starting Python with torch costs seconds."""
+    script = PROBE.format(root=str(ROOT), calls=[(str(path), call) for path, call in calls])
+    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [tuple(r) for r in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
+MB = 1 << 20
+
+
+CRAFTED = {
+    "zero stride": (lambda: zero_stride_batch(100_000), "calls numpy.ndarray directly"),
+    "no state": (lambda: stateless_batch(100_000), "calls numpy's _reconstruct with arguments numpy never writes"),
+    "codec chain": (lambda: codec_chain(22), "calls _codecs.encode other than as encode(text, 'latin1') for bytes"),
+    "memo reuse": (lambda: memo_reuse_batch(2000), "needs more than"),
+}
+
+
+def test_crafted_pickles_are_refused_within_a_bounded_memory(tmp_path):
+    """Each file is a few hundred bytes to 300 KB and asks for 300 MB to 1 GB: refused, with the
+    peak memory of the process growing by less than 32 MB."""
+    calls = []
+    for name, (data, _) in CRAFTED.items():
+        path = tmp_path / name.replace(" ", "_") / "data_batch_1"
+        path.parent.mkdir()
+        path.write_bytes(data())
+        calls.append((path, "datasets.read_cifar_batch(path, b'labels', 10)"))
+    for (name, (_, phrase)), (path, _), (grew, outcome) in zip(CRAFTED.items(), calls, peak_growth(calls)):
+        assert outcome.startswith(f"DataError: {path} was not loaded: it {phrase}"), outcome
+        assert grew < 32 * MB, f"{name}: peak memory grew by {grew / MB:.0f} MB"
+
+
+def test_the_byte_budget_is_a_multiple_of_the_file_size(tmp_path):
+    """Arrays are charged whether or not they share bytes: 300 KB of bytes may back a few
+    arrays, not hundreds (4 x file + 1 MiB); the official files spend about 1x."""
+    few = tmp_path / "few"
+    few.write_bytes(memo_reuse_batch(4))
+    assert len(datasets.safe_unpickle(few)[b"labels"]) == 4
+    many = tmp_path / "many"
+    many.write_bytes(memo_reuse_batch(12))
+    size = many.stat().st_size
+    with pytest.raises(DataError, match=rf"needs more than {4 * size + (1 << 20):,} bytes of memory for its {size:,}"):
+        datasets.safe_unpickle(many)
+
+
+def test_thin_images_decode_within_a_bounded_memory(tmp_path):
+    """A 3 KB 1 x 10000 JPEG resized to a short side of 256 would be 256 x 2.56 million pixels
+    (2 GB); only the centre box is resampled, on both paths."""
+    calls = []
+    for width, height in [(1, 10000), (10000, 1), (3, 7000)]:
+        path = tmp_path / f"thin_{width}x{height}.jpg"
+        column = (np.arange(height) % 256).astype(np.uint8)[:, None]
+        Image.fromarray(np.tile(column, (1, width))).convert("RGB").save(path)
+        assert path.stat().st_size < 64_000
+        calls += [(path, "datasets.decode_resized(path, 256)"),
+                  (path, "datasets.decode_resized_batch([path, path], 256, 'cpu')")]  # fmt: skip
+    for (path, call), (grew, outcome) in zip(calls, peak_growth(calls)):
+        assert outcome.startswith("loaded (") and outcome.endswith("256, 256)"), (path.name, call, outcome)
+        assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
+
+
+def test_a_thin_image_is_its_centre_resized(tmp_path):
+    """A vertical ramp 1 pixel wide: the output is the middle of the ramp, stretched across."""
+    path = tmp_path / "thin.png"
+    Image.fromarray((np.arange(1000) // 4).astype(np.uint8)[:, None]).save(path)
+    image = datasets.decode_resized(path, 256)
+    assert image.shape == (3, 256, 256)
+    assert torch.equal(image[:, :, 0:1].expand(3, 256, 256), image)  # every column the same
+    assert abs(image[0, 128, 0].item() - 125) <= 1  # the centre of the ramp
+
+
+@pytest.mark.parametrize(
+    "build, phrase",
+    [
+        (lambda o: o.array((2, 3072), lambda o: o.bytes(b"\x00" * 100)),
+         "builds a 2 x 3072 uint8 array of 6,144 bytes from 100 bytes"),
+        (lambda o: o.reconstruct().mark().int(1).shape((1, 3072)).dtype("O").false().bytes(b"").tuple().build(),
+         "asks for numpy dtype 'O', which is not a plain number type"),
+        (lambda o: o.array((1, 3072), lambda o: o.bytes(b"\x00" * 3072), order=">"),
+         "gives numpy dtype 'u1' a state numpy never writes"),
+        (lambda o: o.dict().mark().array((1, 1), lambda o: o.bytes(b"\x00")).bytes(b"x").setitems(),
+         "uses an array as a dictionary key"),
+        (lambda o: o.dict().mark().bytes(b"data").reconstruct().setitems(), "makes an array without giving it its bytes"),
+        (lambda o: o.array((1, 1), lambda o: o.bytes(b"\x00")).put(9).mark().int(1).shape((1, 1)).dtype().false()
+         .bytes(b"\x01").tuple().build(), "sets the state of one array twice"),
+        (lambda o: o.list().dict().build(), "sets the state of a list"),
+    ],
+)  # fmt: skip
+def test_arrays_only_from_their_own_bytes(tmp_path, build, phrase):
+    path = tmp_path / "batch"
+    ops = Ops()
+    path.write_bytes(build(ops).done())
+    with pytest.raises(DataError, match=re.escape(f"was not loaded: it {phrase}, which no CIFAR file does")):
+        datasets.safe_unpickle(path)
+
+
+def test_dtypes_are_never_numpy_shared_ones_changed(tmp_path):
+    """A pickle's dtype state never reaches numpy's shared dtype objects (``copy=False`` gives the
+    very object every int64 array uses)."""
+    ops = Ops().reconstruct().mark().int(1).shape((2,)).dtype("i8", ">", copy=False).false()
+    data = ops.bytes(b"\x00" * 7 + b"\x01" + b"\x00" * 7 + b"\x02").tuple().build().done()
+    before = np.dtype("i8").str
+    path = tmp_path / "batch"
+    path.write_bytes(data)
+    array = datasets.safe_unpickle(path)
+    assert array.tolist() == [1, 2] and array.dtype.str == ">i8"
+    assert np.dtype("i8").str == before and np.array([1]).dtype.str == before
+
+
+def test_official_and_python3_arrays_still_load_exactly(tmp_path):
+    """What numpy itself writes: Python 2 (BINSTRING bytes) and Python 3 (``_codecs.encode``)
+    protocol-2 pickles, C and Fortran order, several plain dtypes."""
+    arrays = {
+        b"u1": np.arange(12, dtype=np.uint8).reshape(3, 4),
+        b"f": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        b"i8": np.array([-1, 2**40], dtype=np.int64),
+        b"big": np.array([1, 2], dtype=">i4"),
+        b"b": np.array([True, False]),
+    }
+    # Python 3 writes empty bytes as builtins.bytes(), a global no CIFAR file needs: Python 2 only.
+    empty = {**arrays, b"empty": np.zeros((0, 3072), np.uint8)}
+    for data, written in ((pickle.dumps(arrays, protocol=2), arrays), (python2_pickle(empty), empty)):
+        path = tmp_path / "arrays"
+        path.write_bytes(data)
+        loaded = datasets.safe_unpickle(path)
+        for key, array in written.items():
+            assert loaded[key].dtype == array.dtype and np.array_equal(loaded[key], array), key
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Paths from data files
+
+
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("../x", "'../x' holds a path separator"),
+        ("/etc/passwd", "'/etc/passwd' holds a path separator"),
+        ("..", "'..' names a folder itself, not something in it"),
+        ("a\\b", "holds a path separator"),  # how the name is quoted is utils.safe_child's business
+        ("a\x1bb", "holds a control character"),
+        ("-rf", "'-rf' starts with '-'"),
+        ("x" * 199, "is 203 bytes long, more than the 200 a name may have"),
+    ],
+)
+def test_image_ids_must_be_names_inside_the_folder(tmp_path, line, problem):
+    path = tmp_path / "train.txt"
+    path.write_text(f"2008_000001\n\n{line} 1\n")
+    message = rf"train\.txt line 3: the image id .*{re.escape(problem)}, so it cannot name a file in the VOC folder; " \
+        r"fix the line or remove it\."  # fmt: skip
+    with pytest.raises(DataError, match=message):
+        datasets.read_image_list(path)
+
+
+def test_an_image_list_with_a_bom_and_crlf_reads_as_the_ids(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_bytes("2008_000001\r\n2008_000002  1\r\n\r\n".encode("utf-8-sig"))
+    assert datasets.read_image_list(path) == ["2008_000001", "2008_000002"]
+
+
+def test_a_bom_list_trains_through_the_command_line(tmp_path):
+    """Saved by a Windows editor: BOM and CRLF. The first image was reported missing before."""
+    folder = voc(tmp_path)
+    (folder / "ImageSets" / "Main" / "train.txt").write_bytes("2010_000000\r\n2010_000001\r\n".encode("utf-8-sig"))
+    result = run(*VOC, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2 images in train.txt, 1 in val.txt" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Caches and meta files
+
+
+def voc_options(tmp_path: Path) -> DataOptions:
+    return DataOptions(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
+
+
+def test_a_zeroed_cache_is_rebuilt_through_the_command_line(tmp_path):
+    """The cache replaced by zeros of the right shape (its JPEGs untouched, so their fingerprint
+    still matches): the digest recorded at build time no longer does, so it is rebuilt."""
+    voc(tmp_path)
+    first = run(*VOC, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    cache = tmp_path / "cache" / "train_256.npy"
+    built = np.load(cache).copy()
+    assert built.any()
+    np.save(cache, np.zeros_like(built))
+    result = run(*VOC, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "resize cache cache/train_256.npy does not match the digest recorded when it was built (it was changed " \
+        "or damaged); rebuilding it" in result.stderr  # fmt: skip
+    assert np.array_equal(np.load(cache), built)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "train_256.json", "train_256.npy", "val_256.json", "val_256.npy"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "meta, warning",
+    [
+        ("null", "is not what this tool writes"),
+        ("[1, 2]", "is not what this tool writes"),
+        ('{"fingerprint": 3, "digest": null}', "is not what this tool writes"),
+        ("{", "is unreadable"),
+        ("[" * 60_000, "is unreadable"),  # nested past the recursion limit
+        ("[" * 70_000, "is unreadable"),  # larger than any meta this tool writes
+        ("\xff", "is unreadable"),
+    ],
+)
+def test_an_ill_typed_cache_meta_is_a_warning_and_a_rebuild(tmp_path, caplog, meta, warning):
+    voc(tmp_path)
+    load_dataset("PascalVOC2012", voc_options(tmp_path))
+    meta_path = tmp_path / "cache" / "train_256.json"
+    meta_path.write_bytes(meta.encode("latin-1"))
+    data = load_dataset("PascalVOC2012", voc_options(tmp_path))
+    assert f"resize cache meta {meta_path} {warning}" in caplog.text and "rebuilding the cache" in caplog.text
+    assert data.train.images.any()
+    assert isinstance(json.loads(meta_path.read_text())["digest"], str)
+
+
+def test_a_cache_with_extra_bytes_or_the_wrong_shape_is_rebuilt(tmp_path, caplog):
+    voc(tmp_path)
+    load_dataset("PascalVOC2012", voc_options(tmp_path))
+    cache = tmp_path / "cache" / "train_256.npy"
+    with open(cache, "ab") as f:
+        f.write(b"\x00" * 10)
+    load_dataset("PascalVOC2012", voc_options(tmp_path))
+    assert "has bytes beyond its array; rebuilding it" in caplog.text
+    np.save(cache, np.zeros((1, 3, 256, 256), np.uint8))
+    load_dataset("PascalVOC2012", voc_options(tmp_path))
+    assert "holds uint8 (1, 3, 256, 256), not uint8 (2, 3, 256, 256); rebuilding it" in caplog.text
+
+
+def test_an_untouched_cache_is_used_without_a_warning(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    voc(tmp_path)
+    load_dataset("PascalVOC2012", voc_options(tmp_path))
+    caplog.clear()
+    load_dataset("PascalVOC2012", voc_options(tmp_path))
+    assert "building" not in caplog.text and "rebuilding" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "names, message",
+    [
+        ([b"a"] * 99, r"lists 99 class names under b'fine_label_names', but CIFAR-100 has 100"),
+        ([f"n{i}".encode() for i in range(99)] + [b""], r"class name 100 under b'fine_label_names' \(''\) is empty"),
+        ([f"n{i}".encode() for i in range(99)] + [b"\xff"], r"class name 100 .* is not UTF-8 text"),
+        ([f"n{i}".encode() for i in range(99)] + [b"a\nb"], r"class name 100 .* is not printable text"),
+        ([f"n{i}".encode() for i in range(99)] + [b"x" * 101], r"class name 100 .* is longer than 100 characters"),
+    ],
+)
+def test_class_names_are_the_official_count_of_unique_printable_text(tmp_path, names, message):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar100(folder)
+    (folder / "meta").write_bytes(python2_pickle({b"fine_label_names": names,
+                                                 b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}))  # fmt: skip
+    with pytest.raises(DataError, match=message):
+        load_dataset("Cifar100", DataOptions(data_dir=tmp_path))
+
+
+def test_cifar100_coarse_names_must_be_twenty(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar100(folder)
+    (folder / "meta").write_bytes(python2_pickle({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                                                 b"coarse_label_names": [f"c{i}".encode() for i in range(21)]}))  # fmt: skip
+    assert load_dataset("Cifar100", DataOptions(data_dir=tmp_path)).num_classes == 100
+    with pytest.raises(DataError, match=r"lists 21 class names under b'coarse_label_names', but CIFAR-100 has 20"):
+        load_dataset("Cifar100", DataOptions(data_dir=tmp_path, coarse_labels=True))
+
+
+def grey_ramp() -> np.ndarray:
+    """300 x 300 16-bit greyscale, black on the left to white on the right."""
+    return np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (300, 1))
+
+
+def ramp8() -> np.ndarray:
+    return ((grey_ramp().astype(np.int64) + 128) // 257).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "mode, write, tolerance",
+    [
+        # 16-bit greyscale: scaled to 8 bits, not clipped to white as convert("RGB") does.
+        ("I;16", lambda p: Image.fromarray(grey_ramp()).save(p, format="PNG"), 1),
+        ("L", lambda p: Image.fromarray(ramp8()).save(p, format="PNG"), 0),
+        ("P", lambda p: Image.fromarray(ramp8()).convert("RGB").quantize(256).save(p, format="PNG"), 2),
+        ("CMYK", lambda p: Image.fromarray(ramp8()).convert("CMYK").save(p, format="JPEG", quality=100), 3),
+        ("RGBA", lambda p: Image.fromarray(ramp8()).convert("RGBA").save(p, format="PNG"), 0),
+    ],
+)
+def test_image_modes_become_the_right_rgb(tmp_path, mode, write, tolerance):
+    path = tmp_path / "image.jpg"  # VOC names every file .jpg, whatever it holds
+    write(path)
+    assert Image.open(path).mode == mode
+    image = datasets.decode_resized(path, 256).int()
+    reference = torch.from_numpy(np.asarray(Image.fromarray(ramp8()).resize((256, 256), Image.BILINEAR)).astype(int))
+    assert (image - reference[None]).abs().max() <= tolerance
+    assert image[:, :, 0].max() < 10 and image[:, :, -1].min() > 245  # black to white, not clipped
+
+
+def palette_image() -> Image.Image:
+    image = Image.new("P", (300, 300), 3)
+    image.putpalette([10, 20, 30] * 256)
+    return image
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: Image.merge("LA", [Image.new("L", (300, 300), 0)] * 2).save(p, format="PNG"),
+        lambda p: Image.new("RGBA", (300, 300), (0, 0, 0, 0)).save(p, format="PNG"),
+        lambda p: palette_image().save(p, format="PNG", transparency=3),
+        lambda p: Image.new("RGB", (300, 300), (10, 20, 30)).save(p, format="PNG", transparency=(10, 20, 30)),
+    ],
+)
+def test_transparent_pixels_are_white(tmp_path, write):
+    path = tmp_path / "image.jpg"
+    write(path)
+    assert (datasets.decode_resized(path, 256) == 255).all()
+
+
+def test_sixteen_bit_big_endian_and_32_bit_modes(tmp_path):
+    path = tmp_path / "a.png"
+    big = Image.frombytes("I;16B", (4, 1), np.array([0, 257, 32896, 65535], dtype=">u2").tobytes())
+    assert datasets.to_rgb(big, path).getpixel((2, 0)) == (128, 128, 128)
+    with pytest.raises(DataError, match=r"a.png holds I pixels \(32-bit integers or floating point\)"):
+        datasets.to_rgb(Image.new("I", (4, 4)), path)
+
+
+@pytest.mark.parametrize(
+    "codec, declared",
+    [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16BE"), ("utf-16-le", "UTF-16"), ("utf-8-sig", "UTF-8"),
+     ("latin-1", "ISO-8859-1"), ("cp1252", "windows-1252"), ("utf-8", "UTF-8")],
+)  # fmt: skip
+def test_a_doctype_is_found_whatever_the_encoding(tmp_path, codec, declared):
+    text = (f'<?xml version="1.0" encoding="{declared}"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+            "<annotation><object><name>&x;</name></object></annotation>")  # fmt: skip
+    path = tmp_path / "a.xml"
+    path.write_bytes(text.encode(codec))
+    with pytest.raises(DataError, match=r"declares a DOCTYPE or entities, which VOC annotations never do"):
+        datasets.parse_voc_xml(path)
+
+
+def test_an_encoding_the_parser_cannot_read_is_refused_too(tmp_path):
+    path = tmp_path / "a.xml"
+    path.write_bytes('<?xml version="1.0" encoding="UTF-32"?><!DOCTYPE a><annotation/>'.encode("utf-32"))
+    with pytest.raises(DataError, match=r"a.xml (declares a DOCTYPE|is not well-formed XML)"):
+        datasets.parse_voc_xml(path)
+
+
+def test_an_annotation_in_utf16_without_a_doctype_still_parses(tmp_path):
+    path = tmp_path / "a.xml"
+    path.write_bytes(voc_xml("a.jpg", 9, 9, [("dog", False)]).encode("utf-16"))
+    assert datasets.parse_voc_xml(path)[datasets.VOC_CLASSES.index("dog")] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Signals while reading data
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def test_sigterm_to_the_process_group_while_streaming_saves_and_stops(tmp_path):
+    """Slurm and systemd signal every process of the job: the DataLoader workers ignore SIGTERM,
+    the main process saves last.pt and stops with 143, then shuts the workers down."""
+    voc(tmp_path)
+    process = subprocess.Popen(
+        command("-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "2", "--batch-size", "1", "--loader", "stream",
+                "--workers", "2"),
+        cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "augmentation:" in line:
+            break
+    deadline = time.monotonic() + 60
+    while len(children(process.pid)) < 2 and time.monotonic() < deadline:  # the epoch's workers have started
+        time.sleep(0.02)
+    workers = children(process.pid)
+    assert len(workers) >= 2, "".join(seen)
+    time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 143, rest
+    assert "Traceback" not in rest and "DataLoader worker" not in rest, rest
+    assert "stopped by SIGTERM" in rest
+    assert only(tmp_path / "checkpoints" / "PascalVOC2012", "*/last.pt").is_file()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived the run"
+
+
+def test_workers_ignore_both_stop_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        datasets._ignore_stop_signals(0)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def slow_decoder(calls: list[int], seconds: float = 0.05):
+    def decode(path: Path, size: int) -> torch.Tensor:
+        calls.append(1)
+        time.sleep(seconds)
+        return torch.zeros(3, size, size, dtype=torch.uint8)
+
+    return decode
+
+
+def test_the_cache_build_stops_promptly_on_ctrl_c_and_leaves_no_file(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(datasets, "decode_resized", slow_decoder(calls))
+    paths = [tmp_path / f"{i}.jpg" for i in range(300)]  # 300 x 50 ms on 2+ threads: seconds
+    for path in paths:
+        path.write_bytes(b"x")
+    cache = tmp_path / "cache" / "train_256.npy"
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    start = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        datasets.load_resize_cache(paths, cache, 16)
+    assert time.monotonic() - start < 1.5
+    assert len(calls) < 100
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_bad_image_stops_the_cache_build_without_decoding_the_rest(tmp_path, monkeypatch):
+    calls: list[int] = []
+    decode = slow_decoder(calls, 0.01)
+
+    def failing(path: Path, size: int) -> torch.Tensor:
+        if path.name == "5.jpg":
+            raise DataError(f"{path} cannot be decoded as a JPEG")
+        return decode(path, size)
+
+    monkeypatch.setattr(datasets, "decode_resized", failing)
+    paths = [tmp_path / f"{i}.jpg" for i in range(400)]
+    for path in paths:
+        path.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"5.jpg cannot be decoded"):
+        datasets.load_resize_cache(paths, tmp_path / "cache" / "train_256.npy", 16)
+    assert len(calls) < 100
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_sigterm_while_building_the_cache_leaves_no_file(tmp_path):
+    """Through the command line: main's SIGTERM handler raises inside the build, which stops,
+    removes its temporary file and exits 143 without writing a cache."""
+    folder = voc(tmp_path)
+    ids = [f"2011_{i:06d}" for i in range(3000)]  # seconds to resize even on many cores
+    xml = voc_xml("x.jpg", 500, 375, [("dog", False)])
+    for image_id in ids:
+        os.link(folder / "JPEGImages" / "2010_000000.jpg", folder / "JPEGImages" / f"{image_id}.jpg")
+        (folder / "Annotations" / f"{image_id}.xml").write_text(xml)
+    (folder / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
+    process = subprocess.Popen(command(*VOC), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "building the 256x256 resize cache of 3000 images" in line:
+            break
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 143, rest
+    assert "Traceback" not in rest, rest
+    assert list((tmp_path / "cache").iterdir()) == []
