@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -21,14 +22,23 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+
+def _stopped_while_starting(signum: int, frame: Any) -> None:
+    sys.stderr.write(f"stopped by {signal.Signals(signum).name} while starting; nothing was written\n")
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    # Loading torch takes a second or two: a stop during it ends quietly, not with a traceback.
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, _stopped_while_starting)
+
 import torch
 
 from datasets import DATASETS, DataOptions, load_dataset
 from network import SplitPaperAlexNet, build_model, split_devices
 from trainer import (
     AMP_DTYPES,
-    SETUPS,
-    Interrupted,
     TrainConfig,
     Trainer,
     check_compatible,
@@ -38,11 +48,19 @@ from trainer import (
     format_metrics,
     load_checkpoint,
 )
+from training.config import SETUPS
+from training.outputs import RunFolders, claim_run
 from utils import (
+    Check,
+    Interrupted,
+    StopSignals,
     UserError,
     __version__,
     init_distributed,
     launched_by_torchrun,
+    lost_process,
+    name_problem,
+    quoted,
     rank_and_world,
     resolve_device,
     setup_logging,
@@ -54,36 +72,27 @@ logger = logging.getLogger("alexnet")
 def number_type(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
                 high_open: bool = False) -> Any:  # fmt: skip
     """An argparse type: ``kind`` within [low, high] (open ends where asked), with the reason
-    in one sentence when not."""
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            noun = "whole number" if kind is int else "number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
-        if isinstance(value, float) and not abs(value) < float("inf"):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            lo = "" if low is None else f"{'above' if low_open else 'at least'} {low}"
-            hi = "" if high is None else f"{'below' if high_open else 'at most'} {high}"
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(p for p in (lo, hi) if p)}, got {text}")
-        return value
-
-    return parse
+    in one sentence when not (``utils.Check``, the rule checkpoints are held to as well)."""
+    return Check(kind, low, high, low_open, high_open).parse
 
 
-positive_int = number_type(int, 1)
-positive_float = number_type(float, 0, low_open=True)
+def setting_type(name: str) -> Any:
+    """The argparse type of a flag that sets ``TrainConfig.<name>``: that field's own rule."""
+    return TrainConfig.check(name).parse
 
 
 def run_name_type(text: str) -> str:
-    """A run name usable as one folder name."""
-    if not text or text in (".", "..") or any(c in text for c in "/\\\0") or text.startswith("-"):
-        raise argparse.ArgumentTypeError(f"{text!r} cannot be a folder name; use letters, digits, - _ .")
+    """A run name usable as one folder name (the rule every name that becomes a path follows)."""
+    problem = name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{quoted(text)} cannot be a folder name: it {problem}; use letters, digits, "
+                                         "- _ .")  # fmt: skip
     return text
+
+
+def path_type(text: str) -> Path:
+    """A path the run records: valid UTF-8 text (JSON, TensorBoard and the log need it)."""
+    return Path(Check(str, path=True).parse(text))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -128,29 +137,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     add(
         "-ne",
         "--n_epoch",
-        type=positive_int,
+        type=setting_type("n_epoch"),
         default=None,
         help=f"maximum number of training epochs (default: {modern.n_epoch}; {paper.n_epoch} with -pt)",
     )
     add(
         "-es",
         "--early_stop",
-        type=positive_int,
+        type=setting_type("early_stop"),
         default=None,
-        help=f"stop after this many epochs without a better top-1 / mAP (default: {modern.early_stop}; with -pt off: "
-        "the run stops at the plateau after the last lr drop)",
+        help="stop after this many epochs without a better top-1 / mAP, 0 never (default: "
+        f"{modern.early_stop}; with -pt off: the run stops at the plateau after the last lr drop)",
     )
     add(
         "-lls",
         "--log_loss_step",
-        type=positive_int,
+        type=setting_type("log_loss_step"),
         default=100,
         help="log the training loss every this many steps (default: %(default)s)",
     )
     add(
         "-lce",
         "--log_confusion_epoch",
-        type=positive_int,
+        type=setting_type("log_confusion_epoch"),
         default=10,
         help="save the confusion matrix (figure and CSV) every this many epochs and at the end (default: %(default)s)",
     )
@@ -162,15 +171,24 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="DATASET",
         help=f"data set to train on: {', '.join(DATASETS)} (default: %(default)s, generated, no download)",
     )
-    add("-m", "--message", default="", help="a note about this run, saved to the log and TensorBoard (default: none)")
+    add(
+        "-m",
+        "--message",
+        type=setting_type("message"),
+        default="",
+        help="a note about this run, saved to the log and TensorBoard (default: none)",
+    )
 
     paths = parser.add_argument_group("data and outputs")
     paths.add_argument(
-        "--data-dir", type=Path, default=Path("dataset"), help="folder holding the data sets (default: %(default)s)"
+        "--data-dir",
+        type=path_type,
+        default=Path("dataset"),
+        help="folder holding the data sets (default: %(default)s)",
     )
     paths.add_argument(
         "--output-dir",
-        type=Path,
+        type=path_type,
         default=Path("."),
         help="folder under which runs/, checkpoints/ and log/ are written (default: current folder)",
     )
@@ -193,7 +211,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     paths.add_argument(
         "--cache-dir",
-        type=Path,
+        type=path_type,
         default=None,
         help="folder for the VOC 256x256 resize cache (default: alexnet_cache/ in the VOC folder, "
         "or ~/.cache/alexnet when that is read-only)",
@@ -207,7 +225,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     paths.add_argument(
         "--workers",
-        type=number_type(int, 0),
+        type=setting_type("workers"),
         default=2,
         help="DataLoader worker processes when streaming (default: %(default)s)",
     )
@@ -222,57 +240,60 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     opt.add_argument(
         "--lr",
-        type=positive_float,
+        type=setting_type("lr"),
         default=None,
         help=f"initial learning rate (default: {modern.lr}; {paper.lr} with -pt)",
     )
     opt.add_argument(
         "--batch-size",
-        type=positive_int,
+        type=setting_type("batch_size"),
         default=None,
         help=f"training batch size (default: {modern.batch_size}; {paper.batch_size} with -pt)",
     )
     opt.add_argument(
         "--weight-decay",
-        type=number_type(float, 0),
+        type=setting_type("weight_decay"),
         default=None,
         help=f"weight decay (default: {modern.weight_decay}; {paper.weight_decay} with -pt)",
     )
     opt.add_argument(
         "--momentum",
-        type=number_type(float, 0, 1, high_open=True),
+        type=setting_type("momentum"),
         default=None,
         help=f"SGD momentum (default: {modern.momentum}; {paper.momentum} with -pt)",
     )
     opt.add_argument(
         "--plateau-patience",
-        type=positive_int,
+        type=setting_type("plateau_patience"),
         default=None,
         help="epochs without a better top-1 / mAP that make a plateau (default: "
         f"{modern.plateau_patience}; {paper.plateau_patience} with -pt)",
     )
     opt.add_argument(
         "--lr-factor",
-        type=number_type(float, 0, 1, low_open=True, high_open=True),
+        type=setting_type("lr_factor"),
         default=None,
         help=f"learning-rate multiplier at a plateau (default: {modern.lr_factor}; {paper.lr_factor} with -pt)",
     )
     opt.add_argument(
         "--max-lr-drops",
-        type=number_type(int, 0),
+        type=setting_type("max_lr_drops"),
         default=None,
         help=f"most learning-rate drops (default: {modern.max_lr_drops}; {paper.max_lr_drops} with -pt)",
     )
     opt.add_argument(
         "--warm-start",
-        type=number_type(float, 1),
+        type=setting_type("warm_start"),
         default=1.0,
         metavar="FACTOR",
         help="start at FACTOR x --lr and let plateaus bring it back down before the counted drops "
         "(the seed's finding: a large initial learning rate helps) (default: 1, off)",
     )
     opt.add_argument(
-        "--seed", type=int, default=0, help="random seed for weights, shuffling and augmentation (default: %(default)s)"
+        "--seed",
+        type=setting_type("seed"),
+        default=0,
+        help="random seed for weights, shuffling and augmentation, 0 to 2^32-1 (default: %(default)s)",
     )
     opt.add_argument(
         "--device",
@@ -324,15 +345,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     ckpt = parser.add_argument_group("checkpoints").add_mutually_exclusive_group()
     ckpt.add_argument(
         "--resume",
-        type=Path,
+        type=path_type,
         default=None,
         metavar="PATH",
         help="continue the run of this last.pt where it stopped: same run folder, epoch, learning "
         "rate, counters and random streams; -ne may extend it (default: none)",
     )
+    parser.add_argument_group("checkpoints").add_argument(
+        "--rewind",
+        action="store_true",
+        help="with --resume: allow going back to a checkpoint older than the run's last.pt (best.pt, say); that "
+        "last.pt is kept as last.epoch<N>.pt (default: off, refused)",
+    )
     ckpt.add_argument(
         "--evaluate",
-        type=Path,
+        type=path_type,
         default=None,
         metavar="PATH",
         help="evaluate this checkpoint on the evaluation split (10-crop if it was trained with -pt), "
@@ -342,19 +369,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     shapes = parser.add_argument_group("Shapes data set")
     shapes.add_argument(
         "--shapes-train",
-        type=positive_int,
+        type=setting_type("shapes_train"),
         default=DataOptions.shapes_train,
         help="number of generated training images (default: %(default)s)",
     )
     shapes.add_argument(
         "--shapes-test",
-        type=positive_int,
+        type=setting_type("shapes_test"),
         default=DataOptions.shapes_test,
         help="number of generated test images (default: %(default)s)",
     )
     shapes.add_argument(
         "--shapes-seed",
-        type=int,
+        type=setting_type("shapes_seed"),
         default=DataOptions.shapes_seed,
         help="seed the images are generated from (default: %(default)s)",
     )
@@ -446,10 +473,18 @@ def config_from_checkpoint(
     fields = {f for f in given if f in fresh}
     refused = sorted(f for f in fields - may_change if fresh[f] != getattr(base, f))
     if refused:
-        what = ", ".join(f"{f} ({fresh[f]!r}; the checkpoint has {getattr(base, f)!r})" for f in refused)
+        what = ", ".join(f"{f} ({_shown(fresh[f])}; the checkpoint has {_shown(getattr(base, f))})" for f in refused)
         raise UserError(f"{path} fixes these settings, which the command line changes: {what}; drop those flags.")
     changes = {f: fresh[f] for f in fields & may_change}
     changes.update({f: fresh[f] for f in DEVICE_DEFAULTS - fields})
+    # Where the run reads and writes comes from the command line, never from the file: the
+    # recorded data folder is used only when it exists here, the cache folder not at all.
+    if "data_dir" not in fields and not Path(base.data_dir).is_dir():
+        changes["data_dir"] = fresh["data_dir"]
+    if "cache_dir" not in fields:
+        changes["cache_dir"] = fresh["cache_dir"]
+    if "output_dir" not in fields:
+        changes["output_dir"] = fresh["output_dir"]
     if "cifar" in changes or "paper_model" in changes:
         cifar = changes.get("cifar", base.cifar)
         changes["model"] = "CifarAlexNet" if cifar else "PaperAlexNet" if changes.get("paper_model", base.paper_model) \
@@ -458,23 +493,36 @@ def config_from_checkpoint(
     return replace(base, **changes)
 
 
-def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str:
+def _shown(value: Any) -> str:
+    """A setting's value in a message: text quoted and printable, numbers and flags as written."""
+    return quoted(value) if isinstance(value, str) else repr(value)
+
+
+def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str | None:
     """``<out>`` for ``<out>/checkpoints/<dataset>/<run>/last.pt``, so a resumed run finds its
-    folders wherever it is started from; the recorded one otherwise."""
+    folders wherever it is started from; None for a checkpoint outside that layout (the run then
+    writes under ``--output-dir``, the current folder by default: never where the file says)."""
     parts = checkpoint_path.resolve().parts
     if len(parts) >= 4 and parts[-4] == "checkpoints" and parts[-3] == config.dataset and parts[-2] == config.run_name:
         return str(Path(*parts[:-4]))
-    return config.output_dir
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
+    stop = StopSignals()
+    stop.install()  # before any work: a stop at any moment is one sentence and the right code
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["report"], ["experiments"]):
         # `python main.py report runs/` is `python -m experiments report runs/`.
         from experiments.__main__ import main as experiments_main
 
-        return experiments_main(argv if argv[0] == "report" else argv[1:])
+        stop.phase = "writing the report" if argv[0] == "report" else "running the experiments"
+        try:
+            return experiments_main(argv if argv[0] == "report" else argv[1:])
+        except Interrupted as stopped:
+            logger.warning("stopped by %s while %s", stopped, stop.phase)
+            return stopped.exit_code
     parser = get_args_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(argv)
@@ -489,35 +537,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--split-gpus splits the paper's network: add -pm (and drop -c)")
     if args.split_gpus and launched_by_torchrun():
         parser.error("--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun")
+    if args.rewind and not args.resume:
+        parser.error("--rewind only applies to --resume")
     setup_logging()
-    # Outside the training loop (loading, caching) SIGTERM unwinds like Ctrl-C, so temporary
-    # files are removed; inside it the trainer saves first.
-    signal.signal(signal.SIGTERM, _terminate)
     try:
-        return run(args, given)
+        return run(args, given, stop)
     except UserError as error:
         logger.error("error: %s", error)
         return 1
-    except Interrupted as stop:
-        return stop.exit_code
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return 130
+    except Interrupted as stopped:
+        stop.signum = stop.signum or stopped.signum  # later signals only unwind further
+        if not stopped.reported:
+            logger.warning("stopped by %s while %s; nothing of this run was saved", stopped, stop.phase)
+        return stopped.exit_code
+    except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
+        sentence = lost_process(error, None)
+        if sentence is None:
+            raise
+        logger.error("error: %s", sentence)
+        return 1
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Interrupted(signum)
-
-
-def run(args: argparse.Namespace, given: set[str]) -> int:
-    """Build what the arguments ask for and train, resume or evaluate."""
+def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
+    """Build what the arguments ask for and train, resume or evaluate; ``stop.phase`` says what
+    is under way."""
     device = resolve_device(args.device)
     if launched_by_torchrun():
         if args.evaluate:
             raise UserError("--evaluate runs in one process; start it with python, not torchrun.")
+        stop.phase = "joining the other processes"
         device = init_distributed(device)
         rank, world = rank_and_world()
         if rank != 0:  # one voice: the other processes only speak up about problems
@@ -525,19 +576,43 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         logger.info("data parallel: %d processes (%s), global batch split between them", world,
                     "NCCL" if device.type == "cuda" else "gloo")  # fmt: skip
     checkpoint_path = args.resume or args.evaluate
-    checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    stop.phase = "reading the checkpoint"
+    checkpoint = load_checkpoint(checkpoint_path, resume=bool(args.resume)) if checkpoint_path else None
     if checkpoint is None:
         config = config_from_args(args, device)
     else:
         may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
         config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, device, may_change)
         if args.resume and "output_dir" not in given:
-            config.output_dir = output_dir_of(checkpoint_path, config)
+            config.output_dir = output_dir_of(checkpoint_path, config) or config.output_dir
     if config.deterministic:
         make_deterministic()
     elif device.type == "cuda":
         # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
+    folders: RunFolders | None = None
+    if not args.evaluate:
+        # Named, checked and locked before the data are read: a second process on the same run,
+        # or a name that is taken, is told at once.
+        stop.phase = "preparing the run's folders"
+        resume_step = checkpoint.get("global_step", 0) if checkpoint is not None and args.resume else 0
+        folders = claim_run(config, checkpoint_path if args.resume else None, resume_step, args.rewind)
+    try:
+        return _build_and_go(args, config, checkpoint, checkpoint_path, device, folders, stop)
+    except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
+        saved = folders is not None and not config.dry_run
+        sentence = lost_process(error, folders.ckpt_dir / "last.pt" if saved else None)
+        if sentence is None:
+            raise
+        raise UserError(sentence) from None
+    finally:
+        if folders is not None:
+            folders.release()
+
+
+def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dict[str, Any] | None,
+                  checkpoint_path: Path | None, device: torch.device, folders: RunFolders | None,
+                  stop: StopSignals) -> int:  # fmt: skip
     options = DataOptions(
         data_dir=Path(config.data_dir),
         download=args.download,
@@ -548,7 +623,9 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         shapes_seed=config.shapes_seed,
         decode_device=str(device),
     )
+    stop.phase = "reading the data"
     data = load_first_on_rank0(config.dataset, options)
+    stop.phase = "building the model"
     torch.manual_seed(config.seed)
     model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
     if checkpoint is not None:
@@ -557,6 +634,7 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         model = SplitPaperAlexNet(model, split_devices(device))
         logger.info("the two towers run on %s and %s", *model.devices)
     if args.evaluate:
+        stop.phase = "evaluating"
         result = evaluate_checkpoint(config, model, data, device)
         views = " (10-crop)" if config.paper_train and config.model != "CifarAlexNet" else ""
         logger.info(
@@ -566,9 +644,14 @@ def run(args: argparse.Namespace, given: set[str]) -> int:
         if recorded and config.dataset == checkpoint["config"].get("dataset"):
             metric = "mAP" if "mAP" in recorded else "top1"
             logger.info("recorded at epoch %d: %s %.2f%%", checkpoint["epoch"], metric, recorded[metric])
-        print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **result.metrics()}))
+        # Strict JSON: a loss that overflowed is null, not NaN (which JSON does not have).
+        metrics = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.metrics().items()}
+        print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **metrics}, allow_nan=False))
         return 0
-    Trainer(config, model, data, device, resume=checkpoint if args.resume else None).fit()
+    stop.phase = "preparing training"
+    trainer = Trainer(config, model, data, device, resume=checkpoint if args.resume else None, folders=folders)
+    stop.phase = "training"
+    trainer.fit()
     return 0
 
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,34 +40,33 @@ from tqdm import tqdm
 
 from datasets import BatchLoader, DataSet, Pipeline, Split, fits_in_memory, make_pipeline
 from network import SplitPaperAlexNet
+from training.checkpoint import (
+    CheckpointError,
+    check_optimizer_state,
+    check_partial_epoch,
+    load_checkpoint,  # noqa: F401 (callers import it from here)
+    save_checkpoint,
+)
+from training.checkpoint import check_compatible as checkpoint_check_compatible
+from training.config import AMP_CHOICES, TrainConfig
+from training.outputs import RunFolders, claim_run
+from training.schedule import PlateauSchedule
 from utils import (
+    Interrupted,
     UserError,
     __version__,
     add_log_file,
     atomic_write_json,
+    printable,
     rank_and_world,
     short_reason,
-    temp_file_beside,
-    unique_run_name,
 )
 
 logger = logging.getLogger(__name__)
 
 
-class CheckpointError(UserError):
-    """A checkpoint that is missing, damaged, foreign or does not fit the model and data."""
-
-
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after its state was saved; ``exit_code`` is 128 + signal."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
 
 
 class StopRequest:
@@ -93,102 +90,6 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return {}
         return {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Setups and configuration
-
-
-@dataclass(frozen=True)
-class Setup:
-    """A named training recipe: the defaults that ``--lr``, ``--batch-size`` etc. override."""
-
-    optimizer: str
-    lr: float
-    batch_size: int
-    momentum: float
-    weight_decay: float
-    lr_factor: float
-    plateau_patience: int
-    max_lr_drops: int
-    n_epoch: int
-    early_stop: int  # epochs without improvement before stopping; 0 = never
-    stop_after_last_drop: bool  # a plateau after the last allowed drop ends the run
-    paper_update: bool  # SGD with the paper's own update rule (PaperSGD)
-
-
-SETUPS: dict[str, Setup] = {
-    # §5 of the paper: batch 128, momentum 0.9, weight decay 5e-4 with the paper's update rule,
-    # lr 0.01 divided by 10 when the validation error stops improving, "reduced three times
-    # prior to termination", about 90 epochs.
-    "paper": Setup("sgd", lr=0.01, batch_size=128, momentum=0.9, weight_decay=5e-4, lr_factor=0.1,
-                   plateau_patience=5, max_lr_drops=3, n_epoch=90, early_stop=0, stop_after_last_drop=True,
-                   paper_update=True),
-    # Adam with plateau decay and early stopping: works across the three models and data sets
-    # without tuning.
-    "modern": Setup("adam", lr=1e-4, batch_size=128, momentum=0.9, weight_decay=0.0, lr_factor=0.1,
-                    plateau_patience=5, max_lr_drops=3, n_epoch=200, early_stop=50, stop_after_last_drop=False,
-                    paper_update=False),
-}  # fmt: skip
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run, resolved (no "use the default" placeholders left).
-
-    Dumped to ``config.json`` and stored in every checkpoint as a plain dict.
-    """
-
-    dataset: str = "Shapes"
-    model: str = "TorchAlexNet"
-    cifar: bool = False
-    paper_model: bool = False
-    paper_train: bool = False
-    lrn: bool = True
-    setup: str = "modern"
-    optimizer: str = "adam"
-    paper_update: bool = False
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    eval_batch_size: int = 512
-    lr_factor: float = 0.1
-    plateau_patience: int = 5
-    max_lr_drops: int = 3
-    stop_after_last_drop: bool = False
-    warm_start: float = 1.0
-    n_epoch: int = 200
-    early_stop: int = 50
-    log_loss_step: int = 100
-    log_confusion_epoch: int = 10
-    seed: int = 0
-    deterministic: bool = False
-    device: str = "cpu"
-    amp: str = "off"  # bf16, fp16 or off: autocast precision of forward and backward
-    channels_last: bool = False
-    compile: bool = False
-    split_gpus: bool = False
-    data_dir: str = "dataset"
-    output_dir: str = "."
-    dry_run: bool = False
-    log: bool = False
-    message: str = ""
-    coarse_labels: bool = False
-    cache_dir: str = ""
-    loader: str = "auto"
-    workers: int = 2
-    shapes_train: int = 8000
-    shapes_test: int = 1600
-    shapes_seed: int = 0
-    run_name: str = ""
-    version: str = field(default=__version__)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """A config from a checkpoint's dict; keys this version does not know are dropped."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +154,7 @@ def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
 # The fast path: mixed precision, channels-last, torch.compile
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+assert set(AMP_DTYPES) == set(AMP_CHOICES)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -286,6 +188,15 @@ def model_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+def training_loss(
+    model: nn.Module, loss_fn: Any, images: torch.Tensor, labels: torch.Tensor, amp: str, channels_last: bool
+) -> torch.Tensor:
+    """The loss of one training batch on the fast path: autocast ``amp``, inputs in the model's
+    memory layout."""
+    with autocast(images.device, amp):
+        return loss_fn(model(model_input(images, channels_last)), labels)
+
+
 class TrainStep:
     """One optimisation step: forward under autocast, backward, update. fp16 gets a GradScaler
     (its narrow exponent range underflows small gradients); bf16 has fp32's range and needs none.
@@ -298,14 +209,12 @@ class TrainStep:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.device = device
         self.amp = amp
         self.channels_last = channels_last
         self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.amp):
-            loss = self.loss_fn(self.model(model_input(images, self.channels_last)), labels)
+        loss = training_loss(self.model, self.loss_fn, images, labels, self.amp, self.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
@@ -334,79 +243,6 @@ def compile_model(model: nn.Module, warm_up: Any) -> nn.Module:
         model.zero_grad(set_to_none=True)
     logger.info("model compiled with torch.compile")
     return compiled
-
-
-@dataclass
-class Decision:
-    """What the schedule decided after an epoch."""
-
-    improved: bool
-    lr: float
-    dropped: bool = False
-    stop: str = ""  # why the run should stop, or "" to go on
-
-
-@dataclass
-class PlateauSchedule:
-    """Learning-rate decay on plateaus, early stopping, and the warm start, in one place.
-
-    A plateau is ``patience`` epochs in a row without a better score; each plateau multiplies
-    the learning rate by ``factor``, at most ``max_drops`` times. With ``warm_start`` = F > 1 the
-    run starts at F x ``base_lr`` (the seed's finding: start large, decay on plateau); the
-    plateaus that bring it back down to ``base_lr`` do not count as drops. Then:
-
-    - ``stop_after_last_drop`` (paper): the first plateau after the last drop ends the run;
-    - ``early_stop`` > 0 (modern): ``early_stop`` epochs without a better score end the run.
-    """
-
-    base_lr: float
-    factor: float = 0.1
-    patience: int = 5
-    max_drops: int = 3
-    early_stop: int = 0
-    stop_after_last_drop: bool = False
-    warm_start: float = 1.0
-    lr: float = 0.0
-    best: float = -math.inf
-    bad_epochs: int = 0
-    stale: int = 0
-    drops: int = 0
-
-    def __post_init__(self) -> None:
-        if self.lr == 0.0:
-            self.lr = self.base_lr * self.warm_start
-
-    def step(self, score: float) -> Decision:
-        """Record one epoch's score and return the learning rate to use next."""
-        improved = score > self.best
-        if improved:
-            self.best, self.bad_epochs, self.stale = score, 0, 0
-        else:
-            self.bad_epochs += 1
-            self.stale += 1
-        decision = Decision(improved=improved, lr=self.lr)
-        if self.bad_epochs >= self.patience:
-            self.bad_epochs = 0
-            if self.lr > self.base_lr * (1 + 1e-9):  # still warm: come back down, uncounted
-                self.lr = max(self.lr * self.factor, self.base_lr)
-                decision.dropped = True
-            elif self.drops < self.max_drops:
-                self.drops += 1
-                self.lr *= self.factor
-                decision.dropped = True
-            elif self.stop_after_last_drop:
-                decision.stop = f"a plateau after the last of {self.max_drops} learning-rate drops"
-        if not decision.stop and self.early_stop and self.stale >= self.early_stop:
-            decision.stop = f"no better score for {self.stale} epochs"
-        decision.lr = self.lr
-        return decision
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -622,77 +458,10 @@ def image_grid(images: torch.Tensor, max_images: int = 64) -> torch.Tensor:
 # Checkpoints
 
 
-def save_checkpoint(checkpoint: dict[str, Any], last: Path, best: Path | None) -> None:
-    """Write ``last`` (and ``best`` when given) atomically: serialise once to a temporary file,
-    fsync, hard-link it as the new ``best``, then rename it over ``last``. A crash at any moment
-    leaves each file either whole and old or whole and new."""
-    fd, tmp = temp_file_beside(last)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if best is not None:
-            fd_best, tmp_best = temp_file_beside(best)
-            os.close(fd_best)
-            os.unlink(tmp_best)
-            try:
-                os.link(tmp, tmp_best)
-            except OSError:  # file systems without hard links
-                shutil.copyfile(tmp, tmp_best)
-            os.replace(tmp_best, best)
-        os.replace(tmp, last)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by this tool, loaded with ``weights_only=True`` (tensors and plain
-    values only, so a crafted file cannot run code). Every failure is a ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 (truncated zip, foreign pickle, refused global: all "unusable")
-        raise CheckpointError(
-            f"checkpoint {path} cannot be loaded ({short_reason(error)}); it is damaged or was not written by "
-            "this tool, so use another one (best.pt or last.pt of the run)."
-        ) from None
-    missing = [
-        k for k in ("model", "config", "epoch", "classes") if not isinstance(checkpoint, dict) or k not in checkpoint
-    ]
-    if missing or not isinstance(checkpoint["config"], dict) or not isinstance(checkpoint["model"], dict):
-        raise CheckpointError(
-            f"{path} is not a checkpoint written by this tool (it lacks {', '.join(missing) or 'a valid config'}); "
-            "pass a last.pt or best.pt from checkpoints/."
-        )
-    return checkpoint
-
-
 def check_compatible(checkpoint: dict[str, Any], path: Path, model: nn.Module, data: DataSet) -> None:
     """One sentence when the checkpoint holds another model or another class count than the
-    model and data it is about to be loaded into."""
-    config = checkpoint["config"]
-    ours = type(unwrap(model)).__name__
-    classes = checkpoint["classes"]
-    if config.get("model") != ours:
-        raise CheckpointError(
-            f"checkpoint {path} holds a {config.get('model')}, but this command builds a {ours}; "
-            "drop the model flags (-c, -pm) or pass a checkpoint of this model."
-        )
-    if len(classes) != data.num_classes:
-        raise CheckpointError(
-            f"checkpoint {path} was trained on {len(classes)} classes ({config.get('dataset')}), but {data.name} "
-            f"has {data.num_classes}; pass a checkpoint trained on {data.name}."
-        )
-    try:
-        unwrap(model).load_state_dict(checkpoint["model"], strict=True)
-    except (RuntimeError, KeyError, TypeError) as error:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit {ours} ({short_reason(error)}); pass a checkpoint written for it."
-        ) from None
+    model and data it is about to be loaded into; otherwise its weights are loaded."""
+    checkpoint_check_compatible(checkpoint, path, unwrap(model), data.num_classes, data.name)
 
 
 def place_split(split: Split, device: torch.device, loader: str, workers: int) -> Split:
@@ -751,7 +520,8 @@ class Trainer:
     """Trains ``model`` on ``data`` as ``config`` says; ``fit()`` runs it and returns the summary.
 
     With ``resume`` (a checkpoint from ``load_checkpoint``) it continues that run: same run
-    folder, epoch, learning rate, counters and random streams.
+    folder, epoch, learning rate, counters and random streams. ``folders`` are the run's claimed
+    folders (``training.outputs.claim_run``); ``fit`` releases their lock when it ends.
     """
 
     def __init__(
@@ -761,6 +531,7 @@ class Trainer:
         data: DataSet,
         device: torch.device,
         resume: dict[str, Any] | None = None,
+        folders: RunFolders | None = None,
     ) -> None:
         self.config = config
         self.device = device
@@ -802,24 +573,12 @@ class Trainer:
             self.model = compile_model(self.model, self._warm_up)
         self.train_step = TrainStep(self.model, self.optimizer, self.loss_fn, device, config.amp, config.channels_last)
 
-        output = Path(config.output_dir)
-        if not config.run_name:
-            stem = f"{data.name}_{config.model}_{config.setup}"
-            config.run_name = unique_run_name(stem, output / "runs" / data.name, output / "checkpoints" / data.name,
-                                              output / "log")  # fmt: skip
-        elif resume is None and not config.dry_run and self.is_main:
-            taken = [d / config.run_name for d in (output / "runs" / data.name, output / "checkpoints" / data.name)]
-            taken = [str(d) for d in taken if d.exists()]
-            if taken:
-                raise UserError(f"--run-name {config.run_name}: {taken[0]} already exists; pick another name, or "
-                                "--resume the run from its last.pt.")  # fmt: skip
-        if self.world > 1:  # rank 0 names the run (the clocks of the processes differ)
-            name = [config.run_name]
-            dist.broadcast_object_list(name, src=0)
-            config.run_name = name[0]
-        self.run_dir = output / "runs" / data.name / config.run_name
-        self.ckpt_dir = output / "checkpoints" / data.name / config.run_name
-        self.log_file = output / "log" / f"{config.run_name}.log" if config.log and self.is_main else None
+        # The run's folders: named, checked and locked before anything is written (main.py
+        # claims them before reading the data; a Trainer built directly claims them here).
+        self.folders = folders if folders is not None else claim_run(config)
+        self.run_dir = self.folders.run_dir
+        self.ckpt_dir = self.folders.ckpt_dir
+        self.log_file = self.folders.log_file if config.log and self.is_main else None
 
         # Progress, all of it saved in checkpoints.
         self.epoch = 0
@@ -850,9 +609,7 @@ class Trainer:
         images = self.pipeline.train(self.train_split.images[:count].to(self.device), generator)
         labels = self.train_split.labels[:count].to(self.device)
         model.train()
-        with autocast(self.device, self.config.amp):
-            loss = self.loss_fn(model(model_input(images, self.config.channels_last)), labels)
-        loss.backward()
+        training_loss(model, self.loss_fn, images, labels, self.config.amp, self.config.channels_last).backward()
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -875,6 +632,7 @@ class Trainer:
                 self._writing(self.run_dir, self._open_outputs)
             return self._fit()
         finally:
+            self.folders.release()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             if self.writer is not None:
@@ -896,9 +654,10 @@ class Trainer:
     def _open_outputs(self) -> None:
         config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=self.resume is not None)
-        self.ckpt_dir.mkdir(parents=True, exist_ok=self.resume is not None)
-        if self.resume is None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)  # claim_run made it to hold the lock
+        if self.resume is None or not (self.run_dir / "config.json").exists():
             atomic_write_json(asdict(config), self.run_dir / "config.json")
+        if self.resume is None:
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
             self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in asdict(config).items()))
             if config.message:
@@ -1088,7 +847,7 @@ class Trainer:
             logger.warning("resume with: %s --resume %s", launcher, last)
         if self.world > 1:
             dist.barrier()  # nobody leaves (and gets the others killed) before rank 0 has saved
-        raise Interrupted(self.stop.signum)
+        raise Interrupted(self.stop.signum, reported=True)
 
     def _log_epoch(self, result: EvalResult, train_loss: float, lr: float, images_per_s: float, seconds: float) -> None:
         config = self.config
@@ -1164,8 +923,23 @@ class Trainer:
         }
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
-        """Continue from a checkpoint's state (its model weights are already loaded)."""
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        """Continue from a checkpoint's state (its model weights are already loaded, its fields
+        checked by ``load_checkpoint``); what only this model and data can tell is checked here."""
+        problem = check_optimizer_state(checkpoint["optimizer"], self.optimizer) or check_partial_epoch(
+            checkpoint.get("partial"), len(self.train_split), len(self.train_loader)
+        )
+        if problem:
+            raise CheckpointError(
+                f"the checkpoint of run {printable(self.config.run_name)} cannot be resumed: {problem}; it is damaged "
+                "or was not written for this model and data, so use another one (best.pt or last.pt of the run)."
+            )
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"the checkpoint of run {printable(self.config.run_name)} holds an optimizer state that does not load "
+                f"({short_reason(error)}); use another checkpoint of the run."
+            ) from None
         self.schedule.load_state_dict(checkpoint["scheduler"])
         self._set_lr(self.schedule.lr)
         for key in ("epoch", "global_step", "best", "best_epoch", "last", "top1_max", "train_images", "train_seconds",
@@ -1187,14 +961,20 @@ class Trainer:
             else:  # another number of processes: fresh per-process streams from the seed
                 rng = {
                     **rng,
-                    "torch": torch.manual_seed(self.config.seed + self.rank + self.epoch).get_state(),
+                    "torch": torch.Generator().manual_seed(self.config.seed + self.rank + self.epoch).get_state(),
                     "augment": torch.Generator(self.device).manual_seed(self.config.seed + self.rank).get_state(),
                 }
         torch.set_rng_state(rng["torch"])
         self.index_generator.set_state(rng["index"])
-        self.generator.set_state(rng["augment"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng["augment"].numel() == self.generator.get_state().numel():
+            self.generator.set_state(rng["augment"])
+        else:  # recorded on another kind of device, whose generator state has another size
+            logger.warning("the augmentation stream was recorded on another kind of device; drawing a new one from "
+                           "the seed")  # fmt: skip
+            self.generator.manual_seed(self.config.seed + self.rank + self.epoch)
+        cuda = rng.get("cuda", [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
 
     def _save(self, best: bool) -> None:
         """``last.pt`` (and ``best.pt``) and the summary; a full disk is one sentence, and the

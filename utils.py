@@ -274,17 +274,6 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def unique_run_name(stem: str, *parents: Path) -> str:
-    """``<timestamp>_<stem>``, with ``-2``, ``-3``... appended if any of ``parents`` already has a
-    folder of that name, so a new run never writes into an earlier one."""
-    base = f"{datetime.now():%Y-%m-%d_%H-%M-%S}_{stem}"
-    name, n = base, 1
-    while any((parent / name).exists() for parent in parents):
-        n += 1
-        name = f"{base}-{n}"
-    return name
-
-
 class RunInUse(UserError):
     """Another live process holds the run's lock."""
 

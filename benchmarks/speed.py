@@ -58,7 +58,15 @@ from datasets import (
     rgb_eigen,
 )
 from network import CifarAlexNet, PaperAlexNet, TorchAlexNet
-from trainer import AMP_DTYPES, TrainStep, compile_model, default_amp, default_channels_last, model_input, prepare_model
+from trainer import (
+    AMP_DTYPES,
+    TrainStep,
+    compile_model,
+    default_amp,
+    default_channels_last,
+    prepare_model,
+    training_loss,
+)
 
 H100_BF16_DENSE = 989e12
 
@@ -261,7 +269,7 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
         warm = next(iter(ours_batches()))
 
         def warm_up(m: torch.nn.Module) -> None:
-            F.cross_entropy(m(model_input(warm[0], channels_last)), warm[1]).backward()
+            training_loss(m, F.cross_entropy, *warm, amp, channels_last).backward()
 
         model = compile_model(model, warm_up)
     step = TrainStep(model, optimizer, F.cross_entropy, device, amp, channels_last)

@@ -155,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ExperimentError as error:
         logger.error("error: %s", error)
         return 1
+    except OSError as error:  # writing the report: the folder exists but cannot take the files
+        logger.error("error: cannot write the report into %s (%s); pass another --out.", args.out,
+                     error.strerror or error)  # fmt: skip
+        return 1
     except KeyboardInterrupt as stop:
         logger.error("stopped: %s", stop or "interrupted")
         return 130

@@ -387,7 +387,12 @@ def write_report(roots: Sequence[Path], out: Path, group_by: str = "auto") -> tu
     its tables (for the terminal)."""
     runs = find_runs(roots, group_by)
     sections = sections_of(runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder should be, no permission, a full disk
+        raise ExperimentError(
+            f"cannot create the report folder {out} ({error.strerror or error}); pass another --out."
+        ) from None
     curves = {run.folder: read_curves(run.folder, run.dataset) for run in runs}
     sources = ", ".join(f"`{r}`" for r in roots)
     plural = "s" if len(sections) != 1 else ""

@@ -2,31 +2,15 @@
 
 import argparse
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from main_cli import TINY, run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from main import get_args_parser
 from network import CifarAlexNet
 from utils import __version__
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--shapes-train", "120", "--shapes-test", "40", "--batch-size", "40"]
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args],
-        check=False,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def test_version(tmp_path):
@@ -132,13 +116,13 @@ def test_every_model_trains_on_shapes(tmp_path, flags, model):
     "flags, message",
     [
         (["-ne", "0"], "argument -ne/--n_epoch: must be at least 1, got 0"),
-        (["-es", "-3"], "argument -es/--early_stop: must be at least 1, got -3"),
+        (["-es", "-3"], "argument -es/--early_stop: must be at least 0, got -3"),
         (["--lr", "-0.1"], "argument --lr: must be above 0, got -0.1"),
         (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
         (["--momentum", "1"], "argument --momentum: must be at least 0 and below 1, got 1"),
         (["--lr-factor", "1.5"], "argument --lr-factor: must be above 0 and below 1, got 1.5"),
         (["--warm-start", "0.5"], "argument --warm-start: must be at least 1, got 0.5"),
-        (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+        (["--workers", "-1"], "argument --workers: must be at least 0 and at most 256, got -1"),
         (["--max-lr-drops", "two"], "argument --max-lr-drops: 'two' is not a whole number"),
         (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
         (["--resume", "a.pt", "--evaluate", "b.pt"], "argument --evaluate: not allowed with argument --resume"),

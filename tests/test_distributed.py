@@ -1,4 +1,5 @@
-"""Data parallelism on CPU with gloo: torchrun end to end, one DDP step against one big step,
+"""Data parallelism on CPU with gloo: torchrun end to end, two torchrun agents standing for two
+machines (the weights of one process; a lost node), one DDP step against one big step,
 evaluation over uneven shares, and the sharding of batches."""
 
 from __future__ import annotations
@@ -7,8 +8,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,13 +39,14 @@ def dump(self):
     torch.save(trainer.plain_state_dict(self.model), f"{out}/rank{{self.rank}}.pt")
     return out
 trainer.Trainer._finish = dump
+{extra}
 sys.exit(main.main(sys.argv[1:]))
 """
 
 
 def _torchrun(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), out=str(tmp_path)))
+    script.write_text(WORKER.format(root=str(ROOT), out=str(tmp_path), extra=""))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), "-c", "--shapes-train", "192",
                "--shapes-test", "75", "--batch-size", "64", "--seed", "3", "--output-dir", str(tmp_path / "out"),
@@ -74,12 +79,20 @@ def test_torchrun_trains_writes_one_run_and_keeps_the_ranks_identical(tmp_path):
     assert len(list((tmp_path / "out" / "runs" / "Shapes").iterdir())) == 1
 
 
+# TF32 (CUDA only) would round the DDP and the one-process step differently. Set through
+# fp32_precision, the API of every torch we support: reading the deprecated allow_tf32 raises
+# once anything in the process has used the new one.
+EXACT_FLOAT32 = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+                 (torch.backends.cuda.matmul, "fp32_precision", "ieee")]  # fmt: skip
+
+
 def _init(rank: int, world: int, store: str, device: str = "cpu") -> None:
     torch.set_num_threads(1)
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":
         torch.cuda.set_device(rank)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        for target, name, value in EXACT_FLOAT32:
+            setattr(target, name, value)
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
 
 
@@ -113,13 +126,14 @@ def _ddp_step_worker(rank: int, world: int, store: str, out: str, device: str) -
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA "
                                                           "devices for NCCL"))],
 )  # fmt: skip
-def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path, device):
+def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path, device, monkeypatch):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_step_worker, args=(2, str(tmp_path / "store"), str(out), device), nprocs=2)
     torch.manual_seed(0)
     single = CifarAlexNet(10, dropout=0.0)
     if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        for target, name, value in EXACT_FLOAT32:
+            monkeypatch.setattr(target, name, value)
         single = single.cuda()
     before = {k: v.clone() for k, v in single.state_dict().items()}
     _sgd_step(single, *_batch())
@@ -226,9 +240,6 @@ def test_split_gpus_on_cpu_trains_and_saves_the_grouped_weights(tmp_path):
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path):
-    import signal
-    import time
-
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["-c", "-ne", "2", "--shapes-train", "512", "--shapes-test", "32", "--batch-size", "32", "-lls", "1",
              "--output-dir", "out", "--run-name", "ddp"]  # fmt: skip
@@ -259,3 +270,147 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path):
     assert f"resumed after {where}" in resumed.stderr
     summary = json.loads((tmp_path / "out/runs/Shapes/ddp/summary.json").read_text())
     assert summary["epochs"] == 2 and summary["status"] == "finished" and summary["steps"] == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# Two machines, simulated by two torchrun agents on this one (c10d rendezvous on the loopback)
+
+# What the multi-node worker adds to WORKER: its process id in pid.<RANK> (for the kill test),
+# and no randomness besides the shared data order. The tool gives each process its own
+# augmentation and dropout stream (seed + rank) by design, so to compare weights with one process
+# the training images are only normalised, as for evaluation, and dropout is 0.
+EXACT = """
+import os
+open(f"{out}/pid.{{os.environ.get('RANK', '0')}}", "w").write(str(os.getpid()))
+init = trainer.Trainer.__init__
+def exact(self, *args, **kwargs):
+    init(self, *args, **kwargs)
+    pipeline = self.pipeline
+    pipeline.train = lambda images, generator=None: pipeline.evaluate(images)[:, 0]
+    for module in self.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+trainer.Trainer.__init__ = exact
+"""
+# fp32 (a CPU with native bf16 would default to it), batches of 64 (3 steps an epoch) and SGD at
+# a rate where training is stable, so rounding differences stay as small as they start: Adam
+# divides by the root of the squared gradients, which blows the rounding of a near-zero gradient
+# up to a whole step, and SGD at 0.1 already amplifies it a thousandfold in six steps.
+EXACT_FLAGS = ["-c", "--shapes-train", "192", "--shapes-test", "32", "--batch-size", "64", "--seed", "3",
+               "--amp", "off", "--no-channels-last", "--optimizer", "sgd", "--lr", "0.01"]  # fmt: skip
+
+
+def _worker_script(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), out=str(folder), extra=EXACT.format(out=str(folder))))
+    return script
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_agents(folder: Path, *flags: str) -> list[subprocess.Popen]:
+    """``torchrun --nnodes=2`` twice, as on two machines: one process each, a c10d rendezvous
+    that the first agent hosts, everything on 127.0.0.1. Each agent in its own session (its
+    workers start their own too: ``_stop_all`` ends them all); the workers' output goes to
+    ``folder/logs<node>/.../stderr.log``, the agents' to ``folder/agent<node>.txt``."""
+    script = _worker_script(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo would otherwise pick the interface of the host name
+    port, run_id = _free_port(), f"test-{os.getpid()}-{time.monotonic_ns()}"
+    agents = []
+    for node in (0, 1):
+        command = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                   f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={1 - node}",
+                   "--local-addr=127.0.0.1", "--max-restarts=0", f"--log-dir={folder / f'logs{node}'}",
+                   "--redirects=3", str(script), *flags]  # fmt: skip
+        with (folder / f"agent{node}.txt").open("w") as log:
+            agents.append(subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True))  # fmt: skip
+    return agents
+
+
+def _stop_all(agents: list[subprocess.Popen], folder: Path) -> None:
+    """Kill what is left of both agents and of their workers (each in its own session)."""
+    for agent in agents:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()
+    for pid_file in folder.glob("pid.*"):
+        pid = int(pid_file.read_text())
+        try:  # only a worker of this test: the process id may have been reused meanwhile
+            if str(folder / "worker.py") in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                os.killpg(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+
+
+def _worker_stderr(folder: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(folder.glob("logs*/**/stderr.log")))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_two_nodes_train_to_the_weights_of_one_process_with_the_whole_batch(tmp_path):
+    flags = [*EXACT_FLAGS, "-ne", "2", "--output-dir", "out"]
+    agents = _two_agents(tmp_path / "ddp", *flags)
+    try:
+        for agent in agents:
+            agent.wait(timeout=300)
+    finally:
+        _stop_all(agents, tmp_path / "ddp")
+    assert [a.returncode for a in agents] == [0, 0], _worker_stderr(tmp_path / "ddp")[-3000:]
+    assert "data parallel: 2 processes (gloo)" in _worker_stderr(tmp_path / "ddp")
+    alone = subprocess.run([sys.executable, str(_worker_script(tmp_path / "one")), *flags], cwd=tmp_path / "one",
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+                           check=False)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    torch.manual_seed(3)  # main.py seeds the weights with --seed
+    initial = CifarAlexNet(10).state_dict()
+    single = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
+    ddp = [torch.load(tmp_path / "ddp" / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for key, value in single.items():
+        assert torch.equal(ddp[0][key], ddp[1][key]), key
+        moved = (value - initial[key]).abs().max().item()
+        assert moved > 1e-6, key
+        # The all-reduce adds the halves' gradients in another order than one backward pass over
+        # the whole batch: fp32 rounding, ~1e-7 of a gradient, which six stable SGD steps carry on
+        # about linearly (measured: at most 0.04 % of how far a tensor moved). A wrong share, or
+        # gradients summed instead of averaged, would be off by half that distance or more.
+        torch.testing.assert_close(ddp[0][key], value, rtol=0, atol=0.01 * moved, msg=key)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+def test_a_lost_node_stops_both_with_one_sentence_and_a_whole_last_checkpoint(tmp_path):
+    folder = tmp_path / "ddp"
+    agents = _two_agents(folder, *EXACT_FLAGS, "-ne", "50", "--output-dir", "out", "--run-name", "lost")
+    last = folder / "out/checkpoints/Shapes/lost/last.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and time.monotonic() < deadline and all(a.poll() is None for a in agents):
+            time.sleep(0.2)
+        assert last.exists(), _worker_stderr(folder)[-3000:]
+        # The process of rank 1 (on whichever agent the rendezvous made node 1), as a machine
+        # failure or the OOM killer would end it: no signal handler, no goodbye.
+        os.kill(int((folder / "pid.1").read_text()), signal.SIGKILL)
+        for agent in agents:
+            agent.wait(timeout=120)  # gloo notices the closed connection at once, not at its timeout
+    finally:
+        _stop_all(agents, folder)
+    assert all(a.returncode != 0 for a in agents), [a.returncode for a in agents]
+    text = _worker_stderr(folder)
+    assert "Traceback" not in text, text[-3000:]
+    (line,) = [line for line in text.splitlines() if "error: " in line]
+    assert re.fullmatch(
+        r"error: the run lost process 1 of 2 \(.+\): it was stopped, crashed or lost its "
+        r"machine, so process 0 stops too; resume from the last checkpoint with the same torchrun command plus "
+        r"--resume out/checkpoints/Shapes/lost/last.pt",
+        line,
+    ), line  # fmt: skip
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] >= 1 and saved["config"]["run_name"] == "lost"

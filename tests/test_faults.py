@@ -16,44 +16,14 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from fakedata import python2_pickle, voc_xml, write_cifar10, write_voc
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--shapes-train", "120", "--shapes-test", "40", "--batch-size", "40"]
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "main.py"), *args]
-
-
-def run(*args: str, cwd: Path, prefix: list[str] | None = None, preexec: Callable | None = None, timeout: int = 600):
-    return subprocess.run(
-        [*(prefix or []), *command(*args)], check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        preexec_fn=preexec,
-    )  # fmt: skip
-
-
-def only(path: Path, pattern: str) -> Path:
-    (match,) = path.glob(pattern)
-    return match
-
-
-def snapshot(root: Path) -> dict[Path, tuple[int, int, int]]:
-    """Size, modification time and inode of every file: a rewrite or replacement changes one."""
-    out = {}
-    for p in root.rglob("*"):
-        if p.is_file():
-            st = p.stat()
-            out[p] = (st.st_size, st.st_mtime_ns, st.st_ino)
-    return out
+from main_cli import ROOT, TINY, Case, command, earlier_checkpoint, only, run, run_case, snapshot
 
 
 def without_file_permission_override() -> list[str]:
@@ -74,19 +44,6 @@ def file_size_limit(limit: int) -> Callable[[], None]:
 
 # ---------------------------------------------------------------------------------------------
 # The catalogue
-
-
-@dataclass
-class Case:
-    """One row: prepare the inputs, run the flags, expect this exit code and sentence."""
-
-    name: str
-    flags: list[str]
-    code: int
-    message: str
-    prepare: Callable[[Path, Path], None] = lambda work, earlier: None
-    prefix: Callable[[], list[str]] = list
-    preexec: Callable | None = None
 
 
 def cifar(work: Path) -> Path:
@@ -116,10 +73,6 @@ BOMB = (
     '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;&lol2;">]><annotation><object><name>&lol3;</name>'
     "</object></annotation>"
 )
-
-
-def earlier_checkpoint(earlier: Path) -> Path:
-    return only(earlier / "checkpoints" / "Shapes", "*/last.pt")
 
 
 def truncated_copy(work: Path, earlier: Path) -> None:
@@ -209,7 +162,7 @@ CATALOGUE = [
          r"checkpoint .*last.pt was trained on 10 classes \(Shapes\), but Cifar100 has 20; pass a checkpoint trained "
          r"on Cifar100\.", prepare=lambda w, e: __import__("fakedata").write_cifar100(w / "data" / "cifar-100")),
     Case("output folder not writable", ["-ne", "1", *TINY, "--output-dir", "readonly"], 1,
-         r"cannot write to readonly/runs \(Permission denied\); pass a writable --output-dir\.",
+         r"cannot write to readonly/checkpoints \(Permission denied\); pass a writable --output-dir\.",
          prepare=locked_output, prefix=without_file_permission_override),
     Case("run name already used", ["--run-name", "taken", "-ne", "1", *TINY], 1,
          r"--run-name taken: runs/Shapes/taken already exists; pick another name, or --resume the run from its "
@@ -221,44 +174,9 @@ CATALOGUE = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def earlier(tmp_path_factory) -> Path:
-    """A folder holding a finished earlier run (TorchAlexNet on tiny Shapes)."""
-    root = tmp_path_factory.mktemp("earlier")
-    result = run("-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "16", "-l", cwd=root)
-    assert result.returncode == 0, result.stderr
-    return root
-
-
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.name for c in CATALOGUE])
 def test_bad_input_catalogue(tmp_path, earlier, case):
-    work = tmp_path / "work"
-    # Hard links: the earlier run's checkpoints are hundreds of MB, and a changed file would show
-    # in the snapshot all the same (os.replace gives a new inode, writing in place a new mtime).
-    shutil.copytree(earlier, work, copy_function=os.link)
-    before = snapshot(work)
-    case.prepare(work, earlier)
-    flags = [str(earlier_checkpoint(work)) if f == "EARLIER" else f for f in case.flags]
-    try:
-        result = run(*flags, cwd=work, prefix=case.prefix(), preexec=case.preexec)
-    finally:
-        for p in (work / "data", work / "readonly"):
-            if p.exists():
-                os.chmod(p, 0o755)
-    assert result.returncode == case.code, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error: " in line]
-    assert len(lines) == 1, result.stderr
-    assert re.search(case.message, lines[0]), lines[0]
-    assert after_snapshot_matches(work, before)
-    assert not (work / "pwned").exists()
-    leftovers = [p for p in work.rglob("*.tmp")]
-    assert leftovers == []
-
-
-def after_snapshot_matches(work: Path, before: dict) -> bool:
-    after = snapshot(work)
-    return all(after.get(p) == stat for p, stat in before.items())
+    run_case(case, tmp_path, earlier)
 
 
 def test_catalogue_is_the_readme_table():
@@ -266,9 +184,16 @@ def test_catalogue_is_the_readme_table():
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("| bad input |") :].split("\n\n")[0].splitlines()[2:]
     rows = {line.split("|")[1].strip().strip("`") for line in table}
-    names = {c.name for c in CATALOGUE} | {"training diverges (NaN or infinite loss)", "Ctrl-C / SIGTERM",
-                                           "CUDA asked for, none present"}  # fmt: skip
-    assert rows == names
+    from test_untrusted_data import CASES as DATA_CASES
+    from test_untrusted_runs import CASES as RUN_CASES
+
+    names = [c.name for c in (*CATALOGUE, *DATA_CASES, *RUN_CASES)]
+    assert len(names) == len(set(names))
+    # Rows tested by their own tests: test_faults (divergence, signals in training), test_cli (CUDA),
+    # test_untrusted_runs (two processes on one run, a stop while reading data or evaluating).
+    assert rows == set(names) | {"training diverges (NaN or infinite loss)", "Ctrl-C / SIGTERM",
+                                 "CUDA asked for, none present", "run in use by another process",
+                                 "stop while reading data or evaluating"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

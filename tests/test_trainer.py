@@ -1,6 +1,7 @@
 """Metrics, checkpoints and run bookkeeping of the trainer."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -8,7 +9,9 @@ from torch import nn
 
 from datasets import BatchLoader, Pipeline, Split
 from trainer import evaluate, multilabel_loss, unwrap, voc_average_precision, write_confusion_csv
-from utils import atomic_torch_save, atomic_write_json, unique_run_name
+from training.config import TrainConfig
+from training.outputs import new_run_name, taken
+from utils import atomic_torch_save, atomic_write_json
 
 
 class Identity(Pipeline):
@@ -107,13 +110,17 @@ def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
     assert (tmp_path / "s.json").read_text().startswith('{\n  "a": 3.14159')
 
 
-def test_unique_run_name_never_reuses_a_folder(tmp_path):
-    first = unique_run_name("Net_modern", tmp_path)
-    (tmp_path / first).mkdir()
-    second = unique_run_name("Net_modern", tmp_path)
-    assert second != first
-    (tmp_path / second).mkdir()
-    assert unique_run_name("Net_modern", tmp_path) not in (first, second)
+def test_a_new_run_name_is_free_under_runs_checkpoints_and_log(tmp_path):
+    config = TrainConfig(dataset="Shapes", model="CifarAlexNet", setup="modern")
+    first = new_run_name(tmp_path, config)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_Shapes_CifarAlexNet_modern", first)
+    (tmp_path / "runs" / "Shapes" / first).mkdir(parents=True)
+    second = new_run_name(tmp_path, config)
+    assert second.startswith(first) and second != first
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / f"{second}.log").write_text("a dry run's log\n")  # a log alone takes the name too
+    third = new_run_name(tmp_path, config)
+    assert third not in (first, second) and taken(tmp_path, "Shapes", third) is None
 
 
 def test_unwrap_strips_compile_and_ddp_wrappers():

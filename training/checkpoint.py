@@ -1,0 +1,363 @@
+"""Checkpoints: the atomic save, and loading with every field checked.
+
+A checkpoint is untrusted input as much as a data file is: it may be damaged, come from another
+tool or another version, or be crafted. ``torch.load(weights_only=True)`` already refuses
+anything but tensors and plain values; ``load_checkpoint`` then checks every field the tool
+reads (types, ranges, names, known optimisers) with the same rules as the command line, and the
+trainer checks what only the model and the data can tell (``check_compatible``,
+``check_optimizer_state``, ``check_partial_epoch``). Whatever is wrong becomes one sentence
+naming the file and the field, never a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.config import TrainConfig
+from training.schedule import check_schedule_state
+from utils import Check, UserError, quoted, short_reason, temp_file_beside
+
+#: Bounds well beyond any real checkpoint, so a crafted one cannot make the checks themselves slow.
+MAX_CLASSES = 100_000
+MAX_TENSORS = 10_000
+MAX_RANKS = 65_536
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, damaged, foreign or does not fit the model and data."""
+
+
+def save_checkpoint(checkpoint: dict[str, Any], last: Path, best: Path | None) -> None:
+    """Write ``last`` (and ``best`` when given) atomically: serialise once to a temporary file,
+    fsync, hard-link it as the new ``best``, then rename it over ``last``. A crash at any moment
+    leaves each file either whole and old or whole and new."""
+    fd, tmp = temp_file_beside(last)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if best is not None:
+            fd_best, tmp_best = temp_file_beside(best)
+            os.close(fd_best)
+            os.unlink(tmp_best)
+            try:
+                os.link(tmp, tmp_best)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(tmp, tmp_best)
+            os.replace(tmp_best, best)
+        os.replace(tmp, last)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
+    """A checkpoint written by this tool, loaded with ``weights_only=True`` (tensors and plain
+    values only, so a crafted file cannot run code), every field checked (``check_fields``;
+    ``resume`` asks for everything a resumed run needs). Every failure is a ``CheckpointError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (truncated zip, foreign pickle, refused global: all "unusable")
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded ({short_reason(error)}); it is damaged or was not written by "
+            "this tool, so use another one (best.pt or last.pt of the run)."
+        ) from None
+    missing = [k for k in EVALUATE_FIELDS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a checkpoint written by this tool (it lacks {', '.join(missing)}); "
+            "pass a last.pt or best.pt from checkpoints/."
+        )
+    missing = [k for k in RESUME_FIELDS if k not in checkpoint]
+    if resume and missing:
+        raise CheckpointError(
+            f"checkpoint {path} holds no training state to resume (it lacks {', '.join(missing)}); evaluate it with "
+            "--evaluate, or resume from a last.pt from checkpoints/."
+        )
+    problem = check_fields(checkpoint)
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be used: {problem}; it is damaged or was not written by this tool, so use "
+            "another one (best.pt or last.pt of the run)."
+        )
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# The fields: each rule returns the problem in a few words, or raises ValueError with it.
+
+
+def _tensor_dict(value: object) -> None:
+    if not isinstance(value, dict) or not value or len(value) > MAX_TENSORS:
+        raise ValueError("is not a state dict")
+    for key, tensor in value.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError("is not a state dict of named tensors")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"holds NaN or infinite values in {quoted(key)}")
+
+
+def _classes(value: object) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CLASSES:
+        raise ValueError(f"must be a list of 1 to {MAX_CLASSES} class names")
+    for name in value:
+        Check(str)(name)
+
+
+def _config(value: object) -> None:
+    TrainConfig.from_dict(value)
+
+
+def _percent(value: object) -> float:
+    return Check(float, 0, 100)(value)
+
+
+def _metrics(value: object) -> None:
+    """None, or ``EvalResult.metrics()``: loss, top-1/top-5 in percent, the image count, and for
+    multi-label data mAP and the per-class AP (null for classes absent from the split)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or not {"loss", "top1", "top5", "count"} <= set(value):
+        raise ValueError("is not a set of metrics")
+    if type(value["loss"]) not in (float, int):
+        raise ValueError("has a loss that is not a number")
+    _percent(value["top1"])
+    _percent(value["top5"])
+    Check(int, 0)(value["count"])
+    if "mAP" in value:
+        _percent(value["mAP"])
+        ap = value.get("ap")
+        if not isinstance(ap, list) or len(ap) > MAX_CLASSES or not all(_ap_value(a) for a in ap):
+            raise ValueError("has per-class AP that are not percentages")
+
+
+def _ap_value(a: object) -> bool:
+    """One class's AP in a checkpoint: a percentage, or None / NaN for a class absent from the split."""
+    return a is None or (type(a) is float and (0 <= a <= 100 or math.isnan(a)))
+
+
+def _optional(check: Callable[[object], object]) -> Callable[[object], None]:
+    def rule(value: object) -> None:
+        if value is not None:
+            check(value)
+
+    return rule
+
+
+def _rng(value: object) -> None:
+    """The random streams: CPU (``torch``, ``index``), augmentation (any device) and CUDA."""
+    if not isinstance(value, dict) or not {"torch", "index", "augment"} <= set(value):
+        raise ValueError("is not a set of random-generator states")
+    states = [value["torch"], value["index"], value["augment"], *value.get("cuda", [])]
+    if not isinstance(value.get("cuda", []), list) or not all(_is_byte_state(s) for s in states):
+        raise ValueError("holds a random-generator state that is not a byte tensor")
+    cpu_size = torch.get_rng_state().numel()
+    if value["torch"].numel() != cpu_size or value["index"].numel() != cpu_size:
+        raise ValueError(f"holds a CPU random-generator state that is not {cpu_size} bytes")
+
+
+def _is_byte_state(state: object) -> bool:
+    return isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1
+
+
+def _rng_ranks(value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RANKS:
+        raise ValueError("is not a list of the processes' random streams")
+    for state in value:
+        _rng(state)
+
+
+def _partial(value: object) -> None:
+    """Where an interrupted epoch stopped (its order is checked against the data later)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != {"order", "batches_done", "loss_sum", "seconds"}:
+        raise ValueError("does not say where the interrupted epoch stopped")
+    order = value["order"]
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or order.dim() != 1:
+        raise ValueError("holds an image order that is not a list of indices")
+    Check(int, 0)(value["batches_done"])
+    Check(float, 0)(value["loss_sum"])
+    Check(float, 0)(value["seconds"])
+
+
+def _optimizer(value: object) -> None:
+    """The structure of ``Optimizer.state_dict()``; whether it fits the model is checked by
+    ``check_optimizer_state`` once the optimiser exists."""
+    if not isinstance(value, dict) or set(value) != {"state", "param_groups"}:
+        raise ValueError("is not an optimiser state")
+    state, groups = value["state"], value["param_groups"]
+    if not isinstance(state, dict) or not isinstance(groups, list) or not groups:
+        raise ValueError("is not an optimiser state")
+    for group in groups:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+            raise TypeError("has a parameter group without its parameters")
+        if not all(type(i) is int for i in group["params"]):
+            raise ValueError("has a parameter group whose parameters are not indices")
+    for index, entry in state.items():
+        if type(index) is not int or not isinstance(entry, dict):
+            raise ValueError("has a state entry that is not indexed by parameter")
+        for key, item in entry.items():
+            if not isinstance(key, str) or not (item is None or isinstance(item, (torch.Tensor, int, float))):
+                raise ValueError("has a state entry that holds neither tensors nor numbers")
+
+
+def _scaler(value: object) -> None:
+    if value is None:
+        return
+    known = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+    if not isinstance(value, dict) or not set(value) <= known:
+        raise ValueError("is not a loss-scaler state")
+    for item in value.values():
+        if type(item) not in (int, float) or not math.isfinite(item) or item < 0:
+            raise ValueError("holds a loss-scaler value that is not a finite non-negative number")
+
+
+def _schedule(value: object) -> None:
+    check_schedule_state(value)
+
+
+FIELD_RULES: dict[str, Callable[[object], object]] = {
+    "model": _tensor_dict,
+    "config": _config,
+    "epoch": Check(int, 0),
+    "classes": _classes,
+    "global_step": Check(int, 0),
+    "optimizer": _optimizer,
+    "scheduler": _schedule,
+    "best_metric": _optional(_percent),
+    "best": _metrics,
+    "best_epoch": Check(int, 0),
+    "last": _metrics,
+    "top1_max": _percent,
+    "train_images": Check(int, 0),
+    "train_seconds": Check(float, 0),
+    "stop_reason": Check(str),
+    "partial": _partial,
+    "rng": _rng,
+    "rng_ranks": _rng_ranks,
+    "scaler": _scaler,
+    "version": Check(str),
+}
+#: What ``--evaluate`` reads, and what ``--resume`` reads (every field checkpoints have held
+#: since version 0.1.0).
+EVALUATE_FIELDS = ("model", "config", "epoch", "classes")
+RESUME_FIELDS = (*EVALUATE_FIELDS, "global_step", "optimizer", "scheduler", "rng")
+
+
+def check_fields(checkpoint: dict[str, Any]) -> str | None:
+    """The first problem among the fields this tool reads, as words that complete "checkpoint X
+    cannot be used: ...", or None. Keys it does not know are left alone (a newer version's)."""
+    for key, rule in FIELD_RULES.items():
+        if key not in checkpoint:
+            continue
+        try:
+            rule(checkpoint[key])
+        except (ValueError, TypeError) as error:
+            text = str(error)
+            return text if text.startswith("its ") else f"its {key} {text}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need the model, the optimiser or the data
+
+
+def check_compatible(checkpoint: dict[str, Any], path: Path, model: nn.Module, num_classes: int,
+                     data_name: str) -> None:  # fmt: skip
+    """One sentence when the checkpoint holds another model or another class count than the
+    model and data it is about to be loaded into; then load its weights into ``model``."""
+    config = checkpoint["config"]
+    ours = type(model).__name__
+    classes = checkpoint["classes"]
+    if config.get("model") != ours:
+        raise CheckpointError(
+            f"checkpoint {path} holds a {quoted(str(config.get('model')))[1:-1]}, but this command builds a {ours}; "
+            "drop the model flags (-c, -pm) or pass a checkpoint of this model."
+        )
+    if len(classes) != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {len(classes)} classes ({config.get('dataset')}), but {data_name} "
+            f"has {num_classes}; pass a checkpoint trained on {data_name}."
+        )
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {ours} ({short_reason(error)}); pass a checkpoint written for it."
+        ) from None
+
+
+#: The per-parameter state each optimiser keeps (PaperSGD: ``velocity``).
+OPTIMIZER_STATE_KEYS = {
+    "Adam": {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"},
+    "SGD": {"momentum_buffer"},
+    "PaperSGD": {"velocity"},
+}
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
+    """Whether a checkpoint's optimiser state fits ``optimizer`` (the one built for this model):
+    the same parameter groups over the same parameters with the same settings, and per-parameter
+    buffers of each parameter's shape. The problem in words, or None."""
+    fresh = optimizer.state_dict()
+    groups = saved["param_groups"]
+    if len(groups) != len(fresh["param_groups"]):
+        return f"its optimizer has {len(groups)} parameter groups, this model's {len(fresh['param_groups'])}"
+    for group, ours in zip(groups, fresh["param_groups"]):
+        if group["params"] != ours["params"] or set(group) != set(ours):
+            return f"its optimizer state is not a {type(optimizer).__name__} state of this model"
+        for key, value in group.items():
+            if key != "params" and type(value) is not type(ours[key]) and not _both_numbers(value, ours[key]):
+                return f"its optimizer's {quoted(key)} is a {type(value).__name__}, not a {type(ours[key]).__name__}"
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"its optimizer's {quoted(key)} is not a finite number"
+    # state_dict() numbers the parameters in the order the groups list them.
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    shapes = {index: p.shape for index, p in zip((i for g in fresh["param_groups"] for i in g["params"]), params)}
+    allowed = OPTIMIZER_STATE_KEYS.get(type(optimizer).__name__, set())
+    for index, entry in saved["state"].items():
+        if index not in shapes:
+            return f"its optimizer state names parameter {index}, which this model does not have"
+        if not set(entry) <= allowed:
+            return f"its optimizer state is not a {type(optimizer).__name__} state"
+        for key, item in entry.items():
+            if key == "step":
+                if not (isinstance(item, (int, float)) or (isinstance(item, torch.Tensor) and item.numel() == 1)):
+                    return "its optimizer's step count is not a number"
+            elif item is not None and (not isinstance(item, torch.Tensor) or item.shape != shapes[index]):
+                return f"its optimizer's {key} of parameter {index} does not have that parameter's shape"
+            elif item is not None and item.is_floating_point() and not bool(torch.isfinite(item).all()):
+                return f"its optimizer's {key} of parameter {index} holds NaN or infinite values"
+    return None
+
+
+def _both_numbers(a: object, b: object) -> bool:
+    return type(a) in (int, float) and type(b) in (int, float)
+
+
+def check_partial_epoch(partial: dict[str, Any] | None, train_size: int, batches: int) -> str | None:
+    """Whether an interrupted epoch's record fits the training split: its order a permutation
+    of the images, and at most ``batches`` batches done. The problem in words, or None."""
+    if partial is None:
+        return None
+    order = partial["order"]
+    if order.numel() != train_size or not torch.equal(order.sort().values, torch.arange(train_size)):
+        return f"its interrupted epoch's image order is not an order of the {train_size} training images"
+    if partial["batches_done"] > batches:
+        return f"its interrupted epoch ran {partial['batches_done']} batches, more than the {batches} an epoch has"
+    return None
