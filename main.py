@@ -676,4 +676,9 @@ def make_deterministic() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Exiting: a late Ctrl-C has nothing left to stop, and during the interpreter's shutdown
+    # (which puts back the default handlers) it would kill the process with another exit status.
+    for _signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_signum, signal.SIG_IGN)
+    sys.exit(code)

@@ -727,11 +727,18 @@ def test_the_cache_build_stops_promptly_on_ctrl_c_and_leaves_no_file(tmp_path, m
     for path in paths:
         path.write_bytes(b"x")
     cache = tmp_path / "cache" / "train_256.npy"
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
+    # jobs with SIGINT ignored, and interrupt_main then does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, _thread.interrupt_main)
     start = time.monotonic()
     timer.start()
-    with pytest.raises(KeyboardInterrupt):
-        datasets.load_resize_cache(paths, cache, 16)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            datasets.load_resize_cache(paths, cache, 16)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 1.5
     assert len(calls) < 100
     assert list((tmp_path / "cache").iterdir()) == []
@@ -756,9 +763,11 @@ def test_a_bad_image_stops_the_cache_build_without_decoding_the_rest(tmp_path, m
     assert list((tmp_path / "cache").iterdir()) == []
 
 
-def test_sigterm_while_building_the_cache_leaves_no_file(tmp_path):
-    """Through the command line: main's SIGTERM handler raises inside the build, which stops,
-    removes its temporary file and exits 143 without writing a cache."""
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_two_stops_while_building_the_cache_leave_no_file(tmp_path, signum, code):
+    """Through the command line: main's handler raises inside the build, which stops, removes
+    its temporary file and exits 143 (130) without writing a cache; a second signal while it
+    unwinds is acknowledged, not a traceback."""
     folder = voc(tmp_path)
     ids = [f"2011_{i:06d}" for i in range(3000)]  # seconds to resize even on many cores
     xml = voc_xml("x.jpg", 500, 375, [("dog", False)])
@@ -771,8 +780,12 @@ def test_sigterm_while_building_the_cache_leaves_no_file(tmp_path):
         if "building the 256x256 resize cache of 3000 images" in line:
             break
     time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
+    time.sleep(0.01)
+    process.send_signal(signum)
     rest = process.stderr.read()
-    assert process.wait(timeout=60) == 143, rest
+    assert process.wait(timeout=60) == code, rest
     assert "Traceback" not in rest, rest
+    assert f"stopped by {signal.Signals(signum).name} while reading the data; nothing of this run was saved" in rest
     assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "checkpoints").exists()  # the run's claimed folder was empty and is gone
