@@ -947,7 +947,9 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     over white, as viewers show them; dropping the alpha would show whatever colour the
     transparent pixels happen to hold.
     """
-    if image.mode.startswith("I;16"):
+    # Pillow before 10 opens a 16-bit greyscale PNG as I (32-bit); PNG has no deeper samples, so
+    # there I means 16 bits as surely as I;16 does.
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
         values = np.asarray(image).astype(np.uint32)
         image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
     elif image.mode in ("I", "F") or image.mode.startswith(("I;", "F;")):

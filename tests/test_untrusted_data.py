@@ -592,7 +592,8 @@ def ramp8() -> np.ndarray:
 def test_image_modes_become_the_right_rgb(tmp_path, mode, write, tolerance):
     path = tmp_path / "image.jpg"  # VOC names every file .jpg, whatever it holds
     write(path)
-    assert Image.open(path).mode == mode
+    # Pillow before 10 opens a 16-bit PNG as I rather than I;16: the same 16-bit values.
+    assert Image.open(path).mode in ((mode, "I") if mode == "I;16" else (mode,))
     image = datasets.decode_resized(path, 256).int()
     reference = torch.from_numpy(np.asarray(Image.fromarray(ramp8()).resize((256, 256), Image.BILINEAR)).astype(int))
     assert (image - reference[None]).abs().max() <= tolerance
