@@ -126,13 +126,29 @@ def test_every_model_trains_on_shapes(tmp_path, flags, model):
         (["--max-lr-drops", "two"], "argument --max-lr-drops: 'two' is not a whole number"),
         (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
         (["--resume", "a.pt", "--evaluate", "b.pt"], "argument --evaluate: not allowed with argument --resume"),
-        (["--coarse-labels"], "--coarse-labels only applies to -ds Cifar100"),
         (["--batch-size", "many"], "argument --batch-size: 'many' is not a whole number"),
         (["-ds", "ImageNet"], "argument -ds/--dataset: invalid choice: 'ImageNet'"),
-        (["--no-lrn"], "--no-lrn only applies to the paper's features; add -pm"),
     ],
 )
-def test_bad_flags_are_one_sentence_and_exit_2(tmp_path, flags, message):
+def test_bad_flag_values_are_one_sentence_and_exit_2(capsys, flags, message):
+    """The parser itself, in this process (every flag's rule; the bad-input catalogue runs a few
+    of these through the real command line as well)."""
+    with pytest.raises(SystemExit) as stopped:
+        get_args_parser().parse_args(flags)
+    assert stopped.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert errors == [f"main.py: error: {message}"] or (len(errors) == 1 and message in errors[0]), errors
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--coarse-labels"], "--coarse-labels only applies to -ds Cifar100"),
+        (["--no-lrn"], "--no-lrn only applies to the paper's features; add -pm"),
+        (["--rewind"], "--rewind only applies to --resume"),
+    ],
+)
+def test_bad_flag_combinations_are_one_sentence_and_exit_2(tmp_path, flags, message):
     result = run(*flags, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr

@@ -184,11 +184,6 @@ def test_rewind_only_when_asked_and_the_newer_last_pt_is_kept(tmp_path, cifar_ru
     assert torch.load(last, weights_only=True)["epoch"] == 2
 
 
-def test_rewind_needs_resume(tmp_path):
-    result = run("--rewind", cwd=tmp_path)
-    assert result.returncode == 2 and "--rewind only applies to --resume" in result.stderr
-
-
 # ---------------------------------------------------------------------------------------------
 # One live process per run
 
@@ -223,9 +218,9 @@ def test_two_resumes_of_one_run_the_second_is_refused_and_kill_9_leaves_no_stale
             os.killpg(first.pid, signal.SIGKILL)
         first.stderr.close()
     assert (last.parent / ".lock").exists()
-    again = run("--resume", str(last), "-ne", "3", cwd=tmp_path / "work")
+    again = run("--resume", str(last), "-ne", "2", cwd=tmp_path / "work")  # the lock is free: it runs (and ends)
     assert again.returncode == 0, again.stderr
-    assert torch.load(last, weights_only=True)["epoch"] == 3
+    assert torch.load(last, weights_only=True)["epoch"] >= 2  # whole, whatever epoch the kill came in
     assert not (last.parent / ".lock").exists()
 
 
