@@ -1220,20 +1220,34 @@ def load_voc2012(options: DataOptions) -> DataSet:
 # Registry
 
 
+SINGLE_LABEL = "single-label"
+MULTI_LABEL = "multi-label"
+#: Reader options every data set accepts; the others are listed by the data sets that take them.
+COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "decode_device"})
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A registered data set: its reader and the size of the images it yields."""
+    """A registered data set: its reader, the size of the images it yields, its task
+    (``single-label``: one class per image; ``multi-label``: 1 / -1 / 0 per class, VOC style)
+    and the reader options it takes beyond ``COMMON_OPTIONS``."""
 
     load: Callable[[DataOptions], DataSet]
     image_size: int
+    task: str = SINGLE_LABEL
+    options: frozenset[str] = frozenset()
+
+    def accepts(self, option: str) -> bool:
+        return option in COMMON_OPTIONS or option in self.options
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "Shapes": DatasetInfo(load_shapes, 32),
+    "Shapes": DatasetInfo(load_shapes, 32, options=frozenset({"shapes_train", "shapes_test", "shapes_seed"})),
     "Cifar10": DatasetInfo(lambda options: load_cifar(CIFAR10, options, "Cifar10"), 32),
-    "Cifar100": DatasetInfo(lambda options: load_cifar(CIFAR100, options, "Cifar100"), 32),
-    "PascalVOC2012": DatasetInfo(load_voc2012, VOC_CACHE_SIZE),
-}
+    "Cifar100": DatasetInfo(lambda options: load_cifar(CIFAR100, options, "Cifar100"), 32,
+                            options=frozenset({"coarse_labels"})),
+    "PascalVOC2012": DatasetInfo(load_voc2012, VOC_CACHE_SIZE, task=MULTI_LABEL),
+}  # fmt: skip
 
 
 def load_dataset(name: str, options: DataOptions) -> DataSet:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -461,11 +462,42 @@ class CifarAlexNet(nn.Module):
         return self.classifier(x)
 
 
-def build_model(cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True) -> nn.Module:
-    """The seed's model choice: ``-pm`` -> PaperAlexNet, ``-c`` -> CifarAlexNet (with the paper's
-    features when ``-pm`` is also given), neither -> TorchAlexNet."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered network: how to build it, the input size it expects, whether
+    ``--split-gpus`` can put its two towers on two devices, and whether it has the paper's
+    features (LRN, which ``--no-lrn`` removes)."""
+
+    build: Callable[[int, float, bool], nn.Module]  # (num_classes, dropout, lrn) -> model
+    input_size: int
+    splittable: bool = False
+    paper_features: bool = False
+
+
+MODELS: dict[str, ModelInfo] = {
+    "TorchAlexNet": ModelInfo(lambda n, dropout, lrn: TorchAlexNet(n, dropout), 224),
+    "PaperAlexNet": ModelInfo(lambda n, dropout, lrn: PaperAlexNet(n, dropout, lrn=lrn), 224, splittable=True,
+                              paper_features=True),
+    "CifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout), 32),
+    "PaperCifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout, paper=True, lrn=lrn), 32,
+                                   paper_features=True),
+}  # fmt: skip
+
+
+def model_name(cifar: bool, paper_model: bool) -> str:
+    """The seed's flags as a registered name: ``-c`` -> CifarAlexNet (PaperCifarAlexNet, the
+    paper's features on 32x32 images, with ``-pm``), ``-pm`` -> PaperAlexNet, neither ->
+    TorchAlexNet. The one place these flags are read."""
     if cifar:
-        return CifarAlexNet(num_classes, dropout, paper=paper_model, lrn=lrn)
-    if paper_model:
-        return PaperAlexNet(num_classes, dropout, lrn=lrn)
-    return TorchAlexNet(num_classes, dropout)
+        return "PaperCifarAlexNet" if paper_model else "CifarAlexNet"
+    return "PaperAlexNet" if paper_model else "TorchAlexNet"
+
+
+def make_model(name: str, num_classes: int, dropout: float = 0.5, lrn: bool = True) -> nn.Module:
+    """The registered network ``name`` (freshly initialised)."""
+    return MODELS[name].build(num_classes, dropout, lrn)
+
+
+def build_model(cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True) -> nn.Module:
+    """The network the seed's flags ``-c`` / ``-pm`` choose (see ``model_name``)."""
+    return make_model(model_name(cifar, paper_model), num_classes, dropout, lrn)
