@@ -1674,3 +1674,48 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate()
+
+
+# TEMPORARY (replaced by data/loaders.py on merge)
+@dataclass
+class Loaders:
+    train: BatchLoader
+    eval: BatchLoader
+    pipeline: Pipeline
+
+
+def place_split(split: Split, device: torch.device, loader: str, workers: int) -> Split:
+    if split.source is None:
+        return split.to(device)
+    stream = loader == "stream" or (loader == "auto" and not fits_in_memory(split.nbytes, device))
+    if not stream:
+        return split.to(device)
+    logger.info(
+        "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
+        len(split), split.nbytes / 1e9, split.source, workers,
+    )  # fmt: skip
+    return split
+
+
+def make_loaders(data: DataSet, input_size: int, paper: bool, device: torch.device, *, batch_size: int,
+                 eval_batch_size: int, loader: str = "auto", workers: int = 0, seed: int = 0, rank: int = 0,
+                 world: int = 1) -> Loaders:  # fmt: skip
+    train = place_split(data.train, device, loader, workers)
+    test = place_split(data.test, device, loader, workers)
+    pipeline = make_pipeline(train, input_size, paper, device)
+    index_generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed + rank)
+    train_loader = BatchLoader(train, batch_size, pipeline, True, device, generator=generator,
+                               index_generator=index_generator, workers=workers, rank=rank, world=world)
+    batch = max(1, eval_batch_size // pipeline.views)
+    evaluation = BatchLoader(test, batch * world, pipeline, False, device, workers=workers, rank=rank, world=world)
+    return Loaders(train_loader, evaluation, pipeline)
+
+
+def eval_loader(split: Split, pipeline: Pipeline, config: object, device: torch.device) -> BatchLoader:
+    from training.distributed import rank_and_world
+
+    batch = max(1, config.eval_batch_size // pipeline.views)  # type: ignore[attr-defined]
+    rank, world = rank_and_world()
+    workers = config.workers  # type: ignore[attr-defined]
+    return BatchLoader(split, batch * world, pipeline, False, device, workers=workers, rank=rank, world=world)

@@ -41,12 +41,12 @@ from trainer import (
     AMP_DTYPES,
     TrainConfig,
     Trainer,
-    check_compatible,
     default_amp,
     default_channels_last,
     evaluate_checkpoint,
     format_metrics,
     load_checkpoint,
+    load_weights,
 )
 from training.config import SETUPS
 from training.outputs import RunFolders, claim_run
@@ -629,7 +629,7 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     torch.manual_seed(config.seed)
     model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
     if checkpoint is not None:
-        check_compatible(checkpoint, checkpoint_path, model, data)
+        load_weights(checkpoint, checkpoint_path, model, data.num_classes, data.name)
     if config.split_gpus:
         model = SplitPaperAlexNet(model, split_devices(device))
         logger.info("the two towers run on %s and %s", *model.devices)

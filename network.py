@@ -342,6 +342,14 @@ class SplitPaperAlexNet(nn.Module):
         a, b = (tower.state_dict() for tower in self.towers)
         return join_towers(a, b)
 
+    #: Its layers are made on their devices: ``training.fastpath.prepare_model`` leaves it there.
+    places_itself = True
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What checkpoints hold: the grouped model's state_dict, so a split run's checkpoint
+        loads into PaperAlexNet and back."""
+        return self.grouped_state_dict()
+
     @torch.no_grad()
     def load_grouped_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load a PaperAlexNet state_dict, each tower taking its halves; as strict as
@@ -469,18 +477,19 @@ class ModelInfo:
     features (LRN, which ``--no-lrn`` removes)."""
 
     build: Callable[[int, float, bool], nn.Module]  # (num_classes, dropout, lrn) -> model
+    kind: type[nn.Module]  # the class it builds
     input_size: int
     splittable: bool = False
     paper_features: bool = False
 
 
 MODELS: dict[str, ModelInfo] = {
-    "TorchAlexNet": ModelInfo(lambda n, dropout, lrn: TorchAlexNet(n, dropout), 224),
-    "PaperAlexNet": ModelInfo(lambda n, dropout, lrn: PaperAlexNet(n, dropout, lrn=lrn), 224, splittable=True,
-                              paper_features=True),
-    "CifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout), 32),
-    "PaperCifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout, paper=True, lrn=lrn), 32,
-                                   paper_features=True),
+    "TorchAlexNet": ModelInfo(lambda n, dropout, lrn: TorchAlexNet(n, dropout), TorchAlexNet, 224),
+    "PaperAlexNet": ModelInfo(lambda n, dropout, lrn: PaperAlexNet(n, dropout, lrn=lrn), PaperAlexNet, 224,
+                              splittable=True, paper_features=True),
+    "CifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout), CifarAlexNet, 32),
+    "PaperCifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout, paper=True, lrn=lrn), CifarAlexNet,
+                                   32, paper_features=True),
 }  # fmt: skip
 
 

@@ -7,8 +7,6 @@ import json
 import logging
 import math
 import os
-import re
-import signal
 import socket
 import sys
 import tempfile
@@ -34,41 +32,6 @@ class UserError(Exception):
 
     ``main`` reports it as one sentence and a non-zero exit instead of a traceback.
     """
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM stopped the tool; ``exit_code`` is 128 + signal. ``reported``: the
-    trainer has already said what it saved and how to resume."""
-
-    def __init__(self, signum: int, reported: bool = False) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.exit_code = 128 + signum
-        self.reported = reported
-
-
-class StopSignals:
-    """SIGINT and SIGTERM from the first moment of ``main`` until the training loop takes over
-    (``trainer.StopRequest``, which saves first): the first signal raises ``Interrupted``, which
-    unwinds whatever is under way (temporary files are removed on the way out) and ``main``
-    says in which ``phase`` it stopped; further signals while it unwinds are acknowledged and
-    otherwise ignored, so a second Ctrl-C cannot turn a clean stop into a traceback."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self.phase = "starting"
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            logging.getLogger("alexnet").warning("%s again: already stopping", signal.Signals(signum).name)
-            return
-        self.signum = signum
-        raise Interrupted(signum)
-
-    def install(self) -> None:
-        """Take over SIGINT and SIGTERM (main thread only)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
 
 
 def short_reason(error: BaseException) -> str:
@@ -263,6 +226,11 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """``path`` replaced by ``data`` whole, or left as it was."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` that never leaves a partly written file at ``path``."""
     _atomic_write(path, lambda f: torch.save(obj, f))
@@ -418,84 +386,15 @@ def add_log_file(path: Path) -> logging.Handler:
     return handler
 
 
-# ---------------------------------------------------------------------------------------------
-# Data parallelism (torchrun)
+# Processes and signals have their own room (``training.distributed``); these names are still
+# importable from here.
+_MOVED = frozenset({"Interrupted", "StopSignals", "launched_by_torchrun", "init_distributed", "rank_and_world",
+                    "LOST_PEER", "lost_process"})  # fmt: skip
 
 
-def launched_by_torchrun() -> bool:
-    """Whether this process is one of several that ``torchrun`` started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import training.distributed
 
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on CPUs); returns this
-    process's device: ``cuda:LOCAL_RANK`` on a GPU machine, the CPU otherwise.
-
-    The group keeps the backend's default timeout (gloo 30 min, NCCL 10 min). A process that is
-    killed or crashes closes its connections, and its peers' next collective fails within
-    seconds (``lost_process`` words that), so no shorter timeout is needed for it; only a peer
-    whose machine vanishes without closing them is waited for that long. A shorter one would
-    also have to outlast every phase one process runs alone while the others wait at a barrier
-    (rank 0 reading the data and building the VOC cache, saving a checkpoint).
-    """
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(
-                f"torchrun started process {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
-                "device(s); pass --nproc_per_node at most that number."
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
-                            else None)  # fmt: skip
-    return device
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process: (0, 1) outside torchrun."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-#: How gloo, NCCL and torchrun's store report a peer that is gone (killed, crashed, its machine
-#: lost) or silent past the group's timeout, in the collectives of the other processes.
-LOST_PEER = re.compile(
-    r"connection (closed|reset) by peer|broken pipe|connection refused|timed out waiting|socket timeout|"
-    r"communicator was aborted|remote process exited|collective operation timeout",
-    re.IGNORECASE,
-)
-
-
-def lost_process(error: BaseException, last: Path | None) -> str | None:
-    """The sentence for a torchrun run whose process group lost a process, recognised from the
-    error a collective raised in a surviving one; None for any other error (which should
-    propagate). ``last`` is the run's last.pt, which the same torchrun command resumes (None
-    when nothing is saved: a dry run, or a run that had not claimed its folders yet)."""
-    import torch.distributed as dist
-
-    connection_lost = isinstance(error, (dist.DistNetworkError, dist.DistStoreError)) or (
-        isinstance(error, RuntimeError) and LOST_PEER.search(str(error)) is not None
-    )
-    if not launched_by_torchrun() or not connection_lost:
-        return None
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    # gloo names the peer by the address it lost ("[../pair.cc:561] Connection closed by peer
-    # [10.0.0.2]:40211. This is typically caused by..."): keep that first statement.
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0].rstrip(".")
-    reason = re.sub(r"\[([^\]]+)\]:(\d+)", r"\1:\2", reason)[:160]
-    who = f"process {1 - rank} of 2" if world == 2 else f"one of the {world} processes"
-    if last is None:
-        advice = "start the same torchrun command again"
-    else:
-        advice = f"resume from the last checkpoint with the same torchrun command plus --resume {last}"
-    return (
-        f"the run lost {who} ({printable(reason)}): it was stopped, crashed or lost its machine, so "
-        f"process {rank} stops too; {advice}"
-    )
+        return getattr(training.distributed, name)
+    raise AttributeError(f"module 'utils' has no attribute {name!r}")

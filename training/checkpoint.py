@@ -11,19 +11,26 @@ naming the file and the field, never a traceback.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from network import MODELS
 from training.config import TrainConfig
+from training.distributed import gather_objects, rank_and_world
+from training.fastpath import plain_state_dict
 from training.schedule import check_schedule_state
-from utils import Check, UserError, quoted, short_reason, temp_file_beside
+from utils import Check, UserError, __version__, printable, quoted, short_reason, temp_file_beside
+
+logger = logging.getLogger(__name__)
 
 #: Bounds well beyond any real checkpoint, so a crafted one cannot make the checks themselves slow.
 MAX_CLASSES = 100_000
@@ -279,26 +286,34 @@ def check_fields(checkpoint: dict[str, Any]) -> str | None:
 
 def check_compatible(checkpoint: dict[str, Any], path: Path, model: nn.Module, num_classes: int,
                      data_name: str) -> None:  # fmt: skip
-    """One sentence when the checkpoint holds another model or another class count than the
-    model and data it is about to be loaded into; then load its weights into ``model``."""
+    """One sentence when the checkpoint holds another kind of model or another class count than
+    the model and data it is meant for (nothing is loaded: ``load_weights`` does that)."""
     config = checkpoint["config"]
     ours = type(model).__name__
-    classes = checkpoint["classes"]
-    if config.get("model") != ours:
+    theirs = MODELS.get(str(config.get("model")))
+    if theirs is None or theirs.kind.__name__ != ours:
         raise CheckpointError(
             f"checkpoint {path} holds a {quoted(str(config.get('model')))[1:-1]}, but this command builds a {ours}; "
             "drop the model flags (-c, -pm) or pass a checkpoint of this model."
         )
+    classes = checkpoint["classes"]
     if len(classes) != num_classes:
         raise CheckpointError(
             f"checkpoint {path} was trained on {len(classes)} classes ({config.get('dataset')}), but {data_name} "
             f"has {num_classes}; pass a checkpoint trained on {data_name}."
         )
+
+
+def load_weights(checkpoint: dict[str, Any], path: Path, model: nn.Module, num_classes: int, data_name: str) -> None:
+    """The checkpoint's weights in ``model``, after ``check_compatible``; weights that do not fit
+    (the paper-width CifarAlexNet's into the torchvision-width one, say) are one sentence."""
+    check_compatible(checkpoint, path, model, num_classes, data_name)
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
     except (RuntimeError, KeyError, TypeError) as error:
         raise CheckpointError(
-            f"checkpoint {path} does not fit {ours} ({short_reason(error)}); pass a checkpoint written for it."
+            f"checkpoint {path} does not fit {type(model).__name__} ({short_reason(error)}); pass a checkpoint "
+            "written for it."
         ) from None
 
 
@@ -361,3 +376,157 @@ def check_partial_epoch(partial: dict[str, Any] | None, train_size: int, batches
     if partial["batches_done"] > batches:
         return f"its interrupted epoch ran {partial['batches_done']} batches, more than the {batches} an epoch has"
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's progress and its checkpoints
+
+
+@dataclass
+class Progress:
+    """How far a run has come: everything besides the weights and the optimiser that a resumed
+    run must pick up, saved in every checkpoint under these names."""
+
+    epoch: int = 0  # finished epochs
+    global_step: int = 0
+    best: dict[str, Any] | None = None  # EvalResult.metrics() of the best epoch
+    best_epoch: int = 0
+    last: dict[str, Any] | None = None  # EvalResult.metrics() of the latest epoch
+    top1_max: float = 0.0
+    train_images: int = 0
+    train_seconds: float = 0.0
+    stop_reason: str = ""
+    partial: dict[str, Any] | None = None  # where an interrupted epoch stopped
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict[str, Any]) -> Progress:
+        """The progress a checkpoint holds (its fields checked by ``load_checkpoint``; fields
+        an older version did not write take their defaults)."""
+        return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if checkpoint.get(f.name) is not None})
+
+
+#: The format of what ``Checkpointer.state`` writes. 2: written by the split trainer (0.2), the
+#: same fields as 1 (0.1.x, which wrote no ``format``) plus ``format``; both load.
+CHECKPOINT_FORMAT = 2
+
+
+class Checkpointer:
+    """A run's checkpoints: what they hold, writing them, and putting a run back as it was.
+
+    ``state`` gathers the weights (the plain model's, under any wrapper), the optimiser, the
+    schedule, the ``Progress``, every random stream (each process's under torchrun) and the
+    GradScaler; ``save`` writes ``last.pt`` (and ``best.pt``) atomically; ``restore`` checks what
+    only this model and data can tell (the optimiser state fits, an interrupted epoch's order is
+    an order of this training split) and then loads it all back.
+    """
+
+    def __init__(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
+                 scaler: torch.amp.GradScaler | None, generators: dict[str, torch.Generator]) -> None:  # fmt: skip
+        self.folder = folder
+        self.model = model
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.scaler = scaler
+        self.generators = generators  # "index" (the order of images, CPU) and "augment" (on the device)
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.pt"
+
+    def _rng(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in self.generators.items()}}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return rng
+
+    def state(self, progress: Progress, task_score_key: str, classes: list[str], config: TrainConfig
+              ) -> dict[str, Any]:  # fmt: skip
+        """The checkpoint of this moment (under torchrun a collective: every process calls it)."""
+        rng = self._rng()
+        _, world = rank_and_world()
+        best = progress.best
+        return {
+            "model": plain_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            **asdict(progress),
+            "best_metric": best[task_score_key] if best else None,
+            "rng": rng,
+            # each process has its own augmentation and dropout streams
+            "rng_ranks": gather_objects(rng) if world > 1 else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "classes": list(classes),
+            "config": asdict(config),
+            "version": __version__,
+            "format": CHECKPOINT_FORMAT,
+        }
+
+    def save(self, state: dict[str, Any], best: bool, epoch: int) -> None:
+        """``last.pt`` (and ``best.pt``); a full disk is one sentence, and the files of the
+        previous epoch stay as they were."""
+        try:
+            save_checkpoint(state, self.last, self.best if best else None)
+        except (OSError, RuntimeError) as error:
+            # torch.save reports a failed write as a RuntimeError raised from the OSError.
+            cause = error if isinstance(error, OSError) else error.__context__
+            reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else short_reason(error)
+            raise UserError(
+                f"could not save the checkpoint of epoch {epoch} in {self.folder} ({reason}); free some disk "
+                "space or pass another --output-dir (the previous last.pt and best.pt are unchanged)."
+            ) from None
+
+    def restore(self, checkpoint: dict[str, Any], run_name: str, train_size: int, batches: int) -> Progress:
+        """Put the optimiser, the schedule, the scaler and the random streams back as the
+        checkpoint has them (its weights are already loaded, its fields checked by
+        ``load_checkpoint``); returns its ``Progress``."""
+        problem = check_optimizer_state(checkpoint["optimizer"], self.optimizer) or check_partial_epoch(
+            checkpoint.get("partial"), train_size, batches
+        )
+        if problem:
+            raise CheckpointError(
+                f"the checkpoint of run {printable(run_name)} cannot be resumed: {problem}; it is damaged "
+                "or was not written for this model and data, so use another one (best.pt or last.pt of the run)."
+            )
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(
+                f"the checkpoint of run {printable(run_name)} holds an optimizer state that does not load "
+                f"({short_reason(error)}); use another checkpoint of the run."
+            ) from None
+        self.schedule.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        return Progress.from_checkpoint(checkpoint)
+
+    def restore_rng(self, checkpoint: dict[str, Any], seed: int, epoch: int) -> None:
+        """The random streams of the checkpoint: this process's own under torchrun, or fresh
+        per-process streams from the seed when the number of processes changed."""
+        rank, world = rank_and_world()
+        rng = checkpoint["rng"]
+        ranks = checkpoint.get("rng_ranks")
+        augment = self.generators["augment"]
+        if world > 1:
+            if ranks and len(ranks) == world:
+                rng = ranks[rank]
+            else:  # another number of processes: fresh per-process streams from the seed
+                rng = {
+                    **rng,
+                    "torch": torch.Generator().manual_seed(seed + rank + epoch).get_state(),
+                    "augment": torch.Generator(augment.device).manual_seed(seed + rank).get_state(),
+                }
+        torch.set_rng_state(rng["torch"])
+        self.generators["index"].set_state(rng["index"])
+        if rng["augment"].numel() == augment.get_state().numel():
+            augment.set_state(rng["augment"])
+        else:  # recorded on another kind of device, whose generator state has another size
+            logger.warning("the augmentation stream was recorded on another kind of device; drawing a new one from "
+                           "the seed")  # fmt: skip
+            augment.manual_seed(seed + rank + epoch)
+        cuda = rng.get("cuda", [])
+        if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

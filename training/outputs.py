@@ -16,18 +16,33 @@ data are read, with three rules:
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
 from training.config import TrainConfig
-from utils import RunLock, UnsafeName, UserError, rank_and_world, safe_child
+from training.distributed import broadcast_object, is_main, rank_and_world
+from training.figures import confusion_figure, image_grid, write_confusion_csv
+from training.tasks import format_metrics
+from utils import (
+    RunLock,
+    UnsafeName,
+    UserError,
+    add_log_file,
+    atomic_write_bytes,
+    atomic_write_json,
+    safe_child,
+    short_reason,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +114,16 @@ def claim_run(config: TrainConfig, resume_from: Path | None = None, resume_step:
     """Name the run (a new one) or check its folders (a resumed one), lock it, and set
     ``config.run_name``. Under torchrun rank 0 decides and the others follow, or all stop with
     rank 0's sentence."""
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     output = Path(config.output_dir)
-    decided: list[Any] = [None, None]
+    decided: tuple[str | None, str | None] = (None, None)
     if rank == 0:
         try:
             folders = _claim(config, output, resume_from, resume_step, rewind)
-            decided = [folders.name, None]
+            decided = (folders.name, None)
         except UserError as error:
-            decided = [None, str(error)]
-    if world > 1:
-        dist.broadcast_object_list(decided, src=0)
-    name, problem = decided
+            decided = (None, str(error))
+    name, problem = broadcast_object(decided)
     if problem:
         raise UserError(problem)
     if rank != 0:
@@ -197,3 +210,236 @@ def _free_name(folder: Path, stem: str) -> Path:
         n += 1
         path = folder / f"{stem}-{n}.pt"
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run writes
+
+
+def writing(path: Path, action: Callable[[], Any]) -> Any:
+    """Run ``action``; a failure to write becomes one sentence naming the folder."""
+    try:
+        return action()
+    except OSError as error:
+        raise UserError(
+            f"cannot write to {error.filename or path} ({short_reason(error.strerror or error)}); "
+            "pass a writable --output-dir."
+        ) from None
+
+
+#: One row per finished epoch, every scalar of that epoch (the TensorBoard tags without the data
+#: set's prefix, plus ``step`` and ``seconds``): what ``experiments/report.py`` reads.
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunOutputs:
+    """Everything a run writes besides its checkpoints, in one place.
+
+    - ``runs/<ds>/<run>/``: ``config.json``, the TensorBoard events (scalars every epoch and
+      every ``-lls`` steps, a grid of augmented inputs, the confusion figure), ``metrics.jsonl``
+      (a row per epoch), ``summary.json`` and the confusion CSVs;
+    - ``log/<run>.log`` with ``-l``: the terminal output;
+    - the terminal: the epoch line and the closing lines.
+
+    Only the writing process (rank 0) writes files, and nothing under ``runs/`` with ``-d``. On
+    resume the events and ``metrics.jsonl`` are cut back to the checkpoint's step, so whatever
+    the interrupted run logged after its last checkpoint disappears.
+    """
+
+    def __init__(self, config: TrainConfig, folders: RunFolders, data_name: str, classes: list[str], task: Any,
+                 resume_step: int | None = None) -> None:  # fmt: skip
+        self.config = config
+        self.folders = folders
+        self.run_dir = folders.run_dir
+        self.data_name = data_name
+        self.classes = classes
+        self.task = task
+        self.resume_step = resume_step  # None: a new run
+        self.writes = not config.dry_run and is_main()
+        self.log_file = folders.log_file if config.log and is_main() else None
+        self.writer: SummaryWriter | None = None
+        self._log_handler: logging.Handler | None = None
+
+    # -- opening and closing
+
+    def open(self, augmented: Callable[[], torch.Tensor]) -> None:
+        """Start the log file, create the run folder and write what a run starts with.
+        ``augmented()`` gives a batch of augmented inputs for TensorBoard (a new run only)."""
+        if self.log_file is not None:
+            log_file = self.log_file
+            self._log_handler = writing(log_file, lambda: add_log_file(log_file))
+        if self.writes:
+            writing(self.run_dir, lambda: self._open_run_dir(augmented))
+
+    def _open_run_dir(self, augmented: Callable[[], torch.Tensor]) -> None:
+        config, resumed = self.config, self.resume_step is not None
+        self.run_dir.mkdir(parents=True, exist_ok=resumed)
+        self.folders.ckpt_dir.mkdir(parents=True, exist_ok=True)  # claim_run made it to hold the lock
+        if not resumed or not (self.run_dir / "config.json").exists():
+            atomic_write_json(asdict(config), self.run_dir / "config.json")
+        if not resumed:
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+            self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in asdict(config).items()))
+            if config.message:
+                self.writer.add_text("message", config.message)
+            self.writer.add_image(f"{self.data_name}/train/augmented", image_grid(augmented()), 0)
+            return
+        # A run killed while saving leaves its temporary file behind; the checkpoint it was
+        # replacing is whole, and this folder belongs to this run alone.
+        for folder in (self.run_dir, self.folders.ckpt_dir):
+            for stale in folder.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        # Hide whatever the interrupted run logged after the checkpoint it resumes from.
+        assert self.resume_step is not None
+        self.writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=self.resume_step + 1)
+        self._cut_metrics(self.resume_step)
+
+    def _cut_metrics(self, step: int) -> None:
+        """Keep the rows of ``metrics.jsonl`` up to ``step`` (rows cut short by a kill go too)."""
+        path = self.run_dir / METRICS_FILE
+        if not path.exists():
+            return
+        kept = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept)
+        atomic_write_bytes(text.encode(), path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+    # -- during the run
+
+    def start(self, model_name: str, train_size: int, test_size: int, lr: float, device: torch.device,
+              pipeline: str, resumed_at: str | None) -> None:  # fmt: skip
+        """The opening lines: what trains on what, and where a resumed run goes on from."""
+        config = self.config
+        logger.info(
+            "run %s: %s on %s (%d train / %d test images, %d classes), %s setup, %s lr %g, batch %d, device %s%s",
+            config.run_name, model_name, self.data_name, train_size, test_size, len(self.classes), config.setup,
+            config.optimizer + (" (paper rule)" if config.paper_update else ""), lr, config.batch_size, device,
+            " (dry run: nothing saved under runs/ or checkpoints/)" if config.dry_run else "",
+        )  # fmt: skip
+        if resumed_at:
+            logger.info("%s", resumed_at)
+        if config.message:
+            logger.info("message: %s", config.message)
+        logger.info("augmentation: %s", pipeline)
+
+    def train_loss(self, mean: float, step: int) -> None:
+        """The mean training loss of the last ``-lls`` steps."""
+        if self.writer is not None:
+            self.writer.add_scalar(f"{self.data_name}/train/loss", mean, step)
+
+    def epoch(self, progress: Any, result: Any, train_loss: float, lr: float, images_per_s: float,
+              seconds: float) -> None:  # fmt: skip
+        """The epoch's line, its scalars (TensorBoard and ``metrics.jsonl``) and, every
+        ``-lce`` epochs and at the last, the confusion matrix."""
+        config, epoch = self.config, progress.epoch
+        logger.info(
+            "epoch %d/%d  train loss %.4f  %s  lr %.2e  %.0f img/s  %.1f s",
+            epoch, config.n_epoch, train_loss, format_metrics(result), lr, images_per_s, seconds,
+        )  # fmt: skip
+        if self.writer is None:
+            return
+        scalars = {
+            "train/epoch": epoch,
+            "train/lr": lr,
+            "train/epoch_loss": train_loss,
+            "train/images_per_second": images_per_s,
+            "val/loss": result.loss,
+            "val/top1": result.top1,
+            "val/top5": result.top5,
+            "val/top1_max": progress.top1_max,
+            **self.task.scalars(result, self.classes),
+        }
+        prefix, step = f"{self.data_name}/", progress.global_step
+        for tag, value in scalars.items():
+            self.writer.add_scalar(prefix + tag, value, step)
+        row = {"step": step, "seconds": seconds, **scalars}
+        row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        if (epoch % config.log_confusion_epoch == 0 or epoch == config.n_epoch) and result.confusion is not None:
+            write_confusion_csv(result.confusion, self.classes, self.run_dir / f"confusion_epoch{epoch:03d}.csv")
+            title = f"{self.data_name} epoch {epoch}: top-1 {result.top1:.1f}%"
+            self.writer.add_figure(prefix + "val/confusion", confusion_figure(result.confusion, self.classes, title),
+                                   step)  # fmt: skip
+        self.writer.flush()
+
+    # -- the summary
+
+    def summary(self, status: str, progress: Any, schedule: Any, train_size: int, test_size: int) -> dict[str, Any]:
+        """``status``: running, finished, interrupted or diverged."""
+        best, last = progress.best, progress.last
+        assert best is not None and last is not None
+        finished = status == "finished"
+        return {
+            "run_name": self.config.run_name,
+            "dataset": self.data_name,
+            "model": self.config.model,
+            "status": status,
+            "stop_reason": progress.stop_reason or ("epoch limit" if finished else ""),
+            "best_top1": best["top1"],
+            "best_top5": best["top5"],
+            "best_epoch": progress.best_epoch,
+            "final_top1": last["top1"],
+            "final_top5": last["top5"],
+            "top1_max": progress.top1_max,
+            "epochs": progress.epoch,
+            "steps": progress.global_step,
+            "final_lr": schedule.lr,
+            "lr_drops": schedule.drops,
+            "train_images_per_second": progress.train_images / max(progress.train_seconds, 1e-9),
+            "train_seconds": progress.train_seconds,
+            "train_size": train_size,
+            "test_size": test_size,
+            "config": asdict(self.config),
+            **self.task.best_fields(best, last, self.classes),
+        }
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.writes:
+            atomic_write_json(summary, self.run_dir / "summary.json")
+
+    def finish(self, summary: dict[str, Any], progress: Any) -> None:
+        """The closing lines, the hyperparameters for TensorBoard and the final ``summary.json``."""
+        best = progress.best
+        line = self.task.best_line(best, progress.last, progress.best_epoch, progress.epoch)
+        if line:
+            logger.info("%s", line)
+        logger.info(
+            "best top-1 %.2f%% (top-5 %.2f%%) at epoch %d of %d; final top-1 %.2f%%; %.0f training images/s",
+            best["top1"], best["top5"], progress.best_epoch, progress.epoch, summary["final_top1"],
+            summary["train_images_per_second"],
+        )  # fmt: skip
+        if self.writes:
+            assert self.writer is not None
+            metrics = {"hparam/best_top1": best["top1"], "hparam/best_top5": best["top5"],
+                       **self.task.hparam_metrics(best)}  # fmt: skip
+            hparams = {k: v for k, v in asdict(self.config).items() if isinstance(v, (int, float, str, bool))}
+            self.writer.add_hparams(hparams, metrics, run_name=".")
+            atomic_write_json(summary, self.run_dir / "summary.json")
+            logger.info("TensorBoard, summary.json and confusion CSVs: %s", self.run_dir)
+            logger.info("checkpoints (best.pt, last.pt): %s", self.folders.ckpt_dir)
+            logger.info("resume with: --resume %s", self.folders.ckpt_dir / "last.pt")
+        if self.log_file is not None:
+            logger.info("log: %s", self.log_file)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl``; a line that is not a JSON object (cut short by a kill,
+    say) is left out."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
