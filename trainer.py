@@ -140,10 +140,14 @@ class Trainer:
         self._set_lr(self.schedule.lr)
         if self.world > 1:
             # Gradients are averaged over the processes in buckets, overlapping the backward pass.
-            self.model = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         if config.compile:
             self.model = compile_model(self.model, self._warm_up)
-        self.train_step = TrainStep(self.model, self.optimizer, self.task.loss, device, config.amp, config.channels_last)
+        self.train_step = TrainStep(
+            self.model, self.optimizer, self.task.loss, device, config.amp, config.channels_last
+        )
 
         # The run's folders: named, checked and locked before anything is written (main.py
         # claims them before reading the data; a Trainer built directly claims them here).
@@ -325,4 +329,3 @@ class Trainer:
         summary = self._summary("finished")
         self.outputs.finish(summary, self.progress)
         return summary
-

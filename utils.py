@@ -7,24 +7,17 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import tempfile
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class UserError(Exception):
@@ -240,97 +233,6 @@ def atomic_write_json(obj: Any, path: Path) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     _atomic_write(path, lambda f: f.write(data))
-
-
-class RunInUse(UserError):
-    """Another live process holds the run's lock."""
-
-
-class RunLock:
-    """One live process per run folder: an exclusive ``flock`` on ``<folder>/.lock``.
-
-    The kernel drops the lock when its process ends in any way, ``kill -9`` included, so a
-    stale lock file never blocks a later run: the next process simply takes the lock. The file
-    holds the holder's process id, host and start time, for the sentence the second process
-    prints. Where ``fcntl`` is missing (Windows) the lock is the file itself, created
-    exclusively, and counted as stale when its process no longer exists.
-    """
-
-    def __init__(self, folder: Path, what: str) -> None:
-        self.path = Path(folder) / ".lock"
-        self.what = what
-        self.fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        """Take the lock or raise ``RunInUse`` naming the process that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while self.fd is None:
-            try:
-                fd = self._open()
-            except BlockingIOError:
-                raise RunInUse(self._in_use()) from None
-            try:  # the holder may have removed the file between our open and our lock
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-            else:
-                os.close(fd)
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()} {socket.gethostname()} {datetime.now():%Y-%m-%d %H:%M:%S}\n".encode())
-        return self
-
-    def _open(self) -> int:
-        if fcntl is None:
-            return self._open_exclusive()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _open_exclusive(self) -> int:
-        try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            pid = self._holder()[0]
-            if pid.isdigit() and _process_alive(int(pid)):
-                raise BlockingIOError from None
-            self.path.unlink(missing_ok=True)  # stale: its process is gone
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-
-    def _holder(self) -> list[str]:
-        try:
-            words = self.path.read_text(encoding="utf-8", errors="replace").split()
-        except OSError:
-            words = []
-        return (words + ["?", "?", "?", "?"])[:4]
-
-    def _in_use(self) -> str:
-        pid, host, day, time = (printable(w) for w in self._holder())
-        return (f"{self.what} is in use by process {pid} on {host} (since {day} {time}); wait for it to finish or "
-                f"stop it, then run this again.")  # fmt: skip
-
-    def release(self) -> None:
-        """Give the lock back (removing the file first, so no one locks a file on its way out)."""
-        if self.fd is None:
-            return
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)
-        self.fd = None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def device_problem(name: str) -> str | None:

@@ -12,7 +12,8 @@ row and one curve each, over seeds):
   settings otherwise.
 
 Numbers come from ``summary.json`` (best top-1 / top-5 / mAP, the epoch of the best, images/s,
-training seconds); curves from the TensorBoard scalars ``<Dataset>/val/{top1,mAP,loss}``, placed
+training seconds); curves from each run's ``metrics.jsonl`` (a row per epoch), or for runs written
+before it existed (0.1.x) from the TensorBoard scalars ``<Dataset>/val/{top1,mAP,loss}``, placed
 on the epoch axis by ``<Dataset>/train/epoch`` logged at the same step.
 """
 
@@ -31,6 +32,7 @@ from typing import Any
 from experiments import ExperimentError
 from experiments.presets import PRESETS
 from experiments.runner import MANIFEST, read_manifest
+from training.outputs import METRICS_FILE, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -279,9 +281,29 @@ def markdown_table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMN
 # Curves
 
 
+CURVES = ("top1", "top5", "mAP", "loss")
+
+
 def read_curves(folder: Path, dataset: str) -> dict[str, dict[int, float]]:
     """Validation curves of one run, ``{"top1" | "top5" | "mAP" | "loss": {epoch: value}}``,
-    from its TensorBoard event files (empty when it has none)."""
+    from its ``metrics.jsonl``, else from its TensorBoard event files (empty when it has
+    neither)."""
+    metrics = folder / METRICS_FILE
+    if metrics.is_file():
+        curves: dict[str, dict[int, float]] = {}
+        for row in read_metrics(metrics):
+            epoch = row.get("train/epoch")
+            for name in CURVES:
+                value = row.get(f"val/{name}")
+                # A resumed run may log an epoch again; the later value is the one that counts.
+                if isinstance(epoch, int) and isinstance(value, (int, float)):
+                    curves.setdefault(name, {})[epoch] = float(value)
+        return {name: dict(sorted(points.items())) for name, points in curves.items()}
+    return _tensorboard_curves(folder, dataset)
+
+
+def _tensorboard_curves(folder: Path, dataset: str) -> dict[str, dict[int, float]]:
+    """``read_curves`` for runs written before ``metrics.jsonl`` existed."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     # Scalars only: the augmented-batch and confusion images are the bulk of the files.
@@ -293,7 +315,7 @@ def read_curves(folder: Path, dataset: str) -> dict[str, dict[int, float]]:
     # Steps are the x-axis of every scalar; train/epoch at the same step says which epoch ended.
     epoch_at = {e.step: round(e.value) for e in accumulator.Scalars(epoch_tag)} if epoch_tag in tags else {}
     curves: dict[str, dict[int, float]] = {}
-    for name in ("top1", "top5", "mAP", "loss"):
+    for name in CURVES:
         tag = f"{dataset}/val/{name}"
         if tag not in tags:
             continue

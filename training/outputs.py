@@ -10,7 +10,7 @@ data are read, with three rules:
   ``--resume A/.../last.pt --output-dir B`` is refused when B holds another run of that name, and
   resuming from a checkpoint older than the run's ``last.pt`` (``best.pt``, say) would throw the
   newer epochs away, so it needs ``--rewind``, which keeps that ``last.pt`` under another name.
-- **One live process per run**: ``utils.RunLock`` in the checkpoint folder, taken before anything
+- **One live process per run**: ``RunLock`` in the checkpoint folder, taken before anything
   is written and dropped by the kernel whatever way the process ends.
 """
 
@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -27,6 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 from torch.utils.tensorboard import SummaryWriter
 
 from training.config import TrainConfig
@@ -34,17 +40,112 @@ from training.distributed import broadcast_object, is_main, rank_and_world
 from training.figures import confusion_figure, image_grid, write_confusion_csv
 from training.tasks import format_metrics
 from utils import (
-    RunLock,
     UnsafeName,
     UserError,
     add_log_file,
     atomic_write_bytes,
     atomic_write_json,
+    printable,
     safe_child,
     short_reason,
 )
 
 logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# One live process per run
+
+
+class RunInUse(UserError):
+    """Another live process holds the run's lock."""
+
+
+class RunLock:
+    """One live process per run folder: an exclusive ``flock`` on ``<folder>/.lock``.
+
+    The kernel drops the lock when its process ends in any way, ``kill -9`` included, so a
+    stale lock file never blocks a later run: the next process simply takes the lock. The file
+    holds the holder's process id, host and start time, for the sentence the second process
+    prints. Where ``fcntl`` is missing (Windows) the lock is the file itself, created
+    exclusively, and counted as stale when its process no longer exists.
+    """
+
+    def __init__(self, folder: Path, what: str) -> None:
+        self.path = Path(folder) / ".lock"
+        self.what = what
+        self.fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise ``RunInUse`` naming the process that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            try:
+                fd = self._open()
+            except BlockingIOError:
+                raise RunInUse(self._in_use()) from None
+            try:  # the holder may have removed the file between our open and our lock
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:
+                os.close(fd)
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()} {socket.gethostname()} {datetime.now():%Y-%m-%d %H:%M:%S}\n".encode())
+        return self
+
+    def _open(self) -> int:
+        if fcntl is None:
+            return self._open_exclusive()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_exclusive(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            pid = self._holder()[0]
+            if pid.isdigit() and _process_alive(int(pid)):
+                raise BlockingIOError from None
+            self.path.unlink(missing_ok=True)  # stale: its process is gone
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+    def _holder(self) -> list[str]:
+        try:
+            words = self.path.read_text(encoding="utf-8", errors="replace").split()
+        except OSError:
+            words = []
+        return (words + ["?", "?", "?", "?"])[:4]
+
+    def _in_use(self) -> str:
+        pid, host, day, time = (printable(w) for w in self._holder())
+        return (f"{self.what} is in use by process {pid} on {host} (since {day} {time}); wait for it to finish or "
+                f"stop it, then run this again.")  # fmt: skip
+
+    def release(self) -> None:
+        """Give the lock back (removing the file first, so no one locks a file on its way out)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 @dataclass

@@ -197,7 +197,9 @@ class MultiLabel(Task):
         scores = torch.sigmoid(logits).mean(1)
         weight = (labels != 0).double()
         target = (labels > 0).double()
-        totals.loss_sum += F.binary_cross_entropy(scores.double().clamp(1e-7, 1 - 1e-7), target, weight, reduction="sum")
+        totals.loss_sum += F.binary_cross_entropy(
+            scores.double().clamp(1e-7, 1 - 1e-7), target, weight, reduction="sum"
+        )
         totals.loss_weight += weight.sum()
         totals.scores.append(scores)
         totals.labels.append(labels)
