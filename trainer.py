@@ -42,7 +42,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets import DataSet, eval_loader, make_loaders  # noqa: F401 (eval_loader re-exported)
+from datasets import BatchLoader, DataSet, Pipeline, Split, make_loaders
+from datasets import eval_loader as data_eval_loader
 from training.checkpoint import (  # noqa: F401 (re-exported)
     Checkpointer,
     CheckpointError,
@@ -86,6 +87,14 @@ logger = logging.getLogger(__name__)
 
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
+
+
+def eval_loader(split: Split, pipeline: Pipeline, config: TrainConfig, device: torch.device) -> BatchLoader:
+    """The evaluation loader of ``split`` as ``config`` sets it (``eval_batch_size`` model
+    inputs per process, ``workers``), for this process."""
+    rank, world = rank_and_world()
+    return data_eval_loader(split, pipeline, device, batch_size=config.eval_batch_size, workers=config.workers,
+                            rank=rank, world=world)  # fmt: skip
 
 
 def evaluate_checkpoint(config: TrainConfig, model: nn.Module, data: DataSet, device: torch.device) -> EvalResult:

@@ -47,16 +47,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets import (
-    BatchLoader,
-    CifarPipeline,
-    ModernPipeline,
-    PaperPipeline,
-    Split,
-    channel_stats,
-    mean_image,
-    rgb_eigen,
-)
+from datasets import DataSet, Split, channel_stats, make_loaders, mean_image, rgb_eigen
 from network import CifarAlexNet, PaperAlexNet, TorchAlexNet
 from trainer import (
     AMP_DTYPES,
@@ -101,20 +92,17 @@ class Lighting:
 
 @dataclass
 class Case:
-    """One model with its input data and both pipelines."""
+    """One model with its input data and both pipelines (ours: the trainer's, from ``make_loaders``)."""
 
     name: str
     build: Callable[[], torch.nn.Module]
     image_size: int  # stored images (32, or 256 after the resize cache)
-    ours: Callable[[Split, torch.device], object]  # -> Pipeline
+    input_size: int  # the model's input
+    paper: bool  # ours: the paper's setup (``-pt``)
     usual: Callable[[Split], Callable]  # -> per-image transform
 
 
 def cifar_case() -> Case:
-    def ours(split: Split, device: torch.device):
-        mean, std = channel_stats(split.images)
-        return CifarPipeline(mean.to(device), std.to(device), 32)
-
     def usual(split: Split):
         mean, std = channel_stats(split.images)
         return transforms.Compose([
@@ -122,14 +110,10 @@ def cifar_case() -> Case:
             transforms.Normalize(mean.tolist(), std.tolist()),
         ])  # fmt: skip
 
-    return Case("CifarAlexNet", lambda: CifarAlexNet(10), 32, ours, usual)
+    return Case("CifarAlexNet", lambda: CifarAlexNet(10), 32, 32, False, usual)
 
 
 def torch_case() -> Case:
-    def ours(split: Split, device: torch.device):
-        mean, std = channel_stats(split.images)
-        return ModernPipeline(mean.to(device), std.to(device), crop=224)
-
     def usual(split: Split):
         mean, std = channel_stats(split.images)
         return transforms.Compose([
@@ -137,14 +121,10 @@ def torch_case() -> Case:
             transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist()),
         ])  # fmt: skip
 
-    return Case("TorchAlexNet", lambda: TorchAlexNet(1000), 256, ours, usual)
+    return Case("TorchAlexNet", lambda: TorchAlexNet(1000), 256, 224, False, usual)
 
 
 def paper_case() -> Case:
-    def ours(split: Split, device: torch.device):
-        values, vectors = rgb_eigen(split.images)
-        return PaperPipeline(mean_image(split.images).to(device), values.to(device), vectors.to(device), crop=224)
-
     def usual(split: Split):
         values, vectors = rgb_eigen(split.images)
         mean = (mean_image(split.images) / 255).mean((1, 2))
@@ -153,7 +133,7 @@ def paper_case() -> Case:
             Lighting(values.float(), vectors.float()), transforms.Normalize(mean.tolist(), [1 / 255] * 3),
         ])  # fmt: skip
 
-    return Case("PaperAlexNet", lambda: PaperAlexNet(1000), 256, ours, usual)
+    return Case("PaperAlexNet", lambda: PaperAlexNet(1000), 256, 224, True, usual)
 
 
 CASES = {"CifarAlexNet": cifar_case, "TorchAlexNet": torch_case, "PaperAlexNet": paper_case}
@@ -226,7 +206,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: dict[str, float]) -> dict[str, float]:
     """Pipeline and training images/s, ours and usual, for one model."""
-    size = 32 if case.name == "CifarAlexNet" else 224
+    size = case.input_size
     quick = args.quick
     big = case.image_size > 32
     batch = args.batch_size or (128 if not big or device.type == "cuda" else 16)
@@ -237,11 +217,10 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
         torch.randint(0, 256, (images, 3, case.image_size, case.image_size), dtype=torch.uint8, generator=g),
         torch.randint(0, 10, (images,), generator=g),
     )
-    on_device = split.to(device)
-    pipeline = case.ours(split, device)
-    ours_loader = BatchLoader(on_device, batch, pipeline, train=True, device=device,
-                              generator=torch.Generator(device).manual_seed(0),
-                              index_generator=torch.Generator().manual_seed(0))  # fmt: skip
+    # Ours: the trainer's training loader (the split on the device, seeds 0); nothing is evaluated.
+    data = DataSet(case.name, [str(c) for c in range(10)], split, Split(split.images[:1], split.labels[:1]))
+    ours_loader = make_loaders(data, size, case.paper, device, batch_size=batch, eval_batch_size=batch,
+                               loader="memory").train  # fmt: skip
     # Drop each epoch's last partial batch so every timed batch is full on both sides.
     full = len(split) // batch
 

@@ -361,7 +361,7 @@ def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
     folder = make_voc(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     real = datasets.is_writable_dir
-    monkeypatch.setattr(datasets, "is_writable_dir", lambda p: False if folder in p.parents or p == folder else real(p))
+    monkeypatch.setattr("data.voc.is_writable_dir", lambda p: False if folder in p.parents or p == folder else real(p))
     load_dataset("PascalVOC2012", DataOptions(data_dir=tmp_path))
     assert len(list((tmp_path / "xdg" / "alexnet").glob("voc2012-*/train_256.npy"))) == 1
     assert not (folder / "alexnet_cache").exists()

@@ -252,7 +252,7 @@ def test_an_existing_folder_that_holds_the_data_is_used_not_replaced(tmp_path, m
     data.mkdir()
     cifar_archive(data / "cifar-10-python.tar.gz")
     real = datasets.is_writable_dir
-    monkeypatch.setattr(datasets, "is_writable_dir", lambda p: False if p == data else real(p))
+    monkeypatch.setattr("data.archives.is_writable_dir", lambda p: False if p == data else real(p))
     options = DataOptions(data_dir=data, cache_dir=tmp_path / "cache")
     load_dataset("Cifar10", options)
     unpacked = tmp_path / "cache" / "cifar-10-batches-py" / "data_batch_1"
@@ -723,7 +723,7 @@ def slow_decoder(calls: list[int], seconds: float = 0.05):
 
 def test_the_cache_build_stops_promptly_on_ctrl_c_and_leaves_no_file(tmp_path, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(datasets, "decode_resized", slow_decoder(calls))
+    monkeypatch.setattr("data.cache.decode_resized", slow_decoder(calls))
     paths = [tmp_path / f"{i}.jpg" for i in range(300)]  # 300 x 50 ms on 2+ threads: seconds
     for path in paths:
         path.write_bytes(b"x")
@@ -754,7 +754,7 @@ def test_a_bad_image_stops_the_cache_build_without_decoding_the_rest(tmp_path, m
             raise DataError(f"{path} cannot be decoded as a JPEG")
         return decode(path, size)
 
-    monkeypatch.setattr(datasets, "decode_resized", failing)
+    monkeypatch.setattr("data.cache.decode_resized", failing)
     paths = [tmp_path / f"{i}.jpg" for i in range(400)]
     for path in paths:
         path.write_bytes(b"x")

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from datasets import DATASETS, MULTI_LABEL, DataSet
+from data.core import DataSet
+from data.registry import DATASETS, MULTI_LABEL
 from training.distributed import all_sum, gather_objects
 
 

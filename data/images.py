@@ -1,0 +1,146 @@
+"""Single images for the resize cache: any mode to 8-bit RGB, the short side resized and the
+centre square cropped without ever making the whole resized image (``decode_resized``), and a
+batched path through torchvision's decoder (nvJPEG on a GPU, ``decode_resized_batch``).
+Decompression bombs are refused from the header, before anything is decoded."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.core import DataError
+from utils import short_reason
+
+MAX_IMAGE_PIXELS = 50_000_000  # VOC images are at most 500x500; this refuses decompression bombs
+#: The batched (GPU) decoder resizes whole images, so it takes only those whose resized long side
+#: stays within this many times the short one (every VOC image: their sides are within 1:4).
+MAX_BATCH_ASPECT = 4
+
+
+def _check_header(image: Image.Image, path: Path) -> None:
+    width, height = image.size  # from the header; nothing decoded yet
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(
+            f"{path} claims to be {width}x{height} pixels, far more than any VOC image; restore it from the VOC release."
+        )
+
+
+def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the short side ``size``; int() truncates as torchvision's resize does
+    (never below ``size``, which float rounding could give for a square)."""
+    scale = size / min(width, height)
+    return (size, max(size, int(height * scale))) if width <= height else (max(size, int(width * scale)), size)
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """``image`` as 8-bit RGB, whatever its mode.
+
+    ``convert("RGB")`` is right for 8-bit modes (greyscale, palette, CMYK, YCbCr) but clips
+    16-bit greyscale (``I;16*``: PNG, TIFF) at 255, so an ordinary photo comes out near-white:
+    those are scaled to 8 bits (v / 257, rounded). 32-bit integer and floating-point pixels
+    (``I``, ``F``) have no fixed white level, so they are refused rather than guessed. Pixels
+    with transparency (an alpha band, or a palette or colour marked transparent) are composed
+    over white, as viewers show them; dropping the alpha would show whatever colour the
+    transparent pixels happen to hold.
+    """
+    # Pillow before 10 opens a 16-bit greyscale PNG as I (32-bit); PNG has no deeper samples, so
+    # there I means 16 bits as surely as I;16 does.
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
+        values = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+    elif image.mode in ("I", "F") or image.mode.startswith(("I;", "F;")):
+        raise DataError(
+            f"{path} holds {image.mode} pixels (32-bit integers or floating point), which have no fixed white level; "
+            "save it as an 8-bit JPEG or PNG."
+        )
+    if {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_centre(image: Image.Image, size: int) -> Image.Image:
+    """The centre ``size x size`` crop of ``image`` resized so that its short side is ``size``
+    (PIL's antialiased bilinear filter), computed without ever making the whole resized image.
+
+    A 1 x 10000 JPEG is 3 KB, but resizing its short side to 256 makes the long side 2.56
+    million pixels: 2 GB for a picture of which 256 x 256 pixels are kept. So the crop box is
+    taken in source coordinates and only it is resampled, in the same two passes as a whole
+    resize (horizontal on the rows the vertical pass reads, then vertical): the memory is that
+    of the source image and two buffers of about ``size`` x its short side. Refusing thin
+    images instead would refuse legitimate panoramas; this gives every image an answer.
+
+    The result is the old resize-then-crop within 1 grey level (the filter positions are the
+    same up to float rounding): on the VOC samples in ``shared/data`` 0.05-0.3 % of the values
+    differ, by 1.
+    """
+    width, height = image.size
+    new_w, new_h = resized_shape(width, height, size)
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    x0, x1 = left * width / new_w, min(width, (left + size) * width / new_w)
+    y0, y1 = top * height / new_h, min(height, (top + size) * height / new_h)
+    reach = 2 * max(1.0, height / new_h) + 1  # rows beyond the box that the vertical filter reads
+    r0, r1 = max(0, math.floor(y0 - reach)), min(height, math.ceil(y1 + reach))
+    rows = image.crop((0, r0, width, r1)).resize((size, r1 - r0), Image.BILINEAR, box=(x0, 0, x1, r1 - r0))
+    return rows.resize((size, size), Image.BILINEAR, box=(0, y0 - r0, size, y1 - r0))
+
+
+def decode_resized(path: Path, size: int) -> torch.Tensor:
+    """An image file (a JPEG in VOC; any format PIL reads) as uint8 3 x size x size: its short
+    side resized to ``size`` and the centre ``size x size`` crop (``resize_centre``)."""
+    try:
+        with Image.open(path) as image:
+            _check_header(image, path)
+            image = to_rgb(image, path)
+        image = resize_centre(image, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(
+            f"{path} cannot be decoded as a JPEG ({short_reason(error)}); restore it from the VOC release."
+        ) from None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+def decode_resized_batch(paths: list[Path], size: int, device: torch.device | str) -> torch.Tensor:
+    """``decode_resized`` of several JPEGs at once with torchvision's decoder on ``device``
+    (nvJPEG on a GPU) and an antialiased bilinear resize there; uint8 N x 3 x size x size on the
+    CPU. Within a few grey levels of the PIL path (different resampling code). This path resizes
+    the whole image, so it takes only 8-bit JPEGs whose resized long side stays within
+    ``MAX_BATCH_ASPECT`` x ``size`` (memory bounded as in ``resize_centre``); every other file
+    goes through ``decode_resized``, which names it or decodes it."""
+    import torchvision.io
+    from torchvision.transforms.v2 import functional as TF
+
+    device = torch.device(device)
+    data = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                _check_header(image, path)
+                jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+                jpeg = jpeg and max(resized_shape(*image.size, size)) <= MAX_BATCH_ASPECT * size
+        except (OSError, ValueError, Image.DecompressionBombError):
+            jpeg = False  # decode_resized below says what is wrong with it
+        data.append(torchvision.io.read_file(str(path)) if jpeg else None)
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    readable = [i for i, d in enumerate(data) if d is not None]
+    try:
+        decoded = torchvision.io.decode_jpeg([data[i] for i in readable], mode=torchvision.io.ImageReadMode.RGB,
+                                             device=device) if readable else []  # fmt: skip
+    except RuntimeError:
+        decoded, readable = [], []  # one bad file spoils the batch: every image the slow way
+    slow = set(range(len(paths))) - set(readable)
+    for i, image in zip(readable, decoded):
+        new_w, new_h = resized_shape(image.shape[2], image.shape[1], size)
+        if max(new_w, new_h) > MAX_BATCH_ASPECT * size:  # the header said otherwise
+            slow.add(i)
+            continue
+        image = TF.resize(image, [new_h, new_w], antialias=True)
+        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+        out[i] = image[:, top : top + size, left : left + size].cpu()
+    for i in sorted(slow):
+        out[i] = decode_resized(paths[i], size)
+    return out

@@ -1,0 +1,248 @@
+"""Loaders. Every data set is read once into memory as uint8 images plus labels and, where it
+fits, moved to the training device whole (``place_split``), so a ``BatchLoader`` is tensor
+indexing on that device followed by the batched transforms of ``data.transforms``. Data that do
+not fit are streamed from their on-disk cache by a ``DataLoader`` with workers.
+
+``make_loaders`` builds the training and evaluation loaders and the pipeline the way a training
+run uses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.core import DataSet, Split
+from data.transforms import Pipeline, make_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+    """Whether a data set of ``nbytes`` should live whole on ``device``: at most half of the
+    free GPU memory (the model needs the rest) or half of the available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= free // 2
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return nbytes <= available // 2
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops the run
+    cleanly (saving ``last.pt``) and then shuts them down. Schedulers (Slurm, systemd) send
+    SIGTERM to every process of the job at once; a worker killed by it makes the main process's
+    next batch a RuntimeError instead of a clean stop. A worker still exits when the main
+    process dies (the DataLoader's watchdog) and on SIGKILL, which schedulers send after their
+    grace period."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _CacheRows(torch.utils.data.Dataset):
+    """Batches of rows of a ``.npy`` cache, opened lazily in each worker process."""
+
+    def __init__(self, path: Path, labels: torch.Tensor) -> None:
+        self.path = path
+        self.labels = labels
+        self.array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.array is None:
+            self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        rows = index.numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows])), self.labels[index]
+
+
+class BatchLoader:
+    """Batches of a ``Split`` through a ``Pipeline``, reshuffled each epoch when training.
+
+    When the split already lives on ``device`` the whole loop is tensor indexing on that device.
+    Otherwise (a memory-mapped cache too large for it) a ``DataLoader`` with ``workers``
+    processes reads the rows and they are copied over pinned and non-blocking.
+    ``index_generator`` (CPU) draws the order, ``generator`` (on ``device``) the augmentation.
+
+    Under data parallelism (``world`` > 1) every process draws the same order and takes its
+    ``rank``-th share of each batch of ``batch_size`` (the global batch), so the processes
+    together see every image once per epoch; a last batch smaller than ``world`` is dropped by
+    all of them (training) or shared out unevenly (evaluation, where some take none).
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        pipeline: Pipeline,
+        train: bool,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+        index_generator: torch.Generator | None = None,
+        workers: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.split = split
+        self.rank = rank
+        self.world = world
+        self.batch_size = batch_size
+        self.pipeline = pipeline
+        self.train = train
+        self.device = torch.device(device)
+        self.generator = generator
+        self.index_generator = index_generator
+        self.workers = workers
+        self.order: torch.Tensor | None = None  # the order of the epoch under way
+        # A split still memory-mapped from its cache is streamed; ``Split.to`` drops ``source``.
+        self.streaming = split.source is not None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.split)
+        return torch.randperm(n, generator=self.index_generator) if self.train else torch.arange(n)
+
+    def iterate(self, order: torch.Tensor | None = None, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass, like ``iter(loader)``; with ``order`` and ``skip`` it replays an interrupted
+        epoch: the same image order, starting after its first ``skip`` batches."""
+        self.order = self._order() if order is None else order
+        yield from self._transformed(self._raw_batches(self.order, skip))
+
+    def _shares(self, order: torch.Tensor, skip: int) -> list[torch.Tensor]:
+        """This process's indices of each remaining batch."""
+        batches = order.split(self.batch_size)[skip:]
+        if self.world == 1:
+            return list(batches)
+        if not self.train:
+            # Evaluation: each process a contiguous slice of the split, every image counted once.
+            share = order.tensor_split(self.world)[self.rank]
+            return [b for b in share.split(max(1, self.batch_size // self.world)) if len(b)]
+        return [b.tensor_split(self.world)[self.rank] for b in batches if len(b) >= self.world]
+
+    def _raw_batches(self, order: torch.Tensor, skip: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.streaming:
+            order = order.to(self.split.images.device)
+            for idx in self._shares(order, skip):
+                images, labels = self.split.images[idx], self.split.labels[idx]
+                if images.device != self.device:
+                    images = images.pin_memory() if self.device.type == "cuda" else images
+                    images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
+                yield images, labels
+            return
+        loader = torch.utils.data.DataLoader(
+            _CacheRows(self.split.source, self.split.labels.cpu()),
+            sampler=self._shares(order, skip),
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_stop_signals,
+        )
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _transformed(
+        self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in batches:
+            if self.train:
+                yield self.pipeline.train(images, self.generator), labels
+            else:
+                yield self.pipeline.evaluate(images), labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()
+
+
+def place_split(split: Split, device: torch.device, loader: str, workers: int) -> Split:
+    """The whole split on the training device when it fits (or ``loader="memory"``); otherwise
+    it stays memory-mapped from its cache and is streamed by DataLoader workers."""
+    if split.source is None:
+        return split.to(device)
+    stream = loader == "stream" or (loader == "auto" and not fits_in_memory(split.nbytes, device))
+    if not stream:
+        return split.to(device)
+    logger.info(
+        "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
+        len(split), split.nbytes / 1e9, split.source, workers,
+    )  # fmt: skip
+    return split
+
+
+def eval_loader(
+    split: Split,
+    pipeline: Pipeline,
+    device: torch.device,
+    *,
+    batch_size: int,
+    workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> BatchLoader:
+    """Large evaluation batches, counted in model inputs (``batch_size``, per process): 10-crop
+    takes a tenth of the images. Under data parallelism the loader's batch is the global one."""
+    batch = max(1, batch_size // pipeline.views)
+    return BatchLoader(split, batch * world, pipeline, False, device, workers=workers, rank=rank, world=world)
+
+
+@dataclass
+class Loaders:
+    """What a training run reads its data through. ``train.generator`` (on the device: the
+    augmentation) and ``train.index_generator`` (CPU: the order of images) are the two seeded
+    random streams a checkpoint saves and restores."""
+
+    train: BatchLoader  # the shuffled, augmented training loader
+    eval: BatchLoader  # the evaluation loader
+    pipeline: Pipeline
+
+
+def make_loaders(
+    data: DataSet,
+    input_size: int,
+    paper: bool,
+    device: torch.device,
+    *,
+    batch_size: int,
+    eval_batch_size: int,
+    loader: str = "auto",
+    workers: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world: int = 1,
+) -> Loaders:
+    """The loaders and pipeline of a run on ``data`` for a model of ``input_size`` (``paper``:
+    the paper's setup), as the trainer builds them, in the same order so that the random
+    streams are the same: both splits placed (``place_split``: on ``device`` or streamed, as
+    ``loader`` says), the pipeline from the placed training split's statistics, then the two
+    generators (the order seeded with ``seed``, the same in every process; the augmentation with
+    ``seed + rank``), the training loader (``batch_size``: the global batch) and the evaluation
+    loader (``eval_batch_size`` model inputs per process).
+
+    Under data parallelism the trainer also seeds torch's global generator with ``seed + rank``
+    (dropout), after the generators and before the first batch; that is left to it. Evaluation
+    alone (``--evaluate``) uses ``.eval``: the training loader costs nothing until iterated."""
+    train = place_split(data.train, device, loader, workers)
+    test = place_split(data.test, device, loader, workers)
+    pipeline = make_pipeline(train, input_size, paper, device)
+    index_generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed + rank)
+    train_loader = BatchLoader(
+        train, batch_size, pipeline, True, device, generator=generator, index_generator=index_generator,
+        workers=workers, rank=rank, world=world,
+    )  # fmt: skip
+    test_loader = eval_loader(test, pipeline, device, batch_size=eval_batch_size, workers=workers, rank=rank,
+                              world=world)  # fmt: skip
+    return Loaders(train_loader, test_loader, pipeline)

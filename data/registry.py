@@ -1,0 +1,63 @@
+"""The registry of data sets (``DATASETS``): each one's reader, the size of the images it yields,
+its task and the reader options it takes; ``load_dataset`` reads one by name.
+
+- ``Shapes``: built in, generated from a seed (no download; ``data.shapes``).
+- ``Cifar10`` / ``Cifar100``: the official python pickles, read with a restricted unpickler
+  (``data.cifar``, ``data.pickles``).
+- ``PascalVOC2012``: JPEGs + XML, multi-label; images resized once (short side 256, centre
+  256x256) into a cache next to the data (``data.voc``, ``data.cache``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from data.cifar import CIFAR10, CIFAR100, load_cifar
+from data.core import DataError, DataOptions, DataSet
+from data.shapes import load_shapes
+from data.voc import VOC_CACHE_SIZE, load_voc2012
+from utils import short_reason
+
+SINGLE_LABEL = "single-label"
+MULTI_LABEL = "multi-label"
+#: Reader options every data set accepts; the others are listed by the data sets that take them.
+COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "decode_device"})
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A registered data set: its reader, the size of the images it yields, its task
+    (``single-label``: one class per image; ``multi-label``: 1 / -1 / 0 per class, VOC style)
+    and the reader options it takes beyond ``COMMON_OPTIONS``."""
+
+    load: Callable[[DataOptions], DataSet]
+    image_size: int
+    task: str = SINGLE_LABEL
+    options: frozenset[str] = frozenset()
+
+    def accepts(self, option: str) -> bool:
+        return option in COMMON_OPTIONS or option in self.options
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "Shapes": DatasetInfo(load_shapes, 32, options=frozenset({"shapes_train", "shapes_test", "shapes_seed"})),
+    "Cifar10": DatasetInfo(lambda options: load_cifar(CIFAR10, options, "Cifar10"), 32),
+    "Cifar100": DatasetInfo(lambda options: load_cifar(CIFAR100, options, "Cifar100"), 32,
+                            options=frozenset({"coarse_labels"})),
+    "PascalVOC2012": DatasetInfo(load_voc2012, VOC_CACHE_SIZE, task=MULTI_LABEL),
+}  # fmt: skip
+
+
+def load_dataset(name: str, options: DataOptions) -> DataSet:
+    """Load the data set registered under ``name``."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}.")
+    try:
+        return DATASETS[name].load(options)
+    except OSError as error:  # permissions, I/O errors: whatever the readers did not foresee
+        where = error.filename or options.data_dir
+        raise DataError(
+            f"cannot read {where} ({short_reason(error.strerror or error)}); check that this user may read it, "
+            "or pass another --data-dir."
+        ) from None

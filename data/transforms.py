@@ -1,0 +1,281 @@
+"""Batched transforms: augmentation runs on whole uint8 batches as tensor code on the batch's
+device, with independent random parameters per image. This avoids the per-image Python work of
+a ``Dataset`` + ``DataLoader`` pipeline, which is what usually limits AlexNet training speed.
+
+A ``Pipeline`` turns uint8 batches into model inputs (``CifarPipeline``, ``PaperPipeline``,
+``ModernPipeline``); ``make_pipeline`` picks the one for a model input size and setup, with
+statistics of the training split.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from data.core import DataError, Split
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and standard deviation of uint8 images in [0, 1] units, exact (float64)."""
+    total = torch.zeros(3, dtype=torch.float64, device=images.device)
+    total_sq = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(torch.float64) / 255
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float()
+
+
+def mean_image(images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """The per-pixel mean image (3 x H x W, 0-255 units) of uint8 images, exact (float64)."""
+    total = torch.zeros(images.shape[1:], dtype=torch.float64, device=images.device)
+    for start in range(0, images.shape[0], chunk):
+        total += images[start : start + chunk].to(torch.float64).sum(0)
+    return (total / images.shape[0]).float()
+
+
+def rgb_eigen(images: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of the 3x3 covariance of RGB values
+    over all pixels of ``images``, in [0, 1] units (paper §4.1)."""
+    n = 0
+    total = torch.zeros(3, dtype=torch.float64, device=images.device)
+    outer = torch.zeros(3, 3, dtype=torch.float64, device=images.device)
+    for start in range(0, images.shape[0], chunk):
+        x = images[start : start + chunk].to(torch.float64).div(255).permute(1, 0, 2, 3).reshape(3, -1)
+        n += x.shape[1]
+        total += x.sum(1)
+        outer += x @ x.T
+    mean = total / n
+    cov = outer / n - torch.outer(mean, mean)
+    values, vectors = torch.linalg.eigh(cov)
+    return values.flip(0).float(), vectors.flip(1).float()
+
+
+def pca_shift(alphas: torch.Tensor, eigenvalues: torch.Tensor, eigenvectors: torch.Tensor) -> torch.Tensor:
+    """The paper's colour shift per image: ``[p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T`` (N x 3)."""
+    return (alphas * eigenvalues) @ eigenvectors.T
+
+
+def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-image ``size x size`` crops at (``top``, ``left``), mirrored where ``flip``.
+
+    One ``gather`` over the flattened pixels with a per-image index map: about 4x faster on a
+    CPU than advanced indexing with four broadcast index tensors, and the same on a GPU.
+    """
+    n, c, _, w = x.shape
+    cols = torch.arange(size, device=x.device)
+    cols = torch.where(flip[:, None], size - 1 - cols, cols) + left[:, None]  # a mirror reverses columns
+    rows = torch.arange(size, device=x.device) + top[:, None]
+    index = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, size * size).expand(n, c, size * size)
+    return x.flatten(2).gather(2, index).view(n, c, size, size)
+
+
+def random_crop_flip(
+    x: torch.Tensor, size: int, padding: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random ``size x size`` crop of each image (zero-padded by ``padding``), mirrored with p = 0.5."""
+    if padding:
+        x = F.pad(x, (padding, padding, padding, padding))
+    n, _, h, w = x.shape
+    top = torch.randint(0, h - size + 1, (n,), generator=generator, device=x.device)
+    left = torch.randint(0, w - size + 1, (n,), generator=generator, device=x.device)
+    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
+    return crop_flip(x, top, left, flip, size)
+
+
+def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The paper's ten test patches (N x 10 x C x size x size): the four corners and the centre
+    of the image, then the same five of its mirror image, in the order of torchvision's
+    ``ten_crop``."""
+    h, w = x.shape[-2:]
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
+    crops = [img[..., t : t + size, l : l + size] for img in (x, x.flip(-1)) for t, l in corners]
+    return torch.stack(crops, dim=1)
+
+
+def random_resized_crop_flip(
+    x: torch.Tensor,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Per-image random box (area fraction in ``scale``, aspect ratio in ``ratio``, log-uniform),
+    resampled bilinearly to ``size x size`` and mirrored with p = 0.5, as one ``grid_sample``."""
+    n = x.shape[0]
+    device = x.device
+    area = torch.empty(n, device=device).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
+    aspect = log_ratio.exp()
+    # Box sides as fractions of the image, clipped to fit (the clip slightly favours full-width boxes).
+    bw = (area * aspect).sqrt().clamp(max=1.0)
+    bh = (area / aspect).sqrt().clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - bw)
+    cy = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - bh)
+    sign = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = bw * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = bh
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class Pipeline:
+    """Turns uint8 batches into model inputs. ``train`` augments; ``evaluate`` returns
+    ``views`` inputs per image (N x V x C x H x W) whose predictions are averaged."""
+
+    name = "base"
+    views = 1
+
+    def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+
+class CifarPipeline(Pipeline):
+    """32x32 data: random crop of the 4-pixel zero-padded image and mirror; normalise by the
+    training set's channel mean and std; for a 224-input model the batch is then upsampled
+    bilinearly (the seed's other way of feeding CIFAR to AlexNet)."""
+
+    name = "cifar"
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, input_size: int, padding: int = 4) -> None:
+        # (x / 255 - mean) / std as one multiply-add on the uint8 values.
+        self.scale = (1 / (255 * std)).view(1, 3, 1, 1)
+        self.shift = (-mean / std).view(1, 3, 1, 1)
+        self.input_size = input_size
+        self.padding = padding
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, x.float(), self.scale)
+        if x.shape[-1] != self.input_size:
+            # Bilinear resampling commutes with the per-channel affine normalisation.
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return x
+
+    def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.padding:
+            x = random_crop_flip(x, x.shape[-1], self.padding, generator)
+        return self._finish(x)
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return self._finish(x).unsqueeze(1)
+
+    def describe(self) -> str:
+        resize = f", upsampled to {self.input_size}" if self.input_size != 32 else ""
+        return f"random crop (pad {self.padding}) + mirror{resize}, channel-normalised"
+
+
+class PaperPipeline(Pipeline):
+    """The paper's recipe (§4.1, §5) on 256x256 images: subtract the training set's mean image,
+    add the PCA colour shift (a new N(0, sigma) draw of the three alphas per image per use), take
+    a random ``crop`` patch and mirror it; evaluate on the ten patches. Inputs stay in 0-255
+    units as in the paper. Smaller images (CIFAR) are first upsampled to 256 on the batch."""
+
+    name = "paper"
+    views = 10
+
+    def __init__(
+        self,
+        mean_image: torch.Tensor,
+        eigenvalues: torch.Tensor,
+        eigenvectors: torch.Tensor,
+        crop: int = 224,
+        base: int = 256,
+        sigma: float = 0.1,
+    ) -> None:
+        self.base = base
+        if mean_image.shape[-1] != base:
+            mean_image = F.interpolate(mean_image[None], size=(base, base), mode="bilinear", align_corners=False)[0]
+        self.mean_image = mean_image
+        self.eigenvalues = eigenvalues
+        self.eigenvectors = eigenvectors
+        self.crop = crop
+        self.sigma = sigma
+
+    def _centred(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if x.shape[-1] != self.base:
+            x = F.interpolate(x, size=(self.base, self.base), mode="bilinear", align_corners=False)
+        return x - self.mean_image
+
+    def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self._centred(x)
+        alphas = torch.randn(x.shape[0], 3, generator=generator, device=x.device) * self.sigma
+        x = x + 255 * pca_shift(alphas, self.eigenvalues, self.eigenvectors)[:, :, None, None]
+        return random_crop_flip(x, self.crop, 0, generator)
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return ten_crop(self._centred(x), self.crop)
+
+    def describe(self) -> str:
+        return f"paper: mean image, PCA colour (sigma {self.sigma}), random {self.crop} crops + mirror; 10-crop test"
+
+
+class ModernPipeline(Pipeline):
+    """224-input models on 256x256 images without ``-pt``: random-resized crop (25-100 % of the
+    area, aspect 3/4-4/3) and mirror, channel normalisation; centre crop for evaluation. The
+    area floor is 25 % rather than torchvision's 8 % because VOC is multi-label: small crops
+    often cut away every labelled object."""
+
+    name = "modern"
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, crop: int = 224, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+        self.mean = mean.view(1, 3, 1, 1)
+        self.std = std.view(1, 3, 1, 1)
+        self.crop = crop
+        self.scale = scale
+        self.ratio = ratio
+
+    def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = x.float().div_(255)
+        x = random_resized_crop_flip(x, self.crop, self.scale, self.ratio, generator)
+        return (x - self.mean) / self.std
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        top, left = (h - self.crop) // 2, (w - self.crop) // 2
+        x = x[..., top : top + self.crop, left : left + self.crop].float().div_(255)
+        return ((x - self.mean) / self.std).unsqueeze(1)
+
+    def describe(self) -> str:
+        return f"random-resized crop {self.crop} (area {self.scale[0]:.0%}-100%) + mirror; centre crop test"
+
+
+def make_pipeline(train: Split, input_size: int, paper: bool, device: torch.device | str = "cpu") -> Pipeline:
+    """The transform for a model input size and setup, with statistics of the training split
+    (computed where the split lives, kept on ``device``).
+
+    - 32-input model (CifarAlexNet): CIFAR crop + flip, whatever the setup.
+    - 224/227-input model with ``paper``: the paper's pipeline (10-crop evaluation).
+    - 224/227-input model on 32x32 data: CIFAR crop + flip, then upsampled.
+    - 224/227-input model on 256x256 data: random-resized crop.
+    """
+    size = train.images.shape[-1]
+    if input_size == 32 and size != 32:
+        raise DataError(f"CifarAlexNet (-c) takes 32x32 images, but these are {size}x{size}; drop -c.")
+
+    def stats(fn: Callable) -> list[torch.Tensor]:
+        out = fn(train.images)
+        return [t.to(device) for t in (out if isinstance(out, tuple) else (out,))]
+
+    if input_size == 32:
+        return CifarPipeline(*stats(channel_stats), input_size=32)
+    if paper:
+        return PaperPipeline(*stats(mean_image), *stats(rgb_eigen), crop=input_size)
+    if size < input_size:
+        return CifarPipeline(*stats(channel_stats), input_size=input_size)
+    return ModernPipeline(*stats(channel_stats), crop=input_size)
