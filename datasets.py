@@ -44,7 +44,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from utils import UnsafeName, UserError, atomic_write_json, printable, safe_child, short_reason, temp_file_beside
+from training.fields import FLAG, PATH, setting
+from utils import (
+    Check,
+    UnsafeName,
+    UserError,
+    atomic_write_json,
+    device_problem,
+    printable,
+    safe_child,
+    short_reason,
+    temp_file_beside,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,18 +111,34 @@ class DataSet:
         return self.train.labels.dim() == 2
 
 
+#: Generated images: far beyond what a Shapes experiment needs, far below what overflows.
+MAX_SHAPES = 10_000_000
+
+
 @dataclass
 class DataOptions:
-    """What the readers may need from the command line."""
+    """What the readers may need from the command line. ``TrainConfig`` holds these fields, so
+    they are plain values a checkpoint can store: paths are text ("" for no cache folder), read
+    as ``data_path`` and ``cache_path``. Each field's ``setting`` says what may change it."""
 
-    data_dir: Path = Path("dataset")
-    download: bool = False
-    coarse_labels: bool = False
-    cache_dir: Path | None = None
-    shapes_train: int = 8000
-    shapes_test: int = 1600
-    shapes_seed: int = 0
-    decode_device: str = "cpu"  # where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG)
+    data_dir: str = setting("dataset", PATH, resume=True, evaluate=True, identity=False)
+    download: bool = setting(False, FLAG, resume=True, evaluate=True, identity=False, per_process=True)
+    coarse_labels: bool = setting(False, FLAG, evaluate=True)
+    cache_dir: str = setting("", PATH, resume=True, evaluate=True, identity=False, per_process=True)
+    shapes_train: int = setting(8000, Check(int, 1, MAX_SHAPES), evaluate=True)
+    shapes_test: int = setting(1600, Check(int, 1, MAX_SHAPES), evaluate=True)
+    shapes_seed: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
+    # Where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG): the training device.
+    decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
+                                 per_process=True)  # fmt: skip
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def cache_path(self) -> Path | None:
+        return Path(self.cache_dir) if self.cache_dir else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,7 +678,7 @@ def find_cifar_folder(spec: CifarSpec, options: DataOptions) -> Path:
     """The folder holding the batch files: ``--data-dir`` itself, ``<seed_name>/``,
     ``<official folder>/`` or ``<seed_name>/<official folder>/``; failing those, the official
     archive in ``--data-dir`` or ``<seed_name>/``, unpacked once. ``--download`` fetches it."""
-    data_dir = options.data_dir
+    data_dir = options.data_path
     if options.download:
         data_dir.mkdir(parents=True, exist_ok=True)
     else:
@@ -666,7 +693,7 @@ def find_cifar_folder(spec: CifarSpec, options: DataOptions) -> Path:
         archives = [download_archive(spec.url, spec.md5, data_dir, spec.title)]
     if archives:
         return extract_archive(archives[0], spec.folder, lambda f: _looks_like_cifar(f, spec), spec.title,
-                               options.cache_dir)  # fmt: skip
+                               options.cache_path)  # fmt: skip
     raise DataError(
         f"found no {spec.title} in {data_dir}: put the official python version there as {spec.seed_name}/, "
         f"{spec.folder}/ or {spec.archive}, or pass --download."
@@ -793,7 +820,7 @@ def find_voc_folder(options: DataOptions) -> Path:
     """The ``VOC2012`` folder: ``<data-dir>/PascalVOC2012`` (the seed's layout, itself VOC2012 or a
     VOCdevkit root), ``<data-dir>/VOCdevkit/VOC2012``, or ``--data-dir`` being either; failing
     those, the official archive in ``--data-dir``, unpacked once. ``--download`` fetches it."""
-    data_dir = options.data_dir
+    data_dir = options.data_path
     if options.download:
         data_dir.mkdir(parents=True, exist_ok=True)
     else:
@@ -809,7 +836,7 @@ def find_voc_folder(options: DataOptions) -> Path:
         archive = download_archive(VOC_URL, VOC_MD5, data_dir, "Pascal VOC 2012")
     if archive.is_file():
         devkit = extract_archive(archive, "VOCdevkit", lambda f: _is_voc_folder(f / "VOC2012"), "Pascal VOC 2012",
-                                 options.cache_dir)  # fmt: skip
+                                 options.cache_path)  # fmt: skip
         return devkit / "VOC2012"
     raise DataError(
         f"found no Pascal VOC 2012 in {data_dir}: put the VOCdevkit/VOC2012 folder there as PascalVOC2012/ "
@@ -1167,8 +1194,8 @@ def _fill_resized(array: np.ndarray, paths: list[Path], size: int, device: str =
 def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
     """``--cache-dir``, else ``alexnet_cache/`` inside the VOC folder, else (read-only data) the
     user's cache folder."""
-    if options.cache_dir is not None:
-        return options.cache_dir
+    if options.cache_path is not None:
+        return options.cache_path
     beside = folder / "alexnet_cache"
     if is_writable_dir(beside):
         return beside

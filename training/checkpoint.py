@@ -284,7 +284,9 @@ def check_compatible(checkpoint: dict[str, Any], path: Path, model: nn.Module, n
     config = checkpoint["config"]
     ours = type(model).__name__
     classes = checkpoint["classes"]
-    if config.get("model") != ours:
+    # Compared by class: PaperCifarAlexNet is a CifarAlexNet with the paper's features, and the
+    # weights tell the two apart.
+    if {"PaperCifarAlexNet": "CifarAlexNet"}.get(config.get("model"), config.get("model")) != ours:
         raise CheckpointError(
             f"checkpoint {path} holds a {quoted(str(config.get('model')))[1:-1]}, but this command builds a {ours}; "
             "drop the model flags (-c, -pm) or pass a checkpoint of this model."
