@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ if __name__ == "__main__":
 import torch
 
 from datasets import DATASETS, DataOptions, load_dataset
-from network import SplitPaperAlexNet, build_model, split_devices
+from network import MODELS, SplitPaperAlexNet, make_model, model_name, split_devices
 from trainer import (
     AMP_DTYPES,
     TrainConfig,
@@ -48,23 +48,18 @@ from trainer import (
     load_checkpoint,
     load_weights,
 )
-from training.config import SETUPS
-from training.outputs import RunFolders, claim_run
-from utils import (
-    Check,
+from training.config import PER_PROCESS, code_version, may_change, resolve
+from training.distributed import (
     Interrupted,
     StopSignals,
-    UserError,
-    __version__,
     init_distributed,
     launched_by_torchrun,
     lost_process,
-    name_problem,
-    quoted,
+    rank0_first,
     rank_and_world,
-    resolve_device,
-    setup_logging,
 )
+from training.outputs import RunFolders, claim_run
+from utils import Check, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
 
 logger = logging.getLogger("alexnet")
 
@@ -97,7 +92,7 @@ def path_type(text: str) -> Path:
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The command line: the seed tool's flags with their meanings, plus conventional long ones."""
-    modern, paper = SETUPS["modern"], SETUPS["paper"]
+    modern, paper = resolve("modern", {}), resolve("paper", {})
     parser = argparse.ArgumentParser(
         prog="main.py",
         description="AlexNet (Krizhevsky, Sutskever & Hinton, 2012) training tool: the paper's network, "
@@ -238,49 +233,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         help=f"sgd (the paper's update rule under -pt, PyTorch's otherwise) or adam "
         f"(default: {modern.optimizer}; {paper.optimizer} with -pt)",
     )
-    opt.add_argument(
-        "--lr",
-        type=setting_type("lr"),
-        default=None,
-        help=f"initial learning rate (default: {modern.lr}; {paper.lr} with -pt)",
-    )
-    opt.add_argument(
-        "--batch-size",
-        type=setting_type("batch_size"),
-        default=None,
-        help=f"training batch size (default: {modern.batch_size}; {paper.batch_size} with -pt)",
-    )
-    opt.add_argument(
-        "--weight-decay",
-        type=setting_type("weight_decay"),
-        default=None,
-        help=f"weight decay (default: {modern.weight_decay}; {paper.weight_decay} with -pt)",
-    )
-    opt.add_argument(
-        "--momentum",
-        type=setting_type("momentum"),
-        default=None,
-        help=f"SGD momentum (default: {modern.momentum}; {paper.momentum} with -pt)",
-    )
-    opt.add_argument(
-        "--plateau-patience",
-        type=setting_type("plateau_patience"),
-        default=None,
-        help="epochs without a better top-1 / mAP that make a plateau (default: "
-        f"{modern.plateau_patience}; {paper.plateau_patience} with -pt)",
-    )
-    opt.add_argument(
-        "--lr-factor",
-        type=setting_type("lr_factor"),
-        default=None,
-        help=f"learning-rate multiplier at a plateau (default: {modern.lr_factor}; {paper.lr_factor} with -pt)",
-    )
-    opt.add_argument(
-        "--max-lr-drops",
-        type=setting_type("max_lr_drops"),
-        default=None,
-        help=f"most learning-rate drops (default: {modern.max_lr_drops}; {paper.max_lr_drops} with -pt)",
-    )
+    for flag, name, what in (
+        ("--lr", "lr", "initial learning rate"),
+        ("--batch-size", "batch_size", "training batch size"),
+        ("--weight-decay", "weight_decay", "weight decay"),
+        ("--momentum", "momentum", "SGD momentum"),
+        ("--plateau-patience", "plateau_patience", "epochs without a better top-1 / mAP that make a plateau"),
+        ("--lr-factor", "lr_factor", "learning-rate multiplier at a plateau"),
+        ("--max-lr-drops", "max_lr_drops", "most learning-rate drops"),
+    ):
+        opt.add_argument(
+            flag,
+            type=setting_type(name),
+            default=None,
+            help=f"{what} (default: {getattr(modern, name)}; {getattr(paper, name)} with -pt)",
+        )
     opt.add_argument(
         "--warm-start",
         type=setting_type("warm_start"),
@@ -396,100 +363,77 @@ def explicit_flags(argv: Sequence[str] | None) -> set[str]:
     return set(vars(parser.parse_args(argv)))
 
 
+#: The config's fields: a flag whose destination is one of these sets it.
+SETTINGS = frozenset(f.name for f in fields(TrainConfig))
+#: -c and -pm together name the model (``network.model_name``); a config records only the name.
+MODEL_FLAGS = ("cifar", "paper_model")
+
+
 def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainConfig:
-    """Resolve the flags and the chosen setup's defaults into one ``TrainConfig`` (a new run)."""
-    setup_name = "paper" if args.paper_train else "modern"
-    setup = SETUPS[setup_name]
-
-    def pick(value: Any, default: Any) -> Any:
-        return default if value is None else value
-
-    model = "CifarAlexNet" if args.cifar else "PaperAlexNet" if args.paper_model else "TorchAlexNet"
-    return TrainConfig(
-        dataset=args.dataset,
-        model=model,
-        cifar=args.cifar,
-        paper_model=args.paper_model,
-        paper_train=args.paper_train,
-        lrn=args.lrn,
-        setup=setup_name,
-        optimizer=pick(args.optimizer, setup.optimizer),
-        paper_update=setup.paper_update,
-        lr=pick(args.lr, setup.lr),
-        momentum=pick(args.momentum, setup.momentum),
-        weight_decay=pick(args.weight_decay, setup.weight_decay),
-        batch_size=pick(args.batch_size, setup.batch_size),
-        lr_factor=pick(args.lr_factor, setup.lr_factor),
-        plateau_patience=pick(args.plateau_patience, setup.plateau_patience),
-        max_lr_drops=pick(args.max_lr_drops, setup.max_lr_drops),
-        stop_after_last_drop=setup.stop_after_last_drop,
-        warm_start=args.warm_start,
-        n_epoch=pick(args.n_epoch, setup.n_epoch),
-        early_stop=pick(args.early_stop, setup.early_stop),
-        log_loss_step=args.log_loss_step,
-        log_confusion_epoch=args.log_confusion_epoch,
-        seed=args.seed,
-        deterministic=args.deterministic,
-        device=str(device),
-        amp=pick(args.amp, default_amp(device)),
-        channels_last=pick(args.channels_last, default_channels_last(device)),
-        compile=args.compile,
-        split_gpus=args.split_gpus,
-        data_dir=str(args.data_dir),
-        output_dir=str(args.output_dir),
-        dry_run=args.dry_run,
-        log=args.log,
-        message=args.message,
-        coarse_labels=args.coarse_labels,
-        cache_dir=str(args.cache_dir or ""),
-        loader=args.loader,
-        workers=args.workers,
-        shapes_train=args.shapes_train,
-        shapes_test=args.shapes_test,
-        shapes_seed=args.shapes_seed,
-        run_name=args.run_name or "",
-    )
+    """Resolve the flags into one ``TrainConfig`` (a new run): the defaults, the changes of the
+    chosen setup (the paper's with -pt), then every flag that sets a field and was given a
+    value; the model's name from -c / -pm, the device and what follows it, the code's version."""
+    flags = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
+             if name in SETTINGS and value is not None}  # fmt: skip
+    overrides = {
+        "amp": default_amp(device),
+        "channels_last": default_channels_last(device),
+        **flags,
+        "model": model_name(args.cifar, args.paper_model),
+        "device": str(device),
+        "decode_device": str(device),
+        "code_version": code_version(),
+    }
+    return resolve("paper" if args.paper_train else "modern", overrides)
 
 
-# Flags that may differ from the checkpoint: where the data and outputs are, how long to go on,
-# how to log, and on what hardware. Everything else defines the run being continued.
-RESUME_MAY_CHANGE = {"n_epoch", "early_stop", "log_loss_step", "log_confusion_epoch", "data_dir", "cache_dir",
-                     "loader", "workers", "device", "log", "download", "resume", "output_dir", "lr",
-                     "deterministic", "amp", "channels_last", "compile"}  # fmt: skip
-# Speed settings that follow the device unless given: a run moved from a GPU to a CPU drops bf16.
-DEVICE_DEFAULTS = {"amp", "channels_last"}
-EVALUATE_MAY_CHANGE = {"dataset", "cifar", "paper_model", "paper_train", "lrn", "coarse_labels", "data_dir",
-                       "cache_dir", "loader", "workers", "device", "download", "evaluate", "shapes_train",
-                       "shapes_test", "shapes_seed", "amp", "channels_last", "compile", "split_gpus"}  # fmt: skip
+def model_flags(name: str) -> dict[str, bool]:
+    """The -c / -pm values that name model ``name`` (``network.model_name`` read backwards)."""
+    for cifar in (False, True):
+        for paper_model in (False, True):
+            if model_name(cifar, paper_model) == name:
+                return {"cifar": cifar, "paper_model": paper_model}
+    raise ValueError(f"no -c / -pm combination names {name}")
+
+
+def changeable(when: str) -> frozenset[str]:
+    """What the command line may change on ``"resume"`` or ``"evaluate"``: the fields whose
+    setting says so, and -c / -pm where that includes the model."""
+    names = may_change(when)
+    return names | frozenset(MODEL_FLAGS) if "model" in names else names
+
+
+# Where the data and outputs are, how long to go on, how to log, and on what hardware may differ
+# from the checkpoint on --resume; everything else defines the run being continued.
+RESUME_MAY_CHANGE = changeable("resume")
+EVALUATE_MAY_CHANGE = changeable("evaluate")
 
 
 def config_from_checkpoint(
     checkpoint: dict[str, Any], path: Path, args: argparse.Namespace, given: set[str], device: torch.device,
-    may_change: set[str],
+    may_change: frozenset[str],
 ) -> TrainConfig:  # fmt: skip
     """The checkpoint's config with the flags the user gave on top, where they may change it."""
     base = TrainConfig.from_dict(checkpoint["config"])
-    fresh = asdict(config_from_args(args, device))
-    fields = {f for f in given if f in fresh}
-    refused = sorted(f for f in fields - may_change if fresh[f] != getattr(base, f))
+    new = config_from_args(args, device)
+    # -c and -pm are compared as the flags they are: the recorded model name gives their values.
+    recorded = {**asdict(base), **model_flags(base.model)}
+    fresh = {**asdict(new), **model_flags(new.model)}
+    named = {f for f in given if f in fresh}
+    refused = sorted(f for f in named - may_change if fresh[f] != recorded[f])
     if refused:
-        what = ", ".join(f"{f} ({_shown(fresh[f])}; the checkpoint has {_shown(getattr(base, f))})" for f in refused)
+        what = ", ".join(f"{f} ({_shown(fresh[f])}; the checkpoint has {_shown(recorded[f])})" for f in refused)
         raise UserError(f"{path} fixes these settings, which the command line changes: {what}; drop those flags.")
-    changes = {f: fresh[f] for f in fields & may_change}
-    changes.update({f: fresh[f] for f in DEVICE_DEFAULTS - fields})
-    # Where the run reads and writes comes from the command line, never from the file: the
-    # recorded data folder is used only when it exists here, the cache folder not at all.
-    if "data_dir" not in fields and not Path(base.data_dir).is_dir():
+    changes = {f: fresh[f] for f in named & may_change}
+    # Where and how this process runs comes from the command line, never from the file (the
+    # cache folder, the device and what follows it); the recorded data folder is used only
+    # when it exists here.
+    changes.update({f: fresh[f] for f in PER_PROCESS - named})
+    if "data_dir" not in named and not Path(base.data_dir).is_dir():
         changes["data_dir"] = fresh["data_dir"]
-    if "cache_dir" not in fields:
-        changes["cache_dir"] = fresh["cache_dir"]
-    if "output_dir" not in fields:
-        changes["output_dir"] = fresh["output_dir"]
-    if "cifar" in changes or "paper_model" in changes:
-        cifar = changes.get("cifar", base.cifar)
-        changes["model"] = "CifarAlexNet" if cifar else "PaperAlexNet" if changes.get("paper_model", base.paper_model) \
-            else "TorchAlexNet"  # fmt: skip
-    changes["device"] = str(device)
+    if changes.keys() & set(MODEL_FLAGS):
+        flags = {f: changes.pop(f, recorded[f]) for f in MODEL_FLAGS}
+        changes["model"] = model_name(**flags)
     return replace(base, **changes)
 
 
@@ -505,6 +449,34 @@ def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str | None:
     parts = checkpoint_path.resolve().parts
     if len(parts) >= 4 and parts[-4] == "checkpoints" and parts[-3] == config.dataset and parts[-2] == config.run_name:
         return str(Path(*parts[:-4]))
+    return None
+
+
+def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Why the flags do not go together, or None: what the model and the data set take is read
+    from their registries (``network.MODELS``, ``datasets.DATASETS``)."""
+    name = model_name(args.cifar, args.paper_model)
+    model, data = MODELS[name], DATASETS[args.dataset]
+    if not args.lrn and not model.paper_features:
+        return "--no-lrn only applies to the paper's features; add -pm"
+    # A 32-input network takes the images at their own size; the 224-input ones crop or
+    # upsample any size (datasets.make_pipeline).
+    if model.input_size == 32 and data.image_size != model.input_size:
+        size, side = data.image_size, model.input_size
+        return f"-c ({name}, {side}x{side} inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c"
+    for option in (f.name for f in fields(DataOptions)):
+        # A switch the data set has no use for is a mistaken command; a value such as
+        # --shapes-train has its default anyway, and data sets without it leave it unused.
+        if getattr(args, option, None) is True and not data.accepts(option):
+            flag = next(a.option_strings[-1] for a in parser._actions if a.dest == option)
+            takers = " or ".join(f"-ds {n}" for n, d in DATASETS.items() if d.accepts(option))
+            return f"{flag} only applies to {takers}"
+    if args.split_gpus and not model.splittable:
+        return "--split-gpus splits the paper's network: add -pm (and drop -c)"
+    if args.split_gpus and launched_by_torchrun():
+        return "--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun"
+    if args.rewind and not args.resume:
+        return "--rewind only applies to --resume"
     return None
 
 
@@ -526,19 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(argv)
-    if not args.lrn and not args.paper_model:
-        parser.error("--no-lrn only applies to the paper's features; add -pm")
-    if args.cifar and DATASETS[args.dataset].image_size != 32:
-        size = DATASETS[args.dataset].image_size
-        parser.error(f"-c (CifarAlexNet, 32x32 inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c")
-    if args.coarse_labels and args.dataset != "Cifar100":
-        parser.error("--coarse-labels only applies to -ds Cifar100")
-    if args.split_gpus and (not args.paper_model or args.cifar):
-        parser.error("--split-gpus splits the paper's network: add -pm (and drop -c)")
-    if args.split_gpus and launched_by_torchrun():
-        parser.error("--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun")
-    if args.rewind and not args.resume:
-        parser.error("--rewind only applies to --resume")
+    problem = combination_problem(parser, args)
+    if problem:
+        parser.error(problem)
     setup_logging()
     try:
         return run(args, given, stop)
@@ -613,21 +575,12 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
 def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dict[str, Any] | None,
                   checkpoint_path: Path | None, device: torch.device, folders: RunFolders | None,
                   stop: StopSignals) -> int:  # fmt: skip
-    options = DataOptions(
-        data_dir=Path(config.data_dir),
-        download=args.download,
-        coarse_labels=config.coarse_labels,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-        shapes_train=config.shapes_train,
-        shapes_test=config.shapes_test,
-        shapes_seed=config.shapes_seed,
-        decode_device=str(device),
-    )
     stop.phase = "reading the data"
-    data = load_first_on_rank0(config.dataset, options)
+    with rank0_first():  # under torchrun rank 0 reads first (building any cache once), then the others
+        data = load_dataset(config.dataset, config)  # the config holds the data options
     stop.phase = "building the model"
     torch.manual_seed(config.seed)
-    model = build_model(config.cifar, config.paper_model, data.num_classes, lrn=config.lrn)
+    model = make_model(config.model, data.num_classes, lrn=config.lrn)
     if checkpoint is not None:
         load_weights(checkpoint, checkpoint_path, model, data.num_classes, data.name)
     if config.split_gpus:
@@ -636,7 +589,8 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     if args.evaluate:
         stop.phase = "evaluating"
         result = evaluate_checkpoint(config, model, data, device)
-        views = " (10-crop)" if config.paper_train and config.model != "CifarAlexNet" else ""
+        # The 32-input networks see the centre view under -pt too (datasets.make_pipeline).
+        views = " (10-crop)" if config.paper_train and MODELS[config.model].input_size != 32 else ""
         logger.info(
             "%s on %s, %d images%s: %s", checkpoint_path, data.name, result.count, views, format_metrics(result)
         )
@@ -653,18 +607,6 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     stop.phase = "training"
     trainer.fit()
     return 0
-
-
-def load_first_on_rank0(name: str, options: DataOptions) -> Any:
-    """The data set; under torchrun rank 0 reads it first (building any cache once) while the
-    others wait, then they read what it built."""
-    rank, world = rank_and_world()
-    if world > 1 and rank != 0:
-        torch.distributed.barrier()
-    data = load_dataset(name, options)
-    if world > 1 and rank == 0:
-        torch.distributed.barrier()
-    return data
 
 
 def make_deterministic() -> None:

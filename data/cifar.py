@@ -60,7 +60,7 @@ def find_cifar_folder(spec: CifarSpec, options: DataOptions) -> Path:
     """The folder holding the batch files: ``--data-dir`` itself, ``<seed_name>/``,
     ``<official folder>/`` or ``<seed_name>/<official folder>/``; failing those, the official
     archive in ``--data-dir`` or ``<seed_name>/``, unpacked once. ``--download`` fetches it."""
-    data_dir = options.data_dir
+    data_dir = options.data_path
     if options.download:
         data_dir.mkdir(parents=True, exist_ok=True)
     else:
@@ -75,7 +75,7 @@ def find_cifar_folder(spec: CifarSpec, options: DataOptions) -> Path:
         archives = [download_archive(spec.url, spec.md5, data_dir, spec.title)]
     if archives:
         return extract_archive(archives[0], spec.folder, lambda f: _looks_like_cifar(f, spec), spec.title,
-                               options.cache_dir)  # fmt: skip
+                               options.cache_path)  # fmt: skip
     raise DataError(
         f"found no {spec.title} in {data_dir}: put the official python version there as {spec.seed_name}/, "
         f"{spec.folder}/ or {spec.archive}, or pass --download."

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError
+from training.fields import FLAG, PATH, setting
+from utils import Check, UserError, device_problem
 
 
 class DataError(UserError):
@@ -67,15 +68,31 @@ class DataSet:
         return self.train.labels.dim() == 2
 
 
+#: Generated images: far beyond what a Shapes experiment needs, far below what overflows.
+MAX_SHAPES = 10_000_000
+
+
 @dataclass
 class DataOptions:
-    """What the readers may need from the command line."""
+    """What the readers may need from the command line. ``TrainConfig`` holds these fields, so
+    they are plain values a checkpoint can store: paths are text ("" for no cache folder), read
+    as ``data_path`` and ``cache_path``. Each field's ``setting`` says what may change it."""
 
-    data_dir: Path = Path("dataset")
-    download: bool = False
-    coarse_labels: bool = False
-    cache_dir: Path | None = None
-    shapes_train: int = 8000
-    shapes_test: int = 1600
-    shapes_seed: int = 0
-    decode_device: str = "cpu"  # where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG)
+    data_dir: str = setting("dataset", PATH, resume=True, evaluate=True, identity=False)
+    download: bool = setting(False, FLAG, resume=True, evaluate=True, identity=False, per_process=True)
+    coarse_labels: bool = setting(False, FLAG, evaluate=True)
+    cache_dir: str = setting("", PATH, resume=True, evaluate=True, identity=False, per_process=True)
+    shapes_train: int = setting(8000, Check(int, 1, MAX_SHAPES), evaluate=True)
+    shapes_test: int = setting(1600, Check(int, 1, MAX_SHAPES), evaluate=True)
+    shapes_seed: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
+    # Where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG): the training device.
+    decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
+                                 per_process=True)  # fmt: skip
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def cache_path(self) -> Path | None:
+        return Path(self.cache_dir) if self.cache_dir else None

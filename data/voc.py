@@ -45,7 +45,7 @@ def find_voc_folder(options: DataOptions) -> Path:
     """The ``VOC2012`` folder: ``<data-dir>/PascalVOC2012`` (the seed's layout, itself VOC2012 or a
     VOCdevkit root), ``<data-dir>/VOCdevkit/VOC2012``, or ``--data-dir`` being either; failing
     those, the official archive in ``--data-dir``, unpacked once. ``--download`` fetches it."""
-    data_dir = options.data_dir
+    data_dir = options.data_path
     if options.download:
         data_dir.mkdir(parents=True, exist_ok=True)
     else:
@@ -61,7 +61,7 @@ def find_voc_folder(options: DataOptions) -> Path:
         archive = download_archive(VOC_URL, VOC_MD5, data_dir, "Pascal VOC 2012")
     if archive.is_file():
         devkit = extract_archive(archive, "VOCdevkit", lambda f: _is_voc_folder(f / "VOC2012"), "Pascal VOC 2012",
-                                 options.cache_dir)  # fmt: skip
+                                 options.cache_path)  # fmt: skip
         return devkit / "VOC2012"
     raise DataError(
         f"found no Pascal VOC 2012 in {data_dir}: put the VOCdevkit/VOC2012 folder there as PascalVOC2012/ "
@@ -176,8 +176,8 @@ def parse_voc_xml(path: Path) -> np.ndarray:
 def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
     """``--cache-dir``, else ``alexnet_cache/`` inside the VOC folder, else (read-only data) the
     user's cache folder."""
-    if options.cache_dir is not None:
-        return options.cache_dir
+    if options.cache_path is not None:
+        return options.cache_path
     beside = folder / "alexnet_cache"
     if is_writable_dir(beside):
         return beside

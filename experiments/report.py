@@ -38,13 +38,6 @@ logger = logging.getLogger(__name__)
 
 GROUP_BY = ("auto", "name", "config", "run")
 SEED_SUFFIX = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
-# Settings that say where and how a run was carried out, not what was trained: two runs that
-# differ only in these (and the seed) are seeds of one variant.
-NOT_THE_EXPERIMENT = frozenset({
-    "seed", "run_name", "output_dir", "data_dir", "cache_dir", "device", "dry_run", "log", "message", "loader",
-    "workers", "log_loss_step", "log_confusion_epoch", "deterministic", "version", "eval_batch_size", "amp",
-    "channels_last", "compile",
-})  # fmt: skip
 COLUMNS = ("variant", "data set", "model", "runs", "train images", "best top-1 (%)", "best top-5 (%)",
            "best mAP (%)", "epochs to best", "epochs", "images/s", "train time (s)")  # fmt: skip
 MISSING = "—"
@@ -161,6 +154,11 @@ def _by_section(runs: Iterable[Run]) -> dict[str, list[Run]]:
 
 
 def _experiment_settings(run: Run) -> dict[str, Any]:
+    """The run's settings that say what was trained: two runs that differ only in the others
+    (where and how they ran, and the seed) are seeds of one variant. Each config field says
+    which it is; keys the config no longer has (a 0.1 run's ``cifar``) count as settings."""
+    from training.config import NOT_THE_EXPERIMENT  # loads torch: only where runs are grouped by settings
+
     config = run.summary.get("config", {})
     return {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT}
 

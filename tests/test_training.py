@@ -120,7 +120,7 @@ def scripted_trainer(monkeypatch, tmp_path, scores, **config) -> Trainer:
 
     monkeypatch.setattr(trainer_module, "evaluate", fake_evaluate)
     data = load_dataset("Shapes", DataOptions(shapes_train=16, shapes_test=8))
-    cfg = TrainConfig(model="CifarAlexNet", cifar=True, batch_size=16, output_dir=str(tmp_path), **config)
+    cfg = TrainConfig(model="CifarAlexNet", batch_size=16, output_dir=str(tmp_path), **config)
     return Trainer(cfg, CifarAlexNet(10), data, torch.device("cpu"))
 
 
