@@ -1,152 +1,174 @@
-"""Trust nothing a checkpoint or the command line says: where a resumed run writes, whose run it
-is, one process per run, every checkpoint field checked, signals in every phase, and values that
-used to end in tracebacks.
+"""Checkpoints through the command line and in process: resume (bit-identical, from anywhere,
+into the right folders, one live process per run, ``--rewind``), ``--evaluate``, saving whole
+files or none, and checkpoints refused in one sentence: damaged, foreign, of another model, with
+flags that change the run, or crafted (every field checked in process, over many values).
 
-The catalogue rows (``CASES``) run through ``main_cli.run_case`` like the README table's other
-rows: the exit code, the one sentence, no traceback, the earlier run untouched, nothing written
-beside the work folder.
+A run stopped by a signal or ``kill -9`` and resumed is in test_signals.py; the README table's
+rows about checkpoints run in test_faults.py's catalogue.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from main_cli import TINY, Case, command, earlier_checkpoint, only, run, run_case, snapshot, unchanged
+from main_cli import copy_run, only, start, wait_for
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.checkpoint import FIELD_RULES, check_fields, check_optimizer_state, check_partial_epoch
 from training.config import TrainConfig
 from training.schedule import check_schedule_state
-from utils import printable
+from utils import atomic_torch_save, atomic_write_json, printable
+
+# ---------------------------------------------------------------------------------------------
+# Resume and --evaluate
 
 
-def crafted(work: Path, name: str, change, inside_run: bool = False, light: bool = True) -> Path:
-    """A copy of the earlier run's last.pt with ``change(checkpoint)`` applied, written to
-    ``work/<name>`` (or beside last.pt in the run folder with ``inside_run``). ``light``: with a
-    one-tensor model and no optimizer state instead of 700 MB of TorchAlexNet weights, for rows
-    refused before the model is built (every field is checked before the weights are used)."""
-    last = earlier_checkpoint(work)
-    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
-    if light:
-        checkpoint["model"] = {"features.0.weight": torch.zeros(1)}
-        checkpoint["optimizer"] = {"state": {}, "param_groups": checkpoint["optimizer"]["param_groups"]}
-    change(checkpoint)
-    path = (last.parent if inside_run else work) / name
-    torch.save(checkpoint, path)
-    return path
+def final_weights(root: Path) -> dict:
+    return torch.load(only(root / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)["model"]
 
 
-def set_config(**values):
-    def change(checkpoint):
-        checkpoint["config"] = {**checkpoint["config"], **values}
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, run_main, tiny_shapes):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    whole.mkdir()
+    split.mkdir()
+    flags = ["-c", "--seed", "3", "--deterministic", "-lls", "1", *tiny_shapes]
+    assert run_main(*flags, "-ne", "3", cwd=whole).returncode == 0
+    first = run_main(*flags, "-ne", "2", cwd=split)
+    assert first.returncode == 0, first.stderr
+    last = only(split / "checkpoints" / "Shapes", "*/last.pt")
+    second = run_main("--resume", str(last), "-ne", "3", cwd=tmp_path)  # from elsewhere: folders come from the path
+    assert second.returncode == 0, second.stderr
+    assert "resumed after epoch 2 (step 6)" in second.stderr
 
-    return change
+    a = json.loads(only(whole / "runs" / "Shapes", "*/summary.json").read_text())
+    b = json.loads(only(split / "runs" / "Shapes", "*/summary.json").read_text())
+    for key in ("final_top1", "final_top5", "best_top1", "best_epoch", "epochs", "steps", "final_lr"):
+        assert a[key] == b[key], key
+    wa, wb = final_weights(whole), final_weights(split)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert len(list((split / "runs" / "Shapes").iterdir())) == 1  # the same run folder
 
-
-def older_step(checkpoint):
-    checkpoint["global_step"] -= 1
-    checkpoint["partial"] = None
-
-
-def foreign_run(work: Path, earlier: Path) -> None:
-    """Another output folder that holds a different run under the earlier run's name."""
-    name = earlier_checkpoint(work).parent.name
-    (work / "other" / "checkpoints" / "Shapes" / name).mkdir(parents=True)
-    (work / "other" / "checkpoints" / "Shapes" / name / "notes.txt").write_text("another run's files\n")
-
-
-def report_below_a_file(work: Path, earlier: Path) -> None:
-    (work / "afile").write_text("a regular file\n")
-
-
-CASES = [
-    Case("checkpoint naming a run outside its folder", ["--resume", "evil.pt"], 1,
-         r"checkpoint evil.pt cannot be used: its config's run_name '\.\./\.\./\.\./escaped' cannot be a folder name: "
-         r"it holds a path separator; it is damaged or was not written by this tool, so use another one \(best.pt or "
-         r"last.pt of the run\)\.",
-         prepare=lambda w, e: crafted(w, "evil.pt", set_config(run_name="../../../escaped"))),
-    Case("checkpoint with an unknown optimizer", ["--resume", "evil.pt"], 1,
-         r"checkpoint evil.pt cannot be used: its config's optimizer must be one of sgd, adam, got 'rmsprop'; it is "
-         r"damaged or was not written by this tool",
-         prepare=lambda w, e: crafted(w, "evil.pt", set_config(optimizer="rmsprop"))),
-    Case("checkpoint with a field out of range", ["--resume", "evil.pt"], 1,
-         r"checkpoint evil.pt cannot be used: its scheduler's patience must be at least 1, got 0; it is damaged",
-         prepare=lambda w, e: crafted(w, "evil.pt", lambda c: c["scheduler"].update(patience=0))),
-    Case("checkpoint whose optimizer state does not fit the model", ["--resume", "evil.pt", "--output-dir", "new"], 1,
-         r"the checkpoint of run .* cannot be resumed: its optimizer's exp_avg of parameter 0 does not have that "
-         r"parameter's shape; it is damaged or was not written for this model and data",
-         prepare=lambda w, e: crafted(w, "evil.pt", lambda c: c["optimizer"]["state"][0].update(
-             exp_avg=torch.zeros(3)), light=False)),
-    Case("resume into another run of the same name", ["--resume", "EARLIER", "--output-dir", "other"], 1,
-         r"--resume .*last.pt: other/checkpoints/Shapes/.* already holds a run of that name, not the one this "
-         r"checkpoint comes from; pass another --output-dir, or resume that run from its own last.pt\.",
-         prepare=foreign_run),
-    Case("resume from a checkpoint older than last.pt", ["--resume", "checkpoints/Shapes/EARLIER_RUN/older.pt"], 1,
-         r"--resume .*older.pt: the run's .*last.pt is at epoch 1 \(step 1\), past this checkpoint \(step 0\); resume "
-         r"from .*last.pt, or pass --rewind to go back \(that last.pt is then kept under another name\)\.",
-         prepare=lambda w, e: crafted(w, "older.pt", older_step, inside_run=True)),
-    Case("dry run logging under an earlier run's name", ["-d", "-l", "--run-name", "EARLIER_RUN", *TINY], 1,
-         r"--run-name .*: runs/Shapes/.* already exists; pick another name, or --resume the run from its last.pt\."),
-    Case("run name too long", ["--run-name", "x" * 300], 2,
-         r"argument --run-name: 'x{57}\.\.\.' cannot be a folder name: it is 300 bytes long, more than the 200 a name "
-         r"may have; use letters, digits, - _ \."),
-    Case("text that is not UTF-8", ["-m", "caf\udce9"], 2,
-         r"argument -m/--message: 'caf\\udce9' is not valid UTF-8 text"),
-    Case("seed out of range", ["--seed", str(2**70)], 2,
-         r"argument --seed: must be at least 0 and at most 4294967295, got 1180591620717411303424"),
-    Case("negative Shapes seed", ["--shapes-seed", "-1"], 2,
-         r"argument --shapes-seed: must be at least 0 and at most 2147483647, got -1"),
-    Case("too many Shapes images", ["--shapes-train", str(10**11)], 2,
-         r"argument --shapes-train: must be at least 1 and at most 10000000, got 100000000000"),
-    Case("Shapes count beyond memory", ["-c", "--shapes-train", "10000000", "-d"], 1,
-         r"generating 10000000 Shapes images needs about 1200.0 GB of memory and this machine has .* GB available; "
-         r"pass a smaller --shapes-train / --shapes-test\."),
-    Case("device that cannot train", ["--device", "meta", *TINY], 1,
-         r"--device 'meta' is a meta device; this tool trains on cpu, cuda or cuda:N\."),
-    Case("report folder below a file", ["report", "runs", "--out", "afile/report"], 1,
-         r"cannot create the report folder afile/report \(Not a directory\); pass another --out\.",
-         prepare=report_below_a_file),
-]  # fmt: skip
+    events = EventAccumulator(str(only(split / "runs" / "Shapes", "*")))
+    events.Reload()
+    assert [e.step for e in events.Scalars("Shapes/val/top1")] == [3, 6, 9]
+    assert len(events.Scalars("Shapes/train/loss")) == 9
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_untrusted_run_catalogue(tmp_path, earlier, case):
-    run_case(case, tmp_path, earlier)
-    if case.name == "checkpoint naming a run outside its folder":
-        assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
+def test_evaluate_reproduces_the_recorded_metric(tmp_path, run_main, tiny_shapes):
+    assert run_main("-c", "-ne", "2", *tiny_shapes, cwd=tmp_path).returncode == 0
+    best = only(tmp_path / "checkpoints" / "Shapes", "*/best.pt")
+    recorded = torch.load(best, weights_only=True)
+    result = run_main("--evaluate", str(best), cwd=tmp_path / "checkpoints")  # data are regenerated: Shapes
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert metrics["top1"] == recorded["best"]["top1"] and metrics["loss"] == recorded["best"]["loss"]
+    assert metrics["count"] == 40
+    assert not (tmp_path / "checkpoints" / "runs").exists()  # evaluation writes nothing
+
+
+def test_evaluate_uses_ten_crops_for_a_paper_setup_run(tmp_path, run_main):
+    flags = ["-pm", "-pt", "-ne", "1", "--shapes-train", "8", "--shapes-test", "4", "--batch-size", "4"]
+    assert run_main(*flags, cwd=tmp_path).returncode == 0
+    best = only(tmp_path / "checkpoints" / "Shapes", "*/best.pt")
+    result = run_main("--evaluate", str(best), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(10-crop)" in result.stderr
+    assert json.loads(result.stdout)["top1"] == torch.load(best, weights_only=True)["best"]["top1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged, foreign and mismatched checkpoints
+
+
+@pytest.fixture(scope="module")
+def shapes_checkpoint(tmp_path_factory, run_main, tiny_shapes) -> Path:
+    root = tmp_path_factory.mktemp("ckpt")
+    assert run_main("-c", "-ne", "1", *tiny_shapes, cwd=root).returncode == 0
+    return only(root / "checkpoints" / "Shapes", "*/last.pt")
+
+
+def write_bad(kind: str, path: Path, good: Path) -> None:
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[:1000])
+    elif kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 10)
+    elif kind == "not a dict":
+        torch.save([1, 2, 3], path)
+    elif kind == "foreign pickle":
+        torch.save({"model": {}, "config": Path("x"), "epoch": 1, "classes": []}, path)
+    elif kind == "no config":
+        torch.save({"model": {}, "epoch": 1}, path)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", r"checkpoint .*nowhere.pt does not exist; pass the path of a last.pt or best.pt\."),
+        ("truncated", r"checkpoint .*bad.pt cannot be loaded \(.*\); it is damaged or was not written by this tool"),
+        ("random bytes", r"checkpoint .*bad.pt cannot be loaded"),
+        ("not a dict", r"bad.pt is not a checkpoint written by this tool \(it lacks model, config, epoch, classes\)"),
+        ("foreign pickle", r"checkpoint .*bad.pt cannot be loaded \(.*\); it is damaged or was not written"),
+        ("no config", r"bad.pt is not a checkpoint written by this tool \(it lacks config, classes\)"),
+    ],
+)
+@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
+def test_bad_checkpoints_are_one_sentence(tmp_path, shapes_checkpoint, kind, message, mode, run_main):
+    path = tmp_path / ("nowhere.pt" if kind == "missing" else "bad.pt")
+    write_bad(kind, path, shapes_checkpoint)
+    result = run_main(mode, str(path), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_checkpoint_of_another_model_or_class_count(tmp_path, shapes_checkpoint, shared_data, run_main):
+    other_model = run_main("--evaluate", str(shapes_checkpoint), "-pm", cwd=tmp_path)
+    assert other_model.returncode == 1
+    assert "holds a CifarAlexNet, but this command builds a CifarAlexNet" not in other_model.stderr
+    assert "does not fit CifarAlexNet" in other_model.stderr  # the paper-width CifarAlexNet
+    classes = run_main(
+        "--evaluate", str(shapes_checkpoint), "-ds", "Cifar100", "--data-dir", str(shared_data), cwd=tmp_path
+    )
+    assert classes.returncode == 1
+    assert "was trained on 10 classes (Shapes), but Cifar100 has 100; pass a checkpoint trained on Cifar100." in (
+        classes.stderr
+    )
+
+
+def test_checkpoint_of_torch_alexnet_refuses_the_cifar_model(tmp_path, run_main):
+    assert (
+        run_main("-ne", "1", "--shapes-train", "8", "--shapes-test", "4", "--batch-size", "8", cwd=tmp_path).returncode
+        == 0
+    )
+    path = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
+    result = run_main("--evaluate", str(path), "-c", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "holds a TorchAlexNet, but this command builds a CifarAlexNet; drop the model flags" in result.stderr
+
+
+def test_resume_refuses_flags_that_change_the_run(tmp_path, shapes_checkpoint, run_main):
+    result = run_main("--resume", str(shapes_checkpoint), "--batch-size", "64", "-ds", "Cifar10", cwd=tmp_path)
+    assert result.returncode == 1
+    assert (
+        "fixes these settings, which the command line changes: batch_size (64; the checkpoint has 40), "
+        "dataset ('Cifar10'; the checkpoint has 'Shapes'); drop those flags." in result.stderr
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Where a resumed run writes
 
 
-@pytest.fixture(scope="module")
-def cifar_run(tmp_path_factory) -> Path:
-    """A finished two-epoch CifarAlexNet run on tiny Shapes (its folder)."""
-    root = tmp_path_factory.mktemp("cifar_run")
-    result = run("-c", "-ne", "2", "--seed", "1", *TINY, cwd=root)
-    assert result.returncode == 0, result.stderr
-    return root
-
-
-def copy_run(source: Path, to: Path) -> Path:
-    """A hard-linked copy of a run folder (checkpoints are replaced, never written in place)."""
-    import shutil
-
-    shutil.copytree(source, to, copy_function=os.link)
-    return only(to / "checkpoints" / "Shapes", "*/last.pt")
-
-
-def test_a_checkpoint_decides_neither_where_the_run_writes_nor_what_the_terminal_shows(tmp_path, cifar_run):
+def test_a_checkpoint_decides_neither_where_the_run_writes_nor_what_the_terminal_shows(tmp_path, cifar_run, run_main):
     last = copy_run(cifar_run, tmp_path / "work")
     checkpoint = torch.load(last, weights_only=True)
     elsewhere = tmp_path / "other-machine" / "outputs"
@@ -154,7 +176,7 @@ def test_a_checkpoint_decides_neither_where_the_run_writes_nor_what_the_terminal
                             "cache_dir": str(tmp_path / "other-machine" / "cache"),
                             "message": "note \x1b]0;owned\x07\x1b[2J\r"}  # fmt: skip
     torch.save(checkpoint, tmp_path / "work" / "moved.pt")
-    result = run("--resume", "moved.pt", "-ne", "3", cwd=tmp_path / "work")
+    result = run_main("--resume", "moved.pt", "-ne", "3", cwd=tmp_path / "work")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "other-machine").exists()
     # The message reaches the terminal without its escape sequences (title, clear screen, bell).
@@ -167,16 +189,16 @@ def test_a_checkpoint_decides_neither_where_the_run_writes_nor_what_the_terminal
     )
 
 
-def test_rewind_only_when_asked_and_the_newer_last_pt_is_kept(tmp_path, cifar_run):
+def test_rewind_only_when_asked_and_the_newer_last_pt_is_kept(tmp_path, cifar_run, run_main):
     last = copy_run(cifar_run, tmp_path / "work")
     state = torch.load(last, weights_only=True)
     older = dict(state, global_step=state["global_step"] - 3, epoch=1, partial=None)
     torch.save(older, last.parent / "epoch1.pt")
     before = last.read_bytes()
-    refused = run("--resume", str(last.parent / "epoch1.pt"), "-ne", "2", cwd=tmp_path / "work")
+    refused = run_main("--resume", str(last.parent / "epoch1.pt"), "-ne", "2", cwd=tmp_path / "work")
     assert refused.returncode == 1 and "pass --rewind to go back" in refused.stderr
     assert last.read_bytes() == before
-    rewound = run("--resume", str(last.parent / "epoch1.pt"), "-ne", "2", "--rewind", cwd=tmp_path / "work")
+    rewound = run_main("--resume", str(last.parent / "epoch1.pt"), "-ne", "2", "--rewind", cwd=tmp_path / "work")
     assert rewound.returncode == 0, rewound.stderr
     assert re.search(r"rewinding run .* to step \d+; its last.pt \(at epoch 2 \(step 6\)\) is kept as .*last.epoch2.pt",
                      rewound.stderr), rewound.stderr  # fmt: skip
@@ -188,26 +210,12 @@ def test_rewind_only_when_asked_and_the_newer_last_pt_is_kept(tmp_path, cifar_ru
 # One live process per run
 
 
-def start(flags: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command(*flags), cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            start_new_session=True)  # fmt: skip
-
-
-def wait_for(process: subprocess.Popen, text: str) -> str:
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"{text!r} never appeared:\n{''.join(seen)}")
-
-
-def test_two_resumes_of_one_run_the_second_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path, cifar_run):
+def test_two_resumes_of_one_run_the_second_is_refused_and_kill_9_leaves_no_stale_lock(tmp_path, cifar_run, run_main):
     last = copy_run(cifar_run, tmp_path / "work")
-    first = start(["--resume", str(last), "-ne", "4", "-lls", "1"], tmp_path / "work")
+    first = start(["--resume", str(last), "-ne", "4", "-lls", "1"], tmp_path / "work", new_session=True)
     try:
         wait_for(first, "resumed after epoch 2")
-        second = run("--resume", str(last), "-ne", "4", cwd=tmp_path / "work")
+        second = run_main("--resume", str(last), "-ne", "4", cwd=tmp_path / "work")
         assert second.returncode == 1 and "Traceback" not in second.stderr
         assert re.search(rf"error: run {last.parent.name} is in use by process {first.pid} on .* \(since .*\); wait for "
                          r"it to finish or stop it, then run this again\.", second.stderr), second.stderr  # fmt: skip
@@ -218,67 +226,24 @@ def test_two_resumes_of_one_run_the_second_is_refused_and_kill_9_leaves_no_stale
             os.killpg(first.pid, signal.SIGKILL)
         first.stderr.close()
     assert (last.parent / ".lock").exists()
-    again = run("--resume", str(last), "-ne", "2", cwd=tmp_path / "work")  # the lock is free: it runs (and ends)
+    again = run_main("--resume", str(last), "-ne", "2", cwd=tmp_path / "work")  # the lock is free: it runs (and ends)
     assert again.returncode == 0, again.stderr
     assert torch.load(last, weights_only=True)["epoch"] >= 2  # whole, whatever epoch the kill came in
     assert not (last.parent / ".lock").exists()
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals in every phase
-
-
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_stop_while_generating_the_data_is_one_sentence_and_writes_nothing(tmp_path, signum, code):
-    process = start(["-c", "--shapes-train", "30000", "--run-name", "big"], tmp_path)
-    try:
-        wait_for(process, "generating 30000 training")
-        time.sleep(0.5)  # generating 30000 images takes seconds
-        process.send_signal(signum)
-        time.sleep(0.02)
-        process.send_signal(signum)  # a second one while unwinding is acknowledged, not a traceback
-        rest = process.stderr.read()
-        assert process.wait(timeout=120) == code, rest
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.stderr.close()
-    assert "Traceback" not in rest
-    assert f"stopped by {signal.Signals(signum).name} while reading the data; nothing of this run was saved" in rest
-    assert list(tmp_path.iterdir()) == []  # the claimed run folders were empty and are gone
-
-
-def test_a_stop_during_evaluate_is_one_sentence(tmp_path, cifar_run):
-    last = copy_run(cifar_run, tmp_path / "work")
-    before = snapshot(tmp_path / "work")
-    process = start(["--evaluate", str(last), "--shapes-test", "30000"], tmp_path / "work")
-    try:
-        wait_for(process, "generating")
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        rest = process.stderr.read()
-        assert process.wait(timeout=120) == 143, rest
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.stderr.close()
-    assert "Traceback" not in rest
-    assert "stopped by SIGTERM while reading the data; nothing of this run was saved" in rest
-    assert unchanged(tmp_path / "work", before) and not list((tmp_path / "work").rglob("*.tmp"))
-
-
-# ---------------------------------------------------------------------------------------------
 # Output a user or a machine reads
 
 
-def test_evaluate_prints_strict_json_when_the_loss_overflows(tmp_path, cifar_run):
+def test_evaluate_prints_strict_json_when_the_loss_overflows(tmp_path, cifar_run, run_main):
     last = copy_run(cifar_run, tmp_path / "work")
     checkpoint = torch.load(last, weights_only=True)
     for key in ("classifier.6.weight", "classifier.6.bias"):  # finite weights, logits beyond float32
         checkpoint["model"][key] = torch.full_like(checkpoint["model"][key], 3e38)
     checkpoint["model"]["classifier.6.weight"][0] = -3e38
     torch.save(checkpoint, tmp_path / "huge.pt")
-    result = run("--evaluate", str(tmp_path / "huge.pt"), cwd=tmp_path / "work")
+    result = run_main("--evaluate", str(tmp_path / "huge.pt"), cwd=tmp_path / "work")
     assert result.returncode == 0, result.stderr
 
     def refuse(constant: str):
@@ -286,6 +251,38 @@ def test_evaluate_prints_strict_json_when_the_loss_overflows(tmp_path, cifar_run
 
     metrics = json.loads(result.stdout, parse_constant=refuse)
     assert metrics["loss"] is None and metrics["count"] == 40
+
+
+def test_printable_escapes_control_characters_and_stray_bytes():
+    assert printable("a\x1b[31mb\r\n\udcff\tc") == "a\\x1b[31mb\\x0d\\x0a\\udcff\tc"
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: a whole file or none
+
+
+def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    atomic_torch_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
+    atomic_torch_save({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.zeros(2))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+    class Boom(Exception):
+        pass
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise Boom
+
+    with pytest.raises(Boom):
+        atomic_torch_save({"x": Unsaveable()}, path)
+    assert torch.load(path, weights_only=True)["epoch"] == 2  # the old file survived
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
+
+    atomic_write_json({"b": 1, "a": math.pi}, tmp_path / "s.json")
+    assert (tmp_path / "s.json").read_text().startswith('{\n  "a": 3.14159')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +384,3 @@ def test_an_interrupted_epoch_must_be_an_order_of_the_training_images():
     assert "not an order of the 10 training images" in check_partial_epoch({**partial, "order": torch.zeros(10,
                                                                                           dtype=torch.long)}, 10, 3)  # fmt: skip
     assert "more than the 1 an epoch has" in check_partial_epoch(partial, 10, 1)
-
-
-def test_printable_escapes_control_characters_and_stray_bytes():
-    assert printable("a\x1b[31mb\r\n\udcff\tc") == "a\\x1b[31mb\\x0d\\x0a\\udcff\tc"
