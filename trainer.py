@@ -53,7 +53,7 @@ from training.checkpoint import (  # noqa: F401 (re-exported)
     load_weights,
 )
 from training.config import TrainConfig
-from training.distributed import StopRequest, agree_stop, barrier, rank_and_world
+from training.distributed import Interrupted, StopRequest, agree_stop, barrier, rank_and_world
 from training.fastpath import (  # noqa: F401 (re-exported)
     AMP_DTYPES,
     TrainStep,
@@ -80,7 +80,7 @@ from training.tasks import (  # noqa: F401 (re-exported)
     task_for,
     voc_average_precision,
 )
-from utils import Interrupted, UserError
+from utils import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -286,17 +286,3 @@ def add_log_file(path: Path) -> logging.Handler:
     handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler
-
-
-# Processes and signals have their own room (``training.distributed``); these names are still
-# importable from here.
-_MOVED = frozenset({"Interrupted", "StopSignals", "launched_by_torchrun", "init_distributed", "rank_and_world",
-                    "LOST_PEER", "lost_process"})  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import training.distributed
-
-        return getattr(training.distributed, name)
-    raise AttributeError(f"module 'utils' has no attribute {name!r}")

@@ -1,11 +1,38 @@
-"""Shared fixtures: the real data samples that live beside the checkout, and an earlier run."""
+"""Shared fixtures: the repository, running its command line, the real data samples that live
+beside the checkout, and finished runs that several test files start from.
 
+The helpers behind them are defined once, in ``main_cli.py``: module-level tables and
+parametrize lists (which no fixture reaches) import them from there.
+"""
+
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from main_cli import run
+from main_cli import ROOT, TINY, run
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The root of the checkout (where ``main.py`` and ``README.md`` are)."""
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes() -> tuple[str, ...]:
+    """Flags for a Shapes run small enough to take seconds (``main_cli.TINY``, as a tuple: one
+    object for the whole session, which no test can change for the next)."""
+    return tuple(TINY)
+
+
+@pytest.fixture(scope="session")
+def run_main() -> Callable[..., object]:
+    """``run_main(*args, cwd=..., env=None, timeout=600, prefix=None, preexec=None)``: run
+    ``python main.py *args`` in ``cwd`` and return the ``CompletedProcess``, output captured
+    as text (``main_cli.run``)."""
+    return run
 
 
 @pytest.fixture
@@ -17,11 +44,21 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def earlier(tmp_path_factory) -> Path:
+def earlier(tmp_path_factory, run_main) -> Path:
     """A folder holding a finished earlier run (TorchAlexNet on tiny Shapes, with its log), for
     the catalogue rows to prove they leave it untouched. Copy it (``main_cli.run_case``) before
     running anything in it."""
     root = tmp_path_factory.mktemp("earlier")
-    result = run("-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "16", "-l", cwd=root)
+    result = run_main("-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "16", "-l", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_run(tmp_path_factory, run_main, tiny_shapes) -> Path:
+    """A finished two-epoch CifarAlexNet run on tiny Shapes (its folder). Copy it
+    (``main_cli.copy_run``) before running anything in it."""
+    root = tmp_path_factory.mktemp("cifar_run")
+    result = run_main("-c", "-ne", "2", "--seed", "1", *tiny_shapes, cwd=root)
     assert result.returncode == 0, result.stderr
     return root

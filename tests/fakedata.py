@@ -13,7 +13,7 @@ import io
 import pickle
 import struct
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -156,6 +156,14 @@ def write_voc(root: Path, annotations: dict[str, list[tuple[str, bool]]], lists:
     for name, ids in lists.items():
         (root / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
     return root
+
+
+def small_voc(data: Path, classes: Sequence[str] = ("dog", "cat", "person"), year: int = 2010, train: int = 2) -> Path:
+    """``data/PascalVOC2012`` with an image for each of ``classes``, holding one object of it (not
+    difficult), ids ``<year>_000000``, ...: the first ``train`` in train.txt, the rest in val.txt."""
+    annotations = {f"{year}_{i:06d}": [(c, False)] for i, c in enumerate(classes)}
+    ids = list(annotations)
+    return write_voc(data / "PascalVOC2012", annotations, {"train": ids[:train], "val": ids[train:]})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Running the real command line from tests: ``python main.py ...`` in a given folder."""
+"""Running the real command line from tests: ``python main.py ...`` in a given folder.
+
+The one definition of each shared helper. Tests take them as the fixtures of ``conftest.py``
+(``repo_root``, ``tiny_shapes``, ``run_main``); module-level tables and parametrize lists,
+where a fixture cannot reach, import them from here.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 #: Flags for a Shapes run small enough to take seconds.
 TINY = ["--shapes-train", "120", "--shapes-test", "40", "--batch-size", "40"]
+#: Flags for a one-epoch dry run on the small VOC folder ``data/PascalVOC2012`` (``fakedata.small_voc``).
+VOC_DRY_RUN = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "-d", "--cache-dir", "cache", "--batch-size",
+               "2"]  # fmt: skip
 
 
 def command(*args: str) -> list[str]:
@@ -22,19 +30,49 @@ def command(*args: str) -> list[str]:
 
 
 def run(
-    *args: str, cwd: Path, prefix: list[str] | None = None, preexec: Callable | None = None, timeout: int = 600
+    *args: str,
+    cwd: Path,
+    prefix: list[str] | None = None,
+    preexec: Callable | None = None,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """``python main.py *args`` in ``cwd`` (behind ``prefix``, e.g. setpriv), output captured."""
+    """``python main.py *args`` in ``cwd`` (behind ``prefix``, e.g. setpriv; in ``env``, else
+    this process's environment), output captured."""
     return subprocess.run(
         [*(prefix or []), *command(*args)], check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        preexec_fn=preexec,
+        preexec_fn=preexec, env=env,
     )  # fmt: skip
+
+
+def start(flags: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """``python main.py *flags`` started in ``cwd``, its stderr a text pipe (``wait_for``), its
+    stdout discarded; with ``new_session``, in a process group of its own (``os.killpg``)."""
+    return subprocess.Popen(command(*flags), cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            start_new_session=new_session)  # fmt: skip
+
+
+def wait_for(process: subprocess.Popen, text: str) -> str:
+    """Read ``process``'s stderr up to the first line holding ``text``; what it read."""
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"{text!r} never appeared:\n{''.join(seen)}")
 
 
 def only(path: Path, pattern: str) -> Path:
     """The one file under ``path`` matching ``pattern`` (fails when there are none or several)."""
     (match,) = path.glob(pattern)
     return match
+
+
+def copy_run(source: Path, to: Path) -> Path:
+    """A hard-linked copy of a run folder (checkpoints are replaced, never written in place);
+    the copy's last.pt."""
+    shutil.copytree(source, to, copy_function=os.link)
+    return only(to / "checkpoints" / "Shapes", "*/last.pt")
 
 
 def snapshot(root: Path) -> dict[Path, tuple[int, int, int]]:

@@ -1,11 +1,16 @@
-"""The command line, end to end, as a user runs it (subprocesses in a scratch folder)."""
+"""The command line, end to end, as a user runs it (subprocesses in a scratch folder): the flags
+(help, names, bad values and combinations), a whole run and everything it writes (TensorBoard,
+summary, checkpoints, log), dry runs, every model, and a run that must learn.
+
+Real data sets through the command line are in test_cli_data.py; resume and --evaluate in
+test_checkpoints.py; the README's bad-input table in test_faults.py."""
 
 import argparse
 import json
 
 import pytest
 import torch
-from main_cli import TINY, run
+from main_cli import only
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from main import get_args_parser
@@ -13,8 +18,8 @@ from network import CifarAlexNet
 from utils import __version__
 
 
-def test_version(tmp_path):
-    result = run("-v", cwd=tmp_path)
+def test_version(tmp_path, run_main):
+    result = run_main("-v", cwd=tmp_path)
     assert result.returncode == 0
     assert result.stdout.strip() == f"alexnet {__version__}"
 
@@ -36,8 +41,8 @@ def test_seed_flags_keep_their_short_and_long_names():
     assert set(seed + new) <= options
 
 
-def test_training_run_writes_tensorboard_summary_checkpoints_and_log(tmp_path):
-    result = run("-c", "-l", "-ne", "2", "-lls", "1", "-lce", "1", "-m", "tiny run", *TINY, cwd=tmp_path)
+def test_training_run_writes_tensorboard_summary_checkpoints_and_log(tmp_path, run_main, tiny_shapes):
+    result = run_main("-c", "-l", "-ne", "2", "-lls", "1", "-lce", "1", "-m", "tiny run", *tiny_shapes, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -81,19 +86,49 @@ def test_training_run_writes_tensorboard_summary_checkpoints_and_log(tmp_path):
 
     # A second identical run gets its own folders and leaves the first one alone.
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
-    again = run("-c", "-ne", "1", *TINY, cwd=tmp_path)
+    again = run_main("-c", "-ne", "1", *tiny_shapes, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert len(list((tmp_path / "runs" / "Shapes").iterdir())) == 2
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
 
-def test_dry_run_writes_nothing_under_runs_or_checkpoints(tmp_path):
-    result = run("-c", "-d", "-ne", "1", *TINY, cwd=tmp_path)
+def test_tensorboard_holds_every_tag_and_checkpoints_hold_every_state(tmp_path, run_main, tiny_shapes):
+    result = run_main("-c", "-ne", "2", "-lls", "1", "-lce", "1", "-m", "hello there", *tiny_shapes, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run_dir = only(tmp_path / "runs" / "Shapes", "*")
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/lr", "train/epoch", "val/loss", "val/top1", "val/top5", "val/top1_max"):
+        assert f"Shapes/{tag}" in tags["scalars"], tag
+    assert {"Shapes/train/augmented", "Shapes/val/confusion"} <= set(tags["images"])
+    assert len(events.Images("Shapes/val/confusion")) == 2 and len(events.Images("Shapes/train/augmented")) == 1
+    assert {"config/text_summary", "message/text_summary"} <= set(tags["tensors"])
+    message = events.Tensors("message/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert message == "hello there"
+    assert "_hparams_/session_end_info" in events.PluginTagToContent("hparams")
+    assert {"hparam/best_top1", "hparam/best_top5"} <= set(tags["scalars"])
+    steps = [e.step for e in events.Scalars("Shapes/val/top1")]
+    assert steps == [3, 6]  # the training step at the end of each epoch: 120 images / 40
+    assert [e.value for e in events.Scalars("Shapes/train/epoch")] == [1, 2]
+
+    checkpoint = torch.load(only(tmp_path / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "global_step", "best_metric", "best", "best_epoch", "rng",
+            "config", "version", "classes", "top1_max", "train_images", "train_seconds"} <= set(checkpoint)  # fmt: skip
+    assert {"torch", "index", "augment"} <= set(checkpoint["rng"])
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6
+    assert checkpoint["config"] == json.loads((run_dir / "config.json").read_text())
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
+    assert checkpoint["scheduler"]["lr"] == pytest.approx(1e-4)
+
+
+def test_dry_run_writes_nothing_under_runs_or_checkpoints(tmp_path, run_main, tiny_shapes):
+    result = run_main("-c", "-d", "-ne", "1", *tiny_shapes, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "epoch 1/1" in result.stderr and "dry run" in result.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
     assert not (tmp_path / "log").exists()
-    logged = run("-c", "-d", "-l", "-ne", "1", *TINY, cwd=tmp_path)
+    logged = run_main("-c", "-d", "-l", "-ne", "1", *tiny_shapes, cwd=tmp_path)
     assert logged.returncode == 0
     assert len(list((tmp_path / "log").glob("*.log"))) == 1
     assert not (tmp_path / "runs").exists() and not (tmp_path / "checkpoints").exists()
@@ -103,8 +138,8 @@ def test_dry_run_writes_nothing_under_runs_or_checkpoints(tmp_path):
     "flags, model",
     [(["-pm", "-pt"], "PaperAlexNet"), ([], "TorchAlexNet"), (["-c", "-pm", "--no-lrn"], "CifarAlexNet")],
 )
-def test_every_model_trains_on_shapes(tmp_path, flags, model):
-    result = run(*flags, "-d", "-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "8",
+def test_every_model_trains_on_shapes(tmp_path, flags, model, run_main):
+    result = run_main(*flags, "-d", "-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "8",
                  cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"{model} on Shapes" in result.stderr and "epoch 1/1" in result.stderr
@@ -148,8 +183,8 @@ def test_bad_flag_values_are_one_sentence_and_exit_2(capsys, flags, message):
         (["--rewind"], "--rewind only applies to --resume"),
     ],
 )
-def test_bad_flag_combinations_are_one_sentence_and_exit_2(tmp_path, flags, message):
-    result = run(*flags, cwd=tmp_path)
+def test_bad_flag_combinations_are_one_sentence_and_exit_2(tmp_path, flags, message, run_main):
+    result = run_main(*flags, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -157,17 +192,17 @@ def test_bad_flag_combinations_are_one_sentence_and_exit_2(tmp_path, flags, mess
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path):
-    result = run("-c", "--device", "cuda", *TINY, cwd=tmp_path)
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path, run_main, tiny_shapes):
+    result = run_main("-c", "--device", "cuda", *tiny_shapes, cwd=tmp_path)
     assert result.returncode == 1
     assert "has no usable CUDA GPU; use --device cpu." in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_cifar_alexnet_learns_shapes(tmp_path):
+def test_cifar_alexnet_learns_shapes(tmp_path, run_main):
     """It must actually learn: six times the 10 % of chance after four short epochs (this run
     reaches 79 % on the development machine; the full-size run of the README reaches 99 %)."""
-    result = run("-c", "-ne", "4", "--shapes-train", "2500", "--shapes-test", "500", "--batch-size", "50",
+    result = run_main("-c", "-ne", "4", "--shapes-train", "2500", "--shapes-test", "500", "--batch-size", "50",
                  "--output-dir", "out", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     (summary,) = (tmp_path / "out" / "runs" / "Shapes").glob("*/summary.json")

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from main_cli import ROOT
 
 from datasets import BatchLoader, CifarPipeline, Pipeline, Split
 from network import CifarAlexNet
 from trainer import TrainConfig, TrainStep, eval_loader, evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun")
 
 # A torchrun worker that runs the real command line and then writes each rank's final weights.
@@ -211,19 +211,17 @@ def test_training_shares_cover_each_global_batch_once():
         assert [label for s in shares for label in s[i]] == order[4 * i : 4 * i + 4]
 
 
-def test_split_gpus_needs_the_paper_model(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "-c", "--split-gpus", "-d"], cwd=tmp_path,
-                            capture_output=True, text=True, check=False)  # fmt: skip
+def test_split_gpus_needs_the_paper_model(tmp_path, run_main):
+    result = run_main("-c", "--split-gpus", "-d", cwd=tmp_path)
     assert result.returncode == 2
     assert "--split-gpus splits the paper's network: add -pm (and drop -c)" in result.stderr
 
 
-def test_split_gpus_on_cpu_trains_and_saves_the_grouped_weights(tmp_path):
+def test_split_gpus_on_cpu_trains_and_saves_the_grouped_weights(tmp_path, run_main):
     from network import PaperAlexNet
 
     common = ["--shapes-train", "32", "--shapes-test", "16", "--batch-size", "16", "--device", "cpu"]
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "-pm", "--split-gpus", "-ne", "1", *common],
-                            cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)  # fmt: skip
+    result = run_main("-pm", "--split-gpus", "-ne", "1", *common, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the two towers run on cpu and cpu" in result.stderr
     (last,) = (tmp_path / "checkpoints" / "Shapes").glob("*/last.pt")
@@ -232,20 +230,19 @@ def test_split_gpus_on_cpu_trains_and_saves_the_grouped_weights(tmp_path):
     assert list(saved["model"]) == list(grouped)
     assert all(saved["model"][k].shape == v.shape for k, v in grouped.items())
     # The grouped model on one device evaluates it and finds the recorded metric.
-    evaluated = subprocess.run([sys.executable, str(ROOT / "main.py"), "--evaluate", str(last), *common],
-                               cwd=tmp_path, capture_output=True, text=True, check=False, timeout=600)  # fmt: skip
+    evaluated = run_main("--evaluate", str(last), *common, cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(evaluated.stdout)["top1"] == pytest.approx(saved["last"]["top1"])
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
-def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path):
+def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path, repo_root):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["-c", "-ne", "2", "--shapes-train", "512", "--shapes-test", "32", "--batch-size", "32", "-lls", "1",
              "--output-dir", "out", "--run-name", "ddp"]  # fmt: skip
     log = tmp_path / "log.txt"
     with log.open("w") as out:
-        job = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), *flags],
+        job = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", str(repo_root / "main.py"), *flags],
                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
         deadline = time.monotonic() + 300
         while "epoch 1/2" not in log.read_text() and time.monotonic() < deadline and job.poll() is None:
@@ -263,7 +260,7 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path):
     assert saved["epoch"] == 1
     where = f"batch {saved['partial']['batches_done']} of epoch 2" if saved["partial"] else "epoch 1"
 
-    resumed = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "main.py"), "--resume",
+    resumed = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(repo_root / "main.py"), "--resume",
                               "out/checkpoints/Shapes/ddp/last.pt"], cwd=tmp_path, env=env, capture_output=True,
                              text=True, timeout=600, check=False)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -1,8 +1,12 @@
-"""Nothing lost, nothing crashes: the bad-input catalogue, interruption, kill -9, divergence.
+"""Nothing lost, nothing crashes: the README's "When things go wrong" table as a catalogue of bad
+inputs (flags, data, checkpoints, output folders, run names), and a run that diverges.
 
 Every row of the catalogue goes through the real command line in a folder that already holds an
 earlier run, and checks the exit code, the one sentence, the absence of a traceback, and that
-the earlier run's files were not touched.
+the earlier run's files were not touched. The rows about crafted data files are in
+test_untrusted_data.py (they share its file builders); the table's rows that need more than one
+command are tested in test_signals.py (Ctrl-C / SIGTERM, stops while reading data or
+evaluating), test_checkpoints.py (a run in use by another process) and test_cli.py (CUDA).
 """
 
 from __future__ import annotations
@@ -10,20 +14,16 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import re
 import resource
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from fakedata import python2_pickle, voc_xml, write_cifar10, write_voc
-from main_cli import ROOT, TINY, Case, command, earlier_checkpoint, only, run, run_case, snapshot
+from fakedata import python2_pickle, small_voc, voc_xml, write_cifar10
+from main_cli import TINY, Case, earlier_checkpoint, only, run_case, snapshot
 
 
 def without_file_permission_override() -> list[str]:
@@ -53,9 +53,7 @@ def cifar(work: Path) -> Path:
 
 
 def voc(work: Path) -> Path:
-    annotations = {f"2010_{i:06d}": [(c, False)] for i, c in enumerate(["dog", "cat", "person", "bus"])}
-    ids = list(annotations)
-    return write_voc(work / "data" / "PascalVOC2012", annotations, {"train": ids[:2], "val": ids[2:]})
+    return small_voc(work / "data", ["dog", "cat", "person", "bus"])
 
 
 def damage_batch(work: Path, payload: Callable[[bytes], bytes]) -> None:
@@ -179,139 +177,131 @@ def test_bad_input_catalogue(tmp_path, earlier, case):
     run_case(case, tmp_path, earlier)
 
 
-def test_catalogue_is_the_readme_table():
+# ---------------------------------------------------------------------------------------------
+# The rows about runs and checkpoints: crafted checkpoints, run names, flag values
+
+
+def crafted(work: Path, name: str, change, inside_run: bool = False, light: bool = True) -> Path:
+    """A copy of the earlier run's last.pt with ``change(checkpoint)`` applied, written to
+    ``work/<name>`` (or beside last.pt in the run folder with ``inside_run``). ``light``: with a
+    one-tensor model and no optimizer state instead of 700 MB of TorchAlexNet weights, for rows
+    refused before the model is built (every field is checked before the weights are used)."""
+    last = earlier_checkpoint(work)
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    if light:
+        checkpoint["model"] = {"features.0.weight": torch.zeros(1)}
+        checkpoint["optimizer"] = {"state": {}, "param_groups": checkpoint["optimizer"]["param_groups"]}
+    change(checkpoint)
+    path = (last.parent if inside_run else work) / name
+    torch.save(checkpoint, path)
+    return path
+
+
+def set_config(**values):
+    def change(checkpoint):
+        checkpoint["config"] = {**checkpoint["config"], **values}
+
+    return change
+
+
+def older_step(checkpoint):
+    checkpoint["global_step"] -= 1
+    checkpoint["partial"] = None
+
+
+def foreign_run(work: Path, earlier: Path) -> None:
+    """Another output folder that holds a different run under the earlier run's name."""
+    name = earlier_checkpoint(work).parent.name
+    (work / "other" / "checkpoints" / "Shapes" / name).mkdir(parents=True)
+    (work / "other" / "checkpoints" / "Shapes" / name / "notes.txt").write_text("another run's files\n")
+
+
+def report_below_a_file(work: Path, earlier: Path) -> None:
+    (work / "afile").write_text("a regular file\n")
+
+
+RUN_CASES = [
+    Case("checkpoint naming a run outside its folder", ["--resume", "evil.pt"], 1,
+         r"checkpoint evil.pt cannot be used: its config's run_name '\.\./\.\./\.\./escaped' cannot be a folder name: "
+         r"it holds a path separator; it is damaged or was not written by this tool, so use another one \(best.pt or "
+         r"last.pt of the run\)\.",
+         prepare=lambda w, e: crafted(w, "evil.pt", set_config(run_name="../../../escaped"))),
+    Case("checkpoint with an unknown optimizer", ["--resume", "evil.pt"], 1,
+         r"checkpoint evil.pt cannot be used: its config's optimizer must be one of sgd, adam, got 'rmsprop'; it is "
+         r"damaged or was not written by this tool",
+         prepare=lambda w, e: crafted(w, "evil.pt", set_config(optimizer="rmsprop"))),
+    Case("checkpoint with a field out of range", ["--resume", "evil.pt"], 1,
+         r"checkpoint evil.pt cannot be used: its scheduler's patience must be at least 1, got 0; it is damaged",
+         prepare=lambda w, e: crafted(w, "evil.pt", lambda c: c["scheduler"].update(patience=0))),
+    Case("checkpoint whose optimizer state does not fit the model", ["--resume", "evil.pt", "--output-dir", "new"], 1,
+         r"the checkpoint of run .* cannot be resumed: its optimizer's exp_avg of parameter 0 does not have that "
+         r"parameter's shape; it is damaged or was not written for this model and data",
+         prepare=lambda w, e: crafted(w, "evil.pt", lambda c: c["optimizer"]["state"][0].update(
+             exp_avg=torch.zeros(3)), light=False)),
+    Case("resume into another run of the same name", ["--resume", "EARLIER", "--output-dir", "other"], 1,
+         r"--resume .*last.pt: other/checkpoints/Shapes/.* already holds a run of that name, not the one this "
+         r"checkpoint comes from; pass another --output-dir, or resume that run from its own last.pt\.",
+         prepare=foreign_run),
+    Case("resume from a checkpoint older than last.pt", ["--resume", "checkpoints/Shapes/EARLIER_RUN/older.pt"], 1,
+         r"--resume .*older.pt: the run's .*last.pt is at epoch 1 \(step 1\), past this checkpoint \(step 0\); resume "
+         r"from .*last.pt, or pass --rewind to go back \(that last.pt is then kept under another name\)\.",
+         prepare=lambda w, e: crafted(w, "older.pt", older_step, inside_run=True)),
+    Case("dry run logging under an earlier run's name", ["-d", "-l", "--run-name", "EARLIER_RUN", *TINY], 1,
+         r"--run-name .*: runs/Shapes/.* already exists; pick another name, or --resume the run from its last.pt\."),
+    Case("run name too long", ["--run-name", "x" * 300], 2,
+         r"argument --run-name: 'x{57}\.\.\.' cannot be a folder name: it is 300 bytes long, more than the 200 a name "
+         r"may have; use letters, digits, - _ \."),
+    Case("text that is not UTF-8", ["-m", "caf\udce9"], 2,
+         r"argument -m/--message: 'caf\\udce9' is not valid UTF-8 text"),
+    Case("seed out of range", ["--seed", str(2**70)], 2,
+         r"argument --seed: must be at least 0 and at most 4294967295, got 1180591620717411303424"),
+    Case("negative Shapes seed", ["--shapes-seed", "-1"], 2,
+         r"argument --shapes-seed: must be at least 0 and at most 2147483647, got -1"),
+    Case("too many Shapes images", ["--shapes-train", str(10**11)], 2,
+         r"argument --shapes-train: must be at least 1 and at most 10000000, got 100000000000"),
+    Case("Shapes count beyond memory", ["-c", "--shapes-train", "10000000", "-d"], 1,
+         r"generating 10000000 Shapes images needs about 1200.0 GB of memory and this machine has .* GB available; "
+         r"pass a smaller --shapes-train / --shapes-test\."),
+    Case("device that cannot train", ["--device", "meta", *TINY], 1,
+         r"--device 'meta' is a meta device; this tool trains on cpu, cuda or cuda:N\."),
+    Case("report folder below a file", ["report", "runs", "--out", "afile/report"], 1,
+         r"cannot create the report folder afile/report \(Not a directory\); pass another --out\.",
+         prepare=report_below_a_file),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RUN_CASES, ids=[c.name for c in RUN_CASES])
+def test_untrusted_run_catalogue(tmp_path, earlier, case):
+    run_case(case, tmp_path, earlier)
+    if case.name == "checkpoint naming a run outside its folder":
+        assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_catalogue_is_the_readme_table(repo_root):
     """Every row of the README's table is a case above, and every case a row."""
-    readme = (ROOT / "README.md").read_text()
+    readme = (repo_root / "README.md").read_text()
     table = readme[readme.index("| bad input |") :].split("\n\n")[0].splitlines()[2:]
     rows = {line.split("|")[1].strip().strip("`") for line in table}
     from test_untrusted_data import CASES as DATA_CASES
-    from test_untrusted_runs import CASES as RUN_CASES
 
     names = [c.name for c in (*CATALOGUE, *DATA_CASES, *RUN_CASES)]
     assert len(names) == len(set(names))
-    # Rows tested by their own tests: test_faults (divergence, signals in training), test_cli (CUDA),
-    # test_untrusted_runs (two processes on one run, a stop while reading data or evaluating).
+    # Rows tested by their own tests: test_faults (divergence), test_signals (signals in training, a stop
+    # while reading data or evaluating), test_cli (CUDA), test_checkpoints (two processes on one run).
     assert rows == set(names) | {"training diverges (NaN or infinite loss)", "Ctrl-C / SIGTERM",
                                  "CUDA asked for, none present", "run in use by another process",
                                  "stop while reading data or evaluating"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
-# Interruption, kill -9, exact resume, divergence
+# Divergence
 
 
-def reference(tmp_path_factory, flags: list[str]) -> dict:
-    root = tmp_path_factory.mktemp("reference")
-    result = run(*flags, cwd=root)
-    assert result.returncode == 0, result.stderr
-    return torch.load(only(root / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
-
-
-FLAGS = ["-c", "--seed", "5", "--deterministic", "-ne", "3", "--shapes-train", "200", "--shapes-test", "40",
-         "--batch-size", "20", "-lls", "1"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    return reference(tmp_path_factory, FLAGS)
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def start(flags: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command(*flags), cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-
-
-def wait_for(process: subprocess.Popen, text: str) -> str:
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"{text!r} never appeared:\n{''.join(seen)}")
-
-
-@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_where_it_stopped_and_resume_finishes_identically(tmp_path, uninterrupted, signum, code):
-    process = start(FLAGS, tmp_path)
-    wait_for(process, "epoch 1/3")
-    time.sleep(0.3)  # into epoch 2
-    process.send_signal(signum)
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == code, rest
-    assert "Traceback" not in rest
-    assert f"stopped by {signal.Signals(signum).name}" in rest and "resume with: python main.py --resume" in rest
-    last = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
-    state = torch.load(last, weights_only=True)
-    summary = json.loads(only(tmp_path / "runs" / "Shapes", "*/summary.json").read_text())
-    assert summary["status"] == "interrupted"
-    resumed = run("--resume", str(last), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    if state["partial"] is not None:  # stopped inside an epoch: it continues from that batch
-        assert f"resumed after batch {state['partial']['batches_done']} of epoch" in resumed.stderr
-    assert same_weights(torch.load(last, weights_only=True)["model"], uninterrupted["model"])
-
-
-def test_a_second_ctrl_c_while_saving_does_not_corrupt_anything(tmp_path):
-    process = start(FLAGS, tmp_path)
-    wait_for(process, "epoch 1/3")
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == 130, rest
-    assert "already stopping, the checkpoint is being saved" in rest and "Traceback" not in rest
-    last = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
-    assert torch.load(last, weights_only=True)["epoch"] >= 1
-    assert not list(last.parent.glob("*.tmp"))
-
-
-def test_kill_9_at_random_moments_never_breaks_resume(tmp_path, uninterrupted):
-    """SIGKILL (no handler can run) at several random moments; each time resume from whatever
-    last.pt exists (or start again when none does yet). The end result equals a run that was
-    never interrupted, bit for bit."""
-    rng = random.Random(2026)
-    kills = 0
-    deadline = time.monotonic() + 240
-    while True:
-        lasts = list((tmp_path / "checkpoints" / "Shapes").glob("*/last.pt"))
-        if lasts:
-            state = torch.load(lasts[0], weights_only=True)  # never half-written
-            json.loads(only(tmp_path / "runs" / "Shapes", "*/summary.json").read_text())
-            flags = ["--resume", str(lasts[0])]
-        else:
-            shutil.rmtree(tmp_path / "runs", ignore_errors=True)
-            shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
-            flags = FLAGS
-        process = start(flags, tmp_path)
-        if kills < 4 and time.monotonic() < deadline:
-            try:
-                process.wait(timeout=rng.uniform(2.0, 9.0))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                kills += 1
-            process.wait()
-            process.stderr.close()
-            continue
-        rest = process.stderr.read()
-        assert process.wait(timeout=300) == 0, rest
-        break
-    assert kills >= 1
-    state = torch.load(only(tmp_path / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
-    assert state["epoch"] == 3
-    assert same_weights(state["model"], uninterrupted["model"])
-    assert not list(tmp_path.rglob("*.tmp"))
-
-
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    assert run("-c", "-ne", "1", *TINY, cwd=tmp_path).returncode == 0
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, run_main, tiny_shapes):
+    assert run_main("-c", "-ne", "1", *tiny_shapes, cwd=tmp_path).returncode == 0
     last = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
     before = snapshot(last.parent)
-    result = run("--resume", str(last), "-ne", "3", "--lr", "1e30", cwd=tmp_path)
+    result = run_main("--resume", str(last), "-ne", "3", "--lr", "1e30", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     match = re.search(r"error: training diverged: the loss became NaN or infinite at step (\d+) \(epoch 2, learning "
                       r"rate 1.00e\+30\); (.*)last.pt from epoch 1 is kept: resume from it with a smaller learning "
@@ -324,8 +314,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert summary["status"] == "diverged" and summary["epochs"] == 1
 
 
-def test_nan_in_the_first_epoch_says_nothing_was_saved(tmp_path):
-    result = run("-c", "-ne", "1", "--lr", "1e30", *TINY, cwd=tmp_path)
+def test_nan_in_the_first_epoch_says_nothing_was_saved(tmp_path, run_main, tiny_shapes):
+    result = run_main("-c", "-ne", "1", "--lr", "1e30", *tiny_shapes, cwd=tmp_path)
     assert result.returncode == 1
     assert "at step " in result.stderr and "(epoch 1, learning rate 1.00e+30); nothing was saved: start again with " \
         "a smaller learning rate, e.g. --lr 1.0e+29." in result.stderr  # fmt: skip

@@ -62,6 +62,21 @@ def with_file(data: bytes, suffix: str, check) -> None:
         check(path)
 
 
+def file_fuzz_tests(name: str, original: bytes, suffix: str, check) -> tuple:
+    """``test_<name>_mutated`` and ``test_<name>_random``: FUZZ's budget of mutations of
+    ``original`` and of random bytes, each written to a file ending in ``suffix`` and handed to
+    ``check``."""
+    tests = []
+    for kind, strategy in (("mutated", mutated(original)), ("random", st.binary(max_size=512))):
+
+        def test(data):
+            with_file(data, suffix, check)
+
+        test.__name__ = test.__qualname__ = f"test_{name}_{kind}"  # hypothesis seeds each by its name
+        tests.append(FUZZ(given(strategy)(test)))
+    return tuple(tests)
+
+
 BATCH = python2_pickle({
     b"batch_label": b"training batch 1 of 5",
     b"labels": [3, 1, 4],
@@ -80,16 +95,7 @@ def check_batch(path: Path) -> None:
     assert all(0 <= label < 10 for label in split.labels.tolist())
 
 
-@FUZZ
-@given(mutated(BATCH))
-def test_cifar_batches_mutated(data):
-    with_file(data, "", check_batch)
-
-
-@FUZZ
-@given(st.binary(max_size=512))
-def test_cifar_batches_random(data):
-    with_file(data, "", check_batch)
+test_cifar_batches_mutated, test_cifar_batches_random = file_fuzz_tests("cifar_batches", BATCH, "", check_batch)
 
 
 @FUZZ
@@ -115,16 +121,7 @@ def check_xml(path: Path) -> None:
     assert labels.shape == (20,) and set(np.unique(labels)) <= {-1, 0, 1}
 
 
-@FUZZ
-@given(mutated(XML))
-def test_voc_xml_mutated(data):
-    with_file(data, ".xml", check_xml)
-
-
-@FUZZ
-@given(st.binary(max_size=512))
-def test_voc_xml_random(data):
-    with_file(data, ".xml", check_xml)
+test_voc_xml_mutated, test_voc_xml_random = file_fuzz_tests("voc_xml", XML, ".xml", check_xml)
 
 
 def small_jpeg() -> bytes:
@@ -165,16 +162,8 @@ def check_checkpoint(path: Path) -> None:
     assert isinstance(checkpoint, dict) and isinstance(checkpoint["config"], dict)
 
 
-@FUZZ
-@given(mutated(small_checkpoint()))
-def test_checkpoint_mutated(data):
-    with_file(data, ".pt", check_checkpoint)
-
-
-@FUZZ
-@given(st.binary(max_size=512))
-def test_checkpoint_random(data):
-    with_file(data, ".pt", check_checkpoint)
+test_checkpoint_mutated, test_checkpoint_random = file_fuzz_tests("checkpoint", small_checkpoint(), ".pt",
+                                                                  check_checkpoint)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

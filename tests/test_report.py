@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from main_cli import ROOT
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
@@ -25,7 +26,6 @@ from experiments.report import COLUMNS, find_runs, read_curves, write_report
 from experiments.runner import plan, run_state, write_manifest
 from main import get_args_parser
 
-REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -206,8 +206,8 @@ def test_plan_skips_resumes_and_starts(tmp_path: Path) -> None:
     assert run_state(interrupted)[0] == "failed"
 
 
-def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "experiments", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, check=False, env=env, timeout=300)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from main_cli import ROOT, TINY, only, run
+from main_cli import only
 
 from datasets import DataSet, Split
 from experiments.report import read_curves
@@ -33,8 +33,8 @@ def metrics_of(root: Path) -> list[dict]:
     return read_metrics(only(root / "runs" / "Shapes", "*/metrics.jsonl"))
 
 
-def test_metrics_jsonl_has_every_scalar_of_every_epoch_and_is_cut_back_on_resume(tmp_path):
-    assert run("-c", "-ne", "2", *TINY, cwd=tmp_path).returncode == 0
+def test_metrics_jsonl_has_every_scalar_of_every_epoch_and_is_cut_back_on_resume(tmp_path, run_main, tiny_shapes):
+    assert run_main("-c", "-ne", "2", *tiny_shapes, cwd=tmp_path).returncode == 0
     rows = metrics_of(tmp_path)
     assert [row["train/epoch"] for row in rows] == [1, 2] and set(rows[0]) == EPOCH_SCALARS
     assert [row["step"] for row in rows] == [3, 6]  # 120 images in batches of 40
@@ -45,17 +45,17 @@ def test_metrics_jsonl_has_every_scalar_of_every_epoch_and_is_cut_back_on_resume
     with open(path, "a") as f:
         f.write(json.dumps({**rows[-1], "step": 9, "train/epoch": 3}) + "\n" + '{"step": 1')
     last = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
-    assert run("--resume", str(last), "-ne", "3", cwd=tmp_path).returncode == 0
+    assert run_main("--resume", str(last), "-ne", "3", cwd=tmp_path).returncode == 0
     resumed = metrics_of(tmp_path)
     assert [row["train/epoch"] for row in resumed] == [1, 2, 3] and resumed[:2] == rows
     assert read_curves(path.parent, "Shapes")["top1"] == {row["train/epoch"]: row["val/top1"] for row in resumed}
 
 
 @pytest.fixture(scope="module")
-def run_of_version_0_1(tmp_path_factory) -> Path:
+def run_of_version_0_1(tmp_path_factory, repo_root, tiny_shapes) -> Path:
     """A folder with a finished run written by version 0.1's own code (from git history)."""
     has_commit = shutil.which("git") and subprocess.run(
-        ["git", "-C", str(ROOT), "cat-file", "-e", f"{VERSION_0_1}^{{commit}}"], capture_output=True, check=False
+        ["git", "-C", str(repo_root), "cat-file", "-e", f"{VERSION_0_1}^{{commit}}"], capture_output=True, check=False
     ).returncode == 0  # fmt: skip
     if not has_commit:
         pytest.skip("version 0.1 is not in this checkout's git history")
@@ -63,25 +63,25 @@ def run_of_version_0_1(tmp_path_factory) -> Path:
     code, work = root / "code", root / "work"
     code.mkdir()
     work.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", VERSION_0_1], capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", str(repo_root), "archive", VERSION_0_1], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
-    flags = ["-c", "-ne", "1", "--seed", "4", *TINY]
+    flags = ["-c", "-ne", "1", "--seed", "4", *tiny_shapes]
     result = subprocess.run([sys.executable, str(code / "main.py"), *flags], cwd=work, capture_output=True, text=True,
                             timeout=600, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return work
 
 
-def test_a_checkpoint_of_version_0_1_evaluates_and_resumes(run_of_version_0_1, tmp_path):
+def test_a_checkpoint_of_version_0_1_evaluates_and_resumes(run_of_version_0_1, tmp_path, run_main):
     work = tmp_path / "work"
     shutil.copytree(run_of_version_0_1, work, copy_function=os.link)
     last = only(work / "checkpoints" / "Shapes", "*/last.pt")
     old = torch.load(last, weights_only=True)
     assert old["version"].startswith("0.1.") and "format" not in old
-    evaluated = run("--evaluate", str(last), cwd=work)
+    evaluated = run_main("--evaluate", str(last), cwd=work)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["top1"] == old["last"]["top1"]  # same weights, same data, same numbers
-    resumed = run("--resume", str(last), "-ne", "2", cwd=work)
+    resumed = run_main("--resume", str(last), "-ne", "2", cwd=work)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after epoch 1 (step 3)" in resumed.stderr
     new = torch.load(last, weights_only=True)

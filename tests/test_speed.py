@@ -27,8 +27,6 @@ from trainer import (
     prepare_model,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # Documented bound: over the first steps of training, a bf16-autocast loss stays within 2 % of
 # the fp32 loss (bf16 keeps 8 significant bits, ~0.4 % per rounding; the errors average out over
 # the sums of a convolution). fp16 keeps 11 bits: 0.5 %.
@@ -161,11 +159,11 @@ def test_checkpoint_of_a_compiled_model_has_plain_keys():
     assert list(unwrap(wrapped).state_dict()) == list(copy.deepcopy(model).state_dict())
 
 
-def test_benchmark_quick_writes_every_key(tmp_path):
+def test_benchmark_quick_writes_every_key(tmp_path, repo_root):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/speed.py", "--quick", "--json", str(out)],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        check=False, cwd=repo_root, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())

@@ -1,18 +1,21 @@
-"""The trainer: the paper's update rule, plateau decay and stopping, checkpoints, resume,
---evaluate, and the TensorBoard record."""
+"""The trainer in process: the paper's update rule, plateau decay, warm start and stopping (on
+scripted curves, alone and inside a Trainer), the confusion figure, run names, unwrapping
+compiled and DDP models, and the TensorBoard tag filters.
 
-import json
-from pathlib import Path
+Checkpoints, resume and --evaluate are in test_checkpoints.py; the TensorBoard record of a real
+run in test_cli.py."""
+
+import re
 
 import pytest
 import torch
-from main_cli import TINY, only, run
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 import trainer as trainer_module
 from datasets import DataOptions, load_dataset
 from network import CifarAlexNet
-from trainer import EvalResult, PaperSGD, PlateauSchedule, TrainConfig, Trainer, confusion_figure
+from trainer import EvalResult, PaperSGD, PlateauSchedule, TrainConfig, Trainer, confusion_figure, unwrap
+from training.outputs import new_run_name, taken
 
 # ---------------------------------------------------------------------------------------------
 # The paper's update rule
@@ -168,169 +171,37 @@ def test_confusion_figure_is_labelled_up_to_20_classes_and_a_heat_map_beyond(cla
 
 
 # ---------------------------------------------------------------------------------------------
-# Through the command line: TensorBoard, checkpoints, resume, --evaluate
+# Run names, wrapped models and TensorBoard tags
 
 
-def test_tensorboard_holds_every_tag_and_checkpoints_hold_every_state(tmp_path):
-    result = run("-c", "-ne", "2", "-lls", "1", "-lce", "1", "-m", "hello there", *TINY, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    run_dir = only(tmp_path / "runs" / "Shapes", "*")
-    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
-    events.Reload()
-    tags = events.Tags()
-    for tag in ("train/loss", "train/lr", "train/epoch", "val/loss", "val/top1", "val/top5", "val/top1_max"):
-        assert f"Shapes/{tag}" in tags["scalars"], tag
-    assert {"Shapes/train/augmented", "Shapes/val/confusion"} <= set(tags["images"])
-    assert len(events.Images("Shapes/val/confusion")) == 2 and len(events.Images("Shapes/train/augmented")) == 1
-    assert {"config/text_summary", "message/text_summary"} <= set(tags["tensors"])
-    message = events.Tensors("message/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert message == "hello there"
-    assert "_hparams_/session_end_info" in events.PluginTagToContent("hparams")
-    assert {"hparam/best_top1", "hparam/best_top5"} <= set(tags["scalars"])
-    steps = [e.step for e in events.Scalars("Shapes/val/top1")]
-    assert steps == [3, 6]  # the training step at the end of each epoch: 120 images / 40
-    assert [e.value for e in events.Scalars("Shapes/train/epoch")] == [1, 2]
-
-    checkpoint = torch.load(only(tmp_path / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "global_step", "best_metric", "best", "best_epoch", "rng",
-            "config", "version", "classes", "top1_max", "train_images", "train_seconds"} <= set(checkpoint)  # fmt: skip
-    assert {"torch", "index", "augment"} <= set(checkpoint["rng"])
-    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6
-    assert checkpoint["config"] == json.loads((run_dir / "config.json").read_text())
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in checkpoint["model"])
-    assert checkpoint["scheduler"]["lr"] == pytest.approx(1e-4)
+def test_a_new_run_name_is_free_under_runs_checkpoints_and_log(tmp_path):
+    config = TrainConfig(dataset="Shapes", model="CifarAlexNet", setup="modern")
+    first = new_run_name(tmp_path, config)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_Shapes_CifarAlexNet_modern", first)
+    (tmp_path / "runs" / "Shapes" / first).mkdir(parents=True)
+    second = new_run_name(tmp_path, config)
+    assert second.startswith(first) and second != first
+    (tmp_path / "log").mkdir()
+    (tmp_path / "log" / f"{second}.log").write_text("a dry run's log\n")  # a log alone takes the name too
+    third = new_run_name(tmp_path, config)
+    assert third not in (first, second) and taken(tmp_path, "Shapes", third) is None
 
 
-def final_weights(root: Path) -> dict:
-    return torch.load(only(root / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)["model"]
+def test_unwrap_strips_compile_and_ddp_wrappers():
+    model = nn.Linear(2, 2)
 
+    class FakeDDP(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    whole.mkdir()
-    split.mkdir()
-    flags = ["-c", "--seed", "3", "--deterministic", "-lls", "1", *TINY]
-    assert run(*flags, "-ne", "3", cwd=whole).returncode == 0
-    first = run(*flags, "-ne", "2", cwd=split)
-    assert first.returncode == 0, first.stderr
-    last = only(split / "checkpoints" / "Shapes", "*/last.pt")
-    second = run("--resume", str(last), "-ne", "3", cwd=tmp_path)  # from elsewhere: folders come from the path
-    assert second.returncode == 0, second.stderr
-    assert "resumed after epoch 2 (step 6)" in second.stderr
-
-    a = json.loads(only(whole / "runs" / "Shapes", "*/summary.json").read_text())
-    b = json.loads(only(split / "runs" / "Shapes", "*/summary.json").read_text())
-    for key in ("final_top1", "final_top5", "best_top1", "best_epoch", "epochs", "steps", "final_lr"):
-        assert a[key] == b[key], key
-    wa, wb = final_weights(whole), final_weights(split)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert len(list((split / "runs" / "Shapes").iterdir())) == 1  # the same run folder
-
-    events = EventAccumulator(str(only(split / "runs" / "Shapes", "*")))
-    events.Reload()
-    assert [e.step for e in events.Scalars("Shapes/val/top1")] == [3, 6, 9]
-    assert len(events.Scalars("Shapes/train/loss")) == 9
-
-
-def test_evaluate_reproduces_the_recorded_metric(tmp_path):
-    assert run("-c", "-ne", "2", *TINY, cwd=tmp_path).returncode == 0
-    best = only(tmp_path / "checkpoints" / "Shapes", "*/best.pt")
-    recorded = torch.load(best, weights_only=True)
-    result = run("--evaluate", str(best), cwd=tmp_path / "checkpoints")  # data are regenerated: Shapes
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads(result.stdout)
-    assert metrics["top1"] == recorded["best"]["top1"] and metrics["loss"] == recorded["best"]["loss"]
-    assert metrics["count"] == 40
-    assert not (tmp_path / "checkpoints" / "runs").exists()  # evaluation writes nothing
-
-
-def test_evaluate_uses_ten_crops_for_a_paper_setup_run(tmp_path):
-    flags = ["-pm", "-pt", "-ne", "1", "--shapes-train", "8", "--shapes-test", "4", "--batch-size", "4"]
-    assert run(*flags, cwd=tmp_path).returncode == 0
-    best = only(tmp_path / "checkpoints" / "Shapes", "*/best.pt")
-    result = run("--evaluate", str(best), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "(10-crop)" in result.stderr
-    assert json.loads(result.stdout)["top1"] == torch.load(best, weights_only=True)["best"]["top1"]
-
-
-@pytest.fixture(scope="module")
-def shapes_checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ckpt")
-    assert run("-c", "-ne", "1", *TINY, cwd=root).returncode == 0
-    return only(root / "checkpoints" / "Shapes", "*/last.pt")
-
-
-def write_bad(kind: str, path: Path, good: Path) -> None:
-    if kind == "truncated":
-        path.write_bytes(good.read_bytes()[:1000])
-    elif kind == "random bytes":
-        path.write_bytes(bytes(range(256)) * 10)
-    elif kind == "not a dict":
-        torch.save([1, 2, 3], path)
-    elif kind == "foreign pickle":
-        torch.save({"model": {}, "config": Path("x"), "epoch": 1, "classes": []}, path)
-    elif kind == "no config":
-        torch.save({"model": {}, "epoch": 1}, path)
-
-
-@pytest.mark.parametrize(
-    "kind, message",
-    [
-        ("missing", r"checkpoint .*nowhere.pt does not exist; pass the path of a last.pt or best.pt\."),
-        ("truncated", r"checkpoint .*bad.pt cannot be loaded \(.*\); it is damaged or was not written by this tool"),
-        ("random bytes", r"checkpoint .*bad.pt cannot be loaded"),
-        ("not a dict", r"bad.pt is not a checkpoint written by this tool \(it lacks model, config, epoch, classes\)"),
-        ("foreign pickle", r"checkpoint .*bad.pt cannot be loaded \(.*\); it is damaged or was not written"),
-        ("no config", r"bad.pt is not a checkpoint written by this tool \(it lacks config, classes\)"),
-    ],
-)
-@pytest.mark.parametrize("mode", ["--resume", "--evaluate"])
-def test_bad_checkpoints_are_one_sentence(tmp_path, shapes_checkpoint, kind, message, mode):
-    path = tmp_path / ("nowhere.pt" if kind == "missing" else "bad.pt")
-    write_bad(kind, path, shapes_checkpoint)
-    result = run(mode, str(path), cwd=tmp_path)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    import re
-
-    assert re.search(message, result.stderr), result.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-def test_checkpoint_of_another_model_or_class_count(tmp_path, shapes_checkpoint, shared_data):
-    other_model = run("--evaluate", str(shapes_checkpoint), "-pm", cwd=tmp_path)
-    assert other_model.returncode == 1
-    assert "holds a CifarAlexNet, but this command builds a CifarAlexNet" not in other_model.stderr
-    assert "does not fit CifarAlexNet" in other_model.stderr  # the paper-width CifarAlexNet
-    classes = run("--evaluate", str(shapes_checkpoint), "-ds", "Cifar100", "--data-dir", str(shared_data), cwd=tmp_path)
-    assert classes.returncode == 1
-    assert "was trained on 10 classes (Shapes), but Cifar100 has 100; pass a checkpoint trained on Cifar100." in (
-        classes.stderr
-    )
-
-
-def test_checkpoint_of_torch_alexnet_refuses_the_cifar_model(tmp_path):
-    assert (
-        run("-ne", "1", "--shapes-train", "8", "--shapes-test", "4", "--batch-size", "8", cwd=tmp_path).returncode == 0
-    )
-    path = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
-    result = run("--evaluate", str(path), "-c", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "holds a TorchAlexNet, but this command builds a CifarAlexNet; drop the model flags" in result.stderr
-
-
-def test_resume_refuses_flags_that_change_the_run(tmp_path, shapes_checkpoint):
-    result = run("--resume", str(shapes_checkpoint), "--batch-size", "64", "-ds", "Cifar10", cwd=tmp_path)
-    assert result.returncode == 1
-    assert (
-        "fixes these settings, which the command line changes: batch_size (64; the checkpoint has 40), "
-        "dataset ('Cifar10'; the checkpoint has 'Shapes'); drop those flags." in result.stderr
-    )
+    assert unwrap(FakeDDP(model)) is model
+    compiled = torch.compile(model)
+    assert unwrap(compiled) is model
+    assert list(unwrap(compiled).state_dict()) == ["weight", "bias"]
 
 
 def test_the_seeds_tag_filters_select_our_tags():
-    import re
-
     tags = [f"{ds}/{t}" for ds in ("Cifar10", "Cifar100", "PascalVOC2012")
             for t in ("train/loss", "val/top1", "val/top5", "val/top1_max", "val/mAP")]  # fmt: skip
     assert [t for t in tags if re.search(r"PascalVOC2012/.*/.*top", t)] == [

@@ -5,23 +5,20 @@ crafted to delete, exhaust memory or read outside the data folder (issue 12, the
 in a folder holding an earlier run (``main_cli.run_case``). Where the right outcome is a run that
 succeeds with a warning, a plain command-line test checks the files and the warning. The memory
 bounds are measured in a fresh process (peak RSS before and after, under an address-space cap).
+Signals while the data are read or cached are in test_signals.py.
 """
 
 from __future__ import annotations
 
-import _thread
 import json
 import logging
 import os
 import pickle
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +30,14 @@ from fakedata import (
     codec_chain,
     memo_reuse_batch,
     python2_pickle,
+    small_voc,
     stateless_batch,
     voc_xml,
     write_cifar10,
     write_cifar100,
-    write_voc,
     zero_stride_batch,
 )
-from main_cli import ROOT, Case, command, only, run, run_case, snapshot, unchanged
+from main_cli import ROOT, VOC_DRY_RUN, Case, run_case, snapshot, unchanged
 from PIL import Image
 
 import datasets
@@ -48,7 +45,6 @@ from datasets import DataError, DataOptions, load_dataset
 
 CIFAR = ["-c", "-ds", "Cifar10", "--data-dir", "data", "-ne", "1", "-d"]
 CIFAR_HERE = ["-c", "-ds", "Cifar10", "--data-dir", ".", "-ne", "1", "-d"]
-VOC = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "-d", "--cache-dir", "cache", "--batch-size", "2"]
 OFFICIAL = r"; replace it with the file from the official archive\."
 
 
@@ -67,9 +63,7 @@ def replace_batch(work: Path, data: bytes) -> None:
 
 
 def voc(work: Path) -> Path:
-    annotations = {f"2010_{i:06d}": [(c, False)] for i, c in enumerate(["dog", "cat", "person"])}
-    ids = list(annotations)
-    return write_voc(work / "data" / "PascalVOC2012", annotations, {"train": ids[:2], "val": ids[2:]})
+    return small_voc(work / "data")
 
 
 def cifar_archive(archive: Path, extra: dict[str, str] | None = None, own: bool = True) -> None:
@@ -163,11 +157,11 @@ CASES = [
          r"bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
          prepare=lambda w, e: replace_batch(w, memo_reuse_batch(400))),
     # 3. Names from data files become paths only through utils.safe_child.
-    Case("image id leading out of the folder", VOC, 1,
+    Case("image id leading out of the folder", VOC_DRY_RUN, 1,
          r"data/PascalVOC2012/ImageSets/Main/train.txt line 2: the image id '../../../outside/x' holds a path "
          r"separator, so it cannot name a file in the VOC folder; fix the line or remove it\.",
          prepare=lambda w, e: [outside_image(w), image_list(w, ["2010_000000", "../../../outside/x"])]),
-    Case("absolute image id", VOC, 1,
+    Case("absolute image id", VOC_DRY_RUN, 1,
          r"data/PascalVOC2012/ImageSets/Main/train.txt line 1: the image id '/.*' holds a path separator, "
          r"so it cannot name a file in the VOC folder; fix the line or remove it\.",
          prepare=lambda w, e: image_list(w, [str(outside_image(w)), "2010_000000"])),
@@ -180,11 +174,11 @@ CASES = [
          r"data/cifar-10/batches.meta: class name 4 under b'label_names' \('bird'\) is the same as name 3" + OFFICIAL,
          prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
              meta_with([n.encode() for n in CIFAR10_NAMES[:3]] + [b"bird"] + [n.encode() for n in CIFAR10_NAMES[4:]]))),
-    Case("XML bomb in UTF-16", VOC, 1,
+    Case("XML bomb in UTF-16", VOC_DRY_RUN, 1,
          r"data/PascalVOC2012/Annotations/2010_000001.xml declares a DOCTYPE or entities, which VOC annotations never "
          r"do; it was not parsed\.",
          prepare=lambda w, e: (voc(w) / "Annotations/2010_000001.xml").write_bytes(BOMB.encode("utf-16"))),
-    Case("floating-point image", VOC, 1,
+    Case("floating-point image", VOC_DRY_RUN, 1,
          r"data/PascalVOC2012/JPEGImages/2010_000001.jpg holds F pixels \(32-bit integers or floating point\), which "
          r"have no fixed white level; save it as an 8-bit JPEG or PNG\.", prepare=lambda w, e: float_image(w)),
 ]  # fmt: skip
@@ -199,7 +193,7 @@ def test_untrusted_data_catalogue(tmp_path, earlier, case):
 # 1. Archives
 
 
-def test_archive_entries_beside_its_folder_are_left_out_and_nothing_is_replaced(tmp_path, earlier):
+def test_archive_entries_beside_its_folder_are_left_out_and_nothing_is_replaced(tmp_path, earlier, run_main):
     """The probe's case: ``cifar-10-python.tar.gz`` with extra ``checkpoints/`` and
     ``cifar-100-python/`` entries, unpacked with ``--data-dir .`` in a folder holding an earlier
     run and the user's own CIFAR-100: the run goes on, with a warning, and only
@@ -214,7 +208,7 @@ def test_archive_entries_beside_its_folder_are_left_out_and_nothing_is_replaced(
     })  # fmt: skip
     before = snapshot(work)
     names = {p.name for p in work.iterdir()}
-    result = run(*CIFAR_HERE, cwd=work)
+    result = run_main(*CIFAR_HERE, cwd=work)
     assert result.returncode == 0, result.stderr
     assert "cifar-10-python.tar.gz: left out 3 entries outside cifar-10-batches-py/ (an archive of CIFAR-10 may " \
         "create only that folder)" in result.stderr  # fmt: skip
@@ -459,11 +453,11 @@ def test_an_image_list_with_a_bom_and_crlf_reads_as_the_ids(tmp_path):
     assert datasets.read_image_list(path) == ["2008_000001", "2008_000002"]
 
 
-def test_a_bom_list_trains_through_the_command_line(tmp_path):
+def test_a_bom_list_trains_through_the_command_line(tmp_path, run_main):
     """Saved by a Windows editor: BOM and CRLF. The first image was reported missing before."""
     folder = voc(tmp_path)
     (folder / "ImageSets" / "Main" / "train.txt").write_bytes("2010_000000\r\n2010_000001\r\n".encode("utf-8-sig"))
-    result = run(*VOC, cwd=tmp_path)
+    result = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "2 images in train.txt, 1 in val.txt" in result.stderr
 
@@ -476,17 +470,17 @@ def voc_options(tmp_path: Path) -> DataOptions:
     return DataOptions(data_dir=tmp_path / "data", cache_dir=tmp_path / "cache")
 
 
-def test_a_zeroed_cache_is_rebuilt_through_the_command_line(tmp_path):
+def test_a_zeroed_cache_is_rebuilt_through_the_command_line(tmp_path, run_main):
     """The cache replaced by zeros of the right shape (its JPEGs untouched, so their fingerprint
     still matches): the digest recorded at build time no longer does, so it is rebuilt."""
     voc(tmp_path)
-    first = run(*VOC, cwd=tmp_path)
+    first = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     cache = tmp_path / "cache" / "train_256.npy"
     built = np.load(cache).copy()
     assert built.any()
     np.save(cache, np.zeros_like(built))
-    result = run(*VOC, cwd=tmp_path)
+    result = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "resize cache cache/train_256.npy does not match the digest recorded when it was built (it was changed " \
         "or damaged); rebuilding it" in result.stderr  # fmt: skip
@@ -654,139 +648,3 @@ def test_an_annotation_in_utf16_without_a_doctype_still_parses(tmp_path):
     path = tmp_path / "a.xml"
     path.write_bytes(voc_xml("a.jpg", 9, 9, [("dog", False)]).encode("utf-16"))
     assert datasets.parse_voc_xml(path)[datasets.VOC_CLASSES.index("dog")] == 1
-
-
-# ---------------------------------------------------------------------------------------------
-# 5. Signals while reading data
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            found += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-        except OSError:
-            pass
-    return found
-
-
-def test_sigterm_to_the_process_group_while_streaming_saves_and_stops(tmp_path):
-    """Slurm and systemd signal every process of the job: the DataLoader workers ignore SIGTERM,
-    the main process saves last.pt and stops with 143, then shuts the workers down."""
-    voc(tmp_path)
-    process = subprocess.Popen(
-        command("-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "2", "--batch-size", "1", "--loader", "stream",
-                "--workers", "2"),
-        cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
-    )  # fmt: skip
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if "augmentation:" in line:
-            break
-    deadline = time.monotonic() + 60
-    while len(children(process.pid)) < 2 and time.monotonic() < deadline:  # the epoch's workers have started
-        time.sleep(0.02)
-    workers = children(process.pid)
-    assert len(workers) >= 2, "".join(seen)
-    time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGTERM)
-    rest = process.stderr.read()
-    assert process.wait(timeout=120) == 143, rest
-    assert "Traceback" not in rest and "DataLoader worker" not in rest, rest
-    assert "stopped by SIGTERM" in rest
-    assert only(tmp_path / "checkpoints" / "PascalVOC2012", "*/last.pt").is_file()
-    deadline = time.monotonic() + 20
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived the run"
-
-
-def test_workers_ignore_both_stop_signals():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        datasets._ignore_stop_signals(0)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
-def slow_decoder(calls: list[int], seconds: float = 0.05):
-    def decode(path: Path, size: int) -> torch.Tensor:
-        calls.append(1)
-        time.sleep(seconds)
-        return torch.zeros(3, size, size, dtype=torch.uint8)
-
-    return decode
-
-
-def test_the_cache_build_stops_promptly_on_ctrl_c_and_leaves_no_file(tmp_path, monkeypatch):
-    calls: list[int] = []
-    monkeypatch.setattr("data.cache.decode_resized", slow_decoder(calls))
-    paths = [tmp_path / f"{i}.jpg" for i in range(300)]  # 300 x 50 ms on 2+ threads: seconds
-    for path in paths:
-        path.write_bytes(b"x")
-    cache = tmp_path / "cache" / "train_256.npy"
-    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
-    # jobs with SIGINT ignored, and interrupt_main then does nothing.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.3, _thread.interrupt_main)
-    start = time.monotonic()
-    timer.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            datasets.load_resize_cache(paths, cache, 16)
-    finally:
-        timer.cancel()
-        signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - start < 1.5
-    assert len(calls) < 100
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-def test_a_bad_image_stops_the_cache_build_without_decoding_the_rest(tmp_path, monkeypatch):
-    calls: list[int] = []
-    decode = slow_decoder(calls, 0.01)
-
-    def failing(path: Path, size: int) -> torch.Tensor:
-        if path.name == "5.jpg":
-            raise DataError(f"{path} cannot be decoded as a JPEG")
-        return decode(path, size)
-
-    monkeypatch.setattr("data.cache.decode_resized", failing)
-    paths = [tmp_path / f"{i}.jpg" for i in range(400)]
-    for path in paths:
-        path.write_bytes(b"x")
-    with pytest.raises(DataError, match=r"5.jpg cannot be decoded"):
-        datasets.load_resize_cache(paths, tmp_path / "cache" / "train_256.npy", 16)
-    assert len(calls) < 100
-    assert list((tmp_path / "cache").iterdir()) == []
-
-
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_two_stops_while_building_the_cache_leave_no_file(tmp_path, signum, code):
-    """Through the command line: main's handler raises inside the build, which stops, removes
-    its temporary file and exits 143 (130) without writing a cache; a second signal while it
-    unwinds is acknowledged, not a traceback."""
-    folder = voc(tmp_path)
-    ids = [f"2011_{i:06d}" for i in range(3000)]  # seconds to resize even on many cores
-    xml = voc_xml("x.jpg", 500, 375, [("dog", False)])
-    for image_id in ids:
-        os.link(folder / "JPEGImages" / "2010_000000.jpg", folder / "JPEGImages" / f"{image_id}.jpg")
-        (folder / "Annotations" / f"{image_id}.xml").write_text(xml)
-    (folder / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
-    process = subprocess.Popen(command(*VOC), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        if "building the 256x256 resize cache of 3000 images" in line:
-            break
-    time.sleep(0.2)
-    process.send_signal(signum)
-    time.sleep(0.01)
-    process.send_signal(signum)
-    rest = process.stderr.read()
-    assert process.wait(timeout=60) == code, rest
-    assert "Traceback" not in rest, rest
-    assert f"stopped by {signal.Signals(signum).name} while reading the data; nothing of this run was saved" in rest
-    assert list((tmp_path / "cache").iterdir()) == []
-    assert not (tmp_path / "checkpoints").exists()  # the run's claimed folder was empty and is gone

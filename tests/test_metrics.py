@@ -1,17 +1,15 @@
-"""Metrics, checkpoints and run bookkeeping of the trainer."""
+"""Evaluation metrics: top-1/top-5, loss and confusion counted exactly, the confusion CSV, VOC
+average precision (by hand and against VOCdevkit's algorithm), the multi-label loss, and the
+softmax averaged over test views."""
 
 import math
-import re
 
 import pytest
 import torch
 from torch import nn
 
 from datasets import BatchLoader, Pipeline, Split
-from trainer import evaluate, multilabel_loss, unwrap, voc_average_precision, write_confusion_csv
-from training.config import TrainConfig
-from training.outputs import new_run_name, taken
-from utils import atomic_torch_save, atomic_write_json
+from trainer import evaluate, multilabel_loss, voc_average_precision, write_confusion_csv
 
 
 class Identity(Pipeline):
@@ -84,57 +82,6 @@ def test_confusion_csv_is_labelled(tmp_path):
     path = tmp_path / "c.csv"
     write_confusion_csv(torch.tensor([[3, 1], [0, 4]]), ["cat", "dog"], path)
     assert path.read_text().splitlines() == ["true\\predicted,cat,dog", "cat,3,1", "dog,0,4"]
-
-
-def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
-    path = tmp_path / "ckpt" / "last.pt"
-    atomic_torch_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
-    atomic_torch_save({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)
-    loaded = torch.load(path, weights_only=True)
-    assert loaded["epoch"] == 2 and torch.equal(loaded["model"]["w"], torch.zeros(2))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
-
-    class Boom(Exception):
-        pass
-
-    class Unsaveable:
-        def __reduce__(self):
-            raise Boom
-
-    with pytest.raises(Boom):
-        atomic_torch_save({"x": Unsaveable()}, path)
-    assert torch.load(path, weights_only=True)["epoch"] == 2  # the old file survived
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]
-
-    atomic_write_json({"b": 1, "a": math.pi}, tmp_path / "s.json")
-    assert (tmp_path / "s.json").read_text().startswith('{\n  "a": 3.14159')
-
-
-def test_a_new_run_name_is_free_under_runs_checkpoints_and_log(tmp_path):
-    config = TrainConfig(dataset="Shapes", model="CifarAlexNet", setup="modern")
-    first = new_run_name(tmp_path, config)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_Shapes_CifarAlexNet_modern", first)
-    (tmp_path / "runs" / "Shapes" / first).mkdir(parents=True)
-    second = new_run_name(tmp_path, config)
-    assert second.startswith(first) and second != first
-    (tmp_path / "log").mkdir()
-    (tmp_path / "log" / f"{second}.log").write_text("a dry run's log\n")  # a log alone takes the name too
-    third = new_run_name(tmp_path, config)
-    assert third not in (first, second) and taken(tmp_path, "Shapes", third) is None
-
-
-def test_unwrap_strips_compile_and_ddp_wrappers():
-    model = nn.Linear(2, 2)
-
-    class FakeDDP(nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-    assert unwrap(FakeDDP(model)) is model
-    compiled = torch.compile(model)
-    assert unwrap(compiled) is model
-    assert list(unwrap(compiled).state_dict()) == ["weight", "bias"]
 
 
 # ---------------------------------------------------------------------------------------------

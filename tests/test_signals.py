@@ -1,0 +1,300 @@
+"""Stops: Ctrl-C and SIGTERM (once, or again while stopping) and kill -9 in every phase of a
+run: while generating or reading the data, building the VOC cache, streaming through DataLoader
+workers, training (saved where it stopped, resumed bit-identically), saving and evaluating.
+
+Signals under torchrun are in test_distributed.py.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fakedata import small_voc, voc_xml
+from main_cli import VOC_DRY_RUN, copy_run, only, snapshot, start, unchanged, wait_for
+
+import datasets
+from datasets import DataError
+
+# ---------------------------------------------------------------------------------------------
+# Training: saved where it stopped, resumed bit-identically
+
+
+def reference(tmp_path_factory, run_main, flags: list[str]) -> dict:
+    root = tmp_path_factory.mktemp("reference")
+    result = run_main(*flags, cwd=root)
+    assert result.returncode == 0, result.stderr
+    return torch.load(only(root / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
+
+
+FLAGS = ["-c", "--seed", "5", "--deterministic", "-ne", "3", "--shapes-train", "200", "--shapes-test", "40",
+         "--batch-size", "20", "-lls", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, run_main) -> dict:
+    return reference(tmp_path_factory, run_main, FLAGS)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_where_it_stopped_and_resume_finishes_identically(tmp_path, uninterrupted, signum, code, run_main):
+    process = start(FLAGS, tmp_path)
+    wait_for(process, "epoch 1/3")
+    time.sleep(0.3)  # into epoch 2
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == code, rest
+    assert "Traceback" not in rest
+    assert f"stopped by {signal.Signals(signum).name}" in rest and "resume with: python main.py --resume" in rest
+    last = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
+    state = torch.load(last, weights_only=True)
+    summary = json.loads(only(tmp_path / "runs" / "Shapes", "*/summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    resumed = run_main("--resume", str(last), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    if state["partial"] is not None:  # stopped inside an epoch: it continues from that batch
+        assert f"resumed after batch {state['partial']['batches_done']} of epoch" in resumed.stderr
+    assert same_weights(torch.load(last, weights_only=True)["model"], uninterrupted["model"])
+
+
+def test_a_second_ctrl_c_while_saving_does_not_corrupt_anything(tmp_path):
+    process = start(FLAGS, tmp_path)
+    wait_for(process, "epoch 1/3")
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 130, rest
+    assert "already stopping, the checkpoint is being saved" in rest and "Traceback" not in rest
+    last = only(tmp_path / "checkpoints" / "Shapes", "*/last.pt")
+    assert torch.load(last, weights_only=True)["epoch"] >= 1
+    assert not list(last.parent.glob("*.tmp"))
+
+
+def test_kill_9_at_random_moments_never_breaks_resume(tmp_path, uninterrupted):
+    """SIGKILL (no handler can run) at several random moments; each time resume from whatever
+    last.pt exists (or start again when none does yet). The end result equals a run that was
+    never interrupted, bit for bit."""
+    rng = random.Random(2026)
+    kills = 0
+    deadline = time.monotonic() + 240
+    while True:
+        lasts = list((tmp_path / "checkpoints" / "Shapes").glob("*/last.pt"))
+        if lasts:
+            state = torch.load(lasts[0], weights_only=True)  # never half-written
+            json.loads(only(tmp_path / "runs" / "Shapes", "*/summary.json").read_text())
+            flags = ["--resume", str(lasts[0])]
+        else:
+            shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+            shutil.rmtree(tmp_path / "checkpoints", ignore_errors=True)
+            flags = FLAGS
+        process = start(flags, tmp_path)
+        if kills < 4 and time.monotonic() < deadline:
+            try:
+                process.wait(timeout=rng.uniform(2.0, 9.0))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                kills += 1
+            process.wait()
+            process.stderr.close()
+            continue
+        rest = process.stderr.read()
+        assert process.wait(timeout=300) == 0, rest
+        break
+    assert kills >= 1
+    state = torch.load(only(tmp_path / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
+    assert state["epoch"] == 3
+    assert same_weights(state["model"], uninterrupted["model"])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating the data and evaluating
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_stop_while_generating_the_data_is_one_sentence_and_writes_nothing(tmp_path, signum, code):
+    process = start(["-c", "--shapes-train", "30000", "--run-name", "big"], tmp_path, new_session=True)
+    try:
+        wait_for(process, "generating 30000 training")
+        time.sleep(0.5)  # generating 30000 images takes seconds
+        process.send_signal(signum)
+        time.sleep(0.02)
+        process.send_signal(signum)  # a second one while unwinding is acknowledged, not a traceback
+        rest = process.stderr.read()
+        assert process.wait(timeout=120) == code, rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()
+    assert "Traceback" not in rest
+    assert f"stopped by {signal.Signals(signum).name} while reading the data; nothing of this run was saved" in rest
+    assert list(tmp_path.iterdir()) == []  # the claimed run folders were empty and are gone
+
+
+def test_a_stop_during_evaluate_is_one_sentence(tmp_path, cifar_run):
+    last = copy_run(cifar_run, tmp_path / "work")
+    before = snapshot(tmp_path / "work")
+    process = start(["--evaluate", str(last), "--shapes-test", "30000"], tmp_path / "work", new_session=True)
+    try:
+        wait_for(process, "generating")
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        rest = process.stderr.read()
+        assert process.wait(timeout=120) == 143, rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()
+    assert "Traceback" not in rest
+    assert "stopped by SIGTERM while reading the data; nothing of this run was saved" in rest
+    assert unchanged(tmp_path / "work", before) and not list((tmp_path / "work").rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the data: DataLoader workers and the VOC cache
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def test_sigterm_to_the_process_group_while_streaming_saves_and_stops(tmp_path):
+    """Slurm and systemd signal every process of the job: the DataLoader workers ignore SIGTERM,
+    the main process saves last.pt and stops with 143, then shuts the workers down."""
+    small_voc(tmp_path / "data")
+    process = start(["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "2", "--batch-size", "1", "--loader",
+                     "stream", "--workers", "2"], tmp_path, new_session=True)  # fmt: skip
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if "augmentation:" in line:
+            break
+    deadline = time.monotonic() + 60
+    while len(children(process.pid)) < 2 and time.monotonic() < deadline:  # the epoch's workers have started
+        time.sleep(0.02)
+    workers = children(process.pid)
+    assert len(workers) >= 2, "".join(seen)
+    time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 143, rest
+    assert "Traceback" not in rest and "DataLoader worker" not in rest, rest
+    assert "stopped by SIGTERM" in rest
+    assert only(tmp_path / "checkpoints" / "PascalVOC2012", "*/last.pt").is_file()
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived the run"
+
+
+def test_workers_ignore_both_stop_signals():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        datasets._ignore_stop_signals(0)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def slow_decoder(calls: list[int], seconds: float = 0.05):
+    def decode(path: Path, size: int) -> torch.Tensor:
+        calls.append(1)
+        time.sleep(seconds)
+        return torch.zeros(3, size, size, dtype=torch.uint8)
+
+    return decode
+
+
+def test_the_cache_build_stops_promptly_on_ctrl_c_and_leaves_no_file(tmp_path, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr("data.cache.decode_resized", slow_decoder(calls))
+    paths = [tmp_path / f"{i}.jpg" for i in range(300)]  # 300 x 50 ms on 2+ threads: seconds
+    for path in paths:
+        path.write_bytes(b"x")
+    cache = tmp_path / "cache" / "train_256.npy"
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
+    # jobs with SIGINT ignored, and interrupt_main then does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            datasets.load_resize_cache(paths, cache, 16)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - start < 1.5
+    assert len(calls) < 100
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_bad_image_stops_the_cache_build_without_decoding_the_rest(tmp_path, monkeypatch):
+    calls: list[int] = []
+    decode = slow_decoder(calls, 0.01)
+
+    def failing(path: Path, size: int) -> torch.Tensor:
+        if path.name == "5.jpg":
+            raise DataError(f"{path} cannot be decoded as a JPEG")
+        return decode(path, size)
+
+    monkeypatch.setattr("data.cache.decode_resized", failing)
+    paths = [tmp_path / f"{i}.jpg" for i in range(400)]
+    for path in paths:
+        path.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"5.jpg cannot be decoded"):
+        datasets.load_resize_cache(paths, tmp_path / "cache" / "train_256.npy", 16)
+    assert len(calls) < 100
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_two_stops_while_building_the_cache_leave_no_file(tmp_path, signum, code):
+    """Through the command line: main's handler raises inside the build, which stops, removes
+    its temporary file and exits 143 (130) without writing a cache; a second signal while it
+    unwinds is acknowledged, not a traceback."""
+    folder = small_voc(tmp_path / "data")
+    ids = [f"2011_{i:06d}" for i in range(3000)]  # seconds to resize even on many cores
+    xml = voc_xml("x.jpg", 500, 375, [("dog", False)])
+    for image_id in ids:
+        os.link(folder / "JPEGImages" / "2010_000000.jpg", folder / "JPEGImages" / f"{image_id}.jpg")
+        (folder / "Annotations" / f"{image_id}.xml").write_text(xml)
+    (folder / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
+    process = start(VOC_DRY_RUN, tmp_path)
+    for line in process.stderr:
+        if "building the 256x256 resize cache of 3000 images" in line:
+            break
+    time.sleep(0.2)
+    process.send_signal(signum)
+    time.sleep(0.01)
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == code, rest
+    assert "Traceback" not in rest, rest
+    assert f"stopped by {signal.Signals(signum).name} while reading the data; nothing of this run was saved" in rest
+    assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "checkpoints").exists()  # the run's claimed folder was empty and is gone
