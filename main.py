@@ -546,7 +546,7 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
         config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, device, may_change)
         if args.resume and "output_dir" not in given:
-            config.output_dir = output_dir_of(checkpoint_path, config) or config.output_dir
+            config = replace(config, output_dir=output_dir_of(checkpoint_path, config) or config.output_dir)
     if config.deterministic:
         make_deterministic()
     elif device.type == "cuda":
@@ -559,6 +559,8 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         stop.phase = "preparing the run's folders"
         resume_step = checkpoint.get("global_step", 0) if checkpoint is not None and args.resume else 0
         folders = claim_run(config, checkpoint_path if args.resume else None, resume_step, args.rewind)
+        # From here on the run's settings are fixed: name and output folder included.
+        config = replace(config, run_name=folders.name)
     try:
         return _build_and_go(args, config, checkpoint, checkpoint_path, device, folders, stop)
     except RuntimeError as error:  # under torchrun, a collective whose peer process is gone

@@ -36,6 +36,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -160,7 +161,10 @@ class Trainer:
 
         # The run's folders: named, checked and locked before anything is written (main.py
         # claims them before reading the data; a Trainer built directly claims them here).
-        self.folders = folders if folders is not None else claim_run(config)
+        if folders is None:
+            folders = claim_run(config)
+            self.config = config = replace(config, run_name=folders.name)
+        self.folders = folders
         self.checkpointer = Checkpointer(
             self.folders.ckpt_dir, self.model, self.optimizer, self.schedule, self.train_step.scaler,
             {"index": self.train_loader.index_generator, "augment": self.train_loader.generator},

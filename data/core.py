@@ -72,7 +72,7 @@ class DataSet:
 MAX_SHAPES = 10_000_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataOptions:
     """What the readers may need from the command line. ``TrainConfig`` holds these fields, so
     they are plain values a checkpoint can store: paths are text ("" for no cache folder), read

@@ -47,7 +47,8 @@ def test_what_may_change_is_read_from_the_fields_as_the_lists_had_it():
 
 
 # What the 0.1 code resolved with no flags on the CPU (``amp`` and ``channels_last`` follow the
-# CPU's bf16 support): the config it wrote, field by field.
+# CPU's bf16 support): the config it wrote, field by field, but for ``version``, which names the
+# package that resolved it (0.2.0 now).
 OLD_DEFAULT = {
     "dataset": "Shapes", "model": "TorchAlexNet", "cifar": False, "paper_model": False, "paper_train": False,
     "lrn": True, "setup": "modern", "optimizer": "adam", "paper_update": False, "lr": 1e-4, "momentum": 0.9,
@@ -57,7 +58,7 @@ OLD_DEFAULT = {
     "amp": default_amp(CPU), "channels_last": default_channels_last(CPU), "compile": False, "split_gpus": False,
     "data_dir": "dataset", "output_dir": ".", "dry_run": False, "log": False, "message": "", "coarse_labels": False,
     "cache_dir": "", "loader": "auto", "workers": 2, "shapes_train": 8000, "shapes_test": 1600, "shapes_seed": 0,
-    "run_name": "", "version": "0.1.0",
+    "run_name": "", "version": "0.2.0",
 }  # fmt: skip
 PAPER_SETUP = {"setup": "paper", "paper_train": True, "optimizer": "sgd", "paper_update": True, "lr": 0.01,
                "weight_decay": 5e-4, "n_epoch": 90, "early_stop": 0, "stop_after_last_drop": True}  # fmt: skip
@@ -158,7 +159,8 @@ def test_resume_refuses_model_flags_by_their_names():
     assert (resumed.model, resumed.n_epoch, resumed.setup) == ("PaperCifarAlexNet", 300, "modern")
 
 
-def test_a_continued_run_takes_where_and_how_it_runs_from_this_command_line():
+def test_a_continued_run_takes_where_and_how_it_runs_from_this_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a folder without "data" (the checkout has the data/ package)
     old = {**OLD_PAPER_CIFAR, "device": "cuda:1", "amp": "bf16", "channels_last": True, "output_dir": "/elsewhere",
            "cache_dir": "/their/cache", "download": True, "decode_device": "cuda:1", "code_version": "abc"}  # fmt: skip
     resumed = from_checkpoint(old, [], "--resume")

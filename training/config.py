@@ -45,7 +45,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig(DataOptions):
     """Everything that defines a run, resolved (no "use the default" placeholders left): the
     data options it reads (``DataOptions``, inherited, so they are declared once) and the rest.

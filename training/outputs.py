@@ -212,9 +212,10 @@ def make_dirs(folder: Path) -> list[Path]:
 
 def claim_run(config: TrainConfig, resume_from: Path | None = None, resume_step: int = 0,
               rewind: bool = False) -> RunFolders:  # fmt: skip
-    """Name the run (a new one) or check its folders (a resumed one), lock it, and set
-    ``config.run_name``. Under torchrun rank 0 decides and the others follow, or all stop with
-    rank 0's sentence."""
+    """Name the run (a new one) or check its folders (a resumed one) and lock it; the folders'
+    ``name`` is the run's name, which the caller puts in its config before freezing it for the
+    run. Under torchrun rank 0 decides and the others follow, or all stop with rank 0's
+    sentence."""
     rank, _ = rank_and_world()
     output = Path(config.output_dir)
     decided: tuple[str | None, str | None] = (None, None)
@@ -229,7 +230,6 @@ def claim_run(config: TrainConfig, resume_from: Path | None = None, resume_step:
         raise UserError(problem)
     if rank != 0:
         folders = RunFolders(name, *run_paths(output, config.dataset, name))
-    config.run_name = name
     return folders
 
 
