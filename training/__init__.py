@@ -1,3 +1,5 @@
-"""The parts of ``trainer.py`` that have a room of their own: the run's settings
-(``training.config``), its checkpoints (``training.checkpoint``) and its folders
-(``training.outputs``). ``trainer`` re-exports what other modules use."""
+"""The rooms behind ``trainer.py``: the loop (``loop``), what is learnt (``tasks``), the fast path
+(``fastpath``), optimisers and the schedule (``optim``, ``schedule``), checkpoints
+(``checkpoint``), what a run writes (``outputs``, ``figures``), processes and signals
+(``distributed``), and the settings (``config``, ``fields``). ``trainer`` re-exports what
+other modules use."""
