@@ -193,19 +193,10 @@ class Trainer:
             logger.info("learning rate set to %.2e for the rest of the run", config.lr)
         self.checkpointer.restore_rng(checkpoint, config.seed, self.progress.epoch)
 
-    def _first_images(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``count`` training images, augmented with a generator of their own (the
-        training streams stay the same with or without them), and their labels."""
-        split = self.train_loader.split
-        count = min(count, len(split))
-        generator = torch.Generator(self.device).manual_seed(self.config.seed + seed)
-        images = self.pipeline.train(split.images[:count].to(self.device), generator)
-        return images, split.labels[:count].to(self.device)
-
     def _warm_up(self, model: nn.Module) -> None:
         """A training step's forward and backward on one full batch (no update): compiles
         ``model`` before the first real step."""
-        images, labels = self._first_images(self.config.batch_size, 2)
+        images, labels = self.train_loader.first(self.config.batch_size, self.config.seed + 2)
         model.train()
         training_loss(model, self.task.loss, images, labels, self.config.amp, self.config.channels_last).backward()
 
@@ -224,7 +215,7 @@ class Trainer:
         config, p = self.config, self.progress
         try:
             with self.stop:
-                self.outputs.open(lambda: self._first_images(64, 1)[0])
+                self.outputs.open(lambda: self.train_loader.first(64, config.seed + 1)[0])
                 self.outputs.start(config.model + (" split over two devices" if config.split_gpus else ""),
                                    len(self.train_loader.split), len(self.eval_loader.split),
                                    config.lr * config.warm_start, self.device, self.pipeline.describe(),

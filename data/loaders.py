@@ -116,6 +116,15 @@ class BatchLoader:
         n = len(self.split)
         return torch.randperm(n, generator=self.index_generator) if self.train else torch.arange(n)
 
+    def first(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's first ``count`` images through the training augmentation, drawn with a
+        generator of their own seeded with ``seed`` (the loader's streams are left alone), and
+        their labels: a picture for TensorBoard, or a batch to compile the model with."""
+        count = min(count, len(self.split))
+        generator = torch.Generator(self.device).manual_seed(seed)
+        images = self.pipeline.train(self.split.images[:count].to(self.device), generator)
+        return images, self.split.labels[:count].to(self.device)
+
     def iterate(self, order: torch.Tensor | None = None, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass, like ``iter(loader)``; with ``order`` and ``skip`` it replays an interrupted
         epoch: the same image order, starting after its first ``skip`` batches."""
