@@ -592,7 +592,7 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
         data = load_dataset(config.dataset, config)  # the config holds the data options
     stop.phase = "building the model"
     torch.manual_seed(config.seed)
-    model = make_model(config.model, data.num_classes, lrn=config.lrn)
+    model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     if checkpoint is not None:
         load_weights(checkpoint, checkpoint_path, model, data.num_classes, data.name)
     if config.split_gpus:

@@ -7,8 +7,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import main
+from network import (
+    CifarAlexNet,
+    PaperAlexNet,
+    PaperLRN,
+    ReleaseDropout,
+    SameMapNorm,
+    SplitPaperAlexNet,
+    make_model,
+)
 from training.config import TrainConfig, may_change
 
 CPU = torch.device("cpu")
@@ -57,3 +68,138 @@ def test_resume_refuses_another_fidelity():
     resumed = main.config_from_checkpoint(checkpoint, "last.pt", args, main.explicit_flags(["-pm", "-pt"]), CPU,
                                           main.RESUME_MAY_CHANGE)  # fmt: skip
     assert resumed.fidelity == "text"
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+
+
+def lrn_by_hand(a: torch.Tensor, alpha_on_sum: float) -> torch.Tensor:
+    """b[i] = a[i] / (2 + alpha_on_sum * sum_{j=max(0,i-2)}^{min(N-1,i+2)} a[j]^2)^0.75, looped."""
+    out = torch.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        s = sum(a[:, j] ** 2 for j in range(max(0, i - 2), min(channels - 1, i + 2) + 1))
+        out[:, i] = a[:, i] / (2 + alpha_on_sum * s) ** 0.75
+    return out
+
+
+def test_lrn_of_both_fidelities_against_the_formula():
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(2, 12, 4, 4, dtype=torch.float64) * 300)
+    # code: the release's parser divides scale 0.0001 by size 5 (layer.py:1183): 2e-5 on the sum.
+    code = PaperLRN(summed=False)(a)
+    torch.testing.assert_close(code, lrn_by_hand(a, 2e-5), rtol=1e-12, atol=0)
+    torch.testing.assert_close(code, nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(a), rtol=1e-12, atol=0)
+    torch.testing.assert_close(PaperLRN(summed=True)(a), lrn_by_hand(a, 1e-4), rtol=1e-12, atol=0)
+    lrns = [m for m in PaperAlexNet(10, fidelity="code").modules() if isinstance(m, PaperLRN)]
+    assert [(m.size, m.paper_alpha, m.alpha, m.beta, m.k, m.groups) for m in lrns] == [
+        (5, 1e-4, 1e-4, 0.75, 2.0, 2)
+    ] * 2
+    lrns = [m for m in PaperAlexNet(10, fidelity="text").modules() if isinstance(m, PaperLRN)]
+    assert [(m.size, m.alpha, m.summed) for m in lrns] == [(5, 5e-4, True)] * 2
+
+
+def same_map_by_hand(a: torch.Tensor, size: int, scale: float, power: float, min_div: float) -> torch.Tensor:
+    """The release's rnorm kernel as loops: the window starts size//2 before the pixel, is
+    clipped to the map, and the sum is scaled by scale / size**2."""
+    n, c, h, w = a.shape
+    out = torch.empty_like(a)
+    for y in range(h):
+        for x in range(w):
+            y0, x0 = y - size // 2, x - size // 2
+            total = torch.zeros(n, c, dtype=a.dtype)
+            for yy in range(max(0, y0), min(h, y0 + size)):
+                for xx in range(max(0, x0), min(w, x0 + size)):
+                    total += a[:, :, yy, xx] ** 2
+            out[:, :, y, x] = a[:, :, y, x] / (min_div + scale / size**2 * total) ** power
+    return out
+
+
+@pytest.mark.parametrize("size", [5, 4])
+def test_cnorm2_against_the_kernel_written_as_loops(size):
+    torch.manual_seed(1)
+    a = torch.randn(2, 3, 7, 6, dtype=torch.float64) * 40
+    expected = same_map_by_hand(a, size, 0.001, 0.75, 1.0)
+    torch.testing.assert_close(SameMapNorm(size)(a), expected, rtol=1e-12, atol=0)
+    # The corner pixel sees the 3x3 (size 5) in-map part of its window, over 25 all the same.
+    if size == 5:
+        corner = a[:, :, 0, 0] / (1 + 0.001 / 25 * a[:, :, :3, :3].square().sum((2, 3))) ** 0.75
+        torch.testing.assert_close(SameMapNorm()(a)[:, :, 0, 0], corner, rtol=1e-12, atol=0)
+
+
+def test_code_network_order_and_cnorm2_sit_where_the_release_has_them():
+    kinds = [type(m).__name__ for m in PaperAlexNet(10, fidelity="code").features]
+    assert kinds == ["CeilConv2d", "PaperLRN", "MaxPool2d", "ReLU",  # L:9-63
+                     "Conv2d", "ReLU", "Sequential", "MaxPool2d",  # L:65-131
+                     "Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d"]  # fmt: skip
+    norm2 = PaperAlexNet(10, fidelity="code").features[6]
+    assert [type(m).__name__ for m in norm2] == ["PaperLRN", "SameMapNorm"]
+    assert (norm2[1].size, norm2[1].scale, norm2[1].power, norm2[1].min_div) == (5, 0.001, 0.75, 1.0)  # P:157-163
+    code, text = PaperAlexNet(1000, fidelity="code"), PaperAlexNet(1000, fidelity="text")
+    assert code.state_dict().keys() == text.state_dict().keys()
+    assert sum(p.numel() for p in code.parameters()) == 60_965_224
+    text.load_state_dict(code.state_dict())
+    assert [type(m).__name__ for m in PaperAlexNet(10, lrn=False, fidelity="code").features][1] == "Identity"
+
+
+def test_code_conv1_is_the_ceil_rule_padding_on_the_right_and_bottom():
+    torch.manual_seed(2)
+    conv = PaperAlexNet(10, fidelity="code").features[0]
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((11, 11), (4, 4), (0, 0))  # L:9-33
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    conv = conv.double()
+    with torch.no_grad():
+        out = conv(x)
+        assert out.shape[-2:] == (55, 55)
+        torch.testing.assert_close(out, F.conv2d(F.pad(x, (0, 3, 0, 3)), conv.weight, conv.bias, stride=4))
+        # 227 needs no extra pixels.
+        assert PaperAlexNet(10, input_size=227, fidelity="code").features[0](torch.randn(1, 3, 227, 227)).shape[
+            -2:
+        ] == (55, 55)
+    assert PaperAlexNet(10, fidelity="text").features[0].padding == (2, 2)
+
+
+@pytest.mark.parametrize("model_fn", [lambda: PaperAlexNet(1000, fidelity="code"),
+                                      lambda: CifarAlexNet(10, paper=True, fidelity="code")])  # fmt: skip
+def test_code_initialisation_is_0_03_on_conv3_to_5(model_fn):
+    torch.manual_seed(0)
+    model = model_fn()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    stds = [0.01, 0.01, 0.03, 0.03, 0.03, 0.01, 0.01, 0.01]  # L:17, 73, 143, 172, 200, 242, 270, 298
+    for layer, std in zip(layers, stds, strict=True):
+        assert layer.weight.detach().double().std().item() == pytest.approx(std, rel=0.05), layer
+    ones = [layer.bias.detach().eq(1).all().item() for layer in layers]
+    assert ones == [False, True, False, True, True, True, True, False]  # L:74, 173, 201, 243, 271
+
+
+def test_code_dropout_trains_unscaled_and_halves_at_test():
+    torch.manual_seed(3)
+    dropout = PaperAlexNet(10, fidelity="code").classifier[2]
+    assert isinstance(dropout, ReleaseDropout) and dropout.p == 0.5  # L:256-291, keep=0.5
+    x = torch.rand(64, 4096) + 0.5
+    y = dropout.train()(x)
+    kept = y != 0
+    assert torch.equal(y[kept], x[kept])  # unscaled
+    assert 0.45 < kept.float().mean().item() < 0.55
+    assert torch.equal(dropout.eval()(x), x * 0.5)
+    text = PaperAlexNet(10, fidelity="text").classifier[2]
+    assert type(text) is nn.Dropout and torch.equal(text.eval()(x), x)
+
+
+def test_grouped_and_split_agree_in_code_mode():
+    torch.manual_seed(4)
+    grouped = PaperAlexNet(10, fidelity="code").eval()
+    split = SplitPaperAlexNet(grouped, ("cpu", "cpu")).eval()
+    assert split.to_grouped().fidelity == "code"
+    assert sum(isinstance(m, SameMapNorm) for m in split.modules()) == 2
+    x = torch.randn(2, 3, 224, 224) * 60
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), grouped(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_registry_passes_the_fidelity():
+    assert make_model("PaperAlexNet", 10, fidelity="text").fidelity == "text"
+    assert make_model("PaperAlexNet", 10).fidelity == "code"
+    lrn = next(m for m in make_model("PaperCifarAlexNet", 10, fidelity="code").modules() if isinstance(m, PaperLRN))
+    assert not lrn.summed
