@@ -71,7 +71,7 @@ from training.fastpath import (  # noqa: F401 (re-exported)
 )
 from training.figures import confusion_figure, image_grid, write_confusion_csv  # noqa: F401 (re-exported)
 from training.loop import LossNotFinite, evaluate, train_one_epoch
-from training.optim import PaperSGD, build_optimizer  # noqa: F401 (re-exported)
+from training.optim import PaperSGD, build_optimizer, set_lr  # noqa: F401 (re-exported)
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
 from training.schedule import PlateauSchedule
 from training.tasks import (  # noqa: F401 (re-exported)
@@ -210,8 +210,7 @@ class Trainer:
         training_loss(model, self.task.loss, images, labels, self.config.amp, self.config.channels_last).backward()
 
     def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)  # groups with a fixed rate (the release's biases) keep theirs
 
     # ----------------------------------------------------------------------------------------
 

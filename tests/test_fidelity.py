@@ -20,7 +20,9 @@ from network import (
     SplitPaperAlexNet,
     make_model,
 )
-from training.config import TrainConfig, may_change
+from training.checkpoint import check_optimizer_state
+from training.config import TrainConfig, may_change, resolve
+from training.optim import build_optimizer, set_lr
 
 CPU = torch.device("cpu")
 
@@ -203,3 +205,74 @@ def test_the_registry_passes_the_fidelity():
     assert make_model("PaperAlexNet", 10).fidelity == "code"
     lrn = next(m for m in make_model("PaperCifarAlexNet", 10, fidelity="code").modules() if isinstance(m, PaperLRN))
     assert not lrn.summed
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimiser
+
+
+def release_sgd(fidelity: str, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return build_optimizer(params, resolve("paper", {"fidelity": fidelity}))
+
+
+def test_code_biases_keep_rate_0_02_without_decay_across_a_weight_rate_drop():
+    w = torch.nn.Parameter(torch.full((1, 1), 2.0, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.full((1,), 2.0, dtype=torch.float64))
+    optimizer = release_sgd("code", [w, b])
+    assert [(len(g["params"]), g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [
+        (1, 0.01, 0.9, 0.0005), (1, 0.02, 0.9, 0.0)]  # fmt: skip
+    rates = [0.01, 0.01, 0.01, 0.001, 0.001]  # the schedule drops the weights' rate after 3 steps
+    vw = vb = 0.0
+    ww = wb = 2.0
+    for step, lr in enumerate(rates):
+        set_lr(optimizer, lr)
+        w.grad, b.grad = torch.full_like(w, 0.5), torch.full_like(b, 0.5)
+        optimizer.step()
+        vw = 0.9 * vw - 0.0005 * lr * ww - lr * 0.5  # weights: the paper's rule at the current rate
+        vb = 0.9 * vb - 0.02 * 0.5  # biases: no decay, 0.02 throughout
+        ww, wb = ww + vw, wb + vb
+        assert w.item() == pytest.approx(ww, rel=1e-12), step
+        assert b.item() == pytest.approx(wb, rel=1e-12), step
+    assert optimizer.param_groups[1]["lr"] == 0.02
+    # The first step, by hand: 2 - 0.01 * (0.5 + 0.0005 * 2) and 2 - 0.02 * 0.5.
+    first = release_sgd(
+        "code", [torch.nn.Parameter(torch.full((1, 1), 2.0)), torch.nn.Parameter(torch.full((1,), 2.0))]
+    )
+    for p in (q for g in first.param_groups for q in g["params"]):
+        p.grad = torch.full_like(p, 0.5)
+    first.step()
+    assert [g["params"][0].item() for g in first.param_groups] == pytest.approx([1.99499, 1.99], rel=1e-6)
+
+
+def test_text_keeps_one_group_with_decay_on_everything():
+    w, b = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    optimizer = release_sgd("text", [w, b])
+    assert len(optimizer.param_groups) == 1 and "fixed_lr" not in optimizer.param_groups[0]
+    set_lr(optimizer, 0.001)
+    assert optimizer.param_groups[0]["lr"] == 0.001
+
+
+@pytest.mark.parametrize("fidelity", ["code", "text"])
+def test_a_saved_optimizer_state_fits_the_one_built_again(fidelity):
+    model = make_model("PaperCifarAlexNet", 10, fidelity=fidelity)
+    optimizer = release_sgd(fidelity, list(model.parameters()))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    assert check_optimizer_state(saved, release_sgd(fidelity, list(model.parameters()))) is None
+    other = "text" if fidelity == "code" else "code"
+    assert check_optimizer_state(saved, release_sgd(other, list(model.parameters()))) is not None
+
+
+def test_a_code_mode_run_resumes(tmp_path, run_main):
+    flags = ["-c", "-pm", "-pt", "--shapes-train", "64", "--shapes-test", "32", "--batch-size", "32"]
+    first = run_main(*flags, "-ne", "1", "--run-name", "code", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    last = tmp_path / "checkpoints" / "Shapes" / "code" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["config"]["fidelity"] == "code"
+    assert [g["lr"] for g in checkpoint["optimizer"]["param_groups"]] == [0.01, 0.02]
+    resumed = run_main("--resume", str(last), "-ne", "2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(last, weights_only=True)["epoch"] == 2
