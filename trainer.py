@@ -105,7 +105,7 @@ def evaluate_checkpoint(config: TrainConfig, model: nn.Module, data: DataSet, de
     rank, world = rank_and_world()
     loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
-                           seed=config.seed, rank=rank, world=world)  # fmt: skip
+                           seed=config.seed, rank=rank, world=world, fidelity=config.fidelity)  # fmt: skip
     return evaluate(model, loaders.eval, data.num_classes, task_for(data).multilabel, config.amp, config.channels_last)
 
 
@@ -136,7 +136,7 @@ class Trainer:
         loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device,
                                batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                                loader=config.loader, workers=config.workers, seed=config.seed, rank=self.rank,
-                               world=self.world)  # fmt: skip
+                               world=self.world, fidelity=config.fidelity)  # fmt: skip
         if self.world > 1:
             torch.manual_seed(config.seed + self.rank)
         self.train_loader, self.eval_loader, self.pipeline = loaders.train, loaders.eval, loaders.pipeline

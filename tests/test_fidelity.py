@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import main
+from data.transforms import PaperPipeline, mean_image, rgb_eigen
 from network import (
     CifarAlexNet,
     PaperAlexNet,
@@ -276,3 +277,59 @@ def test_a_code_mode_run_resumes(tmp_path, run_main):
     resumed = run_main("--resume", str(last), "-ne", "2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert torch.load(last, weights_only=True)["epoch"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper pipeline
+
+
+def test_code_pipeline_is_crop_centre_mean_pca_noise_then_divide_by_1_1():
+    torch.manual_seed(5)
+    big = torch.randint(0, 256, (4, 3, 256, 256), dtype=torch.uint8)
+    mean = mean_image(big)
+    values, vectors = rgb_eigen(big)
+    pipeline = PaperPipeline(mean, values, vectors, crop=224, sigma=0.1, fidelity="code")
+    out = pipeline.train(big, torch.Generator().manual_seed(5))
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(4, 3, generator=g)
+    top, left = torch.randint(0, 33, (4,), generator=g), torch.randint(0, 33, (4,), generator=g)
+    flip = torch.rand(4, generator=g) < 0.5
+    mean_crop = mean[:, 16:240, 16:240].double()  # convdata.py:137: the centre 224 of the 256 mean
+    for i in range(4):
+        # convdata.py:113: eigenvectors . (stdevs * N(0, 1)), stdevs = sqrt(eigenvalue) in 0-255 units.
+        noise = vectors.double() @ (255 * values.double().sqrt() * z[i].double())
+        patch = big[i, :, top[i] : top[i] + 224, left[i] : left[i] + 224].double()
+        if flip[i]:
+            patch = patch.flip(-1)
+        expected = (patch - mean_crop + 0.1 * noise[:, None, None]) / 1.1  # convdata.py:203, 205
+        torch.testing.assert_close(out[i].double(), expected, rtol=0, atol=1e-3)
+    views = pipeline.evaluate(big)
+    torch.testing.assert_close(views[:, 4], big[:, :, 16:240, 16:240].float() - mean[:, 16:240, 16:240])
+
+
+def test_code_colour_noise_has_the_covariance_of_the_formula():
+    # Flat images at the mean: what comes out is the noise alone, divided by 1.1.
+    values = torch.tensor([0.04, 0.01, 0.0025])  # [0, 1] units: stdevs 51, 25.5, 12.75 pixel levels
+    vectors = torch.linalg.qr(torch.tensor([[1.0, 0.2, 0.1], [0.3, 1.0, 0.2], [0.1, 0.4, 1.0]]))[0]
+    flat = torch.full((4000, 3, 16, 16), 100, dtype=torch.uint8)
+    pipeline = PaperPipeline(mean_image(flat), values, vectors, crop=12, base=16, sigma=0.1, fidelity="code")
+    out = pipeline.train(flat, torch.Generator().manual_seed(6)).double()
+    noise = out[:, :, 0, 0] * 1.1
+    assert torch.equal(out, out[:, :, :1, :1].expand_as(out))  # one shift per image, on every pixel
+    along = noise @ vectors.double()  # coordinates along the eigenvectors
+    torch.testing.assert_close(along.std(0), 0.1 * 255 * values.double().sqrt(), rtol=0.05, atol=0)
+    assert along.mean(0).abs().max() < 4 * 5.1 / 4000**0.5  # four standard errors of the largest (5.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run, both ways (the paper's network at 224 on a CPU: kept to one small epoch each)
+
+
+@pytest.mark.parametrize("fidelity", [[], ["--fidelity", "text"]])
+def test_the_papers_network_and_setup_train_in_both_fidelities(fidelity, tmp_path, run_main):
+    flags = ["-pm", "-pt", "-ds", "Shapes", "-ne", "1", "--shapes-train", "64", "--shapes-test", "32"]
+    result = run_main(*flags, "--batch-size", "32", *fidelity, "--run-name", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = torch.load(tmp_path / "checkpoints" / "Shapes" / "run" / "last.pt", weights_only=True)["config"]
+    assert config["fidelity"] == ("text" if fidelity else "code")
