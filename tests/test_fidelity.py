@@ -333,3 +333,31 @@ def test_the_papers_network_and_setup_train_in_both_fidelities(fidelity, tmp_pat
     assert result.returncode == 0, result.stderr
     config = torch.load(tmp_path / "checkpoints" / "Shapes" / "run" / "last.pt", weights_only=True)["config"]
     assert config["fidelity"] == ("text" if fidelity else "code")
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's table says what the tests above assert
+
+
+def test_readme_table_states_the_release_values(repo_root):
+    readme = (repo_root / "README.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.splitlines() if line.startswith("| ")}
+    expected = {
+        "LRN denominator (rnorm1, rnorm2)": ["(2 + 2e-5 Σ a²)^0.75", "(2 + 1e-4 Σ a²)^0.75", "layer.py:1183"],
+        "layer 1 order": ["conv, LRN, pool, ReLU", "conv, ReLU, LRN, pool", "L:9-63"],
+        "cnorm2 (same-map response normalisation after LRN2)": ["0.001/25", "^0.75", "P:157-163"],
+        "conv1 on a 224 crop": ["padding 2", "3 zero pixels on the right and bottom", "layer.py:1004"],
+        "weight init, conv3-5": ["| 0.01 | 0.03 |", "L:143, 157, 172, 186, 200, 214"],
+        "dropout (fc6, fc7)": ["× 0.5 at test", "src/layer.cu:1124-1133"],
+        "momentum": ["momW 0.9, momB 0.9", "| 0.9 | 0.9 |"],
+        "weight decay": ["0.0005 on weights, 0 on biases", "src/layer.cu:565"],
+        "learning rate, biases": ["epsB 0.02", "0.02 (2 × `--lr`), never lowered"],
+        "mean subtracted": ["centre 224 crop of the mean", "convdata.py:137"],
+        "PCA colour noise": ["0.1 · [p1 p2 p3](255 √λ ∘ N(0, 1))", "convdata.py:40-42, 113"],
+        "after the noise": ["÷ 1.1", "convdata.py:205"],
+    }
+    for row, texts in expected.items():
+        assert row in rows, row
+        for text in texts:
+            assert text in rows[row], (row, text)
+    assert "disputed" not in readme
