@@ -3,7 +3,9 @@
 - ``PaperAlexNet``: the network of Krizhevsky, Sutskever & Hinton (NIPS 2012) as published:
   96-256-384-384-256 kernels, the two-GPU split expressed as ``groups=2`` on conv2/4/5, local
   response normalisation after the first two ReLUs, overlapping 3/2 max-pooling, dropout on
-  fc6/fc7 and the paper's initialisation. 60,965,224 parameters at 1000 classes.
+  fc6/fc7 and the paper's initialisation. 60,965,224 parameters at 1000 classes. Where the
+  text is silent or ambiguous, ``fidelity`` follows the 2012 code release ("code", default:
+  ``NetworkFidelity``, ``SameMapNorm``, ``CeilConv2d``, ``ReleaseDropout``) or the text ("text").
 - ``SplitPaperAlexNet``: the same network with its two towers on two devices, as the paper ran
   it (model parallel), giving the grouped model's outputs; its weights convert both ways.
 - ``TorchAlexNet``: torchvision's variant ("One weird trick", Krizhevsky 2014), layer for layer
