@@ -225,10 +225,10 @@ def make_loaders(
     fidelity: str = "code",
 ) -> Loaders:
     """The loaders and pipeline of a run on ``data`` for a model of ``input_size`` (``paper``:
-    the paper's setup, as the 2012 code or the text does it: ``fidelity``), as the trainer builds them, in the same order so that the random
-    streams are the same: both splits placed (``place_split``: on ``device`` or streamed, as
-    ``loader`` says), the pipeline from the placed training split's statistics, then the two
-    generators (the order seeded with ``seed``, the same in every process; the augmentation with
+    the paper's setup, as the 2012 code or the text does it: ``fidelity``), as the trainer
+    builds them, in the same order so that the random streams are the same: both splits placed
+    (``place_split``: on ``device`` or streamed, as ``loader`` says), the pipeline from the
+    placed training split's statistics, then the two generators (the order seeded with ``seed``, the same in every process; the augmentation with
     ``seed + rank``), the training loader (``batch_size``: the global batch) and the evaluation
     loader (``eval_batch_size`` model inputs per process).
 
