@@ -59,7 +59,7 @@ from training.distributed import (
     rank_and_world,
 )
 from training.outputs import RunFolders, claim_run
-from utils import Check, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
+from utils import FIDELITIES, Check, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
 
 logger = logging.getLogger("alexnet")
 
@@ -303,6 +303,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "where unavailable) (default: off)",
     )
     opt.add_argument(
+        "--fidelity",
+        choices=list(FIDELITIES),
+        default=None,
+        help="-pm / -pt only: where the paper's text is silent or ambiguous, follow the 2012 code release "
+        "(code: LRN scale, normalisation order and cnorm2, init, dropout, conv1 padding, bias rate and decay, "
+        "PCA noise) or the text as written (text) (default: code)",
+    )
+    opt.add_argument(
         "--no-lrn",
         dest="lrn",
         action="store_false",
@@ -459,6 +467,8 @@ def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespac
     model, data = MODELS[name], DATASETS[args.dataset]
     if not args.lrn and not model.paper_features:
         return "--no-lrn only applies to the paper's features; add -pm"
+    if args.fidelity is not None and not model.paper_features and not args.paper_train:
+        return "--fidelity only applies to the paper's network or setup; add -pm or -pt"
     # A 32-input network takes the images at their own size; the 224-input ones crop or
     # upsample any size (datasets.make_pipeline).
     if model.input_size == 32 and data.image_size != model.input_size:
@@ -582,7 +592,7 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
         data = load_dataset(config.dataset, config)  # the config holds the data options
     stop.phase = "building the model"
     torch.manual_seed(config.seed)
-    model = make_model(config.model, data.num_classes, lrn=config.lrn)
+    model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     if checkpoint is not None:
         load_weights(checkpoint, checkpoint_path, model, data.num_classes, data.name)
     if config.split_gpus:

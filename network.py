@@ -3,7 +3,9 @@
 - ``PaperAlexNet``: the network of Krizhevsky, Sutskever & Hinton (NIPS 2012) as published:
   96-256-384-384-256 kernels, the two-GPU split expressed as ``groups=2`` on conv2/4/5, local
   response normalisation after the first two ReLUs, overlapping 3/2 max-pooling, dropout on
-  fc6/fc7 and the paper's initialisation. 60,965,224 parameters at 1000 classes.
+  fc6/fc7 and the paper's initialisation. 60,965,224 parameters at 1000 classes. Where the
+  text is silent or ambiguous, ``fidelity`` follows the 2012 code release ("code", default:
+  ``NetworkFidelity``, ``SameMapNorm``, ``CeilConv2d``, ``ReleaseDropout``) or the text ("text").
 - ``SplitPaperAlexNet``: the same network with its two towers on two devices, as the paper ran
   it (model parallel), giving the grouped model's outputs; its weights convert both ways.
 - ``TorchAlexNet``: torchvision's variant ("One weird trick", Krizhevsky 2014), layer for layer
@@ -21,9 +23,9 @@ import copy
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from utils import UserError
@@ -33,16 +35,19 @@ FC_WIDTH = 4096
 
 
 class PaperLRN(nn.LocalResponseNorm):
-    """Local response normalisation in the paper's parametrisation (§3.3).
+    """Local response normalisation (§3.3) with k=2, n=5, alpha=1e-4, beta=0.75, in either
+    reading of alpha:
 
-    ``b[i] = a[i] / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a[j]^2) ** beta``
-    with k=2, n=5, alpha=1e-4, beta=0.75.
+    - ``summed=True`` (``--fidelity text``), the printed formula:
+      ``b[i] = a[i] / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a[j]^2) ** beta``;
+    - ``summed=False`` (``--fidelity code``), what the 2012 network computed: the release's layer
+      parser divides ``scale`` by ``size`` before the kernel runs (layer.py:1183), so the
+      denominator is ``(k + alpha / n * sum a[j]^2) ** beta``, i.e. ``(2 + 2e-5 * sum) ** 0.75``.
 
     ``nn.LocalResponseNorm`` divides ``alpha`` by the window size (it averages the squares over a
-    zero-padded window), so the paper's *sum* needs ``alpha * size`` there; zero padding makes
-    the clipped window at the channel edges come out exactly as in the formula. cuda-convnet's
-    own layer config also divided its scale by the window, so whether the paper's 1e-4 already
-    meant the averaged form is disputed; we follow the paper's text as written.
+    zero-padded window): the code's reading is its own, the text's needs ``alpha * size`` there.
+    Zero padding makes the clipped window at the channel edges come out exactly as in the formula
+    (and as cuda-convnet's cross-map kernel, which clips the window to the existing maps).
 
     With ``groups=2`` the channels are normalised as two separate halves, the window never
     reaching across the middle: each of the paper's GPUs normalised its own kernel maps (the
@@ -50,10 +55,12 @@ class PaperLRN(nn.LocalResponseNorm):
     this is what makes the grouped single-device network equal the two towers.
     """
 
-    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1) -> None:
-        super().__init__(size=size, alpha=alpha * size, beta=beta, k=k)
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1,
+                 summed: bool = True) -> None:  # fmt: skip
+        super().__init__(size=size, alpha=alpha * size if summed else alpha, beta=beta, k=k)
         self.paper_alpha = alpha
         self.groups = groups
+        self.summed = summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1:
@@ -64,41 +71,153 @@ class PaperLRN(nn.LocalResponseNorm):
 
     def extra_repr(self) -> str:
         groups = f", groups={self.groups}" if self.groups > 1 else ""
-        return f"size={self.size}, alpha={self.paper_alpha} (summed), beta={self.beta}, k={self.k}{groups}"
+        how = "summed" if self.summed else "divided by size"
+        return f"size={self.size}, alpha={self.paper_alpha} ({how}), beta={self.beta}, k={self.k}{groups}"
+
+
+class SameMapNorm(nn.Module):
+    """Same-map response normalisation: ``cnorm2a/b`` of the 2012 release (type ``rnorm``, after
+    the cross-map LRN of layer 2, before pool2; layers-145.cfg:107-117, layer-params-145.cfg:157-163),
+    which the paper does not mention. Each map is normalised by its own neighbourhood::
+
+        b[c, y, x] = a[c, y, x] / (min_div + scale / size**2 * S[c, y, x]) ** power
+        S[c, y, x] = sum over y' in [y - size//2, y - size//2 + size - 1],
+                              x' in [x - size//2, x - size//2 + size - 1] of a[c, y', x']**2
+
+    with size 5, scale 0.001, power 0.75, min_div 1. Where each number comes from:
+
+    - the window starts ``size // 2`` before the pixel and spans ``size`` pixels (centred for an
+      odd size; one more pixel before than after for an even one), per channel only:
+      ``startPxX = -sizeX/2 + pxIdxX`` and the loop to ``startPxX + sizeX`` in ``kCNorm_fewfilter``
+      / ``kCNorm_manyfilter`` (``kCNorm2`` for sizes >= 6 gives the same window), cuda-convnet's
+      ``src/cudaconv2/conv_util.cu:758-780`` (dnouri/cuda-convnet), the same in cuda-convnet2's
+      ``cudaconv3/src/conv_util.cu:878-889``;
+    - edges: the loop is clipped to the map (``MAX(0, ...)``, ``MIN(imgSize, ...)``), so pixels
+      outside add nothing while the divisor stays ``size**2``: a zero-padded window, i.e.
+      ``avg_pool2d`` with ``count_include_pad=True`` times ``size**2``;
+    - ``scale / size**2``: the release's parser divides ``scale`` by ``size**2`` for this layer
+      type (layer.py:1183); scale 0.001 and pow 0.75 are layer-params-145.cfg:157-163;
+    - ``min_div`` 1: the release calls ``convResponseNorm`` without a minimum (src/layer.cu:1569),
+      and that kernel adds 1 (``prod = 1 + addScale * prod``, cuda-convnet
+      ``src/cudaconv2/conv_util.cu:802``; cuda-convnet2 made it the ``minDiv`` argument, default 1).
+
+    Without weights, and per map, so the two towers need nothing of each other.
+    """
+
+    def __init__(self, size: int = 5, scale: float = 1e-3, power: float = 0.75, min_div: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.scale, self.power, self.min_div = size, scale, power, min_div
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = self.size // 2
+        after = self.size - 1 - before
+        squares = F.pad(x.square(), (before, after, before, after))
+        # The mean over a zero-padded window is the clipped sum divided by size**2.
+        mean = F.avg_pool2d(squares, self.size, stride=1)
+        return x * (self.min_div + self.scale * mean).pow(-self.power)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, scale={self.scale} (divided by size^2), power={self.power}, min_div={self.min_div}"
+
+
+class CeilConv2d(nn.Conv2d):
+    """A convolution whose output size follows cuda-convnet's ceil rule, ``1 + ceil((in + 2 pad -
+    kernel) / stride)`` (the release's layer.py:1004): the missing pixels are zeros on the right
+    and bottom only. conv1 of the release on 224x224 crops: 11x11/4, no padding, 55x55 out, as
+    if the input were padded by (0, 3, 0, 3), which is where the "227" comes from."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = [(-(size + 2 * pad - k)) % s for size, pad, k, s in
+                 zip(x.shape[-2:], self.padding, self.kernel_size, self.stride)]  # fmt: skip
+        return super().forward(F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x)
+
+
+class ReleaseDropout(nn.Dropout):
+    """Dropout as the release's ``hs`` layers did it (layers-145.cfg:256-291, keep 0.5, and
+    src/layer.cu:1124-1133): training zeroes units with probability ``p`` and leaves the others
+    unscaled; evaluation multiplies every output by the keep probability ``1 - p`` (the paper's
+    "multiply their outputs by 0.5"). ``nn.Dropout`` instead scales by ``1 / (1 - p)`` in
+    training and does nothing at test: the same expectation, another network at each step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = 1 - self.p
+        if not self.training:
+            return x * keep
+        return x * torch.empty_like(x).bernoulli_(keep)
+
+
+@dataclass(frozen=True)
+class NetworkFidelity:
+    """What ``--fidelity`` changes in the paper's network: the 2012 release (``code``) or the
+    paper's text (``text``). README, "Fidelity", lists each with its place in the release."""
+
+    lrn_summed: bool  # alpha multiplies the sum of squares (text) or their sum / n (code)
+    norm_before_relu1: bool  # layer 1: conv, LRN, pool, ReLU (code) or conv, ReLU, LRN, pool (text)
+    same_map_norm: bool  # cnorm2 after LRN2 (code only)
+    deep_init_std: float  # initial weight std of conv3-5
+    dropout: type[nn.Dropout]  # scaled at test (code) or inverted (text)
+    ceil_conv1: bool  # conv1 on 224: no padding and the ceil rule (code) or pad 2 (text)
+
+
+FIDELITY: dict[str, NetworkFidelity] = {
+    "code": NetworkFidelity(lrn_summed=False, norm_before_relu1=True, same_map_norm=True, deep_init_std=0.03,
+                            dropout=ReleaseDropout, ceil_conv1=True),
+    "text": NetworkFidelity(lrn_summed=True, norm_before_relu1=False, same_map_norm=False, deep_init_std=0.01,
+                            dropout=nn.Dropout, ceil_conv1=False),
+}  # fmt: skip
+
+
+def paper_norm(fidelity: NetworkFidelity, lrn: bool) -> Callable[[int], nn.Module]:
+    """The normalisation slot after conv1 and conv2 of the paper's features (``alexnet_features``'s
+    ``norm``): LRN per tower, with cnorm2 after it in layer 2 in the release; ``nn.Identity``
+    without LRN (``--no-lrn`` drops cnorm2 as well), so state_dict keys never change."""
+
+    def build(layer: int) -> nn.Module:
+        if not lrn:
+            return nn.Identity()
+        cross_map = PaperLRN(groups=2, summed=fidelity.lrn_summed)
+        if layer == 2 and fidelity.same_map_norm:
+            return nn.Sequential(cross_map, SameMapNorm())
+        return cross_map
+
+    return build
 
 
 def alexnet_features(
     channels: Sequence[int],
     conv1: tuple[int, int, int],
     groups: int = 1,
-    norm: Callable[[], nn.Module] | None = None,
+    norm: Callable[[int], nn.Module] | None = None,
+    norm_before_relu1: bool = False,
+    conv1_type: type[nn.Conv2d] = nn.Conv2d,
 ) -> nn.Sequential:
     """AlexNet's five convolutions: conv-ReLU-[norm]-pool twice, three conv-ReLU, pool.
 
-    ``conv1`` is (kernel, stride, padding) of the first layer; conv2 is 5x5/pad 2 and conv3-5
-    are 3x3/pad 1. ``groups`` applies to conv2, conv4 and conv5, the layers that in the paper
-    see only the half of the previous layer living on their own GPU. ``norm`` builds the layer
-    that follows the first two ReLUs (LRN in the paper); ``None`` leaves no slot at all, which
-    keeps torchvision's layer indices.
+    ``conv1`` is (kernel, stride, padding) of the first layer (a ``conv1_type``); conv2 is
+    5x5/pad 2 and conv3-5 are 3x3/pad 1. ``groups`` applies to conv2, conv4 and conv5, the
+    layers that in the paper see only the half of the previous layer living on their own GPU.
+    ``norm(layer)`` builds the layer that follows the ReLUs of layers 1 and 2 (LRN in the
+    paper); ``None`` leaves no slot at all, which keeps torchvision's layer indices. With
+    ``norm_before_relu1`` layer 1 is conv, norm, pool, ReLU, the order of the 2012 release (the
+    same modules at other indices: ReLU and max-pooling commute, LRN and ReLU do not).
     """
     c1, c2, c3, c4, c5 = channels
     kernel, stride, padding = conv1
 
-    def block(conv: nn.Conv2d, normed: bool, pooled: bool) -> list[nn.Module]:
-        layers: list[nn.Module] = [conv, nn.ReLU(inplace=True)]
-        if normed and norm is not None:
-            layers.append(norm())
-        if pooled:
-            # Overlapping pooling (3x3 windows, stride 2): worth 0.4 points top-1 in the paper.
-            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
-        return layers
+    def block(conv: nn.Conv2d, layer: int, pooled: bool) -> list[nn.Module]:
+        normed = norm is not None and layer in (1, 2)
+        # Overlapping pooling (3x3 windows, stride 2): worth 0.4 points top-1 in the paper.
+        pool = [nn.MaxPool2d(kernel_size=3, stride=2)] if pooled else []
+        if normed and layer == 1 and norm_before_relu1:
+            return [conv, norm(layer), *pool, nn.ReLU(inplace=True)]
+        return [conv, nn.ReLU(inplace=True), *([norm(layer)] if normed else []), *pool]
 
     return nn.Sequential(
-        *block(nn.Conv2d(3, c1, kernel, stride=stride, padding=padding), normed=True, pooled=True),
-        *block(nn.Conv2d(c1, c2, 5, padding=2, groups=groups), normed=True, pooled=True),
-        *block(nn.Conv2d(c2, c3, 3, padding=1), normed=False, pooled=False),
-        *block(nn.Conv2d(c3, c4, 3, padding=1, groups=groups), normed=False, pooled=False),
-        *block(nn.Conv2d(c4, c5, 3, padding=1, groups=groups), normed=False, pooled=True),
+        *block(conv1_type(3, c1, kernel, stride=stride, padding=padding), layer=1, pooled=True),
+        *block(nn.Conv2d(c1, c2, 5, padding=2, groups=groups), layer=2, pooled=True),
+        *block(nn.Conv2d(c2, c3, 3, padding=1), layer=3, pooled=False),
+        *block(nn.Conv2d(c3, c4, 3, padding=1, groups=groups), layer=4, pooled=False),
+        *block(nn.Conv2d(c4, c5, 3, padding=1, groups=groups), layer=5, pooled=True),
     )
 
 
@@ -115,30 +234,33 @@ def torchvision_classifier(in_features: int, num_classes: int, dropout: float) -
     )
 
 
-def paper_classifier(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
+def paper_classifier(in_features: int, num_classes: int, dropout: float,
+                     dropout_type: type[nn.Dropout] = nn.Dropout) -> nn.Sequential:  # fmt: skip
     """The paper's head: dropout zeroes the *outputs* of the hidden fc6 and fc7 neurons (§4.2)."""
     return nn.Sequential(
         nn.Linear(in_features, FC_WIDTH),
         nn.ReLU(inplace=True),
-        nn.Dropout(p=dropout),
+        dropout_type(p=dropout),
         nn.Linear(FC_WIDTH, FC_WIDTH),
         nn.ReLU(inplace=True),
-        nn.Dropout(p=dropout),
+        dropout_type(p=dropout),
         nn.Linear(FC_WIDTH, num_classes),
     )
 
 
 @torch.no_grad()
-def paper_init_(model: nn.Module) -> None:
+def paper_init_(model: nn.Module, deep_std: float = 0.01) -> None:
     """The paper's initialisation (§5): every weight N(0, 0.01); biases 1 in conv2, conv4, conv5,
-    fc6 and fc7 (to give the ReLUs positive inputs early on), 0 in conv1, conv3 and fc8."""
+    fc6 and fc7 (to give the ReLUs positive inputs early on), 0 in conv1, conv3 and fc8. The
+    weights of conv3-5 have std ``deep_std``: 0.03 in the 2012 release (layers-145.cfg:143, 172, 200)."""
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if len(convs) != 5 or len(linears) != 3:
         raise ValueError(f"paper_init_ expects 5 convolutions and 3 linear layers, got {len(convs)} and {len(linears)}")
     ones = {id(convs[1]), id(convs[3]), id(convs[4]), id(linears[0]), id(linears[1])}
+    deep = {id(conv) for conv in convs[2:]}
     for layer in convs + linears:
-        nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+        nn.init.normal_(layer.weight, mean=0.0, std=deep_std if id(layer) in deep else 0.01)
         nn.init.constant_(layer.bias, 1.0 if id(layer) in ones else 0.0)
 
 
@@ -168,27 +290,38 @@ class PaperAlexNet(nn.Module):
     (``PaperLRN(groups=2)``), so no LRN window spans channels 47/48 of conv1 or 127/128 of
     conv2. ``SplitPaperAlexNet`` runs the same network on two real devices.
 
+    ``fidelity="code"`` (default) builds what the 2012 release trained where the text is silent
+    or ambiguous (``NetworkFidelity``): LRN with alpha divided by n, layer 1 as conv1 (no padding
+    on 224, the ceil rule: as if padded by 0/3/0/3), LRN, pool, ReLU; cnorm2 (``SameMapNorm``)
+    after LRN2; conv3-5 initialised with std 0.03; dropout scaled at test. ``"text"`` builds
+    the table above as printed. Both have the same state_dict keys and parameter count.
+
     Args:
         num_classes: size of fc8.
         dropout: drop probability on the outputs of fc6 and fc7 (paper: 0.5).
         lrn: keep the local response normalisation; ``False`` puts ``nn.Identity`` in its place
             so state_dict keys stay the same (the seed found LRN useless on CIFAR).
         input_size: 224 or 227, see above.
+        fidelity: "code" (the 2012 release) or "text" (the paper as printed), see above.
     """
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, lrn: bool = True, input_size: int = 224) -> None:
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, lrn: bool = True, input_size: int = 224,
+                 fidelity: str = "code") -> None:  # fmt: skip
         super().__init__()
         if input_size not in (224, 227):
             raise ValueError(f"PaperAlexNet takes 224 or 227 pixel inputs, not {input_size}")
-        self.input_size = input_size
+        how = FIDELITY[fidelity]
+        self.input_size, self.lrn, self.fidelity = input_size, lrn, fidelity
         self.features = alexnet_features(
             channels=(96, 256, 384, 384, 256),
-            conv1=(11, 4, 2 if input_size == 224 else 0),
+            conv1=(11, 4, 2 if input_size == 224 and not how.ceil_conv1 else 0),
             groups=2,
-            norm=partial(PaperLRN, groups=2) if lrn else nn.Identity,
+            norm=paper_norm(how, lrn),
+            norm_before_relu1=how.norm_before_relu1,
+            conv1_type=CeilConv2d if how.ceil_conv1 else nn.Conv2d,
         )
-        self.classifier = paper_classifier(256 * 6 * 6, num_classes, dropout)
-        paper_init_(self)
+        self.classifier = paper_classifier(256 * 6 * 6, num_classes, dropout, how.dropout)
+        paper_init_(self, how.deep_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -242,7 +375,7 @@ def _tower_layer(layer: nn.Module, tower: int, fc8: bool = False) -> nn.Module:
     ``load_grouped_state_dict``, so initialising them would be wasted work."""
     if isinstance(layer, nn.Conv2d):
         # A grouped convolution sees only its own half of the input, an ungrouped one all of it.
-        return nn.Conv2d(
+        return type(layer)(
             layer.in_channels // layer.groups,
             layer.out_channels // 2,
             layer.kernel_size,
@@ -255,7 +388,9 @@ def _tower_layer(layer: nn.Module, tower: int, fc8: bool = False) -> nn.Module:
     if isinstance(layer, nn.Linear):
         return nn.Linear(layer.in_features, layer.out_features // 2, device="meta")
     if isinstance(layer, PaperLRN):
-        return PaperLRN(layer.size, layer.paper_alpha, layer.beta, layer.k)
+        return PaperLRN(layer.size, layer.paper_alpha, layer.beta, layer.k, summed=layer.summed)
+    if isinstance(layer, nn.Sequential):
+        return nn.Sequential(*(_tower_layer(part, tower) for part in layer))
     return copy.deepcopy(layer)
 
 
@@ -313,8 +448,9 @@ class SplitPaperAlexNet(nn.Module):
         self._settings = {
             "num_classes": model.classifier[_FC8].out_features,
             "dropout": model.classifier[_FC8 - 1].p,
-            "lrn": isinstance(model.features[2], PaperLRN),
+            "lrn": model.lrn,
             "input_size": model.input_size,
+            "fidelity": model.fidelity,
         }
         self.load_grouped_state_dict(model.state_dict())
 
@@ -427,6 +563,9 @@ class CifarAlexNet(nn.Module):
     With ``paper=False`` (default) the widths follow torchvision; with ``paper=True`` they are
     the paper's, with ``groups=2`` on conv2/4/5, LRN after the first two ReLUs over each half
     of the maps (switchable with ``lrn``), the paper's head and the paper's initialisation.
+    ``fidelity`` applies with ``paper=True`` as in ``PaperAlexNet``, except for conv1, which
+    is this network's own 3x3/1 (no ceil rule to follow): in ``code`` the LRN scale, layer 1's
+    order, cnorm2, the 0.03 init of conv3-5 and the test-time-scaled dropout.
 
     ===== ======================= ======== ============ ====== =========================
     layer out (torch / paper)     kernel   stride / pad map    then
@@ -445,23 +584,25 @@ class CifarAlexNet(nn.Module):
 
     input_size = 32
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5, paper: bool = False, lrn: bool = True) -> None:
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, paper: bool = False, lrn: bool = True,
+                 fidelity: str = "code") -> None:  # fmt: skip
         super().__init__()
         self.paper = paper
+        how = FIDELITY[fidelity]
         if paper:
             self.features = alexnet_features(
                 channels=(96, 256, 384, 384, 256),
                 conv1=(3, 1, 1),
                 groups=2,
-                norm=partial(PaperLRN, groups=2) if lrn else nn.Identity,
+                norm=paper_norm(how, lrn),
+                norm_before_relu1=how.norm_before_relu1,
             )
+            self.classifier = paper_classifier(256 * 3 * 3, num_classes, dropout, how.dropout)
+            paper_init_(self, how.deep_init_std)
         else:
             self.features = alexnet_features(channels=(64, 192, 384, 256, 256), conv1=(3, 1, 1))
+            self.classifier = torchvision_classifier(256 * 3 * 3, num_classes, dropout)
         self.avgpool = nn.AdaptiveAvgPool2d((3, 3))
-        head = paper_classifier if paper else torchvision_classifier
-        self.classifier = head(256 * 3 * 3, num_classes, dropout)
-        if paper:
-            paper_init_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -476,7 +617,7 @@ class ModelInfo:
     ``--split-gpus`` can put its two towers on two devices, and whether it has the paper's
     features (LRN, which ``--no-lrn`` removes)."""
 
-    build: Callable[[int, float, bool], nn.Module]  # (num_classes, dropout, lrn) -> model
+    build: Callable[[int, float, bool, str], nn.Module]  # (num_classes, dropout, lrn, fidelity) -> model
     kind: type[nn.Module]  # the class it builds
     input_size: int
     splittable: bool = False
@@ -484,12 +625,13 @@ class ModelInfo:
 
 
 MODELS: dict[str, ModelInfo] = {
-    "TorchAlexNet": ModelInfo(lambda n, dropout, lrn: TorchAlexNet(n, dropout), TorchAlexNet, 224),
-    "PaperAlexNet": ModelInfo(lambda n, dropout, lrn: PaperAlexNet(n, dropout, lrn=lrn), PaperAlexNet, 224,
-                              splittable=True, paper_features=True),
-    "CifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout), CifarAlexNet, 32),
-    "PaperCifarAlexNet": ModelInfo(lambda n, dropout, lrn: CifarAlexNet(n, dropout, paper=True, lrn=lrn), CifarAlexNet,
-                                   32, paper_features=True),
+    "TorchAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: TorchAlexNet(n, dropout), TorchAlexNet, 224),
+    "PaperAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: PaperAlexNet(n, dropout, lrn=lrn, fidelity=fidelity),
+                              PaperAlexNet, 224, splittable=True, paper_features=True),
+    "CifarAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: CifarAlexNet(n, dropout), CifarAlexNet, 32),
+    "PaperCifarAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: CifarAlexNet(n, dropout, paper=True, lrn=lrn,
+                                                                                  fidelity=fidelity),
+                                   CifarAlexNet, 32, paper_features=True),
 }  # fmt: skip
 
 
@@ -502,11 +644,15 @@ def model_name(cifar: bool, paper_model: bool) -> str:
     return "PaperAlexNet" if paper_model else "TorchAlexNet"
 
 
-def make_model(name: str, num_classes: int, dropout: float = 0.5, lrn: bool = True) -> nn.Module:
-    """The registered network ``name`` (freshly initialised)."""
-    return MODELS[name].build(num_classes, dropout, lrn)
+def make_model(
+    name: str, num_classes: int, dropout: float = 0.5, lrn: bool = True, fidelity: str = "code"
+) -> nn.Module:
+    """The registered network ``name`` (freshly initialised); ``fidelity`` applies to the paper's
+    networks only."""
+    return MODELS[name].build(num_classes, dropout, lrn, fidelity)
 
 
-def build_model(cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True) -> nn.Module:
+def build_model(cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True,
+                fidelity: str = "code") -> nn.Module:  # fmt: skip
     """The network the seed's flags ``-c`` / ``-pm`` choose (see ``model_name``)."""
-    return make_model(model_name(cifar, paper_model), num_classes, dropout, lrn)
+    return make_model(model_name(cifar, paper_model), num_classes, dropout, lrn, fidelity)

@@ -71,7 +71,7 @@ from training.fastpath import (  # noqa: F401 (re-exported)
 )
 from training.figures import confusion_figure, image_grid, write_confusion_csv  # noqa: F401 (re-exported)
 from training.loop import LossNotFinite, evaluate, train_one_epoch
-from training.optim import PaperSGD, build_optimizer  # noqa: F401 (re-exported)
+from training.optim import PaperSGD, build_optimizer, set_lr  # noqa: F401 (re-exported)
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
 from training.schedule import PlateauSchedule
 from training.tasks import (  # noqa: F401 (re-exported)
@@ -105,7 +105,7 @@ def evaluate_checkpoint(config: TrainConfig, model: nn.Module, data: DataSet, de
     rank, world = rank_and_world()
     loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
-                           seed=config.seed, rank=rank, world=world)  # fmt: skip
+                           seed=config.seed, rank=rank, world=world, fidelity=config.fidelity)  # fmt: skip
     return evaluate(model, loaders.eval, data.num_classes, task_for(data).multilabel, config.amp, config.channels_last)
 
 
@@ -136,7 +136,7 @@ class Trainer:
         loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device,
                                batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                                loader=config.loader, workers=config.workers, seed=config.seed, rank=self.rank,
-                               world=self.world)  # fmt: skip
+                               world=self.world, fidelity=config.fidelity)  # fmt: skip
         if self.world > 1:
             torch.manual_seed(config.seed + self.rank)
         self.train_loader, self.eval_loader, self.pipeline = loaders.train, loaders.eval, loaders.pipeline
@@ -201,8 +201,7 @@ class Trainer:
         training_loss(model, self.task.loss, images, labels, self.config.amp, self.config.channels_last).backward()
 
     def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)  # groups with a fixed rate (the release's biases) keep theirs
 
     # ----------------------------------------------------------------------------------------
 

@@ -231,12 +231,13 @@ def make_loaders(
     seed: int = 0,
     rank: int = 0,
     world: int = 1,
+    fidelity: str = "code",
 ) -> Loaders:
     """The loaders and pipeline of a run on ``data`` for a model of ``input_size`` (``paper``:
-    the paper's setup), as the trainer builds them, in the same order so that the random
-    streams are the same: both splits placed (``place_split``: on ``device`` or streamed, as
-    ``loader`` says), the pipeline from the placed training split's statistics, then the two
-    generators (the order seeded with ``seed``, the same in every process; the augmentation with
+    the paper's setup, as the 2012 code or the text does it: ``fidelity``), as the trainer
+    builds them, in the same order so that the random streams are the same: both splits placed
+    (``place_split``: on ``device`` or streamed, as ``loader`` says), the pipeline from the
+    placed training split's statistics, then the two generators (the order seeded with ``seed``, the same in every process; the augmentation with
     ``seed + rank``), the training loader (``batch_size``: the global batch) and the evaluation
     loader (``eval_batch_size`` model inputs per process).
 
@@ -245,7 +246,7 @@ def make_loaders(
     alone (``--evaluate``) uses ``.eval``: the training loader costs nothing until iterated."""
     train = place_split(data.train, device, loader, workers)
     test = place_split(data.test, device, loader, workers)
-    pipeline = make_pipeline(train, input_size, paper, device)
+    pipeline = make_pipeline(train, input_size, paper, device, fidelity)
     index_generator = torch.Generator().manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed + rank)
     train_loader = BatchLoader(

@@ -180,10 +180,21 @@ class CifarPipeline(Pipeline):
 
 
 class PaperPipeline(Pipeline):
-    """The paper's recipe (§4.1, §5) on 256x256 images: subtract the training set's mean image,
-    add the PCA colour shift (a new N(0, sigma) draw of the three alphas per image per use), take
-    a random ``crop`` patch and mirror it; evaluate on the ten patches. Inputs stay in 0-255
-    units as in the paper. Smaller images (CIFAR) are first upsampled to 256 on the batch."""
+    """The paper's recipe (§4.1, §5) on 256x256 images: mean image, PCA colour shift (a new draw
+    per image per use), random ``crop`` patches and their mirrors; evaluation on the ten patches.
+    Inputs stay in 0-255 units as in the paper. Smaller images (CIFAR) are first upsampled to
+    256 on the batch. Where the paper's text leaves the details open, ``fidelity`` chooses:
+
+    - ``"text"``: subtract the 256x256 mean image, add ``255 [p1 p2 p3] [a1 l1, a2 l2, a3 l3]^T``
+      with ``a ~ N(0, sigma)`` and the eigenvalues ``l`` of the [0, 1]-unit covariance, then crop;
+    - ``"code"`` (the 2012 release's convdata.py): crop and mirror, subtract the centre
+      ``crop x crop`` patch of the mean image from every patch (convdata.py:137, 222-226; at test
+      too), add ``sigma * [p1 p2 p3] (s * z)`` with ``z ~ N(0, 1)`` and ``s`` the standard
+      deviations along the eigenvectors in 0-255 units (``255 sqrt(l)``; convdata.py:40-42, 113,
+      201-203), then divide the whole patch by ``1 + sigma`` (convdata.py:205) so the training
+      inputs keep the test inputs' scale. The release drew one crop per chunk of 32 images
+      (convdata.py:125, 252-258); here each image has its own, as the paper says.
+    """
 
     name = "paper"
     views = 10
@@ -196,6 +207,7 @@ class PaperPipeline(Pipeline):
         crop: int = 224,
         base: int = 256,
         sigma: float = 0.1,
+        fidelity: str = "code",
     ) -> None:
         self.base = base
         if mean_image.shape[-1] != base:
@@ -205,23 +217,51 @@ class PaperPipeline(Pipeline):
         self.eigenvectors = eigenvectors
         self.crop = crop
         self.sigma = sigma
+        self.fidelity = fidelity
+        border = (base - crop) // 2
+        self.mean_crop = mean_image[:, border : border + crop, border : border + crop]
+        # The standard deviation along each eigenvector, in pixel units (0-255).
+        self.stdevs = 255 * eigenvalues.clamp_min(0).sqrt()
+        self._train, self._evaluate = {
+            "code": (self._train_release, self._evaluate_release),
+            "text": (self._train_text, self._evaluate_text),
+        }[fidelity]
 
-    def _centred(self, x: torch.Tensor) -> torch.Tensor:
+    def _based(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         if x.shape[-1] != self.base:
             x = F.interpolate(x, size=(self.base, self.base), mode="bilinear", align_corners=False)
-        return x - self.mean_image
+        return x
 
     def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = self._centred(x)
+        return self._train(self._based(x), generator)
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(self._based(x))
+
+    def _train_text(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = x - self.mean_image
         alphas = torch.randn(x.shape[0], 3, generator=generator, device=x.device) * self.sigma
         x = x + 255 * pca_shift(alphas, self.eigenvalues, self.eigenvectors)[:, :, None, None]
         return random_crop_flip(x, self.crop, 0, generator)
 
-    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        return ten_crop(self._centred(x), self.crop)
+    def _evaluate_text(self, x: torch.Tensor) -> torch.Tensor:
+        return ten_crop(x - self.mean_image, self.crop)
+
+    def _train_release(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        # The same draws in the same order as the text's: the colour first, then the crops.
+        z = torch.randn(x.shape[0], 3, generator=generator, device=x.device)
+        noise = self.sigma * (z * self.stdevs) @ self.eigenvectors.T
+        x = random_crop_flip(x, self.crop, 0, generator) - self.mean_crop
+        return (x + noise[:, :, None, None]) / (1 + self.sigma)
+
+    def _evaluate_release(self, x: torch.Tensor) -> torch.Tensor:
+        return ten_crop(x, self.crop) - self.mean_crop
 
     def describe(self) -> str:
+        if self.fidelity == "code":
+            return (f"paper (2012 code): random {self.crop} crops + mirror, centre mean crop, PCA colour "
+                    f"({self.sigma} x stdev) then / {1 + self.sigma:g}; 10-crop test")  # fmt: skip
         return f"paper: mean image, PCA colour (sigma {self.sigma}), random {self.crop} crops + mirror; 10-crop test"
 
 
@@ -255,12 +295,15 @@ class ModernPipeline(Pipeline):
         return f"random-resized crop {self.crop} (area {self.scale[0]:.0%}-100%) + mirror; centre crop test"
 
 
-def make_pipeline(train: Split, input_size: int, paper: bool, device: torch.device | str = "cpu") -> Pipeline:
+def make_pipeline(
+    train: Split, input_size: int, paper: bool, device: torch.device | str = "cpu", fidelity: str = "code"
+) -> Pipeline:
     """The transform for a model input size and setup, with statistics of the training split
     (computed where the split lives, kept on ``device``).
 
-    - 32-input model (CifarAlexNet): CIFAR crop + flip, whatever the setup.
-    - 224/227-input model with ``paper``: the paper's pipeline (10-crop evaluation).
+    - 32-input model (CifarAlexNet): CIFAR crop + flip, whatever the setup (and ``fidelity``).
+    - 224/227-input model with ``paper``: the paper's pipeline (10-crop evaluation), as the 2012
+      code did it or as the text says (``fidelity``, see ``PaperPipeline``).
     - 224/227-input model on 32x32 data: CIFAR crop + flip, then upsampled.
     - 224/227-input model on 256x256 data: random-resized crop.
     """
@@ -275,7 +318,7 @@ def make_pipeline(train: Split, input_size: int, paper: bool, device: torch.devi
     if input_size == 32:
         return CifarPipeline(*stats(channel_stats), input_size=32)
     if paper:
-        return PaperPipeline(*stats(mean_image), *stats(rgb_eigen), crop=input_size)
+        return PaperPipeline(*stats(mean_image), *stats(rgb_eigen), crop=input_size, fidelity=fidelity)
     if size < input_size:
         return CifarPipeline(*stats(channel_stats), input_size=input_size)
     return ModernPipeline(*stats(channel_stats), crop=input_size)

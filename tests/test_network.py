@@ -71,7 +71,7 @@ def test_cifar_alexnet_parameter_counts_follow_its_layer_table():
 
 def test_paper_alexnet_layer_table():
     got = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0], c.groups)
-           for c in convs(PaperAlexNet())]  # fmt: skip
+           for c in convs(PaperAlexNet(fidelity="text"))]  # fmt: skip
     assert got == [
         (3, 96, 11, 4, 2, 1),
         (96, 256, 5, 1, 2, 2),
@@ -89,25 +89,25 @@ def test_paper_alexnet_layer_table():
 
 
 def test_lrn_follows_the_relu_of_conv1_and_conv2_before_pooling():
-    kinds = [type(m).__name__ for m in PaperAlexNet().features]
+    kinds = [type(m).__name__ for m in PaperAlexNet(fidelity="text").features]
     assert kinds == [
         "Conv2d", "ReLU", "PaperLRN", "MaxPool2d",
         "Conv2d", "ReLU", "PaperLRN", "MaxPool2d",
         "Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d",
     ]  # fmt: skip
-    lrn = PaperAlexNet().features[2]
+    lrn = PaperAlexNet(fidelity="text").features[2]
     assert (lrn.size, lrn.paper_alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 2.0)
 
 
 def test_dropout_acts_on_the_outputs_of_fc6_and_fc7():
-    kinds = [type(m).__name__ for m in PaperAlexNet(dropout=0.5).classifier]
+    kinds = [type(m).__name__ for m in PaperAlexNet(dropout=0.5, fidelity="text").classifier]
     assert kinds == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert [m.p for m in PaperAlexNet(dropout=0.5).classifier if isinstance(m, nn.Dropout)] == [0.5, 0.5]
 
 
 @pytest.mark.parametrize("size", [224, 227])
 def test_paper_alexnet_feature_maps(size):
-    model = PaperAlexNet(input_size=size)
+    model = PaperAlexNet(input_size=size, fidelity="text")
     assert model.features[0].padding == ((2, 2) if size == 224 else (0, 0))
     assert feature_map_sizes(model, size) == [
         ("Conv2d", 55), ("MaxPool2d", 27), ("Conv2d", 27), ("MaxPool2d", 13),
@@ -158,7 +158,7 @@ def test_lrn_window_is_clipped_at_the_channel_edges():
 
 
 def test_no_lrn_switch_replaces_lrn_by_identity_and_keeps_the_keys():
-    with_lrn, without = PaperAlexNet(lrn=True), PaperAlexNet(lrn=False)
+    with_lrn, without = PaperAlexNet(lrn=True, fidelity="text"), PaperAlexNet(lrn=False, fidelity="text")
     assert not any(isinstance(m, PaperLRN) for m in without.modules())
     assert [type(m).__name__ for m in without.features][2] == "Identity"
     assert with_lrn.state_dict().keys() == without.state_dict().keys()
@@ -200,7 +200,9 @@ def test_grouped_conv_equals_two_towers(index):
 # Initialisation
 
 
-@pytest.mark.parametrize("model_fn", [lambda: PaperAlexNet(1000), lambda: CifarAlexNet(10, paper=True)])
+@pytest.mark.parametrize(
+    "model_fn", [lambda: PaperAlexNet(1000, fidelity="text"), lambda: CifarAlexNet(10, paper=True, fidelity="text")]
+)
 def test_paper_initialisation(model_fn):
     torch.manual_seed(0)
     model = model_fn()

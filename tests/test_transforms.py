@@ -107,7 +107,7 @@ def test_paper_pipeline_train_is_mean_subtraction_pca_shift_and_crop():
     split = make_shapes(20, seed=0)
     big = F.interpolate(split.images.float(), size=(256, 256), mode="nearest").round().to(torch.uint8)
     mean, (values, vectors) = mean_image(big), rgb_eigen(big)
-    pipeline = PaperPipeline(mean, values, vectors, crop=224, sigma=0.1)
+    pipeline = PaperPipeline(mean, values, vectors, crop=224, sigma=0.1, fidelity="text")
     out = pipeline.train(big[:4], torch.Generator().manual_seed(5))
 
     # The same draws, in the pipeline's order: alphas, then crop rows, columns and mirrors.
@@ -129,7 +129,7 @@ def test_paper_pipeline_train_is_mean_subtraction_pca_shift_and_crop():
 
 def test_paper_pipeline_evaluates_ten_views_of_the_mean_subtracted_image():
     big = torch.randint(0, 256, (3, 3, 256, 256), dtype=torch.uint8)
-    pipeline = PaperPipeline(mean_image(big), *rgb_eigen(big))
+    pipeline = PaperPipeline(mean_image(big), *rgb_eigen(big), fidelity="text")
     views = pipeline.evaluate(big)
     assert pipeline.views == 10 and views.shape == (3, 10, 3, 224, 224)
     centred = big.float() - mean_image(big)

@@ -17,7 +17,7 @@ from typing import Any
 from datasets import DATASETS, DataOptions
 from network import MODELS
 from training.fields import COUNT, FLAG, PATH, POSITIVE, names_where, setting
-from utils import Check, __version__, device_problem
+from utils import FIDELITIES, Check, __version__, device_problem
 
 #: Autocast precisions (``trainer.AMP_DTYPES`` maps them to dtypes).
 AMP_CHOICES = ("bf16", "fp16", "off")
@@ -58,6 +58,9 @@ class TrainConfig(DataOptions):
     model: str = setting("TorchAlexNet", Check(str, choices=tuple(MODELS)), evaluate=True)  # a network.MODELS name
     paper_train: bool = setting(False, FLAG, evaluate=True)
     lrn: bool = setting(True, FLAG, evaluate=True)
+    # The 2012 release's choices ("code") or the paper's text ("text") where they differ: the
+    # network, the paper pipeline and the paper's optimiser read it (README, "Fidelity").
+    fidelity: str = setting("code", Check(str, choices=FIDELITIES))
     setup: str = setting("modern", Check(str, choices=tuple(SETUPS)))
     optimizer: str = setting("adam", Check(str, choices=OPTIMIZERS))
     paper_update: bool = setting(False, FLAG)  # SGD with the paper's own update rule (PaperSGD)
@@ -110,7 +113,8 @@ class TrainConfig(DataOptions):
         naming the field and the reason). Keys this version does not know are dropped, and
         fields an older version did not write take their defaults. A 0.1 dict also held the
         flags ``cifar`` and ``paper_model``, and named ``-c -pm`` "CifarAlexNet": it is read as
-        "PaperCifarAlexNet"."""
+        "PaperCifarAlexNet". A config without ``fidelity`` (0.1, 0.2) trained the paper's text,
+        so it is read as "text", not as today's default."""
         if not isinstance(values, dict):
             raise TypeError(f"the config is a {type(values).__name__}, not a dict")
         checked = {}
@@ -124,6 +128,7 @@ class TrainConfig(DataOptions):
         if checked.pop("paper_model", False) and checked.get("model") == "CifarAlexNet":
             checked["model"] = "PaperCifarAlexNet"
         checked.pop("cifar", None)
+        checked.setdefault("fidelity", "text")
         return cls(**checked)
 
 

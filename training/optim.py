@@ -1,4 +1,9 @@
-"""Optimisers: the paper's SGD update rule, PyTorch's SGD with momentum, and Adam."""
+"""Optimisers: the paper's SGD update rule, PyTorch's SGD with momentum, and Adam.
+
+A parameter group with ``fixed_lr`` keeps its learning rate when the schedule sets the weights'
+rate (``set_lr``): the biases of the 2012 release (``--fidelity code``), whose rate 0.02 was never
+lowered.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ class PaperSGD(torch.optim.Optimizer):
     at once. Here ``v`` already holds each past step's learning rate, so after a drop the old
     velocity decays away over the next steps, as in the original training. While the learning
     rate is constant the two rules give the same weights. Weight decay applies to every
-    parameter, as the formula is written.
+    parameter of a group, as the formula is written; ``release_groups`` gives the biases their
+    own group as the 2012 code did.
     """
 
     def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
@@ -50,10 +56,35 @@ class PaperSGD(torch.optim.Optimizer):
         return loss
 
 
+#: The biases' rate in the 2012 release relative to the weights' initial one: epsB 0.02 against
+#: epsW 0.01 (layer-params-145.cfg:19 etc.; the log at P:165-181 lowers epsW only).
+BIAS_LR_FACTOR = 2.0
+
+
+def release_groups(params: Any, lr: float) -> list[dict[str, Any]]:
+    """The 2012 release's parameter groups for ``PaperSGD``: the weights, with the update rule
+    as given; and the biases (the 1-D parameters: AlexNet has no others) without weight decay
+    (wc applies to weights only, src/layer.cu:565) at ``BIAS_LR_FACTOR`` times the initial rate,
+    which the schedule leaves alone (``fixed_lr``). Both keep the momentum (momB = momW = 0.9)."""
+    params = list(params)
+    weights = [p for p in params if p.ndim > 1]
+    biases = [p for p in params if p.ndim <= 1]
+    return [{"params": weights}, {"params": biases, "lr": BIAS_LR_FACTOR * lr, "weight_decay": 0.0, "fixed_lr": True}]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group but those with a fixed rate."""
+    for group in optimizer.param_groups:
+        if not group.get("fixed_lr", False):
+            group["lr"] = lr
+
+
 def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
-    """The paper's SGD, PyTorch's SGD with momentum, or Adam, as the config says."""
+    """The paper's SGD, PyTorch's SGD with momentum, or Adam, as the config says. The paper's
+    SGD under ``--fidelity code`` has the release's bias groups (``release_groups``)."""
     if config.optimizer == "sgd" and config.paper_update:
-        return PaperSGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        groups = release_groups(params, config.lr) if config.fidelity == "code" else params
+        return PaperSGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
