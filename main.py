@@ -249,6 +249,14 @@ def get_args_parser() -> argparse.ArgumentParser:
             help=f"{what} (default: {getattr(modern, name)}; {getattr(paper, name)} with -pt)",
         )
     opt.add_argument(
+        "--lr-milestones",
+        type=setting_type("lr_milestones"),
+        default="",
+        metavar="EPOCHS",
+        help="also multiply the learning rate by --lr-factor after these epochs, e.g. 25,51,79 (the drops the "
+        "2012 log records); each counts toward --max-lr-drops (default: none)",
+    )
+    opt.add_argument(
         "--warm-start",
         type=setting_type("warm_start"),
         default=1.0,

@@ -73,7 +73,7 @@ from training.figures import confusion_figure, image_grid, write_confusion_csv  
 from training.loop import LossNotFinite, evaluate, train_one_epoch
 from training.optim import PaperSGD, build_optimizer, set_lr  # noqa: F401 (re-exported)
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
-from training.schedule import PlateauSchedule
+from training.schedule import PlateauSchedule, parse_milestones
 from training.tasks import (  # noqa: F401 (re-exported)
     EvalResult,
     format_metrics,
@@ -145,6 +145,7 @@ class Trainer:
             base_lr=config.lr, factor=config.lr_factor, patience=config.plateau_patience,
             max_drops=config.max_lr_drops, early_stop=config.early_stop,
             stop_after_last_drop=config.stop_after_last_drop, warm_start=config.warm_start,
+            milestones=parse_milestones(config.lr_milestones),
         )  # fmt: skip
         self.optimizer = build_optimizer(model.parameters(), config)
         self._set_lr(self.schedule.lr)
@@ -228,7 +229,7 @@ class Trainer:
                     result = evaluate(self.model, self.eval_loader, self.data.num_classes, self.task.multilabel,
                                       config.amp, config.channels_last)  # fmt: skip
                     lr = self.schedule.lr
-                    decision = self.schedule.step(result.score)
+                    decision = self.schedule.step(result.score, p.epoch)
                     self._set_lr(decision.lr)
                     if decision.improved:
                         p.best, p.best_epoch = result.metrics(), p.epoch

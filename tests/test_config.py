@@ -94,9 +94,10 @@ def test_setups_and_flags_resolve_as_before(flags, old_changes):
     old = {**OLD_DEFAULT, **old_changes}
     # -c and -pm are no longer recorded, only the model's name.
     expected = {k: v for k, v in old.items() if k not in ("cifar", "paper_model")}
-    # --fidelity (0.3) is recorded too; 0.2 trained what is now "text".
-    assert {k: v for k, v in asdict(config).items() if k not in RECORDED_NOW | {"fidelity"}} == expected
-    assert config.fidelity == "code"
+    # --fidelity and --lr-milestones are recorded too; 0.2 trained what is now "text", and no milestones.
+    recorded_since = RECORDED_NOW | {"fidelity", "lr_milestones"}
+    assert {k: v for k, v in asdict(config).items() if k not in recorded_since} == expected
+    assert config.fidelity == "code" and config.lr_milestones == ""
     assert (config.download, config.decode_device, config.code_version) == (False, "cpu", code_version())
 
 

@@ -351,7 +351,11 @@ def test_readme_table_states_the_release_values(repo_root):
         "dropout (fc6, fc7)": ["× 0.5 at test", "src/layer.cu:1124-1133"],
         "momentum": ["momW 0.9, momB 0.9", "| 0.9 | 0.9 |"],
         "weight decay": ["0.0005 on weights, 0 on biases", "src/layer.cu:565"],
+        "learning rate, weights": ["epsW 0.01, lowered by hand at epochs 25, 51, 79", "`--lr-milestones 25,51,79`"],
         "learning rate, biases": ["epsB 0.02", "0.02 (2 × `--lr`), never lowered"],
+        "weight init, conv1-2, fc6-8": ["initW 0.01", "| 0.01 | 0.01 |"],
+        "bias init": ["initB 1", "conv2, conv4, conv5, fc6, fc7"],
+        "crop and mirror": ["one offset and mirror per chunk of 32 images", "convdata.py:125"],
         "mean subtracted": ["centre 224 crop of the mean", "convdata.py:137"],
         "PCA colour noise": ["0.1 · [p1 p2 p3](255 √λ ∘ N(0, 1))", "convdata.py:40-42, 113"],
         "after the noise": ["÷ 1.1", "convdata.py:205"],
@@ -361,3 +365,35 @@ def test_readme_table_states_the_release_values(repo_root):
         for text in texts:
             assert text in rows[row], (row, text)
     assert "disputed" not in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# --lr-milestones: the drops the 2012 log records, alongside the plateau rule
+
+
+def test_milestones_drop_the_rate_after_those_epochs_and_count_as_drops():
+    from training.schedule import PlateauSchedule, milestones_problem, parse_milestones
+
+    schedule = PlateauSchedule(base_lr=0.01, factor=0.1, patience=100, max_drops=3,
+                               milestones=parse_milestones("2,4"))  # fmt: skip
+    rates = [schedule.step(score, epoch).lr for epoch, score in enumerate([1, 2, 3, 4, 5], start=1)]
+    assert rates == pytest.approx([0.01, 0.001, 0.001, 0.0001, 0.0001]) and schedule.drops == 2
+    # A plateau drop and a milestone drop at the same epoch are one drop; max_drops bounds both.
+    both = PlateauSchedule(base_lr=1.0, factor=0.5, patience=1, max_drops=1, milestones=(1, 2))
+    assert [both.step(0, 1).lr, both.step(0, 2).lr] == [0.5, 0.5] and both.drops == 1
+    # The milestones come from the config, never from a checkpoint's schedule state.
+    assert "_milestones" not in schedule.state_dict() and "milestones" not in schedule.state_dict()
+    restored = PlateauSchedule(base_lr=0.01, milestones=(7,))
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.lr == pytest.approx(0.0001) and restored.step(0, 7).lr == pytest.approx(0.00001)
+    assert parse_milestones("25,51,79") == (25, 51, 79) and parse_milestones("") == ()
+    assert milestones_problem("25,51,79") is None and milestones_problem("") is None
+    assert "increasing" in milestones_problem("5,3") and "commas" in milestones_problem("5;3")
+
+
+def test_lr_milestones_flag_reaches_the_config_and_is_checked():
+    config = main.config_from_args(main.get_args_parser().parse_args(["--lr-milestones", "25,51,79"]),
+                                   torch.device("cpu"))  # fmt: skip
+    assert config.lr_milestones == "25,51,79"
+    with pytest.raises(SystemExit):
+        main.get_args_parser().parse_args(["--lr-milestones", "0,3"])

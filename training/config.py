@@ -17,6 +17,7 @@ from typing import Any
 from datasets import DATASETS, DataOptions
 from network import MODELS
 from training.fields import COUNT, FLAG, PATH, POSITIVE, names_where, setting
+from training.schedule import milestones_problem
 from utils import FIDELITIES, Check, __version__, device_problem
 
 #: Autocast precisions (``trainer.AMP_DTYPES`` maps them to dtypes).
@@ -72,6 +73,7 @@ class TrainConfig(DataOptions):
     lr_factor: float = setting(0.1, Check(float, 0, 1, low_open=True, high_open=True))
     plateau_patience: int = setting(5, POSITIVE)
     max_lr_drops: int = setting(3, COUNT)
+    lr_milestones: str = setting("", Check(str, rule=milestones_problem))  # e.g. "25,51,79"; "" none
     stop_after_last_drop: bool = setting(False, FLAG)  # a plateau after the last allowed drop ends the run
     warm_start: float = setting(1.0, Check(float, 1))
     n_epoch: int = setting(200, POSITIVE, resume=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 from utils import Check
@@ -30,6 +31,11 @@ class PlateauSchedule:
 
     - ``stop_after_last_drop`` (paper): the first plateau after the last drop ends the run;
     - ``early_stop`` > 0 (modern): ``early_stop`` epochs without a better score end the run.
+
+    ``milestones`` (``--lr-milestones``): epochs after which the rate is multiplied by ``factor``
+    whatever the scores, as the 2012 log records its drops (after epochs 25, 51 and 79),
+    alongside the plateau rule; each counts as one of the ``max_drops``. They come from the
+    config, not the state: a resumed run is given them again.
     """
 
     base_lr: float
@@ -44,13 +50,17 @@ class PlateauSchedule:
     bad_epochs: int = 0
     stale: int = 0
     drops: int = 0
+    milestones: InitVar[tuple[int, ...]] = ()
+    _milestones: tuple[int, ...] = field(default=(), init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, milestones: tuple[int, ...]) -> None:
         if self.lr == 0.0:
             self.lr = self.base_lr * self.warm_start
+        self._milestones = tuple(milestones)
 
-    def step(self, score: float) -> Decision:
-        """Record one epoch's score and return the learning rate to use next."""
+    def step(self, score: float, epoch: int | None = None) -> Decision:
+        """Record one epoch's score (of epoch ``epoch``, counted from 1, which milestones need)
+        and return the learning rate to use next."""
         improved = score > self.best
         if improved:
             self.best, self.bad_epochs, self.stale = score, 0, 0
@@ -69,13 +79,19 @@ class PlateauSchedule:
                 decision.dropped = True
             elif self.stop_after_last_drop:
                 decision.stop = f"a plateau after the last of {self.max_drops} learning-rate drops"
+        if epoch in self._milestones and not decision.dropped and self.drops < self.max_drops:
+            self.drops += 1
+            self.lr *= self.factor
+            decision.dropped = True
         if not decision.stop and self.early_stop and self.stale >= self.early_stop:
             decision.stop = f"no better score for {self.stale} epochs"
         decision.lr = self.lr
         return decision
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        state = asdict(self)
+        del state["_milestones"]  # from the config
+        return state
 
     def load_state_dict(self, state: object) -> None:
         """Continue from ``state_dict()``'s output, every field checked first (``ValueError``
@@ -102,7 +118,7 @@ _STATE_CHECKS: dict[str, Any] = {
     "stale": Check(int, 0),
     "drops": Check(int, 0),
 }
-assert set(_STATE_CHECKS) == {f.name for f in fields(PlateauSchedule)}
+assert set(_STATE_CHECKS) == {f.name for f in fields(PlateauSchedule)} - {"_milestones"}
 
 
 def check_schedule_state(state: object) -> dict[str, Any]:
@@ -116,3 +132,22 @@ def check_schedule_state(state: object) -> dict[str, Any]:
         except (TypeError, ValueError) as error:
             raise ValueError(f"its scheduler's {key} {error}") from None
     return checked
+
+
+def milestones_problem(text: str) -> str | None:
+    """Why ``text`` is not a list of epochs for ``--lr-milestones`` ("25,51,79": increasing whole
+    numbers from 1, comma-separated; "" for none), or None."""
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) > 1000 or not all(p.strip().isdigit() for p in parts):
+        return f"must be epochs separated by commas, e.g. 25,51,79, got {text[:40]!r}"
+    epochs = [int(p) for p in parts]
+    if epochs[0] < 1 or any(b <= a for a, b in itertools.pairwise(epochs)):
+        return f"must be increasing epochs from 1, e.g. 25,51,79, got {text[:40]!r}"
+    return None
+
+
+def parse_milestones(text: str) -> tuple[int, ...]:
+    """The epochs of a checked ``--lr-milestones`` value."""
+    return tuple(int(p) for p in text.split(",")) if text else ()
