@@ -5,12 +5,15 @@ python main.py -c -ds Cifar10 --data-dir dataset    # CIFAR-10
 python main.py -pm -pt -ds PascalVOC2012            # the paper's network and training setup
 python main.py --resume checkpoints/Shapes/<run>/last.pt
 python main.py --evaluate checkpoints/Shapes/<run>/best.pt
+python main.py prepare -ds ImageNet --data-dir /data       # the one-time resize, before training
+python main.py predict --checkpoint best.pt photo.jpg      # also: export, figures (COMMANDS)
 tensorboard --logdir runs
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -498,6 +501,32 @@ def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespac
     return None
 
 
+#: ``python main.py COMMAND ...``: the jobs besides training, each a module whose
+#: ``main(argv) -> int`` parses its own flags; (module, what ``stop.phase`` says meanwhile).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("data.prepare", "preparing the data"),
+    "predict": ("inference.predict", "predicting"),
+    "export": ("inference.export", "exporting"),
+    "figures": ("inference.figures", "drawing the figures"),
+}
+
+
+def run_command(name: str, argv: list[str], stop: StopSignals) -> int:
+    """Run ``COMMANDS[name]`` with ``argv``: a ``UserError`` is one sentence and exit 1, a stop
+    signal one sentence and its exit code, as for training."""
+    module, stop.phase = COMMANDS[name]
+    setup_logging()
+    try:
+        return importlib.import_module(module).main(argv)
+    except UserError as error:
+        logger.error("error: %s", error)
+        return 1
+    except Interrupted as stopped:
+        if not stopped.reported:
+            logger.warning("stopped by %s while %s", stopped, stop.phase)
+        return stopped.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
     stop = StopSignals()
@@ -513,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Interrupted as stopped:
             logger.warning("stopped by %s while %s", stopped, stop.phase)
             return stopped.exit_code
+    if argv[:1] and argv[0] in COMMANDS:
+        return run_command(argv[0], argv[1:], stop)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     given = explicit_flags(argv)
