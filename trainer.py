@@ -229,7 +229,7 @@ class Trainer:
                     result = evaluate(self.model, self.eval_loader, self.data.num_classes, self.task.multilabel,
                                       config.amp, config.channels_last)  # fmt: skip
                     lr = self.schedule.lr
-                    decision = self.schedule.step(result.score, p.epoch)
+                    decision = self.schedule.step(self.task.score(result), p.epoch)
                     self._set_lr(decision.lr)
                     if decision.improved:
                         p.best, p.best_epoch = result.metrics(), p.epoch

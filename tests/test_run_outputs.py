@@ -116,3 +116,23 @@ def test_the_task_comes_from_the_data_sets_registry_entry():
     assert task_for(DataSet("PascalVOC2012", [str(i) for i in range(20)], multi, multi)) is MULTI
     assert task_for(DataSet("made in code", ["a", "b"], multi, multi)) is MULTI  # unregistered: by its labels
     assert (SINGLE.score_key, MULTI.score_key) == ("top1", "mAP")
+
+
+def test_a_metrics_row_that_cannot_be_written_is_one_sentence(tmp_path):
+    """A full disk or a folder in the way while appending to ``metrics.jsonl`` is the same
+    ``cannot write to ...`` sentence as every other write of a run, not a traceback."""
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.outputs import METRICS_FILE, RunFolders, RunOutputs
+    from training.tasks import EvalResult
+    from utils import UserError
+
+    run_dir = tmp_path / "run"
+    (run_dir / METRICS_FILE).mkdir(parents=True)  # opening it to append fails: IsADirectoryError
+    folders = RunFolders("run", run_dir, tmp_path / "ckpt", tmp_path / "run.log")
+    outputs = RunOutputs(TrainConfig(), folders, "Shapes", ["a", "b"], SINGLE)
+    outputs.writer = SimpleNamespace(add_scalar=lambda *a: None, flush=lambda: None)
+    progress = SimpleNamespace(epoch=1, global_step=3, top1_max=50.0)
+    with pytest.raises(UserError, match=r"^cannot write to .*metrics\.jsonl .*; pass a writable --output-dir\.$"):
+        outputs.epoch(progress, EvalResult(0.5, 50.0, 100.0, 2), 0.7, 0.01, 100.0, 1.0)

@@ -463,14 +463,17 @@ class RunOutputs:
             self.writer.add_scalar(prefix + tag, value, step)
         row = {"step": step, "seconds": seconds, **scalars}
         row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        writing(self.run_dir, lambda: self._append_metrics(row))
         if (epoch % config.log_confusion_epoch == 0 or epoch == config.n_epoch) and result.confusion is not None:
             write_confusion_csv(result.confusion, self.classes, self.run_dir / f"confusion_epoch{epoch:03d}.csv")
             title = f"{self.data_name} epoch {epoch}: top-1 {result.top1:.1f}%"
             self.writer.add_figure(prefix + "val/confusion", confusion_figure(result.confusion, self.classes, title),
                                    step)  # fmt: skip
         self.writer.flush()
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
 
     # -- the summary
 

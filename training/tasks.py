@@ -76,11 +76,6 @@ class EvalResult:
     ap: list[float] | None = None  # percent per class, NaN for classes absent from the split
     mAP: float | None = None  # percent, mean over classes with positives
 
-    @property
-    def score(self) -> float:
-        """The number that decides "better": mAP for multi-label data, else top-1."""
-        return self.mAP if self.mAP is not None else self.top1
-
     def metrics(self) -> dict[str, Any]:
         """The numbers, JSON-ready (an AP of a class absent from the split is null)."""
         out: dict[str, Any] = {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count}
@@ -116,6 +111,10 @@ class Task:
     multilabel = False
     #: The metric that decides "better", a key of ``EvalResult.metrics()``.
     score_key = "top1"
+
+    def score(self, result: EvalResult) -> float:
+        """The number of ``result`` that decides "better" (``score_key``)."""
+        return result.metrics()[self.score_key]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss of one batch."""
