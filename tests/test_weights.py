@@ -152,7 +152,7 @@ def test_flags_that_do_not_go_with_weights(capsys, own_signals):
         assert message in capsys.readouterr().err
 
 
-def test_checkpoint_fine_tuned_on_another_data_set_with_frozen_features(cifar_run, tmp_path, own_signals, caplog):
+def test_checkpoint_fine_tuned_on_another_data_set_with_frozen_features(cifar_run, tmp_path, own_signals, capsys):
     """A Shapes CifarAlexNet checkpoint starts a CIFAR-10 run whose convolutions stay as they were
     (SGD with momentum and weight decay, which would move anything the optimiser held); the
     classifier trains, fc8 is the new run's own; --resume continues without the weights file."""
@@ -161,8 +161,8 @@ def test_checkpoint_fine_tuned_on_another_data_set_with_frozen_features(cifar_ru
     flags = ["-c", "-ds", "Cifar10", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
              "--run-name", "tuned", "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--weight-decay",
              "0.01", "-ne", "1", "--seed", "3"]  # fmt: skip
-    with caplog.at_level(logging.INFO):
-        assert main.main([*flags, "--weights", str(source), "--freeze-features"]) == 0
+    assert main.main([*flags, "--weights", str(source), "--freeze-features"]) == 0
+    log = capsys.readouterr().err  # main.main logs to stderr (utils.setup_logging)
     before = torch.load(source, weights_only=True)
     after_path = tmp_path / "out" / "checkpoints" / "Cifar10" / "tuned" / "last.pt"
     after = torch.load(after_path, weights_only=True)
@@ -172,11 +172,11 @@ def test_checkpoint_fine_tuned_on_another_data_set_with_frozen_features(cifar_ru
     assert features and all(torch.equal(after["model"][k], before["model"][k]) for k in features)
     assert not torch.equal(after["model"]["classifier.1.weight"], before["model"]["classifier.1.weight"])
     # Shapes and CIFAR-10 both have 10 classes, but other ones: fc8 is the new run's own.
-    assert "fc8 (classifier.6) re-initialised: the weights' 10 classes are not this run's" in caplog.text
+    assert "fc8 (classifier.6) re-initialised: the weights' 10 classes are not this run's" in log
     assert not torch.equal(after["model"]["classifier.6.weight"], before["model"]["classifier.6.weight"])
     trainable = sum(t.numel() for k, t in after["model"].items() if k.startswith("classifier."))
     total = sum(t.numel() for t in after["model"].values())
-    assert f"features frozen: {trainable:,} of {total:,} parameters train" in caplog.text
+    assert f"features frozen: {trainable:,} of {total:,} parameters train" in log
     source.unlink()  # --resume continues from the run's own state, never from --weights
     assert main.main(["--resume", str(after_path), "-ne", "2"]) == 0
     assert torch.load(after_path, weights_only=True)["epoch"] == 2
