@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from fakedata import write_cifar10
+from main_cli import copy_run, only
 from torch import nn
 
 import main
-from fakedata import write_cifar10
-from main_cli import copy_run, only
-from network import TorchAlexNet
+from network import CifarAlexNet, TorchAlexNet
 from training.weights import WeightsError, hash_problem, load_initial_weights
 
 FC8 = ("classifier.6.weight", "classifier.6.bias")
@@ -101,8 +101,6 @@ def test_files_that_do_not_fit_are_one_sentence_each(torchvision_file, imagenet_
     torch.save(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).state_dict(), foreign)
     with pytest.raises(WeightsError, match=r"does not fit TorchAlexNet: it has no tensor 'features\.0\.weight'; pass"):
         load_initial_weights(foreign, imagenet_model, "TorchAlexNet", ["a", "b"])
-    from network import CifarAlexNet
-
     with pytest.raises(WeightsError, match="holds torchvision's AlexNet, which only TorchAlexNet takes; drop -c"):
         load_initial_weights(path, CifarAlexNet(10), "CifarAlexNet", ["a", "b"])
     with pytest.raises(WeightsError, match="-pt feeds 0-255 pixels minus the mean image; drop -pt"):

@@ -61,9 +61,10 @@ def hash_problem(path: Path) -> str | None:
     with open(path, "rb") as file:
         while chunk := file.read(HASH_CHUNK):
             digest.update(chunk)
-    if digest.hexdigest().startswith(match.group(1)):
+    expected, actual = match.group(1), digest.hexdigest()
+    if actual.startswith(expected):
         return None
-    return f"its sha256 starts with {digest.hexdigest()[:len(match.group(1))]}, not with the {match.group(1)} its name says"
+    return f"its sha256 starts with {actual[: len(expected)]}, not with the {expected} its name says"
 
 
 def read_weights(path: Path) -> dict:
@@ -157,7 +158,7 @@ def _checkpoint_state(checkpoint: dict, path: Path, model_name: str) -> tuple[di
 def _torchvision_state(state: dict, path: Path, model: nn.Module, paper_train: bool) -> dict:
     """A torchvision state dict, refused where it cannot go: into another network than
     ``TorchAlexNet``, or in front of the paper's pipeline, whose inputs (0-255 pixels minus the
-    mean image) are about 60 times the normalised ones these weights were trained on."""
+    mean image) are about 55 times the normalised ones these weights were trained on."""
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
         raise WeightsError(f"weights file {path} is neither a state dict of named tensors nor a checkpoint of this "
                            "tool; pass torchvision's alexnet-owt-*.pth or a last.pt / best.pt.")  # fmt: skip
@@ -184,4 +185,3 @@ def freeze_features(model: nn.Module) -> tuple[int, int]:
         total += parameter.numel()
         trainable += parameter.numel() if parameter.requires_grad else 0
     return trainable, total
-
