@@ -5,6 +5,7 @@ python main.py -c -ds Cifar10 --data-dir dataset    # CIFAR-10
 python main.py -pm -pt -ds PascalVOC2012            # the paper's network and training setup
 python main.py --resume checkpoints/Shapes/<run>/last.pt
 python main.py --evaluate checkpoints/Shapes/<run>/best.pt
+python main.py -ds Cifar10 --weights alexnet-owt-7be5be79.pth   # fine-tune torchvision's ImageNet weights
 python main.py prepare -ds ImageNet --data-dir /data       # the one-time resize, before training
 python main.py predict --checkpoint best.pt photo.jpg      # also: export, figures (COMMANDS)
 tensorboard --logdir runs
