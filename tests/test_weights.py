@@ -101,8 +101,15 @@ def test_files_that_do_not_fit_are_one_sentence_each(torchvision_file, imagenet_
     torch.save(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).state_dict(), foreign)
     with pytest.raises(WeightsError, match=r"does not fit TorchAlexNet: it has no tensor 'features\.0\.weight'; pass"):
         load_initial_weights(foreign, imagenet_model, "TorchAlexNet", ["a", "b"])
+    cifar = CifarAlexNet(10)
     with pytest.raises(WeightsError, match="holds torchvision's AlexNet, which only TorchAlexNet takes; drop -c"):
-        load_initial_weights(path, CifarAlexNet(10), "CifarAlexNet", ["a", "b"])
+        load_initial_weights(path, cifar, "CifarAlexNet", ["a", "b"])
+    # CifarAlexNet has torchvision's names in other shapes: its own state dict is not taken for torchvision's.
+    broken = cifar.state_dict()
+    broken["features.3.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(broken, tmp_path / "cifar.pth")
+    with pytest.raises(WeightsError, match=r"does not fit CifarAlexNet: its 'features\.3\.weight' holds NaN or inf"):
+        load_initial_weights(tmp_path / "cifar.pth", cifar, "CifarAlexNet", ["a", "b"])
     with pytest.raises(WeightsError, match="-pt feeds 0-255 pixels minus the mean image; drop -pt"):
         load_initial_weights(path, imagenet_model, "TorchAlexNet", ["a", "b"], paper_train=True)
 

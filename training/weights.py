@@ -95,17 +95,31 @@ def last_linear(model: nn.Module) -> str:
 
 def first_mismatch(state: Mapping[str, object], model: nn.Module, fc8: str) -> str | None:
     """The first tensor of ``model`` that ``state`` lacks or holds in another shape (fc8 may
-    differ in its class count), else the first key ``state`` has beyond the model's; in words."""
-    own = model.state_dict()
-    for key, tensor in own.items():
+    differ in its class count), else the first key ``state`` has beyond the model's, else the
+    first tensor that is not floating-point or not finite; in words."""
+    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    return _shape_problem(state, shapes, fc8) or _value_problem(state)
+
+
+def _shape_problem(state: Mapping[str, object], shapes: Mapping[str, torch.Size], fc8: str) -> str | None:
+    for key, shape in shapes.items():
         theirs = state.get(key)
         if not isinstance(theirs, torch.Tensor):
             return f"it has no tensor {quoted(key)}"
-        same = theirs.shape[1:] == tensor.shape[1:] if key.startswith(fc8 + ".") else theirs.shape == tensor.shape
-        if not same or theirs.dtype.is_floating_point != tensor.dtype.is_floating_point:
-            return f"its {quoted(key)} is {tuple(theirs.shape)}, where the model's is {tuple(tensor.shape)}"
-    extra = next((key for key in state if key not in own), None)
+        if (theirs.shape[1:] != shape[1:]) if key.startswith(fc8 + ".") else (theirs.shape != shape):
+            return f"its {quoted(key)} is {tuple(theirs.shape)}, where the model's is {tuple(shape)}"
+    extra = next((key for key in state if key not in shapes), None)
     return None if extra is None else f"it has {quoted(str(extra))}, which the model has not"
+
+
+def _value_problem(state: Mapping[str, object]) -> str | None:
+    for key, tensor in state.items():
+        assert isinstance(tensor, torch.Tensor)  # _shape_problem found every key a tensor
+        if not tensor.dtype.is_floating_point:
+            return f"its {quoted(key)} holds {tensor.dtype}, not floating-point numbers"
+        if not bool(torch.isfinite(tensor).all()):
+            return f"its {quoted(key)} holds NaN or infinite values"
+    return None
 
 
 def load_initial_weights(path: Path, model: nn.Module, model_name: str, classes: Sequence[str],
@@ -162,12 +176,14 @@ def _torchvision_state(state: dict, path: Path, model: nn.Module, paper_train: b
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
         raise WeightsError(f"weights file {path} is neither a state dict of named tensors nor a checkpoint of this "
                            "tool; pass torchvision's alexnet-owt-*.pth or a last.pt / best.pt.")  # fmt: skip
-    with torch.device("meta"):  # only the names: nothing to initialise
-        torchvision_keys = TorchAlexNet().state_dict().keys()
-    if not isinstance(model, TorchAlexNet) and state.keys() == torchvision_keys:
+    with torch.device("meta"):  # only the names and shapes: nothing to initialise
+        reference = TorchAlexNet()
+    shapes = {key: tensor.shape for key, tensor in reference.state_dict().items()}
+    torchvision = _shape_problem(state, shapes, last_linear(reference)) is None
+    if not isinstance(model, TorchAlexNet) and torchvision:
         raise WeightsError(f"weights file {path} holds torchvision's AlexNet, which only TorchAlexNet takes; drop -c "
                            "and -pm.")  # fmt: skip
-    if paper_train and state.keys() == torchvision_keys:
+    if paper_train and torchvision:
         raise WeightsError(f"weights file {path} holds torchvision's weights, trained on mean/std-normalised inputs, "
                            "but -pt feeds 0-255 pixels minus the mean image; drop -pt and choose the optimiser "
                            "with --optimizer / --lr.")  # fmt: skip
