@@ -5,6 +5,7 @@ python main.py -c -ds Cifar10 --data-dir dataset    # CIFAR-10
 python main.py -pm -pt -ds PascalVOC2012            # the paper's network and training setup
 python main.py --resume checkpoints/Shapes/<run>/last.pt
 python main.py --evaluate checkpoints/Shapes/<run>/best.pt
+python main.py -ds Cifar10 --weights alexnet-owt-7be5be79.pth   # fine-tune torchvision's ImageNet weights
 python main.py prepare -ds ImageNet --data-dir /data       # the one-time resize, before training
 python main.py predict --checkpoint best.pt photo.jpg      # also: export, figures (COMMANDS)
 tensorboard --logdir runs
@@ -62,6 +63,7 @@ from training.distributed import (
     rank_and_world,
 )
 from training.outputs import RunFolders, claim_run
+from training.weights import load_initial_weights
 from utils import FIDELITIES, Check, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
 
 logger = logging.getLogger("alexnet")
@@ -352,6 +354,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         "print the metrics as JSON and exit (default: none)",
     )
 
+    tune = parser.add_argument_group("starting from trained weights")
+    tune.add_argument(
+        "--weights",
+        type=path_type,
+        default=None,
+        metavar="PATH",
+        help="start a new run from these weights: torchvision's alexnet-owt-7be5be79.pth (TorchAlexNet) or a "
+        "checkpoint of this tool of the same network, from any data set; fc8 is re-initialised when the classes "
+        "differ (default: none, random initialisation)",
+    )
+    tune.add_argument(
+        "--freeze-features",
+        action="store_true",
+        help="with --weights: train only the classifier, the convolutions keep their weights (default: off)",
+    )
+
     shapes = parser.add_argument_group("Shapes data set")
     shapes.add_argument(
         "--shapes-train",
@@ -498,6 +516,11 @@ def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespac
         return "--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun"
     if args.rewind and not args.resume:
         return "--rewind only applies to --resume"
+    if args.weights and (args.resume or args.evaluate):
+        # A checkpoint's own weights are what --resume continues and --evaluate measures.
+        return "--weights starts a new run; drop it with --resume or --evaluate, which use the checkpoint's weights"
+    if args.freeze_features and not (args.weights or args.resume or args.evaluate):
+        return "--freeze-features keeps the starting weights' features, so it needs --weights PATH"
     return None
 
 
@@ -634,6 +657,9 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     if checkpoint is not None:
         load_weights(checkpoint, checkpoint_path, model, data.num_classes, data.name)
+    elif config.weights:
+        stop.phase = "reading the initial weights"
+        load_initial_weights(Path(config.weights), model, config.model, data.classes, config.paper_train)
     if config.split_gpus:
         model = SplitPaperAlexNet(model, split_devices(device))
         logger.info("the two towers run on %s and %s", *model.devices)

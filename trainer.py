@@ -81,6 +81,7 @@ from training.tasks import (  # noqa: F401 (re-exported)
     task_for,
     voc_average_precision,
 )
+from training.weights import freeze_features
 from utils import UserError
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,10 @@ class Trainer:
             stop_after_last_drop=config.stop_after_last_drop, warm_start=config.warm_start,
             milestones=parse_milestones(config.lr_milestones),
         )  # fmt: skip
-        self.optimizer = build_optimizer(model.parameters(), config)
+        if config.freeze_features:
+            trainable, total = freeze_features(model)
+            logger.info("features frozen: %s of %s parameters train (the classifier)", f"{trainable:,}", f"{total:,}")
+        self.optimizer = build_optimizer(model.parameters(), config)  # the trainable ones
         self._set_lr(self.schedule.lr)
         if self.world > 1:
             # Gradients are averaged over the processes in buckets, overlapping the backward pass.

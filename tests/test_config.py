@@ -94,10 +94,12 @@ def test_setups_and_flags_resolve_as_before(flags, old_changes):
     old = {**OLD_DEFAULT, **old_changes}
     # -c and -pm are no longer recorded, only the model's name.
     expected = {k: v for k, v in old.items() if k not in ("cifar", "paper_model")}
-    # --fidelity and --lr-milestones are recorded too; 0.2 trained what is now "text", and no milestones.
-    recorded_since = RECORDED_NOW | {"fidelity", "lr_milestones"}
+    # --fidelity, --lr-milestones, --weights and --freeze-features are recorded too; 0.2 trained what is
+    # now "text", with no milestones, from a random initialisation.
+    recorded_since = RECORDED_NOW | {"fidelity", "lr_milestones", "weights", "freeze_features"}
     assert {k: v for k, v in asdict(config).items() if k not in recorded_since} == expected
     assert config.fidelity == "code" and config.lr_milestones == ""
+    assert config.weights == "" and config.freeze_features is False
     assert (config.download, config.decode_device, config.code_version) == (False, "cpu", code_version())
 
 

@@ -91,6 +91,11 @@ class TrainConfig(DataOptions):
     channels_last: bool = setting(False, FLAG, resume=True, evaluate=True, identity=False, per_process=True)
     compile: bool = setting(False, FLAG, resume=True, evaluate=True, identity=False)
     split_gpus: bool = setting(False, FLAG, evaluate=True)
+    # Where a run's initial weights came from (``--weights``: torchvision's file or a checkpoint;
+    # "" for a random initialisation). Read once, when the run starts: --resume continues from
+    # the run's own state and never reloads it.
+    weights: str = setting("", PATH)
+    freeze_features: bool = setting(False, FLAG)  # only the classifier trains (--freeze-features)
     output_dir: str = setting(".", PATH, resume=True, identity=False, per_process=True)
     dry_run: bool = setting(False, FLAG, identity=False)
     log: bool = setting(False, FLAG, resume=True, identity=False)

@@ -81,7 +81,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     """The paper's SGD, PyTorch's SGD with momentum, or Adam, as the config says. The paper's
-    SGD under ``--fidelity code`` has the release's bias groups (``release_groups``)."""
+    SGD under ``--fidelity code`` has the release's bias groups (``release_groups``). Parameters
+    that do not train (``--freeze-features``) stay out, so weight decay and momentum cannot
+    move them either."""
+    params = [p for p in params if p.requires_grad]
     if config.optimizer == "sgd" and config.paper_update:
         groups = release_groups(params, config.lr) if config.fidelity == "code" else params
         return PaperSGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
