@@ -67,16 +67,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="folder holding the data sets (default: the checkpoint's, when it exists here, else "
                         "dataset)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the PNGs (default: runs/<dataset>/<run>/figures/ of the checkpoint's run)")
-    parser.add_argument("--device", default=None,
-                        help="device to run the network on, e.g. cpu, cuda (default: cuda when present, else cpu)")
-    parser.add_argument("--images", type=_positive, default=8,
-                        help="evaluation images in the predictions figure (default: %(default)s)")
-    parser.add_argument("--queries", type=_positive, default=5,
-                        help="query images in the neighbours figure (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive, default=256,
-                        help="model inputs per batch while the training set is streamed (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the PNGs (default: runs/<dataset>/<run>/figures/ of the checkpoint's run)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="device to run the network on, e.g. cpu, cuda (default: cuda when present, else cpu)",
+    )
+    parser.add_argument(
+        "--images", type=_positive, default=8, help="evaluation images in the predictions figure (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--queries", type=_positive, default=5, help="query images in the neighbours figure (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=256,
+        help="model inputs per batch while the training set is streamed (default: %(default)s)",
+    )
     return parser
 
 
