@@ -199,7 +199,7 @@ def png_bytes(image: torch.Tensor) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(image.permute(1, 2, 0).cpu().numpy()).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
