@@ -68,6 +68,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="folder holding the data sets (default: the checkpoint's, when it exists here, else "
                         "dataset)")  # fmt: skip
     parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="folder for the VOC 256x256 resize cache (default: alexnet_cache/ in the VOC folder, or ~/.cache/alexnet "
+        "when that is read-only)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -116,8 +123,8 @@ def main(argv: list[str]) -> int:
                         "figures.")  # fmt: skip
     data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else Path("dataset"))
     # Where and how this process reads the data is its own business, as for --evaluate.
-    config = replace(config, data_dir=str(data_dir), download=False, cache_dir="", decode_device=str(device),
-                     device=str(device))  # fmt: skip
+    config = replace(config, data_dir=str(data_dir), download=False, cache_dir=str(args.cache_dir or ""),
+                     decode_device=str(device), device=str(device))  # fmt: skip
     data = load_dataset(config.dataset, config)
     model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     load_weights(checkpoint, args.checkpoint, model, data.num_classes, data.name)
@@ -196,7 +203,8 @@ def fc7_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def nearest_neighbours(queries: torch.Tensor, batches: Iterable[torch.Tensor], k: int = NEIGHBOURS
                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The ``k`` rows nearest to each query (Euclidean), over rows that arrive in ``batches``:
-    (distances, indices), Q x k each, nearest first, indices counted over all batches.
+    (distances, indices), Q x k each (fewer columns when there are fewer rows), nearest first,
+    indices counted over all batches.
 
     Only the running best ``k`` per query is kept: each batch's distances are merged with it
     and cut back to ``k``, so memory is the queries, one batch and Q x (k + batch), whatever
@@ -211,8 +219,6 @@ def nearest_neighbours(queries: torch.Tensor, batches: Iterable[torch.Tensor], k
         best, picked = torch.cat([best, distances], 1).topk(min(k, best.shape[1] + len(rows)), largest=False)
         where = torch.cat([where, numbers], 1).gather(1, picked)
         seen += len(rows)
-    if where.shape[1] < k:
-        raise UserError(f"the training set has {seen} images, fewer than the {k} neighbours to show.")
     return best, where
 
 
@@ -235,6 +241,9 @@ def draw_neighbours(model: nn.Module, pipeline: Pipeline, data: DataSet, train: 
     features = fc7_features(model, inputs)
     _, nearest = nearest_neighbours(features, training_features(model, pipeline, train.images, batch_size, device))
     nearest = nearest.cpu()
+    if nearest.shape[1] < NEIGHBOURS:
+        logger.warning("the training set has %d images: showing %d neighbours per query instead of %d", len(train),
+                       nearest.shape[1], NEIGHBOURS)  # fmt: skip
     found = train.images[nearest.flatten()].cpu().view(*nearest.shape, *train.images.shape[1:])
     same = torch.tensor([[bool(set(true_classes(test.labels[q].cpu())) & set(true_classes(train.labels[i].cpu())))
                           for i in row] for q, row in zip(queries.tolist(), nearest)])  # fmt: skip

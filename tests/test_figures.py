@@ -163,9 +163,11 @@ def test_streamed_nearest_neighbours_equal_a_brute_force_search():
     assert indices[:, 0].tolist() == [7, 99] and distances[:, 0].tolist() == [0.0, 0.0]
 
 
-def test_fewer_training_images_than_neighbours_is_one_sentence():
-    with pytest.raises(UserError, match="has 4 images, fewer than the 6 neighbours"):
-        nearest_neighbours(torch.zeros(1, 3), [torch.zeros(4, 3)])
+def test_fewer_training_images_than_neighbours_gives_them_all_nearest_first():
+    rows = torch.tensor([[0.0], [5.0], [1.0], [3.0]])
+    distances, indices = nearest_neighbours(torch.tensor([[0.4], [4.4]]), rows.split(3), k=6)
+    assert indices.tolist() == [[0, 2, 3, 1], [1, 3, 2, 0]]
+    assert torch.allclose(distances, torch.tensor([[0.4, 0.6, 2.6, 4.6], [0.6, 1.4, 3.4, 4.4]]))
 
 
 def test_spread_indices_cover_the_split():

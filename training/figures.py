@@ -253,8 +253,9 @@ def predictions_figure(images: torch.Tensor, scores: torch.Tensor, labels: torch
     height, width = predictions_size(count)
     figure = plt.figure(figsize=(width / PREDICTIONS_DPI, height / PREDICTIONS_DPI), dpi=PREDICTIONS_DPI)
     rows = math.ceil(count / PREDICTIONS_COLUMNS)
+    # Margins in pixels: the heading and the first titles above, the bars' tick labels below.
     grid = figure.add_gridspec(2 * rows, PREDICTIONS_COLUMNS, height_ratios=[3, 2] * rows, left=0.02, right=0.98,
-                               top=0.91, bottom=0.03, hspace=0.3, wspace=0.12)  # fmt: skip
+                               top=1 - 36 / height, bottom=16 / height, hspace=0.3, wspace=0.12)  # fmt: skip
     k = min(top, len(classes))
     for n in range(count):
         row, column = divmod(n, PREDICTIONS_COLUMNS)
@@ -275,7 +276,7 @@ def predictions_figure(images: torch.Tensor, scores: torch.Tensor, labels: torch
         bars.set_yticks([])
         bars.tick_params(axis="x", labelsize=6)
     kind = "sigmoid score per class" if multilabel else "softmax probability"
-    figure.suptitle(f"top-{k} predictions ({kind}); red: a true class", fontsize=9, y=0.995)
+    figure.suptitle(f"top-{k} predictions ({kind}); red: a true class", fontsize=9, y=1 - 3 / height, va="top")
     return figure
 
 
