@@ -29,12 +29,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from datasets import DATASETS, DataSet, Pipeline, load_dataset, make_loaders
+from datasets import DATASETS, Loaders, Pipeline, Split, load_dataset, make_loaders
 from network import make_model
 from training.checkpoint import load_checkpoint, load_weights
 from training.config import TrainConfig
@@ -117,7 +116,6 @@ def main(argv: list[str]) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict(checkpoint["config"])
     run_dir = run_folder(args.checkpoint, config)
-    out = args.out or run_dir / "figures"
     if args.out is None and not run_dir.is_dir():
         raise UserError(f"the run folder of {args.checkpoint}, {run_dir}, does not exist here; pass --out DIR for the "
                         "figures.")  # fmt: skip
@@ -132,23 +130,30 @@ def main(argv: list[str]) -> int:
     loaders = make_loaders(data, model.input_size, config.paper_train, device, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
                            seed=config.seed, fidelity=config.fidelity)  # fmt: skip
-    train, test, pipeline = loaders.train.split, loaders.eval.split, loaders.pipeline
-    multilabel = DATASETS[config.dataset].task == "multi-label"
-
-    pictures = {"kernels": model_kernel_grid(model)}
-    chosen = spread(len(test), args.images)
-    scores = predict(model, pipeline, test.images[chosen].to(device), multilabel)
-    figure = predictions_figure(test.images[chosen], scores.cpu(), test.labels[chosen].cpu(), data.classes, multilabel)
-    pictures["predictions"] = figure_image(figure)
-    queries = chosen[: args.queries] if args.queries <= len(chosen) else spread(len(test), args.queries)
-    pictures["neighbours"] = draw_neighbours(model, pipeline, data, train, test, queries, args.batch_size, device)
-
-    stem, step = f"{args.checkpoint.stem}_epoch{int(checkpoint['epoch']):03d}", int(checkpoint["global_step"])
-    written = [write_new(png_bytes(image), out, f"{name}_{stem}") for name, image in pictures.items()]
-    log_to_tensorboard(run_dir if run_dir.is_dir() else out, pictures, step)
+    pictures = draw(model, loaders, data.classes, DATASETS[config.dataset].task == "multi-label", args, device)
+    stem = f"{args.checkpoint.stem}_epoch{int(checkpoint['epoch']):03d}"
+    written = [write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
+               for name, image in pictures.items()]  # fmt: skip
+    log_to_tensorboard(run_dir if run_dir.is_dir() else args.out, pictures, int(checkpoint["global_step"]))
     for path in written:
         logger.info("wrote %s", path)
     return 0
+
+
+def draw(model: nn.Module, loaders: Loaders, classes: list[str], multilabel: bool, args: argparse.Namespace,
+         device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The three pictures (uint8 3 x H x W) of ``model`` on the run's data (``loaders``: the
+    placed splits and the evaluation pipeline)."""
+    train, test, pipeline = loaders.train.split, loaders.eval.split, loaders.pipeline
+    chosen = spread(len(test), args.images)
+    scores = predict(model, pipeline, test.images[chosen].to(device), multilabel)
+    figure = predictions_figure(test.images[chosen], scores.cpu(), test.labels[chosen].cpu(), classes, multilabel)
+    queries = chosen[: args.queries] if args.queries <= len(chosen) else spread(len(test), args.queries)
+    return {
+        "kernels": model_kernel_grid(model),
+        "predictions": figure_image(figure),
+        "neighbours": draw_neighbours(model, pipeline, train, test, queries, args.batch_size, device),
+    }
 
 
 def run_folder(checkpoint_path: Path, config: TrainConfig) -> Path:
@@ -233,7 +238,7 @@ def training_features(model: nn.Module, pipeline: Pipeline, images: torch.Tensor
         yield fc7_features(model, inputs)
 
 
-def draw_neighbours(model: nn.Module, pipeline: Pipeline, data: DataSet, train: Any, test: Any, queries: torch.Tensor,
+def draw_neighbours(model: nn.Module, pipeline: Pipeline, train: Split, test: Split, queries: torch.Tensor,
                     batch_size: int, device: torch.device) -> torch.Tensor:  # fmt: skip
     """The neighbours picture for evaluation images ``queries`` (indices into ``test``)."""
     query_images = test.images[queries]
@@ -255,13 +260,17 @@ def write_new(data: bytes, folder: Path, stem: str) -> Path:
     figure is never replaced (the name is claimed by a hard link, which fails on an existing
     file, so two processes cannot take the same one)."""
     try:
-        fd, tmp = temp_file_beside(folder / f"{stem}.png")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        return _write_new(data, folder, stem)
     except OSError as error:
         raise UserError(f"cannot write the figures to {folder} ({short_reason(error.strerror or error)}); pass a "
                         "writable --out.") from None  # fmt: skip
+
+
+def _write_new(data: bytes, folder: Path, stem: str) -> Path:
+    fd, tmp = temp_file_beside(folder / f"{stem}.png")
     try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         n = 1
         while True:
             path = folder / (f"{stem}.png" if n == 1 else f"{stem}-{n}.png")

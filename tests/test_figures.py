@@ -273,6 +273,9 @@ def test_a_taken_name_gets_the_next_number(tmp_path):
     assert (tmp_path / "kernels_best_epoch002-2.png").read_bytes() == b"earlier too"
     assert (tmp_path / "kernels_best_epoch002-3.png").read_bytes() == b"new"
     assert {p.name for p in tmp_path.iterdir()} == {f"kernels_best_epoch002{s}.png" for s in ("", "-2", "-3")}
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(UserError, match=r"cannot write the figures to .*afile/figures \(Not a directory\); pass a wr"):
+        write_new(b"new", tmp_path / "afile" / "figures", "kernels")
 
 
 def test_a_checkpoint_away_from_its_run_folder_needs_out(cifar_run, tmp_path, monkeypatch):
