@@ -126,15 +126,16 @@ def main(argv: list[str]) -> int:
     data = load_dataset(config.dataset, config)
     model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     load_weights(checkpoint, args.checkpoint, model, data.num_classes, data.name)
+    stem, step = f"{args.checkpoint.stem}_epoch{int(checkpoint['epoch']):03d}", int(checkpoint["global_step"])
+    del checkpoint  # the weights are in the model now; the optimiser's state is not needed
     model = model.to(device).eval()
     loaders = make_loaders(data, model.input_size, config.paper_train, device, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
                            seed=config.seed, fidelity=config.fidelity)  # fmt: skip
     pictures = draw(model, loaders, data.classes, DATASETS[config.dataset].task == "multi-label", args, device)
-    stem = f"{args.checkpoint.stem}_epoch{int(checkpoint['epoch']):03d}"
     written = [write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
                for name, image in pictures.items()]  # fmt: skip
-    log_to_tensorboard(run_dir if run_dir.is_dir() else args.out, pictures, int(checkpoint["global_step"]))
+    log_to_tensorboard(run_dir if run_dir.is_dir() else args.out, pictures, step)
     for path in written:
         logger.info("wrote %s", path)
     return 0
