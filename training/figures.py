@@ -255,7 +255,7 @@ def predictions_figure(images: torch.Tensor, scores: torch.Tensor, labels: torch
     rows = math.ceil(count / PREDICTIONS_COLUMNS)
     # Margins in pixels: the heading and the first titles above, the bars' tick labels below.
     grid = figure.add_gridspec(2 * rows, PREDICTIONS_COLUMNS, height_ratios=[3, 2] * rows, left=0.02, right=0.98,
-                               top=1 - 36 / height, bottom=16 / height, hspace=0.3, wspace=0.12)  # fmt: skip
+                               top=1 - 36 / height, bottom=16 / height, hspace=0.45, wspace=0.12)  # fmt: skip
     k = min(top, len(classes))
     for n in range(count):
         row, column = divmod(n, PREDICTIONS_COLUMNS)
