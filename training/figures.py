@@ -179,12 +179,13 @@ def model_kernel_grid(model: nn.Module) -> torch.Tensor:
 
 def _with_labels(canvas: torch.Tensor, labels: list[tuple[int, int, str]]) -> torch.Tensor:
     """``canvas`` (uint8 3 x H x W) with each (top, left, text) written in black from there."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     image = Image.fromarray(canvas.permute(1, 2, 0).numpy())
     draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=11)  # fits LABEL_HEIGHT; Pillow's default 10 runs words together
     for top, left, text in labels:
-        draw.text((left, top + 1), text, fill=(0, 0, 0))
+        draw.text((left, top + 1), text, fill=(0, 0, 0), font=font)
     return torch.from_numpy(_array(image)).permute(2, 0, 1).contiguous()
 
 
