@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from inference.figures import fc7_features, fc7_module, main, nearest_neighbours, spread, write_new
 from network import CifarAlexNet, PaperAlexNet, SplitPaperAlexNet
+from trainer import Trainer
 from training.figures import (
     FRAME,
     GAP,
@@ -243,6 +245,25 @@ def test_trainer_logs_the_kernel_grid_with_the_confusion_matrix(cifar_run):
     assert logged["kernels/conv1"][0].step == logged["Shapes/val/confusion"][0].step
     height, width = grid_size(64, 3, 11, 1)
     assert (logged["kernels/conv1"][0].height, logged["kernels/conv1"][0].width) == (height, width)
+
+
+def test_trainer_logs_the_kernel_grid_every_lce_epochs_and_at_the_last():
+    logged = []
+
+    class Writer:
+        def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+            logged.append((tag, tuple(image.shape), step))
+
+        def flush(self) -> None:
+            pass
+
+    model = CifarAlexNet(10)
+    trainer = SimpleNamespace(config=SimpleNamespace(log_confusion_epoch=2, n_epoch=5), model=model,
+                              outputs=SimpleNamespace(writer=Writer()), progress=SimpleNamespace())  # fmt: skip
+    for epoch in range(1, 6):
+        trainer.progress.epoch, trainer.progress.global_step = epoch, 10 * epoch
+        Trainer._log_kernels(trainer)
+    assert logged == [("kernels/conv1", (3, *grid_size(64, 3, 11, 1)), step) for step in (20, 40, 50)]
 
 
 def test_figures_of_a_cifar_checkpoint_go_to_the_run_folder_and_its_tensorboard(cifar_run, tmp_path):
