@@ -69,7 +69,12 @@ from training.fastpath import (  # noqa: F401 (re-exported)
     training_loss,
     unwrap,
 )
-from training.figures import confusion_figure, image_grid, write_confusion_csv  # noqa: F401 (re-exported)
+from training.figures import (  # noqa: F401 (re-exported)
+    confusion_figure,
+    image_grid,
+    model_kernel_grid,
+    write_confusion_csv,
+)
 from training.loop import LossNotFinite, evaluate, train_one_epoch
 from training.optim import PaperSGD, build_optimizer, set_lr  # noqa: F401 (re-exported)
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
@@ -242,6 +247,7 @@ class Trainer:
                     p.stop_reason = decision.stop
                     images_per_s = len(self.train_loader.split) / train_seconds
                     self.outputs.epoch(p, result, train_loss, lr, images_per_s, time.perf_counter() - start)
+                    self._log_kernels()
                     if decision.dropped:
                         logger.info("plateau: learning rate %.2e -> %.2e", lr, decision.lr)
                     if not config.dry_run:
@@ -254,6 +260,14 @@ class Trainer:
         finally:
             self.folders.release()
             self.outputs.close()
+
+    def _log_kernels(self) -> None:
+        """conv1's kernels as a picture in TensorBoard (``kernels/conv1``) when the confusion
+        matrix is logged: every ``-lce`` epochs and at the last."""
+        epoch, writer = self.progress.epoch, self.outputs.writer
+        if writer is not None and (epoch % self.config.log_confusion_epoch == 0 or epoch == self.config.n_epoch):
+            writer.add_image("kernels/conv1", model_kernel_grid(unwrap(self.model)), self.progress.global_step)
+            writer.flush()
 
     def _resumed_at(self) -> str | None:
         if self.resume is None:
