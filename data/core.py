@@ -88,6 +88,18 @@ class DataOptions:
     # Where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG): the training device.
     decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
                                  per_process=True)  # fmt: skip
+    # ImageFolder: the share of each class held out for evaluation when there is no val/ folder.
+    val_fraction: float = setting(0.1, Check(float, 0, 1, low_open=True, high_open=True))
+    # A class-stratified subset of the training split (ImageNet, ImageFolder): a fraction, or a
+    # number of images (0: all); drawn from a fixed seed (data.folders.SPLIT_SEED).
+    train_fraction: float = setting(1.0, Check(float, 0, 1, low_open=True), evaluate=True)
+    train_size: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
+    # The side ImageFolder images are resized to: the paper's 256, or 32 for the 32x32 network
+    # (main.config_from_args sets it from the model).
+    image_size: int = setting(256, Check(int, 8, 4096))
+    # Processes that build the resize cache (0: one per core).
+    resize_workers: int = setting(0, Check(int, 0, 1024), resume=True, evaluate=True, identity=False,
+                                  per_process=True)  # fmt: skip
 
     @property
     def data_path(self) -> Path:
