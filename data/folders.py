@@ -62,9 +62,13 @@ def _visible(path: Path) -> bool:
     return not path.name.startswith(".")  # .DS_Store, ._photo.jpg (macOS), .ipynb_checkpoints
 
 
+#: The resize cache's folder inside the data folder (``cache_dir_for``): never a class.
+CACHE_FOLDER = "alexnet_cache"
+
+
 def class_folders(root: Path) -> list[str]:
-    """The sorted names of the class folders in ``root`` (hidden ones left out)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
+    """The sorted names of the class folders in ``root`` (hidden ones and the cache left out)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p) and p.name != CACHE_FOLDER)
 
 
 def class_images(root: Path, classes: list[str], index: dict[str, int]) -> tuple[list[Path], list[int]]:
@@ -192,7 +196,7 @@ def cache_dir_for(root: Path, options: DataOptions, tag: str) -> Path:
     cache folder."""
     if options.cache_path is not None:
         return options.cache_path
-    beside = root / "alexnet_cache"
+    beside = root / CACHE_FOLDER
     if is_writable_dir(beside):
         return beside
     fallback = user_cache_dir() / f"{tag}-{short_hash(str(root.resolve()))}"

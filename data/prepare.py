@@ -67,7 +67,10 @@ def folder_bytes(folder: Path) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """Build the cache of both splits; print where it is and how large it is."""
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.dataset != "ImageFolder" and (args.cifar or "--val-fraction" in argv):
+        parser.error(f"-c and --val-fraction only apply to -ds ImageFolder; {args.dataset} has its own size and split")
     options = DataOptions(
         data_dir=args.data_dir, cache_dir=args.cache_dir, resize_workers=args.workers,
         decode_device="cuda" if torch.cuda.is_available() else "cpu", image_size=32 if args.cifar else 256,

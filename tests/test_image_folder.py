@@ -98,6 +98,16 @@ def test_image_folder_loads_at_32_for_the_32x32_network(tmp_path):
     assert (data.train.images[-1].float().mean((1, 2)) - expected).abs().max() <= 3
 
 
+def test_the_cache_beside_the_class_folders_is_not_a_class(tmp_path):
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    options = DataOptions(data_dir=str(tmp_path), image_size=8, val_fraction=0.5)
+    first = load_dataset("ImageFolder", options)
+    assert (tmp_path / "alexnet_cache").is_dir()
+    again = load_dataset("ImageFolder", options)
+    assert again.classes == first.classes == ["a", "b"]
+    assert torch.equal(again.train.images, first.train.images)
+
+
 def test_unreadable_files_are_named(tmp_path):
     write_class_folders(tmp_path / "data", {"a": 3, "b": 3})
     good = (tmp_path / "data" / "a" / "a_0.jpg").read_bytes()
