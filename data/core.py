@@ -25,8 +25,10 @@ class DataError(UserError):
 class Split:
     """One split of a data set: uint8 images N x 3 x H x W and their labels.
 
-    ``source`` is the ``.npy`` cache the images are memory-mapped from, if any, so a streaming
-    loader can reopen it in its worker processes instead of copying the array into each.
+    ``images`` is a tensor, or a ``data.shards.ShardStore`` (the sharded image cache), which
+    indexes like one and decodes on access: ``to`` decodes it whole into memory, a streaming
+    ``BatchLoader`` reads it batch by batch. ``source`` is a ``.npy`` cache the images are
+    memory-mapped from, if any, so a streaming loader can reopen it in its worker processes.
     """
 
     images: torch.Tensor
@@ -38,10 +40,18 @@ class Split:
 
     @property
     def nbytes(self) -> int:
+        """The images' size decoded, in bytes."""
         return self.images.numel() * self.images.element_size()
 
+    @property
+    def stored(self) -> bool:
+        """Whether the images are a sharded cache still to be decoded (not a tensor)."""
+        return not isinstance(self.images, torch.Tensor)
+
     def to(self, device: torch.device | str) -> Split:
-        """A copy in ``device`` memory (a memory-mapped split is read into RAM)."""
+        """A copy in ``device`` memory (a memory-mapped split is read, a sharded one decoded, into RAM)."""
+        if self.stored:
+            return Split(self.images.decode_all().to(device), self.labels.to(device, copy=True))
         copy = self.source is not None
         return Split(self.images.to(device, copy=copy), self.labels.to(device, copy=copy))
 

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from data.archives import is_writable_dir, require_data_dir, short_hash, user_cache_dir
-from data.core import DataError, DataOptions, DataSet, Split
+from data.core import DataError, DataOptions, DataSet
+from data.shards import shard_split
 
 logger = logging.getLogger(__name__)
 
@@ -204,25 +205,14 @@ def cache_dir_for(root: Path, options: DataOptions, tag: str) -> Path:
     return fallback
 
 
-def shard_split(paths: list[Path], labels: torch.Tensor, cache_dir: Path, name: str, size: int = 256,
-                device: str = "cpu", workers: int | None = None) -> Split:  # fmt: skip
-    """TEMP stand-in for ``data.shards.shard_split`` until branch i15-shards is merged: the VOC
-    resize cache (one ``.npy``) of ``paths``."""
-    from data.cache import load_resize_cache
-
-    cache = cache_dir / f"{name}.npy"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return Split(torch.from_numpy(load_resize_cache(paths, cache, size, device)), labels, source=cache)
-
-
 def lists_to_dataset(name: str, lists: ImageLists, cache_dir: Path, options: DataOptions, size: int) -> DataSet:
     """The data set of ``lists`` with its images from the resize cache at ``size`` (built once)."""
     tag = subset_tag(options)
     labels = torch.tensor(lists.train_labels, dtype=torch.int64)
-    train = shard_split(lists.train_paths, labels, cache_dir, f"train_{size}{tag}", size, options.decode_device,
+    train = shard_split(lists.train_paths, labels, cache_dir, f"train{tag}", size, options.decode_device,
                         options.resize_workers or None)  # fmt: skip
     labels = torch.tensor(lists.test_labels, dtype=torch.int64)
-    test = shard_split(lists.test_paths, labels, cache_dir, f"val_{size}", size, options.decode_device,
+    test = shard_split(lists.test_paths, labels, cache_dir, "val", size, options.decode_device,
                        options.resize_workers or None)  # fmt: skip
     return DataSet(name=name, classes=list(lists.classes), train=train, test=test)
 
