@@ -105,7 +105,8 @@ def decode_resized(path: Path, size: int) -> torch.Tensor:
         image = resize_centre(image, size)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(
-            f"{path} cannot be decoded as a JPEG ({short_reason(error)}); restore it from the VOC release."
+            f"{path} cannot be decoded as an image ({short_reason(error)}); replace it with a good copy (the data "
+            "set's release has one) or remove it."
         ) from None
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 

@@ -376,7 +376,7 @@ def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
         (lambda f: (f / "Annotations" / "2008_000004.xml").unlink(),
          r"val.txt names 2008_000004, but .*Annotations/2008_000004.xml does not exist"),
         (lambda f: (f / "JPEGImages" / "2008_000001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated"),
-         r"JPEGImages/2008_000001.jpg cannot be decoded as a JPEG \(.*\); restore it from the VOC release\."),
+         r"JPEGImages/2008_000001.jpg cannot be decoded as an image \(.*\); replace it with a good copy"),
         (lambda f: (f / "Annotations" / "2008_000002.xml").write_text("<annotation><object><name>cat</name>"),
          r"Annotations/2008_000002.xml is not well-formed XML \(.*\); restore it from the VOC release\."),
         (lambda f: (f / "Annotations" / "2008_000005.xml").write_text(voc_xml("x.jpg", 5, 5, [("unicorn", False)])),
