@@ -241,14 +241,15 @@ def read_shard(path: Path, print_: str, number: int, count: int, size: int) -> t
     try:
         blob = path.read_bytes()
         if len(blob) < 16 or blob[-8:] != MAGIC:
-            raise ValueError("is truncated (no end marker)")
+            raise ValueError("does not end as a complete shard does (truncated or appended to)")
         tail_length = int.from_bytes(blob[-16:-8], "little")
         if tail_length > len(blob) - 16:
             raise ValueError("is truncated")
         with np.load(io.BytesIO(blob[-16 - tail_length : -16]), allow_pickle=False) as tail:
             fields = {key: tail[key] for key in tail.files}
     except (OSError, ValueError, EOFError) as error:
-        raise ValueError(short_reason(error) if "truncated" in str(error) else f"is unreadable ({short_reason(error)})")
+        known = isinstance(error, ValueError) and str(error).startswith(("does not end", "is truncated"))
+        raise ValueError(str(error) if known else f"is unreadable ({short_reason(error)})") from None
     if str(fields.get("fingerprint")) != print_ or int(fields.get("number", -1)) != number:
         raise ValueError("belongs to another version of the data")
     offsets = fields["offsets"].astype(np.int64)
