@@ -102,8 +102,8 @@ class DataOptions:
     val_fraction: float = setting(0.1, Check(float, 0, 1, low_open=True, high_open=True))
     # A class-stratified subset of the training split (ImageNet, ImageFolder): a fraction, or a
     # number of images (0: all); drawn from a fixed seed (data.folders.SPLIT_SEED).
-    train_fraction: float = setting(1.0, Check(float, 0, 1, low_open=True), evaluate=True)
-    train_size: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
+    train_fraction: float = setting(1.0, Check(float, 0, 1, low_open=True))
+    train_size: int = setting(0, Check(int, 0, 2**31 - 1))
     # The side ImageFolder images are resized to: the paper's 256, or 32 for the 32x32 network
     # (main.config_from_args sets it from the model).
     image_size: int = setting(256, Check(int, 8, 4096))
