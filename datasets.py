@@ -50,10 +50,10 @@ from data.voc import VOC_CLASSES, VOC_MD5, VOC_URL, parse_voc_xml, read_image_li
 __all__ = [
     "DATASETS", "PLAIN_DTYPES", "SHAPES_CLASSES", "VOC_CLASSES", "VOC_MD5", "VOC_URL",
     "BatchLoader", "CifarPipeline", "CifarUnpickler", "DataError", "DataOptions", "DataSet", "ImageLists", "Loaders",
-    "ModernPipeline", "PaperPipeline", "Pipeline", "Split",
+    "ModernPipeline", "PaperPipeline", "Pipeline", "ShardStore", "Split",
     "_ignore_stop_signals", "channel_stats", "crop_flip", "decode_resized", "decode_resized_batch", "eval_loader",
     "extract_archive", "fits_in_memory", "image_folder_lists", "imagenet_lists", "is_writable_dir", "load_dataset",
     "make_loaders", "make_pipeline", "make_shapes", "mean_image", "parse_voc_xml", "pca_shift", "place_split",
     "random_crop_flip", "random_resized_crop_flip", "read_cifar_batch", "read_image_list", "rgb_eigen", "safe_unpickle",
-    "stratified_split", "stratified_subset", "ten_crop", "to_rgb", "ShardStore", "shard_split",
+    "shard_split", "stratified_split", "stratified_subset", "ten_crop", "to_rgb",
 ]  # fmt: skip

@@ -127,7 +127,7 @@ def stratified_subset(labels: list[int], fraction: float = 1.0, size: int = 0, s
     classes, counts = np.unique(labels_np, return_counts=True)
     exact = counts * want / total
     quota = np.floor(exact).astype(np.int64)
-    left = int(round(want)) - int(quota.sum())
+    left = round(want) - int(quota.sum())
     if left > 0:
         quota[np.argsort(-(exact - quota), kind="stable")[:left]] += 1
     quota = np.clip(quota, 1, counts)

@@ -49,7 +49,7 @@ VAL_SOLUTION = "LOC_val_solution.csv"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "meta.mat"
 WHERE = (
-    "get ILSVRC-2012 from https://image-net.org or Kaggle's \"ImageNet Object Localization Challenge\" and put "
+    'get ILSVRC-2012 from https://image-net.org or Kaggle\'s "ImageNet Object Localization Challenge" and put '
     "train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv) in {}/imagenet/"
 )
 
@@ -134,7 +134,9 @@ def read_val_solution(path: Path) -> dict[str, str]:
 
 def flat_val_images(val: Path) -> list[Path]:
     suffixes = image_suffixes()
-    return sorted(p for p in val.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name[0] == ".")
+    return sorted(
+        p for p in val.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
+    )
 
 
 def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tuple[list[Path], list[int], str]:

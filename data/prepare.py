@@ -39,25 +39,59 @@ def _arg(name: str) -> Callable[[str], object]:
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-ds", "--dataset", required=True, choices=list(CACHE_DIRS), metavar="DATASET",
-                        help=f"data set whose cache to build: {', '.join(CACHE_DIRS)}")
-    parser.add_argument("--data-dir", type=_arg("data_dir"), default=DataOptions.data_dir,
-                        help="folder holding the data set (default: %(default)s)")
-    parser.add_argument("--cache-dir", type=_arg("cache_dir"), default="",
-                        help="folder for the cache (default: alexnet_cache/ in the data set's folder, or "
-                        "~/.cache/alexnet when that is read-only)")
-    parser.add_argument("--workers", type=_arg("resize_workers"), default=0,
-                        help="processes that decode and resize (default: one per core)")
-    parser.add_argument("-c", "--cifar", action="store_true",
-                        help="ImageFolder: resize to 32x32, for the 32x32 network (default: 256x256)")
-    parser.add_argument("--val-fraction", type=_arg("val_fraction"), default=DataOptions.val_fraction,
-                        help="ImageFolder without val/: the share of each class held out (default: %(default)s)")
+    parser.add_argument(
+        "-ds",
+        "--dataset",
+        required=True,
+        choices=list(CACHE_DIRS),
+        metavar="DATASET",
+        help=f"data set whose cache to build: {', '.join(CACHE_DIRS)}",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=_arg("data_dir"),
+        default=DataOptions.data_dir,
+        help="folder holding the data set (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=_arg("cache_dir"),
+        default="",
+        help="folder for the cache (default: alexnet_cache/ in the data set's folder, or "
+        "~/.cache/alexnet when that is read-only)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_arg("resize_workers"),
+        default=0,
+        help="processes that decode and resize (default: one per core)",
+    )
+    parser.add_argument(
+        "-c",
+        "--cifar",
+        action="store_true",
+        help="ImageFolder: resize to 32x32, for the 32x32 network (default: 256x256)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=_arg("val_fraction"),
+        default=DataOptions.val_fraction,
+        help="ImageFolder without val/: the share of each class held out (default: %(default)s)",
+    )
     subset = parser.add_mutually_exclusive_group()
-    subset.add_argument("--train-fraction", type=_arg("train_fraction"), default=1.0,
-                        help="cache only this class-stratified share of the training split (default: all)")
-    subset.add_argument("--train-size", type=_arg("train_size"), default=0,
-                        help="cache only this many training images, class-stratified (default: all)")
-    return parser  # fmt: skip
+    subset.add_argument(
+        "--train-fraction",
+        type=_arg("train_fraction"),
+        default=1.0,
+        help="cache only this class-stratified share of the training split (default: all)",
+    )
+    subset.add_argument(
+        "--train-size",
+        type=_arg("train_size"),
+        default=0,
+        help="cache only this many training images, class-stratified (default: all)",
+    )
+    return parser
 
 
 def folder_bytes(folder: Path) -> int:

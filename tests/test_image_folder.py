@@ -25,7 +25,8 @@ def test_train_and_val_folders(tmp_path, eval_folder):
     (tmp_path / "train" / ".hidden").mkdir()
     lists = image_folder_lists(tmp_path, 0.5)
     assert lists.classes == ["a", "b"] and lists.test_source == f"{eval_folder}/"
-    assert [(p.parent.name, p.name) for p in lists.train_paths] == [("a", "a_0.png"), ("b", "b_0.png"), ("b", "b_1.png")]
+    found = [(p.parent.name, p.name) for p in lists.train_paths]
+    assert found == [("a", "a_0.png"), ("b", "b_0.png"), ("b", "b_1.png")]
     assert (lists.train_labels, lists.test_labels) == ([0, 1, 1], [1])
 
 

@@ -13,8 +13,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from data.core import DataError, DataOptions
-from data.images import decode_resized
 from data.imagenet import imagenet_lists, load_imagenet
+from data.images import decode_resized
 
 #: Written in this (unsorted) order; the index is the sorted one: n01 < n02 < n03 < n04 < n05.
 MAPPING = ["n05", "n02", "n04", "n01", "n03"]
@@ -45,8 +45,14 @@ def test_every_val_layout_gives_the_same_labels(tmp_path, layout):
     lists = imagenet_lists(tmp_path)  # --data-dir itself holding train/
     assert [p.stem for p in lists.test_paths] == list(stems)
     assert lists.test_labels == [0, 1, 1, 2]
-    assert lists.test_source == {"folders": "val/<wnid>/", "kaggle": "val/ labelled by LOC_val_solution.csv",
-                                 "devkit": "val/ labelled by ILSVRC2012_validation_ground_truth.txt"}[layout]
+    assert (
+        lists.test_source
+        == {
+            "folders": "val/<wnid>/",
+            "kaggle": "val/ labelled by LOC_val_solution.csv",
+            "devkit": "val/ labelled by ILSVRC2012_validation_ground_truth.txt",
+        }[layout]
+    )
 
 
 def test_the_shared_sample_gets_its_real_indices(shared_data):
