@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from data.core import DataError, Split
 from data.images import decode_resized, decode_resized_batch
-from utils import short_reason, temp_file_beside
+from utils import short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +287,11 @@ def write_shard(path: Path, images: list[torch.Tensor], print_: str, number: int
     np.savez(tail, offsets=offsets, image_sum=stats.image_sum, outer=stats.outer, count=np.array(stats.count),
              digest=np.array(_digest(data, offsets, stats, number)))  # fmt: skip
     tail_bytes = tail.getvalue()
-    fd, tmp = temp_file_beside(path)
+    # Named with this process's id, so that a later run can tell a dead preparation's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -374,9 +378,9 @@ def _stop(pool: concurrent.futures.ProcessPoolExecutor, jobs: list[_Job]) -> Non
     for process in processes:
         process.join()
     pool.shutdown(wait=True, cancel_futures=True)
-    for job in jobs:
-        for tmp in job.path.parent.glob(f".{job.path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    for process in processes:
+        for job in jobs:
+            job.path.with_name(f".{job.path.name}.{process.pid}.tmp").unlink(missing_ok=True)
 
 
 def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
@@ -477,8 +481,23 @@ def _failure_message(failures: list[tuple[Path, str]], total: int, kept: int) ->
 
 
 def _remove_stale_shards(folder: Path, count: int) -> None:
-    """Shards numbered beyond ``count``, left by an earlier, larger version of the data (cache
-    files this tool wrote, never the user's)."""
+    """Shards numbered beyond ``count``, left by an earlier, larger version of the data, and the
+    temporary files of preparations whose process is gone (``kill -9``): cache files this tool
+    wrote, never the user's."""
     for path in folder.glob("[0-9][0-9][0-9][0-9][0-9].shard"):
         if int(path.stem) >= count:
             path.unlink(missing_ok=True)
+    for path in folder.glob(".[0-9][0-9][0-9][0-9][0-9].shard.*.tmp"):
+        pid = path.name.split(".")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**31  # another user's process, or no such id
+    return True
