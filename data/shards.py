@@ -16,10 +16,11 @@ q95 4:4:4 is the smallest that keeps the mean difference under 2 grey levels (th
 252 GB of raw pixels and 135 GB of PNG, and it decodes faster than PNG. PIL and torchvision decode
 these files to identical pixels (both libjpeg-turbo).
 
-A shard file is ``<jpeg bytes of its images, back to back><tail><tail length: 8 bytes><MAGIC>``;
-the tail is an ``.npz`` with the images' byte offsets, the sums the statistics need (per-pixel
-sum, RGB outer-product sum) over the decoded images, the cache's fingerprint, the shard's number
-and a BLAKE2b digest of all of it. Each shard is written to a temporary file and renamed when
+A shard file is ``<MAGIC><fingerprint><its images' JPEGs back to back><tail><tail length: 8
+bytes><MAGIC>``; the fingerprint (names, sizes and times of its sources, the format and its
+number) says whether it is still the cache of its sources; the tail is an ``.npz`` with the
+images' byte offsets, the sums the statistics need (per-pixel sum, RGB outer-product sum) over the
+decoded images and a BLAKE2b digest of all of it. Each shard is written to a temporary file and renamed when
 complete, so an interrupted preparation (Ctrl-C, ``kill -9``) keeps every finished shard and a
 rerun builds only the rest; a shard whose digest does not match (damaged, truncated, changed) is
 rebuilt with a warning.
@@ -46,7 +47,7 @@ from tqdm import tqdm
 
 from data.core import DataError, Split
 from data.images import decode_resized, decode_resized_batch
-from utils import short_reason, temp_file_beside
+from utils import short_reason
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ SHARD_VERSION = 1
 JPEG_QUALITY = 95
 SHARD_IMAGES = 1024  # about 37 MB per shard of 256 x 256 images: few files, little lost to a kill
 MAGIC = b"ALXSHRD1"
+HEAD_BYTES = len(MAGIC) + 64  # MAGIC and the shard's fingerprint (SHA-256, hex)
 FAILURES_SHOWN = 3
 
 
@@ -77,9 +79,10 @@ def encode_jpeg(image: torch.Tensor) -> bytes:
     return out.getvalue()
 
 
-def fingerprint(paths: list[Path], size: int, shard_images: int) -> str:
-    """Changes whenever an image is added, removed, replaced or touched, or the format changes."""
-    h = hashlib.sha256(f"shards v{SHARD_VERSION} q{JPEG_QUALITY} {size} {shard_images}".encode())
+def fingerprint(paths: list[Path], size: int, number: int) -> str:
+    """A shard's: changes whenever one of its images is added, removed, replaced or touched, or
+    the format changes (so a changed image rebuilds its own shard, not the whole cache)."""
+    h = hashlib.sha256(f"shards v{SHARD_VERSION} q{JPEG_QUALITY} {size} {number}".encode())
     for path in paths:
         stat = path.stat()
         h.update(f"{path.parent.name}/{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
@@ -227,54 +230,68 @@ class ShardStore:
 # --- one shard --------------------------------------------------------------------------------
 
 
-def _digest(data: bytes | memoryview, offsets: np.ndarray, stats: ShardStats, print_: str) -> str:
-    h = hashlib.blake2b(data)
-    for array in (offsets, stats.image_sum, stats.outer, np.array([stats.count])):
+def _digest(data: bytes | memoryview, offsets: np.ndarray, stats: ShardStats, number: int) -> str:
+    h = hashlib.blake2b(data)  # the head (fingerprint) and the JPEGs
+    for array in (offsets, stats.image_sum, stats.outer, np.array([stats.count, number])):
         h.update(np.ascontiguousarray(array).tobytes())
-    h.update(print_.encode())
     return h.hexdigest()
 
 
+def shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint a shard was built for, from its head alone; None if it has none."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    except OSError:
+        return None
+    return head[len(MAGIC) :].decode("ascii", "replace") if len(head) == HEAD_BYTES and head.startswith(MAGIC) else None
+
+
 def read_shard(path: Path, print_: str, number: int, count: int, size: int) -> tuple[np.ndarray, ShardStats]:
-    """A complete shard's offsets and stats; ``ValueError`` saying what is wrong otherwise (the
-    wrong fingerprint or number: an older cache; a digest mismatch: damaged or changed)."""
+    """A complete shard's offsets (in the file) and stats; ``ValueError`` saying what is wrong
+    otherwise (built for other sources: an older cache; a digest mismatch: damaged or changed)."""
     try:
         blob = path.read_bytes()
-        if len(blob) < 16 or blob[-8:] != MAGIC:
+        if len(blob) < HEAD_BYTES + 16 or blob[-8:] != MAGIC or not blob.startswith(MAGIC):
             raise ValueError("does not end as a complete shard does (truncated or appended to)")
         tail_length = int.from_bytes(blob[-16:-8], "little")
-        if tail_length > len(blob) - 16:
+        if tail_length > len(blob) - 16 - HEAD_BYTES:
             raise ValueError("is truncated")
         with np.load(io.BytesIO(blob[-16 - tail_length : -16]), allow_pickle=False) as tail:
             fields = {key: tail[key] for key in tail.files}
-    except (OSError, ValueError, EOFError) as error:
+        offsets = fields["offsets"].astype(np.int64)
+        stats = ShardStats(fields["image_sum"], fields["outer"], int(fields["count"]))
+        digest = str(fields["digest"])
+    except (OSError, ValueError, EOFError, KeyError) as error:
         known = isinstance(error, ValueError) and str(error).startswith(("does not end", "is truncated"))
         raise ValueError(str(error) if known else f"is unreadable ({short_reason(error)})") from None
-    if str(fields.get("fingerprint")) != print_ or int(fields.get("number", -1)) != number:
+    if blob[len(MAGIC) : HEAD_BYTES] != print_.encode():
         raise ValueError("belongs to another version of the data")
-    offsets = fields["offsets"].astype(np.int64)
-    stats = ShardStats(fields["image_sum"], fields["outer"], int(fields["count"]))
     data = memoryview(blob)[: len(blob) - 16 - tail_length]
-    if len(offsets) != count + 1 or offsets[-1] != len(data) or stats.image_sum.shape != (3, size, size):
+    fits = len(offsets) == count + 1 and offsets[0] == HEAD_BYTES and offsets[-1] == len(data)
+    if not fits or stats.image_sum.shape != (3, size, size) or stats.count != count:
         raise ValueError("does not hold the images it should")
-    if _digest(data, offsets, stats, print_) != str(fields["digest"]):
+    if _digest(data, offsets, stats, number) != digest:
         raise ValueError("does not match its digest (it was damaged or changed)")
     return offsets, stats
 
 
 def write_shard(path: Path, images: list[torch.Tensor], print_: str, number: int) -> tuple[np.ndarray, ShardStats]:
     """Encode ``images`` into the shard ``path`` (a temporary file renamed when complete) and
-    return its offsets and the stats of the images as they decode from it."""
+    return their offsets in it and the stats of the images as they decode from it."""
     blobs = [encode_jpeg(image) for image in images]
     stats = ShardStats.of(torch.stack(decode_jpegs([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs])))
-    offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
-    data = b"".join(blobs)
+    offsets = np.concatenate([[HEAD_BYTES], HEAD_BYTES + np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    data = MAGIC + print_.encode() + b"".join(blobs)
     tail = io.BytesIO()
     np.savez(tail, offsets=offsets, image_sum=stats.image_sum, outer=stats.outer, count=np.array(stats.count),
-             fingerprint=np.array(print_), number=np.array(number),
-             digest=np.array(_digest(data, offsets, stats, print_)))  # fmt: skip
+             digest=np.array(_digest(data, offsets, stats, number)))  # fmt: skip
     tail_bytes = tail.getvalue()
-    fd, tmp = temp_file_beside(path)
+    # Named with this process's id, so that a later run can tell a dead preparation's file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -361,9 +378,9 @@ def _stop(pool: concurrent.futures.ProcessPoolExecutor, jobs: list[_Job]) -> Non
     for process in processes:
         process.join()
     pool.shutdown(wait=True, cancel_futures=True)
-    for job in jobs:
-        for tmp in job.path.parent.glob(f".{job.path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    for process in processes:
+        for job in jobs:
+            job.path.with_name(f".{job.path.name}.{process.pid}.tmp").unlink(missing_ok=True)
 
 
 def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
@@ -394,21 +411,6 @@ def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
         bar.close()
 
 
-def _tail_fingerprint(path: Path) -> str | None:
-    """The fingerprint a shard was built for, read from its tail alone; None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(-16, os.SEEK_END)
-            end = f.read(16)
-            if end[8:] != MAGIC:
-                return None
-            f.seek(-16 - int.from_bytes(end[:8], "little"), os.SEEK_END)
-            with np.load(io.BytesIO(f.read(int.from_bytes(end[:8], "little"))), allow_pickle=False) as tail:
-                return str(tail["fingerprint"])
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-
-
 def shard_split(
     paths: list[Path],
     labels: torch.Tensor,
@@ -430,15 +432,16 @@ def shard_split(
     if len(paths) != len(labels):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
     folder = cache_dir / f"{name}_{size}"
-    print_ = fingerprint(paths, size, shard_images)
-    jobs = [
-        _Job(folder / f"{number:05d}.shard", paths[start : start + shard_images], print_, number, size, device)
-        for number, start in enumerate(range(0, len(paths), shard_images))
-    ]
+    jobs = []
+    for number, start in enumerate(range(0, len(paths), shard_images)):
+        sources = paths[start : start + shard_images]
+        jobs.append(_Job(folder / f"{number:05d}.shard", sources, fingerprint(sources, size, number), number, size,
+                         device))  # fmt: skip
     present = [job for job in jobs if job.path.exists()]
-    if present and _tail_fingerprint(present[0].path) not in (print_, None):
-        logger.info("the images changed since %s was built; rebuilding it", folder)
-    elif len(present) < len(jobs):
+    changed = sum(shard_fingerprint(job.path) not in (job.fingerprint, None) for job in present)
+    if changed:
+        logger.info("the images of %d shards changed since %s was built; rebuilding them", changed, folder)
+    if len(present) - changed < len(jobs):
         logger.info("building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there)",
                     size, size, len(paths), folder, len(present), len(jobs))  # fmt: skip
     if workers is None:
@@ -478,8 +481,23 @@ def _failure_message(failures: list[tuple[Path, str]], total: int, kept: int) ->
 
 
 def _remove_stale_shards(folder: Path, count: int) -> None:
-    """Shards numbered beyond ``count``, left by an earlier, larger version of the data (cache
-    files this tool wrote, never the user's)."""
+    """Shards numbered beyond ``count``, left by an earlier, larger version of the data, and the
+    temporary files of preparations whose process is gone (``kill -9``): cache files this tool
+    wrote, never the user's."""
     for path in folder.glob("[0-9][0-9][0-9][0-9][0-9].shard"):
         if int(path.stem) >= count:
             path.unlink(missing_ok=True)
+    for path in folder.glob(".[0-9][0-9][0-9][0-9][0-9].shard.*.tmp"):
+        pid = path.name.split(".")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**31  # another user's process, or no such id
+    return True

@@ -327,6 +327,29 @@ def memo_reuse_batch(copies: int, rows: int = 100) -> bytes:
     return ops.appends().setitems().done()
 
 
+def write_photos(folder: Path, count: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = ((40, 30), (24, 48), (32, 32))
+                 ) -> list[Path]:  # fmt: skip
+    """``count`` small smooth pictures (gradients plus a few blobs, which JPEG keeps well, as it
+    does photos) of the given (width, height) in turn, alternately JPEG and PNG, in ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+        channels = []
+        for _ in range(3):
+            a, b, c = rng.uniform(-3, 3, 3)
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            blob = 80 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (0.1 * width * height))
+            channels.append(128 + a * x + b * y + c + blob - 40)
+        pixels = np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
+        path = folder / (f"{i:04d}.jpg" if i % 2 == 0 else f"{i:04d}.png")
+        Image.fromarray(pixels).save(path, **({"quality": 95} if i % 2 == 0 else {}))
+        paths.append(path)
+    return paths
+
+
 # Image folders (ImageFolder, ImageNet): real JPEG and PNG files a few pixels wide.
 
 #: EXIF tag 0x0112: 6 means "rotate 90 degrees clockwise to show" (a phone held upright).

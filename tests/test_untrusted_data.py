@@ -478,7 +478,7 @@ def test_a_zeroed_cache_is_rebuilt_through_the_command_line(tmp_path, run_main):
     assert first.returncode == 0, first.stderr
     shard = tmp_path / "cache" / "train_256" / "00000.shard"
     built = shard.read_bytes()
-    shard.write_bytes(bytes(1000) + built[1000:])  # within the first JPEG
+    shard.write_bytes(built[:200] + bytes(1000) + built[1200:])  # within the first JPEG, past the head
     result = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "cache shard cache/train_256/00000.shard does not match its digest (it was damaged or changed); " \
