@@ -13,6 +13,7 @@ ImageNet reader (``data.imagenet``) shares these steps.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,14 @@ def _visible(path: Path) -> bool:
 CACHE_FOLDER = "alexnet_cache"
 
 
+def visible_files(folder: Path) -> list[Path]:
+    """The files in ``folder`` (hidden ones left out), sorted by name. ``os.scandir`` knows a
+    file from a folder without a ``stat`` per entry: ImageNet's training set is 1.28 M files."""
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+    return [folder / name for name in names]  # sorted as text: comparing Paths is 10x slower
+
+
 def class_folders(root: Path) -> list[str]:
     """The sorted names of the class folders in ``root`` (hidden ones and the cache left out)."""
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p) and p.name != CACHE_FOLDER)
@@ -81,7 +90,7 @@ def class_images(root: Path, classes: list[str], index: dict[str, int]) -> tuple
     suffixes = image_suffixes()
     paths, labels, skipped, empty = [], [], 0, []
     for name in classes:
-        files = [p for p in sorted((root / name).iterdir()) if p.is_file() and _visible(p)]
+        files = visible_files(root / name)
         images = [p for p in files if p.suffix.lower() in suffixes]
         skipped += len(files) - len(images)
         if not images:
@@ -98,17 +107,24 @@ def class_images(root: Path, classes: list[str], index: dict[str, int]) -> tuple
     return paths, labels
 
 
+def class_members(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(class, its indices in ascending order) for each class present, in one sort rather than
+    one pass over the labels per class (1,000 passes over 1.28 M labels for ImageNet)."""
+    order = np.argsort(labels, kind="stable")
+    classes, starts = np.unique(labels[order], return_index=True)
+    return [(int(c), members) for c, members in zip(classes, np.split(order, starts[1:]))]
+
+
 def stratified_split(labels: list[int], fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices: in each class, ``round(fraction * n)`` images (at least one where the
     class has two or more) go to val, chosen by a generator seeded with ``seed`` and the class
     index, so a class's share does not change when other classes are added. Both sorted."""
     labels_np = np.asarray(labels, dtype=np.int64)
     val = []
-    for c in np.unique(labels_np):
-        members = np.flatnonzero(labels_np == c)
+    for c, members in class_members(labels_np):
         n = len(members)
         k = min(n - 1, max(1, round(fraction * n))) if n >= 2 else 0
-        order = np.random.default_rng([seed, int(c)]).permutation(n)
+        order = np.random.default_rng([seed, c]).permutation(n)
         val.extend(members[order[:k]].tolist())
     is_val = np.zeros(len(labels_np), dtype=bool)
     is_val[val] = True
@@ -119,12 +135,13 @@ def stratified_subset(labels: list[int], fraction: float = 1.0, size: int = 0, s
     """Sorted indices of a class-stratified subset: ``size`` images when ``size`` > 0, else
     ``fraction`` of them. Each class keeps its share (the rounding remainders go to the classes
     with the largest ones, ties to the lower index) and at least one image; the images kept are
-    the first of a permutation seeded with ``seed`` and the class index, so a smaller subset is
-    part of a larger one."""
+    the first of a permutation seeded with ``seed`` and the class index, so a class's larger share
+    holds its smaller one."""
     labels_np = np.asarray(labels, dtype=np.int64)
     total = len(labels_np)
     want = min(size, total) if size > 0 else fraction * total
-    classes, counts = np.unique(labels_np, return_counts=True)
+    groups = class_members(labels_np)
+    counts = np.array([len(members) for _, members in groups])
     exact = counts * want / total
     quota = np.floor(exact).astype(np.int64)
     left = round(want) - int(quota.sum())
@@ -132,9 +149,8 @@ def stratified_subset(labels: list[int], fraction: float = 1.0, size: int = 0, s
         quota[np.argsort(-(exact - quota), kind="stable")[:left]] += 1
     quota = np.clip(quota, 1, counts)
     keep = []
-    for c, k in zip(classes, quota):
-        members = np.flatnonzero(labels_np == c)
-        keep.extend(members[np.random.default_rng([seed, int(c)]).permutation(len(members))[:k]].tolist())
+    for (c, members), k in zip(groups, quota):
+        keep.extend(members[np.random.default_rng([seed, c]).permutation(len(members))[:k]].tolist())
     return np.sort(np.asarray(keep, dtype=np.int64))
 
 

@@ -39,6 +39,7 @@ from data.folders import (
     image_suffixes,
     lists_to_dataset,
     take_subset,
+    visible_files,
 )
 from utils import printable, short_reason
 
@@ -134,9 +135,7 @@ def read_val_solution(path: Path) -> dict[str, str]:
 
 def flat_val_images(val: Path) -> list[Path]:
     suffixes = image_suffixes()
-    return sorted(
-        p for p in val.iterdir() if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".")
-    )
+    return [p for p in visible_files(val) if p.suffix.lower() in suffixes]
 
 
 def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tuple[list[Path], list[int], str]:
