@@ -9,6 +9,7 @@ from main_cli import Case, run_case
 from PIL import Image
 
 import main
+from data import prepare
 from data.core import DataError, DataOptions
 from data.folders import image_folder_lists, stratified_split, stratified_subset
 from data.images import decode_resized
@@ -129,6 +130,18 @@ def test_unreadable_files_are_named_together(tmp_path):
     options = DataOptions(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"2 of 6 images cannot be decoded: \S+/a/a_2\.jpg, \S+/b/b_1\.jpg \(the "):
         load_dataset("ImageFolder", options)
+
+
+def test_prepare_builds_both_splits_and_says_where(tmp_path, capsys):
+    write_class_folders(tmp_path / "data", {"a": 3, "b": 3}, size=40)
+    cache = tmp_path / "cache"
+    assert prepare.main(["-ds", "ImageFolder", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(cache), "-c",
+                         "--workers", "1"]) == 0  # fmt: skip
+    size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert sorted(p.name for p in cache.iterdir()) == ["train_32", "val_32"]
+    assert capsys.readouterr().out == (
+        f"ImageFolder: 4 training and 2 evaluation images, 32x32, cached in {cache} ({size / 1e6:.1f} MB in all)\n"
+    )
 
 
 def combination(*flags):
