@@ -6,11 +6,14 @@ holds them one job per module. The rest of the project imports from here.
 - ``data.registry``: ``DATASETS`` (reader, image size, task and options of each data set) and
   ``load_dataset``.
 - Readers, one module per data set: ``data.shapes`` (built in, generated from a seed),
-  ``data.cifar`` (``Cifar10`` / ``Cifar100``: the official python pickles) and ``data.voc``
-  (``PascalVOC2012``: JPEGs + XML, multi-label).
+  ``data.cifar`` (``Cifar10`` / ``Cifar100``: the official python pickles), ``data.voc``
+  (``PascalVOC2012``: JPEGs + XML, multi-label), ``data.imagenet`` (``ImageNet``: ILSVRC-2012's
+  layouts, sorted-wnid classes) and ``data.folders`` (``ImageFolder``: the user's class folders;
+  the file lists, stratified splits and subsets the ImageNet reader shares).
+- ``data.prepare``: ``python main.py prepare``, the resize cache built without training.
 - What the readers share: ``data.archives`` (data folders, downloads, archive extraction),
   ``data.pickles`` (the restricted CIFAR unpickler), ``data.images`` (decoding and resizing one
-  image) and ``data.cache`` (the resize cache).
+  image) and ``data.shards`` (the sharded image cache).
 - ``data.transforms``: batched augmentation and the ``Pipeline`` classes; ``make_pipeline``.
 - ``data.loaders``: ``BatchLoader``, ``place_split`` (on the device or streamed from the cache),
   ``eval_loader`` and ``make_loaders``, which builds a run's loaders as the trainer uses them.
@@ -19,9 +22,10 @@ holds them one job per module. The rest of the project imports from here.
 from __future__ import annotations
 
 from data.archives import extract_archive, is_writable_dir
-from data.cache import load_resize_cache
 from data.cifar import read_cifar_batch
 from data.core import DataError, DataOptions, DataSet, Split
+from data.folders import ImageLists, image_folder_lists, stratified_split, stratified_subset
+from data.imagenet import imagenet_lists
 from data.images import decode_resized, decode_resized_batch, to_rgb
 from data.loaders import (
     BatchLoader,
@@ -35,6 +39,7 @@ from data.loaders import (
 from data.pickles import PLAIN_DTYPES, CifarUnpickler, safe_unpickle
 from data.registry import DATASETS, load_dataset
 from data.shapes import SHAPES_CLASSES, make_shapes
+from data.shards import ShardStore, shard_split
 
 from data.transforms import (  # isort: skip (one line per name would repeat tests/test_transforms.py's list)
     CifarPipeline, ModernPipeline, PaperPipeline, Pipeline, channel_stats, crop_flip, make_pipeline, mean_image,
@@ -44,11 +49,11 @@ from data.voc import VOC_CLASSES, VOC_MD5, VOC_URL, parse_voc_xml, read_image_li
 
 __all__ = [
     "DATASETS", "PLAIN_DTYPES", "SHAPES_CLASSES", "VOC_CLASSES", "VOC_MD5", "VOC_URL",
-    "BatchLoader", "CifarPipeline", "CifarUnpickler", "DataError", "DataOptions", "DataSet", "Loaders",
-    "ModernPipeline", "PaperPipeline", "Pipeline", "Split",
+    "BatchLoader", "CifarPipeline", "CifarUnpickler", "DataError", "DataOptions", "DataSet", "ImageLists", "Loaders",
+    "ModernPipeline", "PaperPipeline", "Pipeline", "ShardStore", "Split",
     "_ignore_stop_signals", "channel_stats", "crop_flip", "decode_resized", "decode_resized_batch", "eval_loader",
-    "extract_archive", "fits_in_memory", "is_writable_dir", "load_dataset", "load_resize_cache", "make_loaders",
-    "make_pipeline", "make_shapes", "mean_image", "parse_voc_xml", "pca_shift", "place_split", "random_crop_flip",
-    "random_resized_crop_flip", "read_cifar_batch", "read_image_list", "rgb_eigen", "safe_unpickle", "ten_crop",
-    "to_rgb",
+    "extract_archive", "fits_in_memory", "image_folder_lists", "imagenet_lists", "is_writable_dir", "load_dataset",
+    "make_loaders", "make_pipeline", "make_shapes", "mean_image", "parse_voc_xml", "pca_shift", "place_split",
+    "random_crop_flip", "random_resized_crop_flip", "read_cifar_batch", "read_image_list", "rgb_eigen", "safe_unpickle",
+    "shard_split", "stratified_split", "stratified_subset", "ten_crop", "to_rgb",
 ]  # fmt: skip

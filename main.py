@@ -101,7 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="main.py",
         description="AlexNet (Krizhevsky, Sutskever & Hinton, 2012) training tool: the paper's network, "
-        "torchvision's variant and a 32x32 variant on Shapes, CIFAR-10/100 and Pascal VOC 2012.",
+        "torchvision's variant and a 32x32 variant on Shapes, CIFAR-10/100, Pascal VOC 2012, ImageNet and your own "
+        "class folders (ImageFolder).",
     )
     add = parser.add_argument
     add("-v", "--version", action="version", version=f"alexnet {__version__}")
@@ -213,8 +214,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         type=path_type,
         default=None,
-        help="folder for the VOC 256x256 resize cache (default: alexnet_cache/ in the VOC folder, "
-        "or ~/.cache/alexnet when that is read-only)",
+        help="folder for the resize cache of VOC, ImageNet and ImageFolder (default: alexnet_cache/ in the data "
+        "set's folder, or ~/.cache/alexnet when that is read-only)",
+    )
+    paths.add_argument(
+        "--val-fraction",
+        type=setting_type("val_fraction"),
+        default=None,
+        help="ImageFolder without val/: the share of each class held out for evaluation (default: "
+        f"{DataOptions.val_fraction})",
+    )
+    subset = paths.add_mutually_exclusive_group()
+    subset.add_argument(
+        "--train-fraction",
+        type=setting_type("train_fraction"),
+        default=None,
+        help="train on this class-stratified share of the training split, the same images whatever --seed "
+        "(ImageNet, ImageFolder; default: all)",
+    )
+    subset.add_argument(
+        "--train-size",
+        type=setting_type("train_size"),
+        default=None,
+        help="train on this many training images, class-stratified, the same whatever --seed (ImageNet, "
+        "ImageFolder; default: all)",
     )
     paths.add_argument(
         "--loader",
@@ -419,9 +442,16 @@ def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainCon
         "model": model_name(args.cifar, args.paper_model),
         "device": str(device),
         "decode_device": str(device),
+        "image_size": data_image_size(args.cifar),
         "code_version": code_version(),
     }
     return resolve("paper" if args.paper_train else "modern", overrides)
+
+
+def data_image_size(cifar: bool) -> int:
+    """The side a resizable data set (ImageFolder) is resized to: 32 for the 32x32 network,
+    else the paper's 256 that the 224-input networks crop."""
+    return 32 if cifar else DataOptions.image_size
 
 
 def model_flags(name: str) -> dict[str, bool]:
@@ -500,13 +530,16 @@ def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespac
         return "--fidelity only applies to the paper's network or setup; add -pm or -pt"
     # A 32-input network takes the images at their own size; the 224-input ones crop or
     # upsample any size (datasets.make_pipeline).
-    if model.input_size == 32 and data.image_size != model.input_size:
+    if model.input_size == 32 and data.image_size != model.input_size and not data.resizable:
         size, side = data.image_size, model.input_size
         return f"-c ({name}, {side}x{side} inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c"
     for option in (f.name for f in fields(DataOptions)):
         # A switch the data set has no use for is a mistaken command; a value such as
         # --shapes-train has its default anyway, and data sets without it leave it unused.
-        if getattr(args, option, None) is True and not data.accepts(option):
+        # A value flag without a default (--val-fraction, --train-size) counts when it is given.
+        value = getattr(args, option, None)
+        given = value is True or (value is not None and value is not False and parser.get_default(option) is None)
+        if given and not data.accepts(option):
             flag = next(a.option_strings[-1] for a in parser._actions if a.dest == option)
             takers = " or ".join(f"-ds {n}" for n, d in DATASETS.items() if d.accepts(option))
             return f"{flag} only applies to {takers}"

@@ -4,6 +4,7 @@
     python benchmarks/speed.py --quick              # under a minute on a 2-core CPU
     python benchmarks/speed.py --json speed.json    # also write the figures
     python benchmarks/speed.py --device cuda --compile
+    python benchmarks/speed.py --models --workers 2   # only the ImageNet case (real photos)
 
 For each model it measures, in the same process and on the same random images:
 
@@ -17,6 +18,16 @@ For each model it measures, in the same process and on the same random images:
     adds torch.compile) fed by
     our pipeline, with no host sync until the end. Usual: an fp32 eager loop fed by the usual
     pipeline that copies each batch to the device and reads ``loss.item()`` every step.
+
+(c) ImageNet-style, on the real photos of ``--imagenet`` (``shared/data/imagenet-sample``; skipped
+    with a message where absent): the one-time preparation (``data.shards.shard_split``: decode,
+    resize to 256, re-encode as JPEG shards) in images/s per core on ``--workers`` processes,
+    and the training pipeline on the prepared cache. Ours: the shards streamed by a
+    ``BatchLoader`` (``--workers`` DataLoader workers decoding the stored 256x256 JPEGs) and the
+    batched random-resized crop + flip + normalise. Usual: torchvision ``ImageFolder`` with PIL
+    ``RandomResizedCrop(224)``, flip and normalise on the original photos, through a
+    ``DataLoader`` with the same workers. GPU figures (nvJPEG) are printed as not yet measured
+    where no GPU ran them.
 
 Both sides use Adam, batch ``--batch-size`` and warm up (worker start-up, first-call
 allocations, cuDNN autotuning, compilation) before the clock starts. Model FLOP utilisation is
@@ -47,7 +58,7 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets import DataSet, Split, channel_stats, make_loaders, mean_image, rgb_eigen
+from datasets import DataSet, Split, channel_stats, make_loaders, make_pipeline, mean_image, rgb_eigen
 from network import CifarAlexNet, PaperAlexNet, TorchAlexNet
 from trainer import (
     AMP_DTYPES,
@@ -285,6 +296,55 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
     return out
 
 
+IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+
+
+def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, device: torch.device,
+                  repeat: int = 4) -> dict[str, float]:  # fmt: skip
+    """Preparation throughput and training-pipeline throughput, ours against the usual, on the
+    class folders of ``folder/train`` (see the module docstring, part (c)), each photo taken
+    ``repeat`` times so that an epoch outlasts the DataLoader workers' start (both sides)."""
+    import tempfile
+
+    import torchvision.io  # noqa: F401 (imported once here, not inside the timed preparation)
+    from torchvision.datasets import ImageFolder
+
+    from data.loaders import BatchLoader
+    from data.shards import shard_split
+
+    usual_set = ImageFolder(str(folder / "train"), transform=transforms.Compose([
+        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))  # fmt: skip
+    usual_set.samples = usual_set.samples * repeat
+    paths = [Path(path) for path, _ in usual_set.samples]
+    labels = torch.tensor([label for _, label in usual_set.samples])
+    figures: dict[str, float] = {"images": len(paths) // repeat, "workers": workers}
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        # Shards of 16 here, so that every worker has some (1,024 on real data).
+        split = shard_split(paths, labels, Path(cache), "train", 256, workers=workers, shard_images=16)
+        seconds = time.perf_counter() - start
+        figures["prepare.img_s_per_core"] = len(paths) / seconds / workers
+        figures["cache.jpeg_bytes_per_image"] = sum(int(o[-1] - o[0]) for o in split.images.offsets) / len(paths)
+        pipeline = make_pipeline(split, 224, False, device)
+        ours = BatchLoader(split, batch_size, pipeline, True, device, generator=torch.Generator(device).manual_seed(0),
+                           index_generator=torch.Generator().manual_seed(0), workers=workers)  # fmt: skip
+        usual = torch.utils.data.DataLoader(usual_set, batch_size=batch_size, shuffle=True, num_workers=workers)
+        for name, loader in (("ours", ours), ("usual", usual)):
+            for _ in loader:  # warm-up epoch: page cache, first allocations
+                pass
+            start = time.perf_counter()
+            count = 0
+            for _ in range(epochs):
+                for images, _labels in loader:
+                    images.to(device)
+                    count += len(images)
+            synchronize(device)
+            figures[f"pipeline.{name}_img_s"] = count / (time.perf_counter() - start)
+    figures["pipeline.ratio"] = figures["pipeline.ours_img_s"] / figures["pipeline.usual_img_s"]
+    return figures
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
@@ -305,8 +365,10 @@ def main() -> None:
                         "(default: off)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES),
-                        help="models to measure (default: all three)")  # fmt: skip
+    parser.add_argument("--models", nargs="*", choices=list(CASES), default=list(CASES),
+                        help="models to measure; none: only the ImageNet case (default: all three)")  # fmt: skip
+    parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE, help="ImageNet-style photos in "
+                        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=0,
                         help="batch size (default: 128; 16 for the 224 models on a CPU)")  # fmt: skip
     parser.add_argument("--images", type=int, default=0, help="images in the synthetic training set "
@@ -345,8 +407,27 @@ def main() -> None:
             mfu = f"{100 * result['train.ours_mfu']:.1f}%" if part == "train" else ""
             print(f"{name:<14}{part:<10}{result[part + '.ours_img_s']:>12,.0f}{result[part + '.usual_img_s']:>13,.0f}"
                   f"{result[part + '.ratio']:>7.1f}x{mfu:>10}{result['batch_size']:>7}")  # fmt: skip
+    if str(args.imagenet) != "none":
+        figures.update(report_imagenet(args, device))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def report_imagenet(args: argparse.Namespace, device: torch.device) -> dict[str, object]:
+    """Part (c), printed, and its figures under ``ImageNet.``; a message where the photos are absent."""
+    if not (args.imagenet / "train").is_dir():
+        print(f"ImageNet case skipped: no train/<class>/ photos in {args.imagenet} (pass --imagenet DIR)")
+        return {}
+    batch = args.batch_size or 16
+    result = imagenet_case(args.imagenet, args.workers, batch, 2 if args.quick else 5, device)
+    print(f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, batch {batch}:")
+    print(f"  preparation (decode, resize 256, JPEG q95 shards): {result['prepare.img_s_per_core']:,.1f} images/s per "
+          f"core, {result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
+    print(f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual (ImageFolder + "
+          f"PIL RandomResizedCrop) {result['pipeline.usual_img_s']:,.0f} img/s, {result['pipeline.ratio']:.1f}x")  # fmt: skip
+    if device.type != "cuda":
+        print("  GPU (nvJPEG decode + batched augmentation): not yet measured")
+    return {f"ImageNet.{key}": value for key, value in result.items()}
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ class DataError(UserError):
 class Split:
     """One split of a data set: uint8 images N x 3 x H x W and their labels.
 
-    ``source`` is the ``.npy`` cache the images are memory-mapped from, if any, so a streaming
-    loader can reopen it in its worker processes instead of copying the array into each.
+    ``images`` is a tensor, or a ``data.shards.ShardStore`` (the sharded image cache), which
+    indexes like one and decodes on access: ``to`` decodes it whole into memory, a streaming
+    ``BatchLoader`` reads it batch by batch. ``source`` is a ``.npy`` cache the images are
+    memory-mapped from, if any, so a streaming loader can reopen it in its worker processes.
     """
 
     images: torch.Tensor
@@ -38,10 +40,18 @@ class Split:
 
     @property
     def nbytes(self) -> int:
+        """The images' size decoded, in bytes."""
         return self.images.numel() * self.images.element_size()
 
+    @property
+    def stored(self) -> bool:
+        """Whether the images are a sharded cache still to be decoded (not a tensor)."""
+        return not isinstance(self.images, torch.Tensor)
+
     def to(self, device: torch.device | str) -> Split:
-        """A copy in ``device`` memory (a memory-mapped split is read into RAM)."""
+        """A copy in ``device`` memory (a memory-mapped split is read, a sharded one decoded, into RAM)."""
+        if self.stored:
+            return Split(self.images.decode_all().to(device), self.labels.to(device, copy=True))
         copy = self.source is not None
         return Split(self.images.to(device, copy=copy), self.labels.to(device, copy=copy))
 
@@ -88,6 +98,18 @@ class DataOptions:
     # Where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG): the training device.
     decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
                                  per_process=True)  # fmt: skip
+    # ImageFolder: the share of each class held out for evaluation when there is no val/ folder.
+    val_fraction: float = setting(0.1, Check(float, 0, 1, low_open=True, high_open=True))
+    # A class-stratified subset of the training split (ImageNet, ImageFolder): a fraction, or a
+    # number of images (0: all); drawn from a fixed seed (data.folders.SPLIT_SEED).
+    train_fraction: float = setting(1.0, Check(float, 0, 1, low_open=True))
+    train_size: int = setting(0, Check(int, 0, 2**31 - 1))
+    # The side ImageFolder images are resized to: the paper's 256, or 32 for the 32x32 network
+    # (main.config_from_args sets it from the model).
+    image_size: int = setting(256, Check(int, 8, 4096))
+    # Processes that build the resize cache (0: one per core).
+    resize_workers: int = setting(0, Check(int, 0, 1024), resume=True, evaluate=True, identity=False,
+                                  per_process=True)  # fmt: skip
 
     @property
     def data_path(self) -> Path:

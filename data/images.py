@@ -1,4 +1,5 @@
-"""Single images for the resize cache: any mode to 8-bit RGB, the short side resized and the
+"""Single images for the resize cache: any mode to 8-bit RGB, turned upright by its EXIF
+orientation (as viewers and phones show it), the short side resized and the
 centre square cropped without ever making the whole resized image (``decode_resized``), and a
 batched path through torchvision's decoder (nvJPEG on a GPU, ``decode_resized_batch``).
 Decompression bombs are refused from the header, before anything is decoded."""
@@ -10,22 +11,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data.core import DataError
 from utils import short_reason
 
-MAX_IMAGE_PIXELS = 50_000_000  # VOC images are at most 500x500; this refuses decompression bombs
+#: 200 megapixels: a phone's largest photos (16320 x 12240) pass, decompression bombs do not.
+#: VOC images are at most 500x500, ImageNet's largest about 25 megapixels.
+MAX_IMAGE_PIXELS = 200_000_000
 #: The batched (GPU) decoder resizes whole images, so it takes only those whose resized long side
 #: stays within this many times the short one (every VOC image: their sides are within 1:4).
 MAX_BATCH_ASPECT = 4
+EXIF_ORIENTATION = 0x0112
 
 
 def _check_header(image: Image.Image, path: Path) -> None:
     width, height = image.size  # from the header; nothing decoded yet
     if width * height > MAX_IMAGE_PIXELS:
         raise DataError(
-            f"{path} claims to be {width}x{height} pixels, far more than any VOC image; restore it from the VOC release."
+            f"{path} claims to be {width}x{height} pixels, more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels (a "
+            "decompression bomb or a damaged header); replace it with a smaller image or remove it."
         )
 
 
@@ -95,11 +100,13 @@ def decode_resized(path: Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             _check_header(image, path)
+            ImageOps.exif_transpose(image, in_place=True)  # a phone's portrait photo is stored sideways
             image = to_rgb(image, path)
         image = resize_centre(image, size)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(
-            f"{path} cannot be decoded as a JPEG ({short_reason(error)}); restore it from the VOC release."
+            f"{path} cannot be decoded as an image ({short_reason(error)}); replace it with a good copy (the data "
+            "set's release has one) or remove it."
         ) from None
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
@@ -121,6 +128,7 @@ def decode_resized_batch(paths: list[Path], size: int, device: torch.device | st
             with Image.open(path) as image:
                 _check_header(image, path)
                 jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
+                jpeg = jpeg and image.getexif().get(EXIF_ORIENTATION, 1) == 1  # turned upright by the PIL path
                 jpeg = jpeg and max(resized_shape(*image.size, size)) <= MAX_BATCH_ASPECT * size
         except (OSError, ValueError, Image.DecompressionBombError):
             jpeg = False  # decode_resized below says what is wrong with it

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data.core import DataSet, Split
+from data.shards import ShardStore, decode_jpegs
 from data.transforms import Pipeline, make_pipeline
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,34 @@ class _CacheRows(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.array[rows])), self.labels[index]
 
 
+class _StoreBatches(torch.utils.data.Dataset):
+    """Batches of a sharded cache read in DataLoader workers: decoded there (``encoded=False``,
+    CPU training) or left as JPEG bytes for the main process to decode on the GPU in one nvJPEG
+    call (``encoded=True``)."""
+
+    def __init__(self, store: ShardStore, labels: torch.Tensor, encoded: bool) -> None:
+        self.store = store
+        self.labels = labels
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        images = self.store.encoded(index) if self.encoded else self.store.decode(index)
+        return images, self.labels[index]
+
+
+#: Batches each DataLoader worker reads ahead (DataLoader's default ``prefetch_factor``).
+PREFETCH = 2
+
+
+def stream_bound(batch: int, image_bytes: int, workers: int) -> int:
+    """Host memory the batches of a streaming loader can hold at once, in bytes: each worker's
+    ``PREFETCH`` batches read ahead plus the one being used (``workers`` = 0: that one alone)."""
+    return (max(1, workers) * PREFETCH + 1) * batch * image_bytes
+
+
 class BatchLoader:
     """Batches of a ``Split`` through a ``Pipeline``, reshuffled each epoch when training.
 
@@ -80,6 +109,11 @@ class BatchLoader:
     ``rank``-th share of each batch of ``batch_size`` (the global batch), so the processes
     together see every image once per epoch; a last batch smaller than ``world`` is dropped by
     all of them (training) or shared out unevenly (evaluation, where some take none).
+
+    A split whose images are a sharded cache (``ShardStore``) is streamed: the workers read and
+    decode each batch (on a CUDA ``device`` they pass the JPEG bytes and this process decodes the
+    batch with nvJPEG). Host memory then holds at most ``stream_bound``: (workers x ``PREFETCH``
+    + 1) batches of decoded images (on CUDA, of JPEG bytes, about 12x less).
     """
 
     def __init__(
@@ -107,7 +141,16 @@ class BatchLoader:
         self.workers = workers
         self.order: torch.Tensor | None = None  # the order of the epoch under way
         # A split still memory-mapped from its cache is streamed; ``Split.to`` drops ``source``.
-        self.streaming = split.source is not None
+        self.streaming = split.source is not None or split.stored
+        if split.stored and self.streaming:
+            share = math.ceil(batch_size / world)
+            logger.info(
+                "streaming %s batches of %d from %d shards: host memory for batches at most %.0f MB "
+                "((%d workers x %d prefetched + 1) x %d images x %d KB decoded)",
+                "training" if train else "evaluation", share, len(split.images.files),
+                stream_bound(share, split.images.nbytes // max(1, len(split)), workers) / 1e6, max(1, workers),
+                PREFETCH, share, split.images.nbytes // max(1, len(split)) // 1000,
+            )  # fmt: skip
 
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
@@ -152,15 +195,23 @@ class BatchLoader:
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
                 yield images, labels
             return
+        gpu_decode = self.split.stored and self.device.type == "cuda"
+        if self.split.stored:
+            dataset = _StoreBatches(self.split.images, self.split.labels.cpu(), encoded=gpu_decode)
+        else:
+            dataset = _CacheRows(self.split.source, self.split.labels.cpu())
         loader = torch.utils.data.DataLoader(
-            _CacheRows(self.split.source, self.split.labels.cpu()),
+            dataset,
             sampler=self._shares(order, skip),
             batch_size=None,
             num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
+            prefetch_factor=PREFETCH if self.workers else None,
+            pin_memory=self.device.type == "cuda" and not gpu_decode,
             worker_init_fn=_ignore_stop_signals,
         )
         for images, labels in loader:
+            if gpu_decode:
+                images = torch.stack(decode_jpegs(images, self.device))
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _transformed(
@@ -177,16 +228,18 @@ class BatchLoader:
 
 
 def place_split(split: Split, device: torch.device, loader: str, workers: int) -> Split:
-    """The whole split on the training device when it fits (or ``loader="memory"``); otherwise
-    it stays memory-mapped from its cache and is streamed by DataLoader workers."""
-    if split.source is None:
+    """The whole split on the training device when it fits (or ``loader="memory"``): a sharded
+    cache is decoded into memory once; otherwise it stays on disk (memory-mapped, or in its
+    shards) and is streamed by DataLoader workers."""
+    if split.source is None and not split.stored:
         return split.to(device)
     stream = loader == "stream" or (loader == "auto" and not fits_in_memory(split.nbytes, device))
     if not stream:
         return split.to(device)
+    where = split.images.files[0].parent if split.stored else split.source
     logger.info(
-        "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
-        len(split), split.nbytes / 1e9, split.source, workers,
+        "%d images (%.2f GB decoded) stay on disk in %s: streaming them with a DataLoader of %d workers",
+        len(split), split.nbytes / 1e9, where, workers,
     )  # fmt: skip
     return split
 

@@ -6,6 +6,10 @@ its task and the reader options it takes; ``load_dataset`` reads one by name.
   (``data.cifar``, ``data.pickles``).
 - ``PascalVOC2012``: JPEGs + XML, multi-label; images resized once (short side 256, centre
   256x256) into a cache next to the data (``data.voc``, ``data.cache``).
+- ``ImageNet``: ILSVRC-2012 in its usual layouts, 1,000 classes in sorted-wnid order, no
+  download (``data.imagenet``); images resized once to 256x256 into the sharded cache.
+- ``ImageFolder``: the user's own ``<class>/`` folders, any format Pillow reads (``data.folders``);
+  resized to 256x256, or 32x32 for the 32x32 network (``resizable``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 
 from data.cifar import CIFAR10, CIFAR100, load_cifar
 from data.core import DataError, DataOptions, DataSet
+from data.folders import PAPER_SIZE, load_image_folder
+from data.imagenet import load_imagenet
 from data.shapes import load_shapes
 from data.voc import VOC_CACHE_SIZE, load_voc2012
 from utils import short_reason
@@ -22,19 +28,24 @@ from utils import short_reason
 SINGLE_LABEL = "single-label"
 MULTI_LABEL = "multi-label"
 #: Reader options every data set accepts; the others are listed by the data sets that take them.
-COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "decode_device"})
+COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "decode_device", "image_size", "resize_workers"})
+#: The training subset flags (``data.folders.stratified_subset``).
+SUBSET = frozenset({"train_fraction", "train_size"})
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """A registered data set: its reader, the size of the images it yields, its task
     (``single-label``: one class per image; ``multi-label``: 1 / -1 / 0 per class, VOC style)
-    and the reader options it takes beyond ``COMMON_OPTIONS``."""
+    and the reader options it takes beyond ``COMMON_OPTIONS``. A ``resizable`` one is resized to
+    whatever the model takes (``DataOptions.image_size``: 32 for the 32x32 network), so
+    ``image_size`` is only its default."""
 
     load: Callable[[DataOptions], DataSet]
     image_size: int
     task: str = SINGLE_LABEL
     options: frozenset[str] = frozenset()
+    resizable: bool = False
 
     def accepts(self, option: str) -> bool:
         return option in COMMON_OPTIONS or option in self.options
@@ -46,6 +57,8 @@ DATASETS: dict[str, DatasetInfo] = {
     "Cifar100": DatasetInfo(lambda options: load_cifar(CIFAR100, options, "Cifar100"), 32,
                             options=frozenset({"coarse_labels"})),
     "PascalVOC2012": DatasetInfo(load_voc2012, VOC_CACHE_SIZE, task=MULTI_LABEL),
+    "ImageNet": DatasetInfo(load_imagenet, PAPER_SIZE, options=SUBSET),
+    "ImageFolder": DatasetInfo(load_image_folder, PAPER_SIZE, options=SUBSET | {"val_fraction"}, resizable=True),
 }  # fmt: skip
 
 

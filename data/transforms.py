@@ -299,7 +299,7 @@ def make_pipeline(
     train: Split, input_size: int, paper: bool, device: torch.device | str = "cpu", fidelity: str = "code"
 ) -> Pipeline:
     """The transform for a model input size and setup, with statistics of the training split
-    (computed where the split lives, kept on ``device``).
+    (computed where the split lives, or those a sharded cache stored; kept on ``device``).
 
     - 32-input model (CifarAlexNet): CIFAR crop + flip, whatever the setup (and ``fidelity``).
     - 224/227-input model with ``paper``: the paper's pipeline (10-crop evaluation), as the 2012
@@ -312,7 +312,8 @@ def make_pipeline(
         raise DataError(f"CifarAlexNet (-c) takes 32x32 images, but these are {size}x{size}; drop -c.")
 
     def stats(fn: Callable) -> list[torch.Tensor]:
-        out = fn(train.images)
+        # A sharded cache stored these while it was prepared: nothing is decoded at start-up.
+        out = getattr(train.images, fn.__name__)() if train.stored else fn(train.images)
         return [t.to(device) for t in (out if isinstance(out, tuple) else (out,))]
 
     if input_size == 32:

@@ -1,7 +1,7 @@
 """``PascalVOC2012``: JPEGs + XML, multi-label classification over 20 classes. Image lists and
 annotations are checked (an id cannot name a path out of the VOC folder; XML with a DOCTYPE or
-entities is refused); images are resized once (short side 256, centre 256x256) into a cache
-next to the data (``data.cache``)."""
+entities is refused); images are resized once (short side 256, centre 256x256) into the sharded
+cache next to the data (``data.shards``)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from data.archives import (
     short_hash,
     user_cache_dir,
 )
-from data.cache import load_resize_cache
 from data.core import DataError, DataOptions, DataSet, Split
+from data.shards import shard_split
 from utils import UnsafeName, printable, safe_child, short_reason
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
 
 
 def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path, device: str = "cpu") -> Split:
-    """Labels from the XML files and images from the resize cache for one image list (its ids
+    """Labels from the XML files and images from the sharded cache for one image list (its ids
     already checked by ``read_image_list``; ``safe_child`` again here, since this is where they
     become paths)."""
     list_path = folder / "ImageSets" / "Main" / f"{name}.txt"
@@ -208,9 +208,11 @@ def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path, dev
                 )
         jpegs.append(jpeg)
         labels.append(parse_voc_xml(xml))
-    cache = cache_dir / f"{name}_{VOC_CACHE_SIZE}.npy"
-    array = load_resize_cache(jpegs, cache, VOC_CACHE_SIZE, device)
-    return Split(torch.from_numpy(array), torch.from_numpy(np.stack(labels)), source=cache)
+    old = cache_dir / f"{name}_{VOC_CACHE_SIZE}.npy"
+    if old.is_file():
+        logger.info("%s (the resize cache of earlier versions) is no longer used; delete it to free %.1f GB", old,
+                    old.stat().st_size / 1e9)  # fmt: skip
+    return shard_split(jpegs, torch.from_numpy(np.stack(labels)), cache_dir, name, VOC_CACHE_SIZE, device)
 
 
 def load_voc2012(options: DataOptions) -> DataSet:

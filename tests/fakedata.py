@@ -325,3 +325,106 @@ def memo_reuse_batch(copies: int, rows: int = 100) -> bytes:
     for _ in range(copies):
         ops.array((rows, 3072), lambda o: o.get(0))
     return ops.appends().setitems().done()
+
+
+def write_photos(folder: Path, count: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = ((40, 30), (24, 48), (32, 32))
+                 ) -> list[Path]:  # fmt: skip
+    """``count`` small smooth pictures (gradients plus a few blobs, which JPEG keeps well, as it
+    does photos) of the given (width, height) in turn, alternately JPEG and PNG, in ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+        channels = []
+        for _ in range(3):
+            a, b, c = rng.uniform(-3, 3, 3)
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            blob = 80 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (0.1 * width * height))
+            channels.append(128 + a * x + b * y + c + blob - 40)
+        pixels = np.clip(np.stack(channels, -1), 0, 255).astype(np.uint8)
+        path = folder / (f"{i:04d}.jpg" if i % 2 == 0 else f"{i:04d}.png")
+        Image.fromarray(pixels).save(path, **({"quality": 95} if i % 2 == 0 else {}))
+        paths.append(path)
+    return paths
+
+
+# Image folders (ImageFolder, ImageNet): real JPEG and PNG files a few pixels wide.
+
+#: EXIF tag 0x0112: 6 means "rotate 90 degrees clockwise to show" (a phone held upright).
+EXIF_ORIENTATION = 0x0112
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def write_image(path: Path, image: Image.Image, fmt: str = "JPEG", orientation: int | None = None) -> Path:
+    """``image`` saved as ``fmt`` whatever ``path``'s name says (a PNG named .JPEG, as in
+    ImageNet); JPEGs at quality 95, with an EXIF orientation tag when given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"quality": 95} if fmt == "JPEG" else {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[EXIF_ORIENTATION] = orientation
+        extra["exif"] = exif
+    image.save(path, fmt, **extra)
+    return path
+
+
+def class_colour(index: int) -> tuple[int, int, int]:
+    """A distinct solid colour per class, so a decoded image says which class it came from."""
+    return (40 * (index % 6) + 20, 255 - 50 * (index % 5), 90 + 30 * (index % 4))
+
+
+def write_class_folders(root: Path, counts: dict[str, int], suffix: str = ".jpg", size: int = 8) -> list[Path]:
+    """``root/<class>/<class>_<i><suffix>``: ``counts[class]`` solid images per class, each in
+    its class's colour (JPEG or PNG by ``suffix``); the paths written, in sorted order."""
+    paths = []
+    for index, (name, n) in enumerate(sorted(counts.items())):
+        for i in range(n):
+            fmt = "PNG" if suffix.lower() == ".png" else "JPEG"
+            image = solid(class_colour(index), (size, size))
+            paths.append(write_image(root / name / f"{name}_{i}{suffix}", image, fmt))
+    return paths
+
+
+def write_imagenet(root: Path, train: dict[str, int], val: dict[str, int], layout: str = "folders",
+                   mapping: Sequence[str] | None = None) -> dict[str, str]:
+    """A tiny ILSVRC-2012 tree in ``root``: ``train/<wnid>/<wnid>_<i>.JPEG`` and ``val/`` as
+    ``layout`` says: ``folders`` (``val/<wnid>/``), ``kaggle`` (flat, ``LOC_val_solution.csv``) or
+    ``devkit`` (flat, ``ILSVRC2012_validation_ground_truth.txt`` + ``meta.mat``, needs scipy).
+    ``mapping``: the wnids of ``LOC_synset_mapping.txt`` (written in the order given). Val images
+    are numbered in sorted-wnid order; returns val file stem -> wnid."""
+    for wnid, n in train.items():
+        for i in range(n):
+            write_image(root / "train" / wnid / f"{wnid}_{i}.JPEG", solid(class_colour(i)))
+    val_wnids = {}
+    for wnid in sorted(val):
+        for _ in range(val[wnid]):
+            stem = f"ILSVRC2012_val_{len(val_wnids) + 1:08d}"
+            val_wnids[stem] = wnid
+            folder = root / "val" / wnid if layout == "folders" else root / "val"
+            write_image(folder / f"{stem}.JPEG", solid(class_colour(len(val_wnids))))
+    if mapping is not None:
+        (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w[1:]}, other name\n" for w in mapping))
+    if layout == "kaggle":
+        rows = "".join(f"{stem},{wnid} 0 0 7 7 {wnid} 1 1 5 5 \n" for stem, wnid in val_wnids.items())
+        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + rows)
+    elif layout == "devkit":
+        from scipy.io import savemat
+
+        # The devkit numbers the 1,000 leaf synsets in its own order (not sorted by wnid), then
+        # the inner ones; the ground truth holds those numbers.
+        wnids = sorted(set(train) | set(val), reverse=True)
+        ids = {w: i + 1 for i, w in enumerate(wnids)}
+        records = [(ids[w], w, f"class {w[1:]}, other name", 0) for w in wnids]
+        records.append((len(wnids) + 1, "n00001740", "entity", 3))
+        fields = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+        synsets = np.array(records, dtype=fields)
+        data = root / "ILSVRC2012_devkit_t12" / "data"
+        data.mkdir(parents=True)
+        savemat(str(data / "meta.mat"), {"synsets": synsets})
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in val_wnids.values()))
+    return val_wnids

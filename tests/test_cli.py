@@ -162,7 +162,7 @@ def test_every_model_trains_on_shapes(tmp_path, flags, model, run_main):
         (["--optimizer", "rmsprop"], "argument --optimizer: invalid choice: 'rmsprop'"),
         (["--resume", "a.pt", "--evaluate", "b.pt"], "argument --evaluate: not allowed with argument --resume"),
         (["--batch-size", "many"], "argument --batch-size: 'many' is not a whole number"),
-        (["-ds", "ImageNet"], "argument -ds/--dataset: invalid choice: 'ImageNet'"),
+        (["-ds", "ImageNet21k"], "argument -ds/--dataset: invalid choice: 'ImageNet21k'"),
     ],
 )
 def test_bad_flag_values_are_one_sentence_and_exit_2(capsys, flags, message):

@@ -35,7 +35,7 @@ OLD_NOT_THE_EXPERIMENT = {"seed", "run_name", "output_dir", "data_dir", "cache_d
                           "message", "loader", "workers", "log_loss_step", "log_confusion_epoch", "deterministic",
                           "version", "eval_batch_size", "amp", "channels_last", "compile"}  # fmt: skip
 # Fields the config records now: --download (before an argument only), the decoding device and the code.
-RECORDED_NOW = {"download", "decode_device", "code_version"}
+RECORDED_NOW = {"download", "decode_device", "resize_workers", "code_version"}
 
 
 def test_what_may_change_is_read_from_the_fields_as_the_lists_had_it():
@@ -95,8 +95,10 @@ def test_setups_and_flags_resolve_as_before(flags, old_changes):
     # -c and -pm are no longer recorded, only the model's name.
     expected = {k: v for k, v in old.items() if k not in ("cifar", "paper_model")}
     # --fidelity, --lr-milestones, --weights and --freeze-features are recorded too; 0.2 trained what is
-    # now "text", with no milestones, from a random initialisation.
-    recorded_since = RECORDED_NOW | {"fidelity", "lr_milestones", "weights", "freeze_features"}
+    # now "text", with no milestones, from a random initialisation. So are ImageFolder's size and split
+    # and the training subset (data.core.DataOptions).
+    recorded_since = RECORDED_NOW | {"fidelity", "lr_milestones", "weights", "freeze_features", "image_size",
+                                     "val_fraction", "train_fraction", "train_size"}  # fmt: skip
     assert {k: v for k, v in asdict(config).items() if k not in recorded_since} == expected
     assert config.fidelity == "code" and config.lr_milestones == ""
     assert config.weights == "" and config.freeze_features is False

@@ -126,8 +126,8 @@ CATALOGUE = [
          r"may be crafted to run code\); replace it with the file from the official archive\.",
          prepare=lambda w, e: damage_batch(w, lambda b: pickle.dumps(Exploit(), protocol=2))),
     Case("corrupt JPEG", VOC, 1,
-         r"data/PascalVOC2012/JPEGImages/2010_000001.jpg cannot be decoded as a JPEG \(.*\); restore it from the VOC "
-         r"release\.", prepare=lambda w, e: (voc(w) / "JPEGImages/2010_000001.jpg").write_bytes(b"\xff\xd8\xff\x00")),
+         r"data/PascalVOC2012/JPEGImages/2010_000001.jpg cannot be decoded as an image \(.*\); replace it with a "
+         r"good copy", prepare=lambda w, e: (voc(w) / "JPEGImages/2010_000001.jpg").write_bytes(b"\xff\xd8\xff\x00")),
     Case("missing JPEG", VOC, 1,
          r"data/PascalVOC2012/ImageSets/Main/val.txt names 2010_000003, but "
          r"data/PascalVOC2012/JPEGImages/2010_000003.jpg does not exist; restore it or remove the line\.",

@@ -314,10 +314,10 @@ def test_voc_cache_holds_the_resized_centre_crop(tmp_path):
     for i, image_id in enumerate(["2008_000001", "2008_000002"]):  # 500x375 and 333x500
         image = Image.open(folder / "JPEGImages" / f"{image_id}.jpg").convert("RGB")
         expected = TF.pil_to_tensor(TF.center_crop(TF.resize(image, [256]), [256, 256]))
-        # Only the centre box is resampled (bounded memory), in the same two passes: the same
-        # filter positions up to float rounding, so at most 1 grey level apart, rarely.
+        # The cache holds quality-95 4:4:4 JPEGs of the resize (data.shards): lossy, so within 2
+        # grey levels on average; the resize itself is within 1 of resize-then-crop (below).
         diff = (data.train.images[i].int() - expected.int()).abs()
-        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+        assert diff.float().mean() <= 2
 
 
 def test_voc_cache_is_built_once_and_rebuilt_when_an_image_changes(tmp_path, caplog):
@@ -325,7 +325,7 @@ def test_voc_cache_is_built_once_and_rebuilt_when_an_image_changes(tmp_path, cap
     folder = make_voc(tmp_path)
     options = DataOptions(data_dir=tmp_path, cache_dir=tmp_path / "cache")
     load_dataset("PascalVOC2012", options)
-    cache = tmp_path / "cache" / "train_256.npy"
+    cache = tmp_path / "cache" / "train_256" / "00000.shard"
     stamp = cache.stat().st_mtime_ns
     caplog.clear()
     load_dataset("PascalVOC2012", options)
@@ -354,7 +354,7 @@ def test_shared_voc_images_are_within_one_grey_level_of_resize_then_crop(shared_
 def test_voc_cache_defaults_to_a_folder_inside_the_data(tmp_path):
     folder = make_voc(tmp_path)
     load_dataset("PascalVOC2012", DataOptions(data_dir=tmp_path))
-    assert (folder / "alexnet_cache" / "train_256.npy").is_file()
+    assert (folder / "alexnet_cache" / "train_256" / "00000.shard").is_file()
 
 
 def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
@@ -363,7 +363,7 @@ def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
     real = datasets.is_writable_dir
     monkeypatch.setattr("data.voc.is_writable_dir", lambda p: False if folder in p.parents or p == folder else real(p))
     load_dataset("PascalVOC2012", DataOptions(data_dir=tmp_path))
-    assert len(list((tmp_path / "xdg" / "alexnet").glob("voc2012-*/train_256.npy"))) == 1
+    assert len(list((tmp_path / "xdg" / "alexnet").glob("voc2012-*/train_256/00000.shard"))) == 1
     assert not (folder / "alexnet_cache").exists()
 
 
@@ -376,7 +376,7 @@ def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
         (lambda f: (f / "Annotations" / "2008_000004.xml").unlink(),
          r"val.txt names 2008_000004, but .*Annotations/2008_000004.xml does not exist"),
         (lambda f: (f / "JPEGImages" / "2008_000001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated"),
-         r"JPEGImages/2008_000001.jpg cannot be decoded as a JPEG \(.*\); restore it from the VOC release\."),
+         r"JPEGImages/2008_000001.jpg cannot be decoded as an image \(.*\); replace it with a good copy"),
         (lambda f: (f / "Annotations" / "2008_000002.xml").write_text("<annotation><object><name>cat</name>"),
          r"Annotations/2008_000002.xml is not well-formed XML \(.*\); restore it from the VOC release\."),
         (lambda f: (f / "Annotations" / "2008_000005.xml").write_text(voc_xml("x.jpg", 5, 5, [("unicorn", False)])),

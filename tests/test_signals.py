@@ -229,47 +229,54 @@ def slow_decoder(calls: list[int], seconds: float = 0.05):
     return decode
 
 
-def test_the_cache_build_stops_promptly_on_ctrl_c_and_leaves_no_file(tmp_path, monkeypatch):
+def only_complete_shards(folder: Path) -> list[str]:
+    """The names in a shard folder, after checking that none is a temporary file."""
+    names = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert not [n for n in names if n.endswith(".tmp")], names
+    return names
+
+
+def test_the_cache_build_stops_promptly_on_ctrl_c_and_keeps_only_complete_shards(tmp_path, monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr("data.cache.decode_resized", slow_decoder(calls))
-    paths = [tmp_path / f"{i}.jpg" for i in range(300)]  # 300 x 50 ms on 2+ threads: seconds
+    monkeypatch.setattr("data.shards.decode_resized", slow_decoder(calls))
+    paths = [tmp_path / f"{i}.jpg" for i in range(300)]  # 300 x 50 ms: seconds
     for path in paths:
         path.write_bytes(b"x")
-    cache = tmp_path / "cache" / "train_256.npy"
     # Python's own Ctrl-C handler, whatever this process inherited: a shell starts background
     # jobs with SIGINT ignored, and interrupt_main then does nothing.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    timer = threading.Timer(0.3, _thread.interrupt_main)
+    import torchvision.io  # noqa: F401 (imported by the first shard; seconds, not part of the stop)
+
+    timer = threading.Timer(0.5, _thread.interrupt_main)  # a few shards in
     start = time.monotonic()
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            datasets.load_resize_cache(paths, cache, 16)
+            datasets.shard_split(paths, torch.zeros(300), tmp_path / "cache", "train", 16, workers=1, shard_images=4)
     finally:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - start < 1.5
+    assert time.monotonic() - start < 1.7
     assert len(calls) < 100
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert 0 < len(only_complete_shards(tmp_path / "cache" / "train_16")) < 75
 
 
-def test_a_bad_image_stops_the_cache_build_without_decoding_the_rest(tmp_path, monkeypatch):
-    calls: list[int] = []
-    decode = slow_decoder(calls, 0.01)
+def test_a_bad_image_is_reported_after_the_rest_and_the_good_shards_are_kept(tmp_path, monkeypatch):
+    decode = slow_decoder([], 0)
 
     def failing(path: Path, size: int) -> torch.Tensor:
         if path.name == "5.jpg":
             raise DataError(f"{path} cannot be decoded as a JPEG")
         return decode(path, size)
 
-    monkeypatch.setattr("data.cache.decode_resized", failing)
-    paths = [tmp_path / f"{i}.jpg" for i in range(400)]
+    monkeypatch.setattr("data.shards.decode_resized", failing)
+    paths = [tmp_path / f"{i}.jpg" for i in range(40)]
     for path in paths:
         path.write_bytes(b"x")
     with pytest.raises(DataError, match=r"5.jpg cannot be decoded"):
-        datasets.load_resize_cache(paths, tmp_path / "cache" / "train_256.npy", 16)
-    assert len(calls) < 100
-    assert list((tmp_path / "cache").iterdir()) == []
+        datasets.shard_split(paths, torch.zeros(40), tmp_path / "cache", "train", 16, workers=1, shard_images=10)
+    # 5.jpg is in the first shard of ten: the other three were built, for the rerun.
+    assert only_complete_shards(tmp_path / "cache" / "train_16") == ["00001.shard", "00002.shard", "00003.shard"]
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -286,7 +293,7 @@ def test_two_stops_while_building_the_cache_leave_no_file(tmp_path, signum, code
     (folder / "ImageSets" / "Main" / "train.txt").write_text("".join(f"{i}\n" for i in ids))
     process = start(VOC_DRY_RUN, tmp_path)
     for line in process.stderr:
-        if "building the 256x256 resize cache of 3000 images" in line:
+        if "building the 256x256 cache of 3000 images" in line:
             break
     time.sleep(0.2)
     process.send_signal(signum)
@@ -296,5 +303,5 @@ def test_two_stops_while_building_the_cache_leave_no_file(tmp_path, signum, code
     assert process.wait(timeout=60) == code, rest
     assert "Traceback" not in rest, rest
     assert f"stopped by {signal.Signals(signum).name} while reading the data; nothing of this run was saved" in rest
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert len(only_complete_shards(tmp_path / "cache" / "train_256")) < 3  # stopped before the end
     assert not (tmp_path / "checkpoints").exists()  # the run's claimed folder was empty and is gone

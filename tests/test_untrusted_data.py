@@ -471,58 +471,40 @@ def voc_options(tmp_path: Path) -> DataOptions:
 
 
 def test_a_zeroed_cache_is_rebuilt_through_the_command_line(tmp_path, run_main):
-    """The cache replaced by zeros of the right shape (its JPEGs untouched, so their fingerprint
-    still matches): the digest recorded at build time no longer does, so it is rebuilt."""
+    """A shard's first image's bytes replaced by zeros (its JPEGs untouched, so their
+    fingerprint still matches): the digest recorded at build time no longer does, so it is rebuilt."""
     voc(tmp_path)
     first = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    cache = tmp_path / "cache" / "train_256.npy"
-    built = np.load(cache).copy()
-    assert built.any()
-    np.save(cache, np.zeros_like(built))
+    shard = tmp_path / "cache" / "train_256" / "00000.shard"
+    built = shard.read_bytes()
+    shard.write_bytes(built[:200] + bytes(1000) + built[1200:])  # within the first JPEG, past the head
     result = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "resize cache cache/train_256.npy does not match the digest recorded when it was built (it was changed " \
-        "or damaged); rebuilding it" in result.stderr  # fmt: skip
-    assert np.array_equal(np.load(cache), built)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
-        "train_256.json", "train_256.npy", "val_256.json", "val_256.npy"]  # fmt: skip
+    assert "cache shard cache/train_256/00000.shard does not match its digest (it was damaged or changed); " \
+        "rebuilding it" in result.stderr  # fmt: skip
+    assert shard.read_bytes() == built
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train_256", "val_256"]
 
 
 @pytest.mark.parametrize(
-    "meta, warning",
+    "damage, warning",
     [
-        ("null", "is not what this tool writes"),
-        ("[1, 2]", "is not what this tool writes"),
-        ('{"fingerprint": 3, "digest": null}', "is not what this tool writes"),
-        ("{", "is unreadable"),
-        ("[" * 60_000, "is unreadable"),  # nested past the recursion limit
-        ("[" * 70_000, "is unreadable"),  # larger than any meta this tool writes
-        ("\xff", "is unreadable"),
+        (lambda b: b[: len(b) // 2], "does not end as a complete shard does (truncated or appended to)"),
+        (lambda b: b + b"\0" * 10, "does not end as a complete shard does (truncated or appended to)"),
+        (lambda b: b"", "does not end as a complete shard does (truncated or appended to)"),
+        (lambda b: b[:-16] + (1 << 40).to_bytes(8, "little") + b[-8:], "is truncated"),
+        (lambda b: b[:-20] + b"junk" + b[-16:], "is unreadable"),  # the tail's zip is damaged
     ],
 )
-def test_an_ill_typed_cache_meta_is_a_warning_and_a_rebuild(tmp_path, caplog, meta, warning):
+def test_a_damaged_shard_is_a_warning_and_a_rebuild(tmp_path, caplog, damage, warning):
     voc(tmp_path)
-    load_dataset("PascalVOC2012", voc_options(tmp_path))
-    meta_path = tmp_path / "cache" / "train_256.json"
-    meta_path.write_bytes(meta.encode("latin-1"))
+    first = load_dataset("PascalVOC2012", voc_options(tmp_path)).train.images[:]
+    shard = tmp_path / "cache" / "train_256" / "00000.shard"
+    shard.write_bytes(damage(shard.read_bytes()))
     data = load_dataset("PascalVOC2012", voc_options(tmp_path))
-    assert f"resize cache meta {meta_path} {warning}" in caplog.text and "rebuilding the cache" in caplog.text
-    assert data.train.images.any()
-    assert isinstance(json.loads(meta_path.read_text())["digest"], str)
-
-
-def test_a_cache_with_extra_bytes_or_the_wrong_shape_is_rebuilt(tmp_path, caplog):
-    voc(tmp_path)
-    load_dataset("PascalVOC2012", voc_options(tmp_path))
-    cache = tmp_path / "cache" / "train_256.npy"
-    with open(cache, "ab") as f:
-        f.write(b"\x00" * 10)
-    load_dataset("PascalVOC2012", voc_options(tmp_path))
-    assert "has bytes beyond its array; rebuilding it" in caplog.text
-    np.save(cache, np.zeros((1, 3, 256, 256), np.uint8))
-    load_dataset("PascalVOC2012", voc_options(tmp_path))
-    assert "holds uint8 (1, 3, 256, 256), not uint8 (2, 3, 256, 256); rebuilding it" in caplog.text
+    assert f"cache shard {shard} {warning}" in caplog.text and "rebuilding it" in caplog.text
+    assert torch.equal(data.train.images[:], first)
 
 
 def test_an_untouched_cache_is_used_without_a_warning(tmp_path, caplog):

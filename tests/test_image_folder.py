@@ -1,0 +1,181 @@
+"""The ImageFolder reader: both layouts, the stratified split and subsets, the image modes and
+EXIF orientation, the 32x32 size for -c, and its errors through the command line."""
+
+import numpy as np
+import pytest
+import torch
+from fakedata import class_colour, solid, write_class_folders, write_image
+from main_cli import Case, run_case
+from PIL import Image
+
+import main
+from data import prepare
+from data.core import DataError, DataOptions
+from data.folders import image_folder_lists, stratified_split, stratified_subset
+from data.images import decode_resized
+from data.registry import load_dataset
+
+COUNTS = {"cat": 10, "dog": 20, "emu": 3}
+
+
+@pytest.mark.parametrize("eval_folder", ["val", "valid", "test"])
+def test_train_and_val_folders(tmp_path, eval_folder):
+    write_class_folders(tmp_path / "train", {"b": 2, "a": 1}, ".png")
+    write_class_folders(tmp_path / eval_folder, {"b": 1}, ".jpeg")
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "train" / ".hidden").mkdir()
+    lists = image_folder_lists(tmp_path, 0.5)
+    assert lists.classes == ["a", "b"] and lists.test_source == f"{eval_folder}/"
+    found = [(p.parent.name, p.name) for p in lists.train_paths]
+    assert found == [("a", "a_0.png"), ("b", "b_0.png"), ("b", "b_1.png")]
+    assert (lists.train_labels, lists.test_labels) == ([0, 1, 1], [1])
+
+
+def test_layout_errors_name_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(DataError, match=r"holds no class folders; put each class's images in \S+/<class>/\.$"):
+        image_folder_lists(tmp_path, 0.1)
+    write_class_folders(tmp_path / "train", {"a": 1})
+    with pytest.raises(DataError, match=r"has train/ but no val/, valid/ or test/; add one"):
+        image_folder_lists(tmp_path, 0.1)
+    write_class_folders(tmp_path / "val", {"z": 1})
+    with pytest.raises(DataError, match=r"val has class folders that train/ lacks \(z\)"):
+        image_folder_lists(tmp_path, 0.1)
+
+
+def test_one_folder_is_split_deterministically_by_the_val_fraction(tmp_path):
+    write_class_folders(tmp_path, COUNTS)
+    lists = image_folder_lists(tmp_path, 0.2)
+    assert lists == image_folder_lists(tmp_path, 0.2)
+    assert np.bincount(lists.test_labels).tolist() == [2, 4, 1]  # round(0.2 n), at least one
+    assert np.bincount(lists.train_labels).tolist() == [8, 16, 2]
+    assert not set(lists.train_paths) & set(lists.test_paths)
+    assert all(p.parent.name == lists.classes[label] for p, label in zip(lists.test_paths, lists.test_labels))
+    assert np.bincount(image_folder_lists(tmp_path, 0.5).test_labels).tolist() == [5, 10, 2]
+
+
+def test_the_split_of_a_class_does_not_depend_on_the_others():
+    labels = [0] * 10 + [1] * 10
+    _, val = stratified_split(labels, 0.3)
+    _, val_alone = stratified_split(labels[:10], 0.3)
+    assert val[:3].tolist() == val_alone.tolist() and len(val) == 6
+
+
+def test_subsets_are_reproducible_stratified_and_nested():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    half = stratified_subset(labels, fraction=0.5)
+    assert np.array_equal(half, stratified_subset(labels, fraction=0.5))
+    assert np.bincount(np.asarray(labels)[half]).tolist() == [25, 15, 10]
+    ten = stratified_subset(labels, size=10)
+    assert np.bincount(np.asarray(labels)[ten]).tolist() == [5, 3, 2]
+    assert set(ten) <= set(stratified_subset(labels, size=40)) and len(stratified_subset(labels, size=7)) == 7
+    assert np.bincount(np.asarray(labels)[stratified_subset(labels, size=2)], minlength=3).min() == 1  # each class
+    assert len(stratified_subset(labels, size=10**6)) == 100
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    """Orientation 6: the stored image is shown turned 90 degrees clockwise, so its top-left
+    quadrant is shown top-right."""
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:8, :8] = (255, 0, 0)
+    path = write_image(tmp_path / "phone.jpg", Image.fromarray(pixels), orientation=6)
+    image = decode_resized(path, 16)
+    assert image[0, 3, 12] > 200 and image[0, 3, 3] < 50  # red top-right, not top-left
+    assert image[0, 12, 3] < 50 and image[0, 12, 12] < 50
+
+
+def test_palette_alpha_greyscale_cmyk_and_16_bit_become_rgb(tmp_path):
+    red = solid((220, 20, 20))
+    transparent = Image.new("RGBA", (8, 8), (0, 0, 255, 0))
+    files = {
+        "palette.png": (red.convert("P"), "PNG", (220, 20, 20)),
+        "alpha.png": (transparent, "PNG", (255, 255, 255)),  # composed over white
+        "grey.bmp": (red.convert("L"), "BMP", (red.convert("L").getpixel((0, 0)),) * 3),
+        "cmyk.jpg": (red.convert("CMYK"), "JPEG", (220, 20, 20)),
+        "deep.png": (Image.fromarray(np.full((8, 8), 257 * 100, np.uint16)), "PNG", (100, 100, 100)),
+        "photo.webp": (red, "WEBP", (220, 20, 20)),
+    }
+    for name, (image, fmt, colour) in files.items():
+        decoded = decode_resized(write_image(tmp_path / name, image, fmt), 8)
+        assert decoded.shape == (3, 8, 8)
+        assert (decoded.float().mean((1, 2)) - torch.tensor(colour)).abs().max() <= 4, name
+
+
+def test_image_folder_loads_at_32_for_the_32x32_network(tmp_path):
+    write_class_folders(tmp_path / "data", {"a": 4, "b": 4}, size=40)
+    options = DataOptions(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), image_size=32,
+                          val_fraction=0.25, train_size=4)  # fmt: skip
+    data = load_dataset("ImageFolder", options)
+    assert data.classes == ["a", "b"] and data.image_size == 32
+    assert data.train.labels.tolist() == [0, 0, 1, 1] and data.test.labels.tolist() == [0, 1]
+    expected = torch.tensor(class_colour(1), dtype=torch.float32)
+    assert (data.train.images[-1].float().mean((1, 2)) - expected).abs().max() <= 3
+
+
+def test_the_cache_beside_the_class_folders_is_not_a_class(tmp_path):
+    write_class_folders(tmp_path, {"a": 2, "b": 2})
+    options = DataOptions(data_dir=str(tmp_path), image_size=8, val_fraction=0.5)
+    first = load_dataset("ImageFolder", options)
+    assert (tmp_path / "alexnet_cache").is_dir()
+    again = load_dataset("ImageFolder", options)
+    assert again.classes == first.classes == ["a", "b"]
+    assert torch.equal(again.train.images[:], first.train.images[:])
+
+
+def test_unreadable_files_are_named_together(tmp_path):
+    write_class_folders(tmp_path / "data" / "train", {"a": 3, "b": 3})
+    write_class_folders(tmp_path / "data" / "val", {"a": 1})
+    good = (tmp_path / "data" / "train" / "a" / "a_0.jpg").read_bytes()
+    (tmp_path / "data" / "train" / "b" / "b_1.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (tmp_path / "data" / "train" / "a" / "a_2.jpg").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    options = DataOptions(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"2 of 6 images cannot be decoded: \S+/a/a_2\.jpg, \S+/b/b_1\.jpg \(the "):
+        load_dataset("ImageFolder", options)
+
+
+def test_prepare_builds_both_splits_and_says_where(tmp_path, capsys):
+    write_class_folders(tmp_path / "data", {"a": 3, "b": 3}, size=40)
+    cache = tmp_path / "cache"
+    assert prepare.main(["-ds", "ImageFolder", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(cache), "-c",
+                         "--workers", "1"]) == 0  # fmt: skip
+    size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    assert sorted(p.name for p in cache.iterdir()) == ["train_32", "val_32"]
+    assert capsys.readouterr().out == (
+        f"ImageFolder: 4 training and 2 evaluation images, 32x32, cached in {cache} ({size / 1e6:.1f} MB in all)\n"
+    )
+
+
+def combination(*flags):
+    parser = main.get_args_parser()
+    return main.combination_problem(parser, parser.parse_args(list(flags)))
+
+
+def test_flag_combinations():
+    assert combination("-c", "-ds", "ImageFolder") is None
+    assert main.data_image_size(True) == 32 and main.data_image_size(False) == 256
+    assert "cannot train on ImageNet's 256x256 images" in combination("-c", "-ds", "ImageNet")
+    assert combination("-ds", "Shapes", "--val-fraction", "0.2") == "--val-fraction only applies to -ds ImageFolder"
+    assert combination("-ds", "Shapes", "--train-size", "5") == "--train-size only applies to -ds ImageNet or -ds " \
+                                                                 "ImageFolder"  # fmt: skip
+    assert combination("-ds", "ImageNet", "--train-fraction", "0.1") is None
+
+
+def _truncated(work, earlier):
+    write_class_folders(work / "data", {"a": 3, "b": 3})
+    (work / "data" / "b" / "b_2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+
+
+ERRORS = [
+    Case("missing folder", ["-ds", "ImageFolder", "--data-dir", "nowhere", "-ne", "1"], 1,
+         r"data folder nowhere does not exist; create it and put one folder of images per class in it"),
+    Case("empty class folders", ["prepare", "-ds", "ImageFolder", "--data-dir", "data"], 1,
+         r"2 class folders in data hold no image files \(a, b\); add images or remove the folders\.$",
+         lambda work, earlier: [(work / "data" / c).mkdir(parents=True) for c in "ab"]),
+    Case("unreadable file", ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"], 1,
+         r"data/b/b_2\.jpg cannot be decoded as an image \(.*\); replace it with a good copy .*or remove it\.$",
+         _truncated),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=lambda c: c.name)
+def test_image_folder_errors_are_one_sentence(case, tmp_path, earlier):
+    run_case(case, tmp_path, earlier)

@@ -1,0 +1,150 @@
+"""Streaming a sharded cache (``BatchLoader`` over a ``ShardStore``): every image once per epoch
+on one process and across a 2-process gloo group, a mid-epoch resume that replays the same
+batches bit for bit, and host memory that stays within the stated bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from fakedata import write_photos
+
+from data.core import Split
+from data.loaders import BatchLoader, place_split, stream_bound
+from data.shards import shard_split
+from data.transforms import Pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+COUNT, SIZE, BATCH = 23, 16, 4
+
+
+class Unchanged(Pipeline):
+    """The uint8 batch as it came, so that the test sees exactly what the loader read."""
+
+    def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x
+
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory) -> Split:
+    photos = write_photos(tmp_path_factory.mktemp("photos"), COUNT)
+    return shard_split(photos, torch.arange(COUNT), tmp_path_factory.mktemp("cache"), "train", SIZE, workers=1,
+                       shard_images=5)  # fmt: skip
+
+
+def loader(split: Split, seed: int = 0, workers: int = 0, rank: int = 0, world: int = 1, train: bool = True):
+    return BatchLoader(split, BATCH, Unchanged(), train, "cpu", index_generator=torch.Generator().manual_seed(seed),
+                       workers=workers, rank=rank, world=world)  # fmt: skip
+
+
+def test_place_split_streams_a_store_when_asked_and_decodes_it_otherwise(stored):
+    assert loader(place_split(stored, torch.device("cpu"), "stream", 0)).streaming
+    placed = place_split(stored, torch.device("cpu"), "memory", 0)
+    assert isinstance(placed.images, torch.Tensor) and not loader(placed).streaming
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_image_once_per_epoch_reshuffled_each_epoch(stored, workers):
+    streamed = loader(stored, workers=workers)
+    everything = stored.images.decode_all()
+    orders = []
+    for _ in range(2):
+        labels = []
+        for images, batch_labels in streamed:
+            assert torch.equal(images, everything[batch_labels])  # each image with its own label
+            labels.append(batch_labels)
+        orders.append(torch.cat(labels))
+        assert sorted(orders[-1].tolist()) == list(range(COUNT))
+    assert not torch.equal(orders[0], orders[1])
+    assert torch.equal(orders[0], torch.randperm(COUNT, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_mid_epoch_resume_replays_the_same_batches_bit_for_bit(stored):
+    first = loader(stored, seed=5)
+    full = list(first.iterate())
+    resumed = list(loader(stored, seed=99).iterate(order=first.order, skip=3))  # another seed: the order rules
+    assert len(resumed) == len(full) - 3
+    for (a, la), (b, lb) in zip(full[3:], resumed):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def _ddp_worker(rank: int, world: int, store: str, split: Split, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        seen = {}
+        for train in (True, False):
+            labels = [lb for _, lb in loader(split, rank=rank, world=world, train=train)]
+            seen[train] = torch.cat(labels)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, seen)
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_read_disjoint_shares_that_cover_every_image(stored, tmp_path):
+    out = tmp_path / "seen.pt"
+    # fork: the children need not import torch again (seconds each); they use no threads of ours.
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "store"), stored, str(out)), nprocs=2, start_method="fork")
+    gathered = torch.load(out)
+    for train in (True, False):
+        shares = [set(g[train].tolist()) for g in gathered]
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(COUNT)), train
+        assert all(len(g[train]) == len(s) for g, s in zip(gathered, shares))  # none twice within a process
+
+
+MEMORY = """
+import resource, sys
+from pathlib import Path
+import numpy as np, torch
+from data.loaders import BatchLoader, stream_bound
+from data.shards import ShardStats, ShardStore, read_shard
+from data.core import Split
+from data.transforms import Pipeline
+
+class Unchanged(Pipeline):
+    def train(self, x, generator=None):
+        return x
+
+folder, size, count, per = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+files = sorted(folder.glob("*.shard"))
+read = [read_shard(f, "0" * 64, i, per, size) for i, f in enumerate(files)]
+stats = sum((s for _, s in read[1:]), read[0][1])
+split = Split(ShardStore(files, [o for o, _ in read], size, stats), torch.arange(count))
+streamed = BatchLoader(split, 16, Unchanged(), True, "cpu", index_generator=torch.Generator().manual_seed(0))
+next(iter(streamed))  # the decoder's first allocations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+total = sum(len(labels) for _, labels in streamed)
+growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(total, growth, split.nbytes, stream_bound(16, 3 * size * size, 0))
+"""
+
+
+def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound(tmp_path):
+    """A subprocess streams 800 images of 64 x 64 (9.8 MB decoded, against a bound of 0.6 MB
+    for batches of 16 without workers): its peak resident memory grows by far less than the
+    decoded cache, which it would if the images were kept. Plain gradients: quick to encode."""
+    from data.shards import write_shard
+
+    size, count, per = 64, 800, 100
+    ramp = torch.arange(size, dtype=torch.uint8).expand(3, size, size)
+    for number in range(count // per):
+        images = [ramp + (i % 128) for i in range(per)]
+        write_shard(tmp_path / f"{number:05d}.shard", images, "0" * 64, number)
+    result = subprocess.run([sys.executable, "-c", MEMORY, str(tmp_path), str(size), str(count), str(per)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    total, growth, decoded, bound = map(int, result.stdout.split())
+    assert total == count and decoded == count * 3 * size * size and bound == 3 * 16 * 3 * size * size
+    assert decoded > 10 * bound
+    assert growth < decoded / 4, (growth, decoded)
