@@ -230,14 +230,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=setting_type("train_fraction"),
         default=None,
         help="train on this class-stratified share of the training split, the same images whatever --seed "
-        "(ImageNet, ImageFolder; default: all)",
+        "(ImageNet, ImageFolder) (default: all)",
     )
     subset.add_argument(
         "--train-size",
         type=setting_type("train_size"),
         default=None,
         help="train on this many training images, class-stratified, the same whatever --seed (ImageNet, "
-        "ImageFolder; default: all)",
+        "ImageFolder) (default: all)",
     )
     paths.add_argument(
         "--loader",
