@@ -238,7 +238,7 @@ def place_split(split: Split, device: torch.device, loader: str, workers: int) -
         return split.to(device)
     where = split.images.files[0].parent if split.stored else split.source
     logger.info(
-        "%d images (%.2f GB decoded) stay on disk in %s: streaming them with a DataLoader of %d workers",
+        "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
         len(split), split.nbytes / 1e9, where, workers,
     )  # fmt: skip
     return split
