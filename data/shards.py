@@ -395,7 +395,7 @@ def _stop(pool: concurrent.futures.ProcessPoolExecutor, jobs: list[_Job]) -> Non
     """Stop promptly (Ctrl-C, SIGTERM raised in this process by main's handler): the workers are
     killed mid-shard rather than waited for (a shard is seconds of work), and the temporary
     files of the shards they were writing removed. Finished shards stay, for the rerun."""
-    processes = list((pool._processes or {}).values())  # noqa: SLF001 (no public way to kill the workers)
+    processes = list((pool._processes or {}).values())  # private, but there is no public way to kill them
     for process in processes:
         process.kill()
     for process in processes:
