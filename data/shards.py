@@ -63,8 +63,11 @@ FAILURES_SHOWN = 3
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """Encoded JPEGs (1-D uint8 tensors) as uint8 3 x H x W RGB tensors on ``device`` (nvJPEG in one
-    batched call on a GPU). torchvision 0.29 deprecates its decoders in favour of TorchCodec; they
-    are kept here (one function to change) because TorchCodec is not yet a dependency."""
+    batched call on a GPU). torchvision 0.29 deprecates its decoders in favour of TorchCodec (the
+    maintained decoders since torchcodec 0.16). Checked with torchcodec 0.17 from pip on this
+    project's CPU machine: it installs, and its ``decode_jpeg`` gives these shards' pixels exactly,
+    at 0.73 ms an image against torchvision's 0.44 ms. torchvision stays until it drops the
+    decoders (no new dependency, and it is faster here); this is the one function to change."""
     import torchvision.io
 
     with warnings.catch_warnings():
