@@ -366,9 +366,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--models", nargs="*", choices=list(CASES), default=list(CASES),
-                        help="models to measure; none: only the ImageNet case (default: all three)")  # fmt: skip
+                        help="models to measure; none: only the ImageNet case (default: all three)")
     parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE, help="ImageNet-style photos in "
-                        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)")  # fmt: skip
+                        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="batch size (default: 128; 16 for the 224 models on a CPU)")  # fmt: skip
     parser.add_argument("--images", type=int, default=0, help="images in the synthetic training set "
@@ -420,11 +420,13 @@ def report_imagenet(args: argparse.Namespace, device: torch.device) -> dict[str,
         return {}
     batch = args.batch_size or 16
     result = imagenet_case(args.imagenet, args.workers, batch, 2 if args.quick else 5, device)
-    print(f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, batch {batch}:")
-    print(f"  preparation (decode, resize 256, JPEG q95 shards): {result['prepare.img_s_per_core']:,.1f} images/s per "
-          f"core, {result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
-    print(f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual (ImageFolder + "
-          f"PIL RandomResizedCrop) {result['pipeline.usual_img_s']:,.0f} img/s, {result['pipeline.ratio']:.1f}x")  # fmt: skip
+    print(f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, "
+          f"batch {batch}:")  # fmt: skip
+    print(f"  preparation (decode, resize 256, JPEG q95 shards): {result['prepare.img_s_per_core']:,.1f} "
+          f"images/s per core, {result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
+    print(f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual "
+          f"(ImageFolder + PIL RandomResizedCrop) {result['pipeline.usual_img_s']:,.0f} img/s, "
+          f"{result['pipeline.ratio']:.1f}x")  # fmt: skip
     if device.type != "cuda":
         print("  GPU (nvJPEG decode + batched augmentation): not yet measured")
     return {f"ImageNet.{key}": value for key, value in result.items()}

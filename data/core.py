@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from training.fields import FLAG, PATH, setting
 from utils import Check, UserError, device_problem
+
+if TYPE_CHECKING:
+    from data.shards import ShardStore
 
 
 class DataError(UserError):
@@ -31,7 +35,7 @@ class Split:
     memory-mapped from, if any, so a streaming loader can reopen it in its worker processes.
     """
 
-    images: torch.Tensor
+    images: torch.Tensor | ShardStore
     labels: torch.Tensor
     source: Path | None = None
 

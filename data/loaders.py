@@ -143,7 +143,7 @@ class BatchLoader:
         # A split still memory-mapped from its cache is streamed; ``Split.to`` drops ``source``.
         self.streaming = split.source is not None or split.stored
         if split.stored and self.streaming:
-            share = math.ceil(batch_size / world)
+            share = min(math.ceil(batch_size / world), len(split))
             logger.info(
                 "streaming %s batches of %d from %d shards: host memory for batches at most %.0f MB "
                 "((%d workers x %d prefetched + 1) x %d images x %d KB decoded)",
@@ -238,7 +238,7 @@ def place_split(split: Split, device: torch.device, loader: str, workers: int) -
         return split.to(device)
     where = split.images.files[0].parent if split.stored else split.source
     logger.info(
-        "%d images (%.2f GB decoded) stay on disk in %s: streaming them with a DataLoader of %d workers",
+        "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
         len(split), split.nbytes / 1e9, where, workers,
     )  # fmt: skip
     return split

@@ -327,8 +327,9 @@ def memo_reuse_batch(copies: int, rows: int = 100) -> bytes:
     return ops.appends().setitems().done()
 
 
-def write_photos(folder: Path, count: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = ((40, 30), (24, 48), (32, 32))
-                 ) -> list[Path]:  # fmt: skip
+def write_photos(
+    folder: Path, count: int, seed: int = 0, sizes: Sequence[tuple[int, int]] = ((40, 30), (24, 48), (32, 32))
+) -> list[Path]:
     """``count`` small smooth pictures (gradients plus a few blobs, which JPEG keeps well, as it
     does photos) of the given (width, height) in turn, alternately JPEG and PNG, in ``folder``."""
     rng = np.random.default_rng(seed)
