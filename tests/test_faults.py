@@ -91,9 +91,9 @@ CIFAR = ["-c", "-ds", "Cifar10", "--data-dir", "data", "-ne", "1"]
 VOC = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"]
 
 CATALOGUE = [
-    Case("unknown -ds", ["-ds", "ImageNet"], 2,
-         r"argument -ds/--dataset: invalid choice: 'ImageNet' \(choose from '?Shapes'?, '?Cifar10'?, '?Cifar100'?, "
-         r"'?PascalVOC2012'?\)"),
+    Case("unknown -ds", ["-ds", "ImageNet21k"], 2,
+         r"argument -ds/--dataset: invalid choice: 'ImageNet21k' \(choose from '?Shapes'?, '?Cifar10'?, '?Cifar100'?, "
+         r"'?PascalVOC2012'?, '?ImageNet'?, '?ImageFolder'?\)"),
     Case("-c with PascalVOC2012", ["-c", "-ds", "PascalVOC2012"], 2,
          r"-c \(CifarAlexNet, 32x32 inputs\) cannot train on PascalVOC2012's 256x256 images; drop -c"),
     Case("-ne 0", ["-ne", "0"], 2, r"argument -ne/--n_epoch: must be at least 1, got 0"),
