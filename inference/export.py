@@ -164,9 +164,10 @@ def torchscript_metadata(data: bytes) -> dict[str, Any]:
 FORMATS = {"onnx": (to_onnx, run_onnx), "torchscript": (to_torchscript, run_torchscript)}
 
 
-def export(trained: Trained, fmt: str) -> tuple[bytes, float]:
+def export(trained: Trained, fmt: str, test: torch.Tensor | None = None) -> tuple[bytes, float]:
     """The exported file's bytes and the largest difference between its outputs and PyTorch's
-    on a test batch (of another batch size than the example, so the free batch is tested)."""
+    on ``test`` (default: 3 random images through the run's pipeline; the graph is traced on 2,
+    so the free batch dimension is what runs)."""
     write, run = FORMATS[fmt]
     model = trained.model.cpu().eval()
     metadata = export_metadata(trained)
@@ -176,7 +177,7 @@ def export(trained: Trained, fmt: str) -> tuple[bytes, float]:
         raise UserError(
             f"the {fmt} exporter failed on {trained.config.model} ({short_reason(error)}); try the other --format."
         ) from None
-    x = _test_batch(trained, 3, 1)
+    x = _test_batch(trained, 3, 1) if test is None else test
     with torch.inference_mode():
         expected = model(x)
     difference = (run(data, x).float() - expected).abs().max().item()

@@ -74,6 +74,12 @@ def paper_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def paper(paper_ckpt):
+    """The -pm -pt checkpoint loaded once (60M parameters: loading and checking take seconds)."""
+    return load_trained(paper_ckpt)
+
+
+@pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """A folder of odd images (sizes, modes, formats, one in a subfolder), one broken file and a
     text file that a folder search leaves out."""
@@ -88,17 +94,17 @@ def images(tmp_path_factory) -> Path:
     return root
 
 
-def test_checkpoint_carries_the_pipeline(cifar_ckpt, paper_ckpt):
+def test_checkpoint_carries_the_pipeline(cifar_ckpt, paper):
     """The saved pipeline rebuilds with the same statistics, and a damaged one is refused."""
-    for path in (cifar_ckpt, paper_ckpt):
-        checkpoint = load_checkpoint(path)
-        saved = checkpoint["preprocess"]
-        rebuilt = pipeline_from_state(saved["pipeline"]).state()
-        assert rebuilt.keys() == saved["pipeline"].keys()
-        for key, value in saved["pipeline"].items():
-            assert torch.equal(rebuilt[key], value) if isinstance(value, torch.Tensor) else rebuilt[key] == value
-    assert load_checkpoint(paper_ckpt)["preprocess"]["image_size"] == 256
     checkpoint = load_checkpoint(cifar_ckpt)
+    saved = checkpoint["preprocess"]
+    assert saved["image_size"] == 32 and saved["task"] == "single-label"
+    assert paper.image_size == 256 and paper.pipeline.state()["kind"] == "paper"
+    for state in (saved["pipeline"], paper.pipeline.state()):
+        rebuilt = pipeline_from_state(state).state()
+        assert rebuilt.keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(rebuilt[key], value) if isinstance(value, torch.Tensor) else rebuilt[key] == value
     checkpoint["preprocess"]["pipeline"]["std"] = torch.tensor([1.0, float("nan"), 1.0])
     bad = cifar_ckpt.parent / "bad.pt"
     torch.save(checkpoint, bad)
@@ -146,10 +152,10 @@ def test_multilabel_scores_are_sigmoids(tmp_path, images):
     assert torch.allclose(trained.probabilities(batch), expected, atol=1e-6)
 
 
-def test_ten_crop_equals_the_trainers_evaluation(paper_ckpt, images):
+def test_ten_crop_equals_the_trainers_evaluation(paper, images):
     """predict's 10-crop probabilities give exactly the loss and top-1 that ``training.loop.
     evaluate`` computes on the same images with the run's pipeline."""
-    trained = load_trained(paper_ckpt)
+    trained = paper
     assert trained.pipeline.views == 10
     files = [images / "wide.png", images / "grey.jpg"]
     results, _ = predict_files(trained, files, batch_size=2, k=3)
@@ -180,13 +186,12 @@ def test_folder_search_and_bad_files_in_one_sentence(cifar_ckpt, images, run_mai
     assert "Traceback" not in result.stderr
 
 
-def test_predicts_real_photos(paper_ckpt, shared_data):
+def test_predicts_real_photos(paper, shared_data):
     folder = shared_data / "imagenet-sample" / "val"
     if not folder.is_dir():
         pytest.skip(f"{folder} not found")
     files = image_files([folder])[:2]
-    trained = load_trained(paper_ckpt)
-    results, failed = predict_files(trained, files, batch_size=2, k=3)
+    results, failed = predict_files(paper, files, batch_size=2, k=3)
     assert not failed and len(results) == 2
     for result in results:
         assert len(result["predictions"]) == 3
