@@ -186,7 +186,7 @@ def pipeline_from_state(state: object) -> Pipeline:
         return ModernPipeline(_stat(state, "mean", (3,)), std, crop=_size(state, "crop"))
     base, crop = _size(state, "base"), _size(state, "crop")
     sigma = state.get("sigma")
-    if crop > base or type(sigma) is not float or not 0 <= sigma <= 10 or state.get("fidelity") not in ("code", "text"):
+    if crop > base or type(sigma) is not float or not 0 <= sigma <= 1 or state.get("fidelity") not in ("code", "text"):
         raise ValueError("has a crop larger than its images, a sigma that is not a number, or an unknown fidelity")
     return PaperPipeline(_stat(state, "mean_image", (3, base, base)), _stat(state, "eigenvalues", (3,)),
                          _stat(state, "eigenvectors", (3, 3)), crop=crop, base=base, sigma=sigma,

@@ -127,4 +127,3 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     except DataError as error:
         raise DataError(str(error).removeprefix(f"{path} ")) from None
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
-

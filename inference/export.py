@@ -55,8 +55,12 @@ network"). OUT is never replaced unless --force is given (then atomically)."""
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="main.py export", description="Export a checkpoint's network.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="main.py export",
+        description="Export a checkpoint's network.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("out", type=Path, metavar="OUT", help="the file to write (.onnx, .pt)")
     parser.add_argument("--checkpoint", required=True, type=Path, help="a last.pt or best.pt of this tool")
     parser.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="the file's format")

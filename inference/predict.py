@@ -42,13 +42,22 @@ def get_parser() -> argparse.ArgumentParser:
         prog="main.py predict", description="Classify image files with a trained checkpoint.", epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="image files (any format Pillow reads, any size) or folders (searched recursively)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="image files (any format Pillow reads, any size) or folders (searched recursively)",
+    )
     parser.add_argument("--checkpoint", required=True, type=Path, help="a last.pt or best.pt of this tool")
     parser.add_argument("--topk", type=Check(int, 1, 100_000).parse, default=5, help="classes shown per image (5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
-    parser.add_argument("--batch-size", type=Check(int, 1, 65_536).parse, default=32,
-                        help="images per forward pass (32; x10 views under -pt)")
+    parser.add_argument(
+        "--batch-size",
+        type=Check(int, 1, 65_536).parse,
+        default=32,
+        help="images per forward pass (32; x10 views under -pt)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (CUDA when present)")
     return parser  # fmt: skip
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_predict import make_checkpoint
 
 from inference.checkpoint import load_trained
 from inference.export import (
@@ -17,7 +18,6 @@ from inference.export import (
     torchscript_metadata,
 )
 from network import PaperAlexNet, SplitPaperAlexNet
-from test_predict import make_checkpoint
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -21,7 +21,7 @@ from datasets import load_dataset
 from inference.checkpoint import load_trained, read_image
 from inference.predict import image_files, predict_files
 from network import MODELS, make_model
-from training.checkpoint import CheckpointError, Checkpointer, Progress, load_checkpoint
+from training.checkpoint import Checkpointer, CheckpointError, Progress, load_checkpoint
 from training.config import TrainConfig
 from training.loop import evaluate
 from training.schedule import PlateauSchedule
@@ -196,3 +196,22 @@ def test_predicts_real_photos(paper, shared_data):
     for result in results:
         assert len(result["predictions"]) == 3
         assert 0 < sum(p["probability"] for p in result["predictions"]) <= 1 + 1e-6
+
+
+def test_every_preprocess_entry_is_checked(cifar_ckpt, paper):
+    """Each entry of a saved pipeline set to a wrong value: one problem in words, never an
+    exception (a checkpoint is untrusted input)."""
+    from training.checkpoint import check_fields
+
+    bad_values = [None, -1, 2**40, 1.5, "x", [], {}, torch.zeros(2), torch.full((3,), float("nan"))]
+    saved = load_checkpoint(cifar_ckpt)["preprocess"]
+    for preprocess in (saved, {**saved, "pipeline": paper.pipeline.state(), "image_size": 32}):
+        assert check_fields({"preprocess": preprocess}) is None
+        for key in [*preprocess["pipeline"], "image_size", "task"]:
+            for value in bad_values:
+                if key in preprocess:
+                    changed = {**preprocess, key: value}
+                else:
+                    changed = {**preprocess, "pipeline": {**preprocess["pipeline"], key: value}}
+                problem = check_fields({"preprocess": changed})
+                assert problem is not None and problem.startswith("its preprocess "), (key, value, problem)
