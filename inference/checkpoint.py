@@ -89,8 +89,9 @@ def _preprocessing(checkpoint: dict[str, Any], config: TrainConfig, path: Path, 
         data = load_dataset(config.dataset, config)
     except DataError as error:
         raise CheckpointError(
-            f"checkpoint {path} predates the saved preprocessing, and its data set is needed to rebuild it: "
-            f"{str(error).rstrip('.')}; or evaluate with a checkpoint from this version."
+            f"checkpoint {path} was written before checkpoints held their preprocessing, so it is rebuilt from its "
+            f"data set, {config.dataset} in {config.data_dir}, which cannot be read ({str(error).rstrip('.')}); put "
+            "the data set back there, or use a checkpoint written by this version."
         ) from None
     pipeline = make_pipeline(data.train, MODELS[config.model].input_size, config.paper_train, device, config.fidelity)
     return pipeline, data.image_size, data.multilabel

@@ -125,6 +125,15 @@ def test_old_checkpoint_rebuilds_the_pipeline_from_its_data(cifar_ckpt):
     assert torch.allclose(trained.pipeline.state()["std"], saved["pipeline"]["std"])
 
 
+def test_old_checkpoint_without_its_data_is_one_sentence(cifar_ckpt, tmp_path):
+    checkpoint = load_checkpoint(cifar_ckpt)
+    del checkpoint["preprocess"]
+    checkpoint["config"] = {**checkpoint["config"], "dataset": "Cifar10", "data_dir": str(tmp_path / "nothing")}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"written before checkpoints held their preprocessing.*Cifar10.*put the"):
+        load_trained(tmp_path / "old.pt")
+
+
 def test_probabilities_are_the_softmax_of_the_preprocessed_batch(cifar_ckpt, images):
     trained = load_trained(cifar_ckpt)
     files = [images / "wide.png", images / "grey.jpg"]
