@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,16 +100,21 @@ def top_predictions(probabilities: torch.Tensor, classes: list[str], k: int) -> 
             for vs, ix in zip(values.tolist(), indices.tolist())]  # fmt: skip
 
 
-def predict_files(trained: Trained, files: list[Path], batch_size: int, k: int
-                  ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:  # fmt: skip
-    """The top-``k`` predictions of each readable file, as {"path", "predictions"} records, and
-    the files that could not be read with the reason. ``batch_size`` images per forward pass."""
-    failed: list[tuple[Path, str]] = []
-    results = []
+def predictions(trained: Trained, files: list[Path], batch_size: int, k: int, failed: list[tuple[Path, str]]
+                ) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """The top-``k`` predictions of each readable file as {"path", "predictions"} records, a batch
+    of ``batch_size`` images at a time (so output starts at once and memory stays bounded);
+    the files that cannot be read go to ``failed`` with the reason."""
     for paths, images in batches(files, batch_size, trained.image_size, failed):
         for path, top in zip(paths, top_predictions(trained.probabilities(images).cpu(), trained.classes, k)):
-            results.append({"path": str(path), "predictions": top})
-    return results, failed
+            yield {"path": str(path), "predictions": top}
+
+
+def predict_files(trained: Trained, files: list[Path], batch_size: int, k: int
+                  ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:  # fmt: skip
+    """``predictions`` as a list, and the files that could not be read with the reason."""
+    failed: list[tuple[Path, str]] = []
+    return list(predictions(trained, files, batch_size, k, failed)), failed
 
 
 def failure_sentence(failed: list[tuple[Path, str]], total: int) -> str:
@@ -141,11 +145,12 @@ def main(argv: Sequence[str]) -> int:
     views = trained.pipeline.views
     logger.info("%s: %s on %d image(s), %s scores%s", args.checkpoint, trained.config.model, len(files),
                 "sigmoid" if trained.multilabel else "softmax", f", {views}-crop" if views > 1 else "")  # fmt: skip
-    results, failed = predict_files(trained, files, args.batch_size, args.topk)
-    for result in results:
-        print(json.dumps(result) if args.json else format_table(result))
-    sys.stdout.flush()
-    if failed and not results:
+    failed: list[tuple[Path, str]] = []
+    predicted = 0
+    for result in predictions(trained, files, args.batch_size, args.topk, failed):
+        print(json.dumps(result) if args.json else format_table(result), flush=True)
+        predicted += 1
+    if failed and not predicted:
         raise UserError(failure_sentence(failed, len(files)))
     if failed:
         logger.error("error: %s", failure_sentence(failed, len(files)))
