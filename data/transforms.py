@@ -4,7 +4,8 @@ a ``Dataset`` + ``DataLoader`` pipeline, which is what usually limits AlexNet tr
 
 A ``Pipeline`` turns uint8 batches into model inputs (``CifarPipeline``, ``PaperPipeline``,
 ``ModernPipeline``); ``make_pipeline`` picks the one for a model input size and setup, with
-statistics of the training split.
+statistics of the training split. ``Pipeline.state`` and ``pipeline_from_state`` carry a
+pipeline's evaluation in checkpoints and exported files (``predict``, ``export``).
 """
 
 from __future__ import annotations

@@ -239,13 +239,18 @@ def _schedule(value: object) -> None:
     check_schedule_state(value)
 
 
-def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str, Any]:
+def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str, Any] | None:
     """The ``preprocess`` entry of a checkpoint: what ``predict`` and ``export`` need besides the
     weights and class names, so that a checkpoint alone is enough. The evaluation pipeline
     (``Pipeline.state``), the side of the square images the data set's cache holds (what a photo
     is resized and centre-cropped to before the pipeline: 32, or 256 for the 224-input models)
-    and the task (``training.tasks``: softmax or per-class sigmoid scores)."""
-    return {"pipeline": pipeline.state(), "image_size": int(image_size), "task": task}
+    and the task (``training.tasks``: softmax or per-class sigmoid scores). None for a pipeline
+    kind that cannot describe itself, as for checkpoints from before this entry."""
+    try:
+        state = pipeline.state()
+    except NotImplementedError:  # a pipeline kind without a state: predict rebuilds it from the data
+        return None
+    return {"pipeline": state, "image_size": int(image_size), "task": task}
 
 
 def _preprocess(value: object) -> None:
