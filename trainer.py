@@ -331,7 +331,9 @@ class Trainer:
     def _save(self, best: bool) -> None:
         """``last.pt`` (and ``best.pt``) and the summary."""
         p = self.progress
-        state = self.checkpointer.state(p, self.task.score_key, self.data.classes, self.config)  # a collective
+        state = self.checkpointer.state(
+            p, self.task.score_key, self.data.classes, self.config, self.pipeline, self.data.image_size, self.task.name
+        )  # a collective
         if not self.is_main:
             return
         self.checkpointer.save(state, best, p.epoch)

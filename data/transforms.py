@@ -4,13 +4,15 @@ a ``Dataset`` + ``DataLoader`` pipeline, which is what usually limits AlexNet tr
 
 A ``Pipeline`` turns uint8 batches into model inputs (``CifarPipeline``, ``PaperPipeline``,
 ``ModernPipeline``); ``make_pipeline`` picks the one for a model input size and setup, with
-statistics of the training split.
+statistics of the training split. ``Pipeline.state`` and ``pipeline_from_state`` carry a
+pipeline's evaluation in checkpoints and exported files (``predict``, ``export``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +146,53 @@ class Pipeline:
     def describe(self) -> str:
         return self.name
 
+    def state(self) -> dict[str, Any]:
+        """What rebuilds this pipeline's evaluation (``pipeline_from_state``): its ``kind`` and its
+        statistics as CPU tensors and plain numbers, for checkpoints and exported files."""
+        raise NotImplementedError
+
+
+def _stat(state: dict[str, Any], key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """``state[key]``: a finite float tensor of ``shape`` (a checkpoint is untrusted input)."""
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or tuple(value.shape) != shape:
+        raise ValueError(f"has a {key} that is not a float tensor of shape {list(shape)}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"has a {key} with NaN or infinite values")
+    return value.float()
+
+
+def _size(state: dict[str, Any], key: str, low: int = 1, high: int = 4096) -> int:
+    value = state.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"has a {key} that is not a whole number from {low} to {high}")
+    return value
+
+
+def pipeline_from_state(state: object) -> Pipeline:
+    """The pipeline a ``Pipeline.state()`` describes, every entry checked (``ValueError`` with
+    the problem in words that complete "the pipeline ...")."""
+    if not isinstance(state, dict) or state.get("kind") not in ("cifar", "paper", "modern"):
+        raise ValueError("is not a cifar, paper or modern pipeline")
+    kind = state["kind"]
+    if kind == "cifar":
+        std = _stat(state, "std", (3,))
+        if not bool((std > 0).all()):
+            raise ValueError("has a std that is not positive")
+        return CifarPipeline(_stat(state, "mean", (3,)), std, _size(state, "input_size"), _size(state, "padding", 0))
+    if kind == "modern":
+        std = _stat(state, "std", (3,))
+        if not bool((std > 0).all()):
+            raise ValueError("has a std that is not positive")
+        return ModernPipeline(_stat(state, "mean", (3,)), std, crop=_size(state, "crop"))
+    base, crop = _size(state, "base"), _size(state, "crop")
+    sigma = state.get("sigma")
+    if crop > base or type(sigma) is not float or not 0 <= sigma <= 1 or state.get("fidelity") not in ("code", "text"):
+        raise ValueError("has a crop larger than its images, a sigma that is not a number, or an unknown fidelity")
+    return PaperPipeline(_stat(state, "mean_image", (3, base, base)), _stat(state, "eigenvalues", (3,)),
+                         _stat(state, "eigenvectors", (3, 3)), crop=crop, base=base, sigma=sigma,
+                         fidelity=state["fidelity"])  # fmt: skip
+
 
 class CifarPipeline(Pipeline):
     """32x32 data: random crop of the 4-pixel zero-padded image and mirror; normalise by the
@@ -153,6 +202,7 @@ class CifarPipeline(Pipeline):
     name = "cifar"
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, input_size: int, padding: int = 4) -> None:
+        self.mean, self.std = mean, std
         # (x / 255 - mean) / std as one multiply-add on the uint8 values.
         self.scale = (1 / (255 * std)).view(1, 3, 1, 1)
         self.shift = (-mean / std).view(1, 3, 1, 1)
@@ -177,6 +227,10 @@ class CifarPipeline(Pipeline):
     def describe(self) -> str:
         resize = f", upsampled to {self.input_size}" if self.input_size != 32 else ""
         return f"random crop (pad {self.padding}) + mirror{resize}, channel-normalised"
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.name, "mean": self.mean.cpu(), "std": self.std.cpu(), "input_size": self.input_size,
+                "padding": self.padding}  # fmt: skip
 
 
 class PaperPipeline(Pipeline):
@@ -264,6 +318,11 @@ class PaperPipeline(Pipeline):
                     f"({self.sigma} x stdev) then / {1 + self.sigma:g}; 10-crop test")  # fmt: skip
         return f"paper: mean image, PCA colour (sigma {self.sigma}), random {self.crop} crops + mirror; 10-crop test"
 
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.name, "mean_image": self.mean_image.cpu(), "eigenvalues": self.eigenvalues.cpu(),
+                "eigenvectors": self.eigenvectors.cpu(), "crop": self.crop, "base": self.base,
+                "sigma": float(self.sigma), "fidelity": self.fidelity}  # fmt: skip
+
 
 class ModernPipeline(Pipeline):
     """224-input models on 256x256 images without ``-pt``: random-resized crop (25-100 % of the
@@ -293,6 +352,10 @@ class ModernPipeline(Pipeline):
 
     def describe(self) -> str:
         return f"random-resized crop {self.crop} (area {self.scale[0]:.0%}-100%) + mirror; centre crop test"
+
+    def state(self) -> dict[str, Any]:
+        # The training-only settings (scale, ratio) are not needed to evaluate.
+        return {"kind": self.name, "mean": self.mean.view(3).cpu(), "std": self.std.view(3).cpu(), "crop": self.crop}
 
 
 def make_pipeline(

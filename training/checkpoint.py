@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.transforms import Pipeline, pipeline_from_state
 from network import MODELS
 from training.config import TrainConfig
 from training.distributed import gather_objects, rank_and_world
@@ -238,6 +239,34 @@ def _schedule(value: object) -> None:
     check_schedule_state(value)
 
 
+def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str, Any] | None:
+    """The ``preprocess`` entry of a checkpoint: what ``predict`` and ``export`` need besides the
+    weights and class names, so that a checkpoint alone is enough. The evaluation pipeline
+    (``Pipeline.state``), the side of the square images the data set's cache holds (what a photo
+    is resized and centre-cropped to before the pipeline: 32, or 256 for the 224-input models)
+    and the task (``training.tasks``: softmax or per-class sigmoid scores). None for a pipeline
+    kind that cannot describe itself, as for checkpoints from before this entry."""
+    try:
+        state = pipeline.state()
+    except NotImplementedError:  # a pipeline kind without a state: predict rebuilds it from the data
+        return None
+    return {"pipeline": state, "image_size": int(image_size), "task": task}
+
+
+def _preprocess(value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != {"pipeline", "image_size", "task"}:
+        raise ValueError("is not a description of the evaluation preprocessing")
+    Check(int, 1, 4096)(value["image_size"])
+    if value["task"] not in ("single-label", "multi-label"):
+        raise ValueError("names a task other than single-label or multi-label")
+    try:
+        pipeline_from_state(value["pipeline"])
+    except ValueError as error:
+        raise ValueError(f"has a pipeline that {error}") from None
+
+
 FIELD_RULES: dict[str, Callable[[object], object]] = {
     "model": _tensor_dict,
     "config": _config,
@@ -259,6 +288,7 @@ FIELD_RULES: dict[str, Callable[[object], object]] = {
     "rng_ranks": _rng_ranks,
     "scaler": _scaler,
     "version": Check(str),
+    "preprocess": _preprocess,
 }
 #: What ``--evaluate`` reads, and what ``--resume`` reads (every field checkpoints have held
 #: since version 0.1.0).
@@ -406,8 +436,10 @@ class Progress:
 
 
 #: The format of what ``Checkpointer.state`` writes. 2: written by the split trainer (0.2), the
-#: same fields as 1 (0.1.x, which wrote no ``format``) plus ``format``; both load.
-CHECKPOINT_FORMAT = 2
+#: same fields as 1 (0.1.x, which wrote no ``format``) plus ``format``; 3: plus ``preprocess``
+#: (``preprocess_state``). All load; without ``preprocess``, predict rebuilds the pipeline from
+#: the data set, as ``--evaluate`` does.
+CHECKPOINT_FORMAT = 3
 
 
 class Checkpointer:
@@ -443,9 +475,12 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return rng
 
-    def state(self, progress: Progress, task_score_key: str, classes: list[str], config: TrainConfig
+    def state(self, progress: Progress, task_score_key: str, classes: list[str], config: TrainConfig,
+              pipeline: Pipeline | None = None, image_size: int = 0, task: str = "single-label"
               ) -> dict[str, Any]:  # fmt: skip
-        """The checkpoint of this moment (under torchrun a collective: every process calls it)."""
+        """The checkpoint of this moment (under torchrun a collective: every process calls it).
+        With the run's ``pipeline`` (and the data's ``image_size`` and ``task``) it carries the
+        evaluation preprocessing (``preprocess_state``)."""
         rng = self._rng()
         _, world = rank_and_world()
         best = progress.best
@@ -463,6 +498,7 @@ class Checkpointer:
             "config": asdict(config),
             "version": __version__,
             "format": CHECKPOINT_FORMAT,
+            "preprocess": preprocess_state(pipeline, image_size, task) if pipeline is not None else None,
         }
 
     def save(self, state: dict[str, Any], best: bool, epoch: int) -> None:

@@ -1,0 +1,130 @@
+"""A checkpoint alone is enough: load one of this tool's checkpoints for inference, with its
+network (the grouped one for a ``--split-gpus`` run), its evaluation preprocessing and its class
+names (``load_trained``), and turn image files into the uint8 squares its data set's cache held
+(``read_image``).
+
+Checkpoints since format 3 carry the preprocessing (``training.checkpoint.preprocess_state``).
+An older one does not: its pipeline is rebuilt from its data set, the way ``--evaluate`` does,
+because that gives exactly the statistics the run trained with (Shapes is generated on the spot,
+so old Shapes checkpoints need nothing); when the data set is not there, the sentence says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from data.core import DataError
+from data.images import MAX_IMAGE_PIXELS, resize_centre, to_rgb
+from data.transforms import Pipeline, make_pipeline, pipeline_from_state
+from network import MODELS, make_model
+from training.checkpoint import CheckpointError, load_checkpoint, load_weights
+from training.config import TrainConfig
+from training.tasks import MULTI
+from utils import short_reason
+
+
+@dataclass
+class Trained:
+    """A trained network ready for inference: ``model`` (eval mode, on its device), the run's
+    evaluation ``pipeline``, the class names, the side of the square images the data set held
+    (``image_size``) and whether its scores are per-class sigmoids (``multilabel``)."""
+
+    path: Path
+    config: TrainConfig
+    model: nn.Module
+    pipeline: Pipeline
+    classes: list[str]
+    image_size: int
+    multilabel: bool
+
+    @property
+    def input_size(self) -> int:
+        """The side of the model's input (one view of the pipeline)."""
+        return MODELS[self.config.model].input_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x 3 x S x S (``read_image``) -> the model inputs, N x V x C x H x W."""
+        return self.pipeline.evaluate(images.to(self.device))
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """N x classes probabilities of uint8 images: the softmax (per-class sigmoid for
+        multi-label data) of each view, averaged over the views, as ``training.loop.evaluate``
+        scores them (10-crop under ``-pt``)."""
+        inputs = self.preprocess(images)
+        n, views = inputs.shape[:2]
+        logits = self.model(inputs.flatten(0, 1)).float().view(n, views, -1)
+        if self.multilabel:
+            return torch.sigmoid(logits).mean(1)
+        # exp of the trainer's log of the mean softmax (training.tasks), computed stably
+        return (torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(views)).exp()
+
+
+def _preprocessing(checkpoint: dict[str, Any], config: TrainConfig, path: Path, device: torch.device
+                   ) -> tuple[Pipeline, int, bool]:  # fmt: skip
+    """The pipeline, image size and task: the checkpoint's own, or rebuilt from its data set."""
+    saved = checkpoint.get("preprocess")
+    if saved is not None:
+        pipeline = pipeline_from_state(saved["pipeline"])  # checked by load_checkpoint
+        for name, value in vars(pipeline).items():
+            if isinstance(value, torch.Tensor):
+                setattr(pipeline, name, value.to(device))
+        return pipeline, saved["image_size"], saved["task"] == MULTI.name
+    from datasets import load_dataset  # only old checkpoints need the data set
+
+    try:
+        data = load_dataset(config.dataset, config)
+    except DataError as error:
+        raise CheckpointError(
+            f"checkpoint {path} was written before checkpoints held their preprocessing, so it is rebuilt from its "
+            f"data set, {config.dataset} in {config.data_dir}, which cannot be read ({str(error).rstrip('.')}); put "
+            "the data set back there, or use a checkpoint written by this version."
+        ) from None
+    pipeline = make_pipeline(data.train, MODELS[config.model].input_size, config.paper_train, device, config.fidelity)
+    return pipeline, data.image_size, data.multilabel
+
+
+def load_trained(path: Path | str, device: torch.device | str = "cpu") -> Trained:
+    """The network of checkpoint ``path`` on ``device``, in eval mode, with its preprocessing.
+    A ``--split-gpus`` checkpoint holds the grouped PaperAlexNet's weights, and that is the
+    network returned (the same function, on one device). Every problem is a ``CheckpointError``."""
+    path, device = Path(path), torch.device(device)
+    checkpoint = load_checkpoint(path)
+    config = TrainConfig.from_dict(checkpoint["config"])  # checked by load_checkpoint
+    classes = list(checkpoint["classes"])
+    model = make_model(config.model, len(classes), lrn=config.lrn, fidelity=config.fidelity)
+    load_weights(checkpoint, path, model, len(classes), str(config.dataset))
+    pipeline, image_size, multilabel = _preprocessing(checkpoint, config, path, device)
+    return Trained(path, config, model.to(device).eval(), pipeline, classes, image_size, multilabel)
+
+
+def read_image(path: Path, size: int) -> torch.Tensor:
+    """An image file of any format Pillow reads, of any size, as the data sets' caches hold
+    images: 8-bit RGB (``to_rgb``), the short side resized to ``size`` and the centre square
+    kept (``resize_centre``); uint8 3 x size x size. A file that cannot be read is a
+    ``DataError`` with the reason in a few words (the caller names the file)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size  # from the header: decompression bombs are refused undecoded
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DataError(f"{width}x{height} pixels, more than {MAX_IMAGE_PIXELS:,}")
+            image = to_rgb(image, path)
+        image = resize_centre(image, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(short_reason(error)) from None
+    except DataError as error:
+        raise DataError(str(error).removeprefix(f"{path} ")) from None
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()

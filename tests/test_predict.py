@@ -1,0 +1,226 @@
+"""``predict`` and the checkpoints it reads: the saved preprocessing round-trips and is checked,
+probabilities are the model's softmax (sigmoid for multi-label) of the run's own evaluation
+pipeline, 10-crop equals the trainer's evaluation, bad files are one sentence."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from data.core import Split
+from data.loaders import eval_loader
+from data.transforms import make_pipeline, pipeline_from_state
+from datasets import load_dataset
+from inference.checkpoint import load_trained, read_image
+from inference.predict import image_files, predict_files
+from network import MODELS, make_model
+from training.checkpoint import Checkpointer, CheckpointError, Progress, load_checkpoint
+from training.config import TrainConfig
+from training.loop import evaluate
+from training.schedule import PlateauSchedule
+
+CLASSES = ["alpha", "beta", "gamma"]
+
+
+def make_checkpoint(folder: Path, model: str, paper_train: bool = False, fidelity: str = "code",
+                    split_gpus: bool = False, multilabel: bool = False) -> Path:  # fmt: skip
+    """A checkpoint written by the real ``Checkpointer.state`` / ``save`` code path: a freshly
+    initialised ``model`` (3 classes) and the pipeline ``make_pipeline`` builds for it, from
+    tiny Shapes for a 32-input model, else from 6 random 256x256 images."""
+    config = TrainConfig(model=model, paper_train=paper_train, fidelity=fidelity, split_gpus=split_gpus,
+                         shapes_train=60, shapes_test=10)  # fmt: skip
+    input_size = MODELS[model].input_size
+    if input_size == 32:
+        data = load_dataset("Shapes", config)
+        train, classes = data.train, data.classes
+    else:
+        g = torch.Generator().manual_seed(1)
+        train = Split(torch.randint(0, 256, (6, 3, 256, 256), generator=g, dtype=torch.uint8), torch.zeros(6))
+        classes = CLASSES
+    torch.manual_seed(0)
+    net = make_model(model, len(classes), lrn=config.lrn, fidelity=fidelity)
+    pipeline = make_pipeline(train, input_size, paper_train, "cpu", fidelity)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    generators = {"index": torch.Generator(), "augment": torch.Generator()}
+    checkpointer = Checkpointer(folder, net, optimizer, PlateauSchedule(base_lr=0.01), None, generators)
+    task = "multi-label" if multilabel else "single-label"
+    state = checkpointer.state(Progress(), "top1", classes, config, pipeline, train.images.shape[-1], task)
+    checkpointer.save(state, best=False, epoch=0)
+    return checkpointer.last
+
+
+def photo(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cifar_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("cifar"), "CifarAlexNet")
+
+
+@pytest.fixture(scope="module")
+def paper_ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("paper"), "PaperAlexNet", paper_train=True)
+
+
+@pytest.fixture(scope="module")
+def paper(paper_ckpt):
+    """The -pm -pt checkpoint loaded once (60M parameters: loading and checking take seconds)."""
+    return load_trained(paper_ckpt)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """A folder of odd images (sizes, modes, formats, one in a subfolder), one broken file and a
+    text file that a folder search leaves out."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    photo(root / "wide.png", 61, 17, 0)
+    photo(root / "grey.jpg", 20, 48, 1, "L")
+    photo(root / "sub" / "palette.gif", 40, 40, 2, "P")
+    photo(root / "rgba.webp", 33, 33, 3, "RGBA")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_checkpoint_carries_the_pipeline(cifar_ckpt, paper):
+    """The saved pipeline rebuilds with the same statistics, and a damaged one is refused."""
+    checkpoint = load_checkpoint(cifar_ckpt)
+    saved = checkpoint["preprocess"]
+    assert saved["image_size"] == 32 and saved["task"] == "single-label"
+    assert paper.image_size == 256 and paper.pipeline.state()["kind"] == "paper"
+    for state in (saved["pipeline"], paper.pipeline.state()):
+        rebuilt = pipeline_from_state(state).state()
+        assert rebuilt.keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(rebuilt[key], value) if isinstance(value, torch.Tensor) else rebuilt[key] == value
+    checkpoint["preprocess"]["pipeline"]["std"] = torch.tensor([1.0, float("nan"), 1.0])
+    bad = cifar_ckpt.parent / "bad.pt"
+    torch.save(checkpoint, bad)
+    with pytest.raises(CheckpointError, match="its preprocess has a pipeline that has a std with NaN"):
+        load_checkpoint(bad)
+
+
+def test_old_checkpoint_rebuilds_the_pipeline_from_its_data(cifar_ckpt):
+    """A checkpoint without ``preprocess`` (format 2) gets the pipeline of its data set back:
+    the same statistics the run saved."""
+    checkpoint = load_checkpoint(cifar_ckpt)
+    saved = checkpoint.pop("preprocess")
+    old = cifar_ckpt.parent / "old.pt"
+    torch.save(checkpoint, old)
+    trained = load_trained(old)
+    assert trained.image_size == 32 and not trained.multilabel
+    assert torch.allclose(trained.pipeline.state()["mean"], saved["pipeline"]["mean"])
+    assert torch.allclose(trained.pipeline.state()["std"], saved["pipeline"]["std"])
+
+
+def test_old_checkpoint_without_its_data_is_one_sentence(cifar_ckpt, tmp_path):
+    checkpoint = load_checkpoint(cifar_ckpt)
+    del checkpoint["preprocess"]
+    checkpoint["config"] = {**checkpoint["config"], "dataset": "Cifar10", "data_dir": str(tmp_path / "nothing")}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"written before checkpoints held their preprocessing.*Cifar10.*put the"):
+        load_trained(tmp_path / "old.pt")
+
+
+def test_probabilities_are_the_softmax_of_the_preprocessed_batch(cifar_ckpt, images):
+    trained = load_trained(cifar_ckpt)
+    files = [images / "wide.png", images / "grey.jpg"]
+    results, failed = predict_files(trained, files, batch_size=1, k=len(trained.classes))
+    assert not failed and [r["path"] for r in results] == [str(f) for f in files]
+    batch = torch.stack([read_image(f, 32) for f in files])
+    with torch.inference_mode():
+        expected = F.softmax(trained.model(trained.pipeline.evaluate(batch)[:, 0]), dim=1)
+    for result, row in zip(results, expected):
+        got = torch.zeros(len(trained.classes))
+        for p in result["predictions"]:
+            got[p["index"]] = p["probability"]
+            assert p["class"] == trained.classes[p["index"]]
+        assert torch.allclose(got, row, atol=1e-6)
+        probs = [p["probability"] for p in result["predictions"]]
+        assert probs == sorted(probs, reverse=True)
+
+
+def test_multilabel_scores_are_sigmoids(tmp_path, images):
+    trained = load_trained(make_checkpoint(tmp_path, "CifarAlexNet", multilabel=True))
+    assert trained.multilabel
+    batch = read_image(images / "wide.png", 32)[None]
+    with torch.inference_mode():
+        expected = torch.sigmoid(trained.model(trained.pipeline.evaluate(batch)[:, 0]))
+    assert torch.allclose(trained.probabilities(batch), expected, atol=1e-6)
+
+
+def test_ten_crop_equals_the_trainers_evaluation(paper, images):
+    """predict's 10-crop probabilities give exactly the loss and top-1 that ``training.loop.
+    evaluate`` computes on the same images with the run's pipeline."""
+    trained = paper
+    assert trained.pipeline.views == 10
+    files = [images / "wide.png", images / "grey.jpg"]
+    results, _ = predict_files(trained, files, batch_size=2, k=3)
+    probs = torch.zeros(2, 3)
+    for i, result in enumerate(results):
+        for p in result["predictions"]:
+            probs[i, p["index"]] = p["probability"]
+    labels = torch.tensor([0, 2])
+    split = Split(torch.stack([read_image(f, 256) for f in files]), labels)
+    metrics = evaluate(trained.model, eval_loader(split, trained.pipeline, torch.device("cpu"), batch_size=20), 3)
+    loss = -probs[torch.arange(2), labels].log().mean().item()
+    assert math.isclose(metrics.loss, loss, rel_tol=1e-5)
+    assert metrics.top1 == 100.0 * (probs.argmax(1) == labels).float().mean().item()
+
+
+def test_folder_search_and_bad_files_in_one_sentence(cifar_ckpt, images, run_main, tmp_path):
+    files = image_files([images])
+    assert images / "notes.txt" not in files and images / "sub" / "palette.gif" in files
+    result = run_main("predict", "--checkpoint", str(cifar_ckpt), str(images), "--json", "--topk", "2", cwd=tmp_path)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(Path(r["path"]).name for r in records) == ["grey.jpg", "palette.gif", "rgba.webp", "wide.png"]
+    for record in records:
+        assert set(record) == {"path", "predictions"} and len(record["predictions"]) == 2
+        assert all(set(p) == {"class", "index", "probability"} for p in record["predictions"])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1 of 5 files could not be read" in errors[0] and "broken.jpg" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_predicts_real_photos(paper, shared_data):
+    folder = shared_data / "imagenet-sample" / "val"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    files = image_files([folder])[:2]
+    results, failed = predict_files(paper, files, batch_size=2, k=3)
+    assert not failed and len(results) == 2
+    for result in results:
+        assert len(result["predictions"]) == 3
+        assert 0 < sum(p["probability"] for p in result["predictions"]) <= 1 + 1e-6
+
+
+def test_every_preprocess_entry_is_checked(cifar_ckpt, paper):
+    """Each entry of a saved pipeline set to a wrong value: one problem in words, never an
+    exception (a checkpoint is untrusted input)."""
+    from training.checkpoint import check_fields
+
+    bad_values = [None, -1, 2**40, 1.5, "x", [], {}, torch.zeros(2), torch.full((3,), float("nan"))]
+    saved = load_checkpoint(cifar_ckpt)["preprocess"]
+    for preprocess in (saved, {**saved, "pipeline": paper.pipeline.state(), "image_size": 32}):
+        assert check_fields({"preprocess": preprocess}) is None
+        for key in [*preprocess["pipeline"], "image_size", "task"]:
+            for value in bad_values:
+                if key in preprocess:
+                    changed = {**preprocess, key: value}
+                else:
+                    changed = {**preprocess, "pipeline": {**preprocess["pipeline"], key: value}}
+                problem = check_fields({"preprocess": changed})
+                assert problem is not None and problem.startswith("its preprocess "), (key, value, problem)
