@@ -282,15 +282,21 @@ def test_catalogue_is_the_readme_table(repo_root):
     readme = (repo_root / "README.md").read_text()
     table = readme[readme.index("| bad input |") :].split("\n\n")[0].splitlines()[2:]
     rows = {line.split("|")[1].strip().strip("`") for line in table}
+    from test_image_folder import ERRORS as FOLDER_CASES
+    from test_imagenet import ERRORS as IMAGENET_CASES
     from test_untrusted_data import CASES as DATA_CASES
 
-    names = [c.name for c in (*CATALOGUE, *DATA_CASES, *RUN_CASES)]
+    names = [c.name for c in (*CATALOGUE, *DATA_CASES, *RUN_CASES, *IMAGENET_CASES, *FOLDER_CASES)]
     assert len(names) == len(set(names))
     # Rows tested by their own tests: test_faults (divergence), test_signals (signals in training, a stop
-    # while reading data or evaluating), test_cli (CUDA), test_checkpoints (two processes on one run).
+    # while reading data or evaluating), test_cli (CUDA), test_checkpoints (two processes on one run),
+    # test_shards (several bad images), test_weights, test_predict, test_export, test_figures.
     assert rows == set(names) | {"training diverges (NaN or infinite loss)", "Ctrl-C / SIGTERM",
                                  "CUDA asked for, none present", "run in use by another process",
-                                 "stop while reading data or evaluating"}  # fmt: skip
+                                 "stop while reading data or evaluating", "several unreadable images",
+                                 "--weights whose hash is not its name's", "--weights of another network",
+                                 "--weights not an AlexNet", "predict: unreadable files", "export: OUT exists",
+                                 "figures: checkpoint away from its run"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
