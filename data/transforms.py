@@ -141,8 +141,8 @@ def resized_crops(x: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor
     width, half height in [-1, 1] image units, a negative half width mirroring the crop. The same
     values as ``F.grid_sample`` with the affine grid of those boxes (``align_corners=False``,
     ``padding_mode="border"``), up to float rounding, computed separably: whole rows gathered and
-    blended first, then columns. About 10x faster than ``grid_sample`` on a CPU, whose per-pixel
-    2-D bilinear taps dominate the modern pipeline there (see ``benchmarks/speed.py``)."""
+    blended first, then columns: on one core of the 2-core CPU, 0.47 ms per 224 crop of a 256 uint8
+    image against 1.0-1.2 ms for ``grid_sample`` of the float image (batches of 16)."""
     if x.device.type == "cpu" and x.shape[0] > CHUNK:  # intermediates that stay in the CPU's caches
         return torch.cat([resized_crops(x[i : i + CHUNK], box[i : i + CHUNK], size)
                           for i in range(0, x.shape[0], CHUNK)])  # fmt: skip
@@ -152,7 +152,6 @@ def resized_crops(x: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor
     x = _lerp(_rows(x, top), _rows(x, bottom), wy[:, None, :, None])  # N x C x size x W
     left, right = (i.view(n, 1, 1, size).expand(-1, x.shape[1], size, -1) for i in (left, right))
     return _lerp(x.gather(3, left), x.gather(3, right), wx[:, None, None, :])
-
 
 
 def random_resized_crop_flip(
