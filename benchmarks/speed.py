@@ -23,8 +23,8 @@ For each model it measures, in the same process and on the same random images:
     with a message where absent): the one-time preparation (``data.shards.shard_split``: decode,
     resize to 256, re-encode as JPEG shards) in images/s per core on ``--workers`` processes,
     and the training pipeline on the prepared cache. Ours: the shards streamed by a
-    ``BatchLoader`` (``--workers`` DataLoader workers decoding the stored 256x256 JPEGs) and the
-    batched random-resized crop + flip + normalise. Usual: torchvision ``ImageFolder`` with PIL
+    ``BatchLoader`` whose ``--workers`` DataLoader workers decode the stored 256x256 JPEGs and
+    (on a CPU) apply the batched random-resized crop + flip + normalise. Usual: torchvision ``ImageFolder`` with PIL
     ``RandomResizedCrop(224)``, flip and normalise on the original photos, through a
     ``DataLoader`` with the same workers. GPU figures (nvJPEG) are printed as not yet measured
     where no GPU ran them.
@@ -42,6 +42,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -420,8 +421,9 @@ def report_imagenet(args: argparse.Namespace, device: torch.device) -> dict[str,
         return {}
     batch = args.batch_size or 16
     result = imagenet_case(args.imagenet, args.workers, batch, 2 if args.quick else 5, device)
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     print(f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, "
-          f"batch {batch}:")  # fmt: skip
+          f"batch {batch} (load average now {load}: the ratio is meaningful only on a quiet machine):")  # fmt: skip
     print(f"  preparation (decode, resize 256, JPEG q95 shards): {result['prepare.img_s_per_core']:,.1f} "
           f"images/s per core, {result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
     print(f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual "

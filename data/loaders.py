@@ -72,19 +72,44 @@ class _CacheRows(torch.utils.data.Dataset):
 class _StoreBatches(torch.utils.data.Dataset):
     """Batches of a sharded cache read in DataLoader workers: decoded there (``encoded=False``,
     CPU training) or left as JPEG bytes for the main process to decode on the GPU in one nvJPEG
-    call (``encoded=True``)."""
+    call (``encoded=True``). With a ``pipeline`` the workers also augment each decoded batch, its
+    index coming with the seed of its augmentation (``_seeded_shares``)."""
 
-    def __init__(self, store: ShardStore, labels: torch.Tensor, encoded: bool) -> None:
+    def __init__(
+        self, store: ShardStore, labels: torch.Tensor, encoded: bool, pipeline: Pipeline | None = None
+    ) -> None:
         self.store = store
         self.labels = labels
         self.encoded = encoded
+        self.pipeline = pipeline
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
-        images = self.store.encoded(index) if self.encoded else self.store.decode(index)
-        return images, self.labels[index]
+    def __getitem__(
+        self, item: torch.Tensor | tuple[torch.Tensor, int]
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+        if self.pipeline is not None:
+            index, seed = item
+            images = self.pipeline.train(self.store.decode(index), torch.Generator().manual_seed(seed))
+            return images, self.labels[index]
+        images = self.store.encoded(item) if self.encoded else self.store.decode(item)
+        return images, self.labels[item]
+
+
+def _batch_seed(generator: torch.Generator) -> int:
+    """One batch's augmentation seed, drawn from the loader's generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+def _seeded_shares(shares: list[torch.Tensor], generator: torch.Generator) -> Iterator[tuple[torch.Tensor, int]]:
+    """Each batch's indices with its seed, drawn from a copy of ``generator``: the workers get the
+    seeds ahead of time, while the loader's own generator advances by one draw per batch only as
+    batches are used, so that a checkpoint's generator state resumes with the next batch's seed."""
+    ahead = torch.Generator().manual_seed(0)
+    ahead.set_state(generator.get_state())
+    for share in shares:
+        yield share, _batch_seed(ahead)
 
 
 #: Batches each DataLoader worker reads ahead (DataLoader's default ``prefetch_factor``).
@@ -113,7 +138,10 @@ class BatchLoader:
     A split whose images are a sharded cache (``ShardStore``) is streamed: the workers read and
     decode each batch (on a CUDA ``device`` they pass the JPEG bytes and this process decodes the
     batch with nvJPEG). Host memory then holds at most ``stream_bound``: (workers x ``PREFETCH``
-    + 1) batches of decoded images (on CUDA, of JPEG bytes, about 12x less).
+    + 1) batches of decoded images (on CUDA, of JPEG bytes, about 12x less; on a CPU when training,
+    of augmented float inputs, about 3x more). On a CPU the workers also augment the training
+    batches (``augment_in_workers``): each batch with a generator of its own, seeded by one draw of
+    ``generator``, whatever the number of workers (0 included).
     """
 
     def __init__(
@@ -142,14 +170,21 @@ class BatchLoader:
         self.order: torch.Tensor | None = None  # the order of the epoch under way
         # A split still memory-mapped from its cache is streamed; ``Split.to`` drops ``source``.
         self.streaming = split.source is not None or split.stored
+        # Decoding and augmenting a batch cost about the same on a CPU; both in the workers keeps
+        # this process (whose threads the workers' processes would contend with) out of the way.
+        self.augment_in_workers = split.stored and train and self.device.type == "cpu"
         if split.stored and self.streaming:
             share = min(math.ceil(batch_size / world), len(split))
+            image_bytes = split.images.nbytes // max(1, len(split))
+            if self.augment_in_workers:  # float32 model inputs of the pipeline's size
+                side = getattr(pipeline, "crop", getattr(pipeline, "input_size", split.images.shape[-1]))
+                image_bytes = max(image_bytes, 4 * 3 * side * side)
             logger.info(
                 "streaming %s batches of %d from %d shards: host memory for batches at most %.0f MB "
-                "((%d workers x %d prefetched + 1) x %d images x %d KB decoded)",
+                "((%d workers x %d prefetched + 1) x %d images x %d KB %s)",
                 "training" if train else "evaluation", share, len(split.images.files),
-                stream_bound(share, split.images.nbytes // max(1, len(split)), workers) / 1e6, max(1, workers),
-                PREFETCH, share, split.images.nbytes // max(1, len(split)) // 1000,
+                stream_bound(share, image_bytes, workers) / 1e6, max(1, workers), PREFETCH, share, image_bytes // 1000,
+                "augmented" if self.augment_in_workers else "decoded",
             )  # fmt: skip
 
     def __len__(self) -> int:
@@ -172,7 +207,15 @@ class BatchLoader:
         """One pass, like ``iter(loader)``; with ``order`` and ``skip`` it replays an interrupted
         epoch: the same image order, starting after its first ``skip`` batches."""
         self.order = self._order() if order is None else order
+        if self.augment_in_workers:
+            for batch in self._raw_batches(self.order, skip):
+                _batch_seed(self._augment_generator())  # the draw this batch's seed came from (``_seeded_shares``)
+                yield batch
+            return
         yield from self._transformed(self._raw_batches(self.order, skip))
+
+    def _augment_generator(self) -> torch.Generator:
+        return torch.default_generator if self.generator is None else self.generator
 
     def _shares(self, order: torch.Tensor, skip: int) -> list[torch.Tensor]:
         """This process's indices of each remaining batch."""
@@ -196,13 +239,17 @@ class BatchLoader:
                 yield images, labels
             return
         gpu_decode = self.split.stored and self.device.type == "cuda"
-        if self.split.stored:
+        shares = self._shares(order, skip)
+        if self.augment_in_workers:
+            dataset = _StoreBatches(self.split.images, self.split.labels.cpu(), False, self.pipeline)
+            shares = _seeded_shares(shares, self._augment_generator())
+        elif self.split.stored:
             dataset = _StoreBatches(self.split.images, self.split.labels.cpu(), encoded=gpu_decode)
         else:
             dataset = _CacheRows(self.split.source, self.split.labels.cpu())
         loader = torch.utils.data.DataLoader(
             dataset,
-            sampler=self._shares(order, skip),
+            sampler=shares,
             batch_size=None,
             num_workers=self.workers,
             prefetch_factor=PREFETCH if self.workers else None,

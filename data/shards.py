@@ -24,6 +24,15 @@ decoded images and a BLAKE2b digest of all of it. Each shard is written to a tem
 complete, so an interrupted preparation (Ctrl-C, ``kill -9``) keeps every finished shard and a
 rerun builds only the rest; a shard whose digest does not match (damaged, truncated, changed) is
 rebuilt with a warning.
+
+Checking every digest reads the whole cache (about 49 GB for ImageNet) at every start, so a shard
+is hashed only when it is new to this folder's record of verified shards (``verified.json``: each
+shard's size and modification time when its digest last matched) or its size or time differ from
+it; otherwise only its structure is checked (head, tail, fingerprint: a few small reads). Damage
+that leaves both unchanged (bit rot under a restored mtime) is then caught only when the image
+fails to decode. A shard modified within ``RACY_NS`` of being recorded is not recorded (a file
+system's clock ticks coarsely, so a change right after the check can keep the same time), and is
+hashed again at the next start.
 """
 
 from __future__ import annotations
@@ -31,11 +40,13 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import io
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -59,6 +70,12 @@ SHARD_IMAGES = 1024  # about 37 MB per shard of 256 x 256 images: few files, lit
 MAGIC = b"ALXSHRD1"
 HEAD_BYTES = len(MAGIC) + 64  # MAGIC and the shard's fingerprint (SHA-256, hex)
 FAILURES_SHOWN = 3
+VERIFIED = "verified.json"  # the record of shards whose digest matched, in each cache folder
+RACY_NS = 2_000_000_000  # a shard modified this recently is not trusted by its (size, time) alone
+
+#: A shard file's (size, mtime_ns): when both are what they were when its digest matched, the
+#: digest is not computed again.
+Stamp = tuple[int, int]
 
 
 def decode_jpegs(data: list[torch.Tensor], device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -251,17 +268,47 @@ def shard_fingerprint(path: Path) -> str | None:
     return head[len(MAGIC) :].decode("ascii", "replace") if len(head) == HEAD_BYTES and head.startswith(MAGIC) else None
 
 
-def read_shard(path: Path, print_: str, number: int, count: int, size: int) -> tuple[np.ndarray, ShardStats]:
+def read_shard(
+    path: Path, print_: str, number: int, count: int, size: int, verified: Stamp | None = None
+) -> tuple[np.ndarray, ShardStats]:
     """A complete shard's offsets (in the file) and stats; ``ValueError`` saying what is wrong
-    otherwise (built for other sources: an older cache; a digest mismatch: damaged or changed)."""
+    otherwise (built for other sources: an older cache; a digest mismatch: damaged or changed).
+    With ``verified``, the shard's stamp when its digest last matched, a shard that still has that
+    stamp is only checked for its structure (see the module docstring)."""
+    return _read_shard(path, print_, number, count, size, verified)[:2]
+
+
+def _stamp(stat: os.stat_result) -> Stamp:
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _read_shard(
+    path: Path, print_: str, number: int, count: int, size: int, verified: Stamp | None
+) -> tuple[np.ndarray, ShardStats, Stamp]:
+    """``read_shard``, and the stamp the file had when it was read (taken before reading, so a
+    change while it is read shows as another stamp next time)."""
     try:
-        blob = path.read_bytes()
-        if len(blob) < HEAD_BYTES + 16 or blob[-8:] != MAGIC or not blob.startswith(MAGIC):
-            raise ValueError("does not end as a complete shard does (truncated or appended to)")
-        tail_length = int.from_bytes(blob[-16:-8], "little")
-        if tail_length > len(blob) - 16 - HEAD_BYTES:
-            raise ValueError("is truncated")
-        with np.load(io.BytesIO(blob[-16 - tail_length : -16]), allow_pickle=False) as tail:
+        with open(path, "rb") as f:
+            stamp = _stamp(os.fstat(f.fileno()))
+            whole = stamp != verified
+            blob = f.read() if whole else b""
+            if whole:
+                head, end, length = blob[:HEAD_BYTES], blob[-16:], len(blob)
+            else:
+                head, length = f.read(HEAD_BYTES), stamp[0]
+                f.seek(max(0, length - 16))
+                end = f.read(16)
+            if length < HEAD_BYTES + 16 or end[-8:] != MAGIC or not head.startswith(MAGIC):
+                raise ValueError("does not end as a complete shard does (truncated or appended to)")
+            tail_length = int.from_bytes(end[:8], "little")
+            if tail_length > length - 16 - HEAD_BYTES:
+                raise ValueError("is truncated")
+            if whole:
+                tail_bytes = blob[length - 16 - tail_length : length - 16]
+            else:
+                f.seek(length - 16 - tail_length)
+                tail_bytes = f.read(tail_length)
+        with np.load(io.BytesIO(tail_bytes), allow_pickle=False) as tail:
             fields = {key: tail[key] for key in tail.files}
         offsets = fields["offsets"].astype(np.int64)
         stats = ShardStats(fields["image_sum"], fields["outer"], int(fields["count"]))
@@ -269,15 +316,43 @@ def read_shard(path: Path, print_: str, number: int, count: int, size: int) -> t
     except (OSError, ValueError, EOFError, KeyError) as error:
         known = isinstance(error, ValueError) and str(error).startswith(("does not end", "is truncated"))
         raise ValueError(str(error) if known else f"is unreadable ({short_reason(error)})") from None
-    if blob[len(MAGIC) : HEAD_BYTES] != print_.encode():
+    if head[len(MAGIC) :] != print_.encode():
         raise ValueError("belongs to another version of the data")
-    data = memoryview(blob)[: len(blob) - 16 - tail_length]
-    fits = len(offsets) == count + 1 and offsets[0] == HEAD_BYTES and offsets[-1] == len(data)
+    data_length = length - 16 - tail_length
+    fits = len(offsets) == count + 1 and offsets[0] == HEAD_BYTES and offsets[-1] == data_length
     if not fits or stats.image_sum.shape != (3, size, size) or stats.count != count:
         raise ValueError("does not hold the images it should")
-    if _digest(data, offsets, stats, number) != digest:
+    if whole and _digest(memoryview(blob)[:data_length], offsets, stats, number) != digest:
         raise ValueError("does not match its digest (it was damaged or changed)")
-    return offsets, stats
+    return offsets, stats, stamp
+
+
+def load_verified(folder: Path) -> dict[str, Stamp]:
+    """The folder's record of verified shards (file name -> stamp); empty when it is missing or
+    unreadable (every shard is then hashed, and the record written again)."""
+    try:
+        record = json.loads((folder / VERIFIED).read_text())
+        return {name: (int(s[0]), int(s[1])) for name, s in record["shards"].items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}
+
+
+def save_verified(folder: Path, stamps: dict[str, Stamp]) -> None:
+    """Write the record (a temporary file renamed over it: a kill leaves the old one or the new
+    one); stamps modified less than ``RACY_NS`` ago are left out."""
+    now = time.time_ns()
+    settled = {name: list(s) for name, s in sorted(stamps.items()) if s[1] <= now - RACY_NS}
+    if {name: tuple(s) for name, s in settled.items()} == load_verified(folder):
+        return  # unchanged: the file is left alone
+    text = json.dumps({"version": SHARD_VERSION, "shards": settled}, indent=0) + "\n"
+    tmp = folder / f".{VERIFIED}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, folder / VERIFIED)
+    except OSError as error:  # a read-only cache still works, it is only hashed at every start
+        tmp.unlink(missing_ok=True)
+        logger.warning("cannot record the verified shards in %s (%s); they will be hashed again next time",
+                       folder, short_reason(error))  # fmt: skip
 
 
 def encode_images(images: Iterable[torch.Tensor]) -> tuple[list[bytes], ShardStats]:
@@ -337,6 +412,7 @@ class _Job:
     number: int
     size: int
     device: str = "cpu"
+    verified: Stamp | None = None  # its stamp when its digest last matched
 
 
 @dataclass
@@ -347,6 +423,7 @@ class _Done:
     failures: list[tuple[Path, str]]
     warning: str | None = None
     built: bool = False
+    stamp: Stamp | None = None  # the file's, once it is known to match its digest
 
 
 def _ensure_shard(job: _Job) -> _Done:
@@ -355,7 +432,9 @@ def _ensure_shard(job: _Job) -> _Done:
     warning = None
     if job.path.exists():
         try:
-            return _Done(job.number, *read_shard(job.path, job.fingerprint, job.number, len(job.sources), job.size), [])
+            offsets, stats, stamp = _read_shard(job.path, job.fingerprint, job.number, len(job.sources), job.size,
+                                                job.verified)  # fmt: skip
+            return _Done(job.number, offsets, stats, [], stamp=stamp)
         except ValueError as error:
             if "another version" not in str(error):
                 warning = f"cache shard {job.path} {error}; rebuilding it"
@@ -363,7 +442,8 @@ def _ensure_shard(job: _Job) -> _Done:
     blobs, stats = encode_images(_resized(job, failures))  # every image, so that all failures are named
     if failures:
         return _Done(job.number, None, None, failures, warning)
-    return _Done(job.number, _write(job.path, blobs, stats, job.fingerprint, job.number), stats, [], warning, True)
+    offsets = _write(job.path, blobs, stats, job.fingerprint, job.number)
+    return _Done(job.number, offsets, stats, [], warning, True, _stamp(job.path.stat()))
 
 
 def _resized(job: _Job, failures: list[tuple[Path, str]]) -> Iterator[torch.Tensor]:
@@ -458,11 +538,12 @@ def shard_split(
     if len(paths) != len(labels):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
     folder = cache_dir / f"{name}_{size}"
+    verified = load_verified(folder)
     jobs = []
     for number, start in enumerate(range(0, len(paths), shard_images)):
         sources = paths[start : start + shard_images]
         jobs.append(_Job(folder / f"{number:05d}.shard", sources, fingerprint(sources, size, number), number, size,
-                         device))  # fmt: skip
+                         device, verified.get(f"{number:05d}.shard")))  # fmt: skip
     present = [job for job in jobs if job.path.exists()]
     changed = sum(shard_fingerprint(job.path) not in (job.fingerprint, None) for job in present)
     if changed:
@@ -482,6 +563,8 @@ def shard_split(
     if built and built < len(jobs):
         logger.info("built %d of the %d shards in %s; the others were complete", built, len(jobs), folder)
     _remove_stale_shards(folder, len(jobs))
+    if folder.is_dir():
+        save_verified(folder, {job.path.name: d.stamp for job, d in zip(jobs, done) if d.stamp is not None})
     failures = [f for d in done for f in d.failures]
     if failures:
         raise DataError(_failure_message(failures, len(paths), sum(d.offsets is not None for d in done)))
@@ -513,7 +596,7 @@ def _remove_stale_shards(folder: Path, count: int) -> None:
     for path in folder.glob("[0-9][0-9][0-9][0-9][0-9].shard"):
         if int(path.stem) >= count:
             path.unlink(missing_ok=True)
-    for path in folder.glob(".[0-9][0-9][0-9][0-9][0-9].shard.*.tmp"):
+    for path in [*folder.glob(".[0-9][0-9][0-9][0-9][0-9].shard.*.tmp"), *folder.glob(f".{VERIFIED}.*.tmp")]:
         pid = path.name.split(".")[-2]
         if pid.isdigit() and not _alive(int(pid)):
             path.unlink(missing_ok=True)

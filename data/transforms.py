@@ -101,6 +101,59 @@ def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.stack(crops, dim=1)
 
 
+#: Images resampled at a time on a CPU: 4 x 3 x 224 x 256 float32 intermediates are 2.8 MB, and
+#: chunks of 4 were 1.5x faster than whole batches of 16 on the 2-core CPU this was measured on.
+CHUNK = 4
+
+
+def _taps(centre: torch.Tensor, half: torch.Tensor, out: int, length: int) -> tuple[torch.Tensor, ...]:
+    """Where each of ``out`` output pixels samples an axis of ``length`` pixels, for boxes given
+    by their ``centre`` and signed ``half`` side in [-1, 1] units (N each; a negative side mirrors):
+    the two neighbouring pixels (N x out) and the weight of the second, as ``grid_sample`` has
+    it (pixel centres, ``align_corners=False``; positions clamped to the edge, ``"border"``)."""
+    steps = (torch.arange(out, device=centre.device, dtype=torch.float32) * 2 + 1) / out - 1
+    position = ((centre[:, None] + half[:, None] * steps + 1) * length - 1) / 2
+    position = position.clamp(0, length - 1)
+    low = position.floor()
+    weight = position - low
+    low = low.long()
+    return low, (low + 1).clamp(max=length - 1), weight
+
+
+def _rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[n, c, rows[n]]`` for every image n and channel c (N x C x S x W): one ``index_select``
+    of whole rows, which is a copy per row rather than a per-element gather."""
+    n, c, h, w = x.shape
+    base = (torch.arange(n * c, device=x.device) * h).view(n, c, 1)
+    flat = (base + rows[:, None, :]).reshape(-1)
+    return x.reshape(n * c * h, w).index_select(0, flat).view(n, c, rows.shape[1], w)
+
+
+def _lerp(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``a + (b - a) * weight`` in float32, in place on a float copy of ``b``."""
+    a = a.float()
+    return b.float().sub_(a).mul_(weight).add_(a)
+
+
+def resized_crops(x: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear ``size x size`` resamplings of per-image boxes of ``x`` (N x C x H x W, any real
+    or uint8 dtype; float32 out, in the input's units). ``box`` is N x 4: centre x, centre y, half
+    width, half height in [-1, 1] image units, a negative half width mirroring the crop. The same
+    values as ``F.grid_sample`` with the affine grid of those boxes (``align_corners=False``,
+    ``padding_mode="border"``), up to float rounding, computed separably: whole rows gathered and
+    blended first, then columns: on one core of the 2-core CPU, 0.47 ms per 224 crop of a 256 uint8
+    image against 1.0-1.2 ms for ``grid_sample`` of the float image (batches of 16)."""
+    if x.device.type == "cpu" and x.shape[0] > CHUNK:  # intermediates that stay in the CPU's caches
+        return torch.cat([resized_crops(x[i : i + CHUNK], box[i : i + CHUNK], size)
+                          for i in range(0, x.shape[0], CHUNK)])  # fmt: skip
+    n, _, h, w = x.shape
+    top, bottom, wy = _taps(box[:, 1], box[:, 3], size, h)
+    left, right, wx = _taps(box[:, 0], box[:, 2], size, w)
+    x = _lerp(_rows(x, top), _rows(x, bottom), wy[:, None, :, None])  # N x C x size x W
+    left, right = (i.view(n, 1, 1, size).expand(-1, x.shape[1], size, -1) for i in (left, right))
+    return _lerp(x.gather(3, left), x.gather(3, right), wx[:, None, None, :])
+
+
 def random_resized_crop_flip(
     x: torch.Tensor,
     size: int,
@@ -109,7 +162,8 @@ def random_resized_crop_flip(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Per-image random box (area fraction in ``scale``, aspect ratio in ``ratio``, log-uniform),
-    resampled bilinearly to ``size x size`` and mirrored with p = 0.5, as one ``grid_sample``."""
+    resampled bilinearly to ``size x size`` and mirrored with p = 0.5 (``resized_crops``: float32
+    out, in the units of ``x``, which may be uint8)."""
     n = x.shape[0]
     device = x.device
     area = torch.empty(n, device=device).uniform_(*scale, generator=generator)
@@ -121,13 +175,7 @@ def random_resized_crop_flip(
     cx = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - bw)
     cy = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - bh)
     sign = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(n, 2, 3, device=device)
-    theta[:, 0, 0] = bw * sign
-    theta[:, 0, 2] = cx
-    theta[:, 1, 1] = bh
-    theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return resized_crops(x, torch.stack([cx, cy, bw * sign, bh], dim=1), size)
 
 
 class Pipeline:
@@ -340,9 +388,9 @@ class ModernPipeline(Pipeline):
         self.ratio = ratio
 
     def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = x.float().div_(255)
+        # Resampled from uint8 (the same values as from x / 255, scaled after), normalised in place.
         x = random_resized_crop_flip(x, self.crop, self.scale, self.ratio, generator)
-        return (x - self.mean) / self.std
+        return x.mul_(1 / (255 * self.std)).sub_(self.mean / self.std)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

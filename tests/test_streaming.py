@@ -149,3 +149,34 @@ def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound
     assert total == count and decoded == count * 3 * size * size and bound == 3 * 16 * 3 * size * size
     assert decoded > 10 * bound
     assert growth < decoded / 4, (growth, decoded)
+
+
+def augmented(split: Split, workers: int) -> BatchLoader:
+    """A CPU training loader with a real augmentation, which its workers then run."""
+    from data.transforms import ModernPipeline
+
+    pipeline = ModernPipeline(torch.full((3,), 0.5), torch.full((3,), 0.25), crop=8)
+    return BatchLoader(split, BATCH, pipeline, True, "cpu", generator=torch.Generator().manual_seed(3),
+                       index_generator=torch.Generator().manual_seed(0), workers=workers)  # fmt: skip
+
+
+def test_augmented_in_workers_the_same_for_any_workers_and_resumed_bit_for_bit(stored):
+    """On a CPU the workers augment each batch with its own seed: the batches do not depend on
+    the number of workers, and a resume from the generator's state after 3 batches (what a
+    checkpoint saves) replays the rest of the epoch exactly."""
+    inline, pooled = augmented(stored, 0), augmented(stored, 2)
+    assert inline.augment_in_workers
+    states, full = [], []
+    for images, labels in inline:
+        full.append((images, labels))
+        states.append(inline.generator.get_state())
+    assert full[0][0].shape == (BATCH, 3, 8, 8) and full[0][0].dtype == torch.float32
+    for (a, la), (b, lb) in zip(full, pooled, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert torch.equal(pooled.generator.get_state(), states[-1])  # one draw per batch used, none ahead
+    resumed = augmented(stored, 2)
+    resumed.generator.set_state(states[2])
+    replay = list(resumed.iterate(order=inline.order, skip=3))
+    assert len(replay) == len(full) - 3
+    for (a, la), (b, lb) in zip(full[3:], replay):
+        assert torch.equal(a, b) and torch.equal(la, lb)

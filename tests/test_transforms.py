@@ -149,6 +149,29 @@ def test_random_resized_crop_of_the_whole_image_is_the_image_or_its_mirror():
     assert 0 < mirrored < 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_resized_crops_equal_grid_sample_of_the_same_boxes(dtype):
+    """The separable resampling against the 2-D one it replaced (``F.grid_sample`` of the boxes'
+    affine grids, which the pipeline used before): boxes inside, at the edge, mirrored, up- and
+    down-sampled, odd sizes, more images than one CPU chunk; equal up to float rounding."""
+    from data.transforms import resized_crops
+
+    x = torch.randint(0, 256, (7, 3, 29, 23), generator=torch.Generator().manual_seed(0)).to(dtype)
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, 1.0], [0.3, -0.2, 0.5, 0.7], [-0.6, 0.5, -0.4, 0.5],
+                        [0.9, 0.9, 0.1, 0.1], [0.0, 0.0, 0.05, 0.2], [-0.5, 0.1, 0.5, 0.9]])  # fmt: skip
+    theta = torch.zeros(7, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = box[:, 2], box[:, 0], box[:, 3], box[:, 1]
+    for size in (11, 40):
+        grid = F.affine_grid(theta, [7, 3, size, size], align_corners=False)
+        expected = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = resized_crops(x, box, size)
+        assert out.dtype == torch.float32 and out.shape == (7, 3, size, size)
+        assert torch.allclose(out, expected, atol=1e-3), (out - expected).abs().max()
+    whole = resized_crops(x[:1].expand(2, -1, -1, -1), box[:2], 23)  # the whole first image, plain and mirrored
+    assert torch.allclose(whole[1], whole[0].flip(-1), atol=1e-3)
+    assert torch.allclose(whole[0], F.interpolate(x[:1].float(), size=(23, 23), mode="bilinear")[0], atol=1e-3)
+
+
 def test_random_resized_crop_takes_a_box_of_the_requested_area():
     # An image whose pixel values are their own column index: a box spanning a fraction f of the
     # width shows values over about f * width.
