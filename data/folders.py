@@ -197,6 +197,9 @@ def image_folder_lists(data_dir: Path, val_fraction: float) -> ImageLists:
                 "of train/, so add them there or remove them."
             )
         test_paths, test_labels = class_images(found, eval_classes, index)
+        if val_fraction != DataOptions.val_fraction:
+            logger.warning("--val-fraction %g is unused: %s has its own %s/, which is the evaluation split", val_fraction,
+                           data_dir, found.name)  # fmt: skip
         return ImageLists(classes, train_paths, train_labels, test_paths, test_labels, f"{found.name}/")
     classes = class_folders(data_dir)
     index = {name: i for i, name in enumerate(classes)}

@@ -31,6 +31,16 @@ def test_train_and_val_folders(tmp_path, eval_folder):
     assert (lists.train_labels, lists.test_labels) == ([0, 1, 1], [1])
 
 
+def test_a_val_fraction_beside_a_val_folder_is_said_to_be_unused(tmp_path, caplog):
+    write_class_folders(tmp_path / "train", {"a": 2})
+    write_class_folders(tmp_path / "val", {"a": 1})
+    image_folder_lists(tmp_path, DataOptions.val_fraction)
+    assert "--val-fraction" not in caplog.text
+    lists = image_folder_lists(tmp_path, 0.3)
+    assert len(lists.test_paths) == 1  # val/ is the evaluation split whatever the fraction
+    assert f"--val-fraction 0.3 is unused: {tmp_path} has its own val/, which is the evaluation split" in caplog.text
+
+
 def test_layout_errors_name_the_folder_and_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"holds no class folders; put each class's images in \S+/<class>/\.$"):
         image_folder_lists(tmp_path, 0.1)
