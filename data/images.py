@@ -94,21 +94,33 @@ def resize_centre(image: Image.Image, size: int) -> Image.Image:
     return rows.resize((size, size), Image.BILINEAR, box=(0, y0 - r0, size, y1 - r0))
 
 
+#: What Pillow raises for a file it cannot read, or not within ``MAX_IMAGE_PIXELS``.
+UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def open_resized(path: Path, size: int) -> torch.Tensor:
+    """An image file (a JPEG in VOC; any format PIL reads) as uint8 3 x size x size: upright as
+    its EXIF orientation says, 8-bit RGB (``to_rgb``), its short side resized to ``size`` and the
+    centre ``size x size`` crop (``resize_centre``). Raises ``UNREADABLE`` as Pillow does, or a
+    ``DataError`` naming the file (too many pixels, no fixed white level)."""
+    with Image.open(path) as image:
+        _check_header(image, path)
+        ImageOps.exif_transpose(image, in_place=True)  # a phone's portrait photo is stored sideways
+        image = to_rgb(image, path)
+    image = resize_centre(image, size)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
 def decode_resized(path: Path, size: int) -> torch.Tensor:
-    """An image file (a JPEG in VOC; any format PIL reads) as uint8 3 x size x size: its short
-    side resized to ``size`` and the centre ``size x size`` crop (``resize_centre``)."""
+    """``open_resized`` for a data set's cache: a file that cannot be read is a ``DataError``
+    naming it and the fix."""
     try:
-        with Image.open(path) as image:
-            _check_header(image, path)
-            ImageOps.exif_transpose(image, in_place=True)  # a phone's portrait photo is stored sideways
-            image = to_rgb(image, path)
-        image = resize_centre(image, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return open_resized(path, size)
+    except UNREADABLE as error:
         raise DataError(
             f"{path} cannot be decoded as an image ({short_reason(error)}); replace it with a good copy (the data "
             "set's release has one) or remove it."
         ) from None
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_resized_batch(paths: list[Path], size: int, device: torch.device | str) -> torch.Tensor:

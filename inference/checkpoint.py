@@ -16,14 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from data.core import DataError
-from data.images import MAX_IMAGE_PIXELS, resize_centre, to_rgb
+from data.images import UNREADABLE, open_resized
 from data.transforms import Pipeline, make_pipeline, pipeline_from_state
 from network import MODELS, make_model
 from training.checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -113,18 +111,12 @@ def load_trained(path: Path | str, device: torch.device | str = "cpu") -> Traine
 
 def read_image(path: Path, size: int) -> torch.Tensor:
     """An image file of any format Pillow reads, of any size, as the data sets' caches hold
-    images: 8-bit RGB (``to_rgb``), the short side resized to ``size`` and the centre square
-    kept (``resize_centre``); uint8 3 x size x size. A file that cannot be read is a
+    images (``data.images.open_resized``: upright, 8-bit RGB, the short side resized to ``size``
+    and the centre square kept); uint8 3 x size x size. A file that cannot be read is a
     ``DataError`` with the reason in a few words (the caller names the file)."""
     try:
-        with Image.open(path) as image:
-            width, height = image.size  # from the header: decompression bombs are refused undecoded
-            if width * height > MAX_IMAGE_PIXELS:
-                raise DataError(f"{width}x{height} pixels, more than {MAX_IMAGE_PIXELS:,}")
-            image = to_rgb(image, path)
-        image = resize_centre(image, size)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        return open_resized(path, size)
+    except UNREADABLE as error:
         raise DataError(short_reason(error)) from None
     except DataError as error:
         raise DataError(str(error).removeprefix(f"{path} ")) from None
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()

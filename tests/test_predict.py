@@ -224,3 +224,20 @@ def test_every_preprocess_entry_is_checked(cifar_ckpt, paper):
                     changed = {**preprocess, "pipeline": {**preprocess["pipeline"], key: value}}
                 problem = check_fields({"preprocess": changed})
                 assert problem is not None and problem.startswith("its preprocess "), (key, value, problem)
+
+
+def test_predict_reads_images_upright_as_the_caches_do(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation is predicted the way training saw
+    it: ``read_image`` is the caches' own ``open_resized``, EXIF rotation included."""
+    from fakedata import write_image
+    from PIL import Image
+
+    from data.images import decode_resized
+    from inference.checkpoint import read_image
+
+    pixels = np.zeros((16, 16, 3), np.uint8)
+    pixels[:8, :8] = (255, 0, 0)
+    path = write_image(tmp_path / "phone.jpg", Image.fromarray(pixels), orientation=6)
+    image = read_image(path, 16)
+    assert image[0, 3, 12] > 200 and image[0, 3, 3] < 50  # red top-right, where EXIF puts it
+    assert torch.equal(image, decode_resized(path, 16))
