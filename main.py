@@ -62,7 +62,7 @@ from training.distributed import (
     rank0_first,
     rank_and_world,
 )
-from training.outputs import RunFolders, claim_run
+from training.outputs import RunFolders, claim_run, output_dir_of
 from training.weights import load_initial_weights
 from utils import FIDELITIES, Check, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
 
@@ -507,16 +507,6 @@ def config_from_checkpoint(
 def _shown(value: Any) -> str:
     """A setting's value in a message: text quoted and printable, numbers and flags as written."""
     return quoted(value) if isinstance(value, str) else repr(value)
-
-
-def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str | None:
-    """``<out>`` for ``<out>/checkpoints/<dataset>/<run>/last.pt``, so a resumed run finds its
-    folders wherever it is started from; None for a checkpoint outside that layout (the run then
-    writes under ``--output-dir``, the current folder by default: never where the file says)."""
-    parts = checkpoint_path.resolve().parts
-    if len(parts) >= 4 and parts[-4] == "checkpoints" and parts[-3] == config.dataset and parts[-2] == config.run_name:
-        return str(Path(*parts[:-4]))
-    return None
 
 
 def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:

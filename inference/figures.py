@@ -37,6 +37,7 @@ from datasets import DATASETS, Loaders, Pipeline, Split, load_dataset, make_load
 from network import make_model
 from training.checkpoint import load_checkpoint, load_weights
 from training.config import TrainConfig
+from training.fields import POSITIVE
 from training.figures import (
     figure_image,
     model_kernel_grid,
@@ -45,7 +46,7 @@ from training.figures import (
     predictions_figure,
     true_classes,
 )
-from training.outputs import run_paths
+from training.outputs import output_dir_of, run_paths
 from utils import UserError, resolve_device, short_reason, temp_file_beside
 
 logger = logging.getLogger(__name__)
@@ -85,28 +86,21 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="device to run the network on, e.g. cpu, cuda (default: cuda when present, else cpu)",
     )
     parser.add_argument(
-        "--images", type=_positive, default=8, help="evaluation images in the predictions figure (default: %(default)s)"
+        "--images",
+        type=POSITIVE.parse,
+        default=8,
+        help="evaluation images in the predictions figure (default: %(default)s)",
     )
     parser.add_argument(
-        "--queries", type=_positive, default=5, help="query images in the neighbours figure (default: %(default)s)"
+        "--queries", type=POSITIVE.parse, default=5, help="query images in the neighbours figure (default: %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive,
+        type=POSITIVE.parse,
         default=256,
         help="model inputs per batch while the training set is streamed (default: %(default)s)",
     )
     return parser
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
 
 
 def main(argv: list[str]) -> int:
@@ -159,12 +153,11 @@ def draw(model: nn.Module, loaders: Loaders, classes: list[str], multilabel: boo
 
 def run_folder(checkpoint_path: Path, config: TrainConfig) -> Path:
     """``runs/<dataset>/<run>/`` of the checkpoint's run: beside its ``checkpoints/`` folder when
-    the file sits at ``<out>/checkpoints/<dataset>/<run>/``, else under the config's
-    ``output_dir`` (the names checked to stay in their folder, ``training.outputs.run_paths``)."""
-    parts = checkpoint_path.resolve().parts
-    at_home = len(parts) >= 4 and parts[-4] == "checkpoints" and parts[-3:-1] == (config.dataset, config.run_name)
-    output = Path(*parts[:-4]) if at_home else Path(config.output_dir)
-    return run_paths(output, config.dataset, config.run_name)[0]
+    the file sits at ``<out>/checkpoints/<dataset>/<run>/`` (``output_dir_of``, as ``--resume``
+    finds it), else under the config's ``output_dir`` (the names checked to stay in their
+    folder, ``training.outputs.run_paths``)."""
+    output = output_dir_of(checkpoint_path, config) or config.output_dir
+    return run_paths(Path(output), config.dataset, config.run_name)[0]
 
 
 def spread(count: int, wanted: int) -> torch.Tensor:

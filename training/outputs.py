@@ -173,6 +173,16 @@ class RunFolders:
         self.created = []
 
 
+def output_dir_of(checkpoint_path: Path, config: TrainConfig) -> str | None:
+    """``<out>`` for ``<out>/checkpoints/<dataset>/<run>/last.pt``, so a resumed run finds its
+    folders wherever it is started from; None for a checkpoint outside that layout (the run then
+    writes under ``--output-dir``, the current folder by default: never where the file says)."""
+    parts = checkpoint_path.resolve().parts
+    if len(parts) >= 4 and parts[-4] == "checkpoints" and parts[-3] == config.dataset and parts[-2] == config.run_name:
+        return str(Path(*parts[:-4]))
+    return None
+
+
 def run_paths(output: Path, dataset: str, name: str) -> tuple[Path, Path, Path]:
     """(runs/<ds>/<run>, checkpoints/<ds>/<run>, log/<run>.log) under ``output``; ``UserError``
     when a name would lead elsewhere."""
