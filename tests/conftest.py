@@ -5,6 +5,7 @@ The helpers behind them are defined once, in ``main_cli.py``: module-level table
 parametrize lists (which no fixture reaches) import them from there.
 """
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,15 @@ def tiny_shapes() -> tuple[str, ...]:
     """Flags for a Shapes run small enough to take seconds (``main_cli.TINY``, as a tuple: one
     object for the whole session, which no test can change for the next)."""
     return tuple(TINY)
+
+
+@pytest.fixture
+def own_signals():
+    """``main.main`` takes over SIGINT and SIGTERM; give pytest its handlers back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

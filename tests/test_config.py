@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import asdict
 
@@ -221,15 +220,6 @@ def test_this_checkout_records_its_commit():
     if not (config_module.CODE_ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|" + re.escape(__version__), code_version())
-
-
-@pytest.fixture
-def own_signals():
-    """``main.main`` takes over SIGINT and SIGTERM; give pytest its handlers back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import signal
 from pathlib import Path
 
 import pytest
@@ -45,15 +44,6 @@ def torchvision_file(tmp_path_factory) -> tuple[Path, nn.Module]:
 def imagenet_model() -> TorchAlexNet:
     torch.manual_seed(1)
     return TorchAlexNet(num_classes=1000).eval()
-
-
-@pytest.fixture
-def own_signals():
-    """``main.main`` takes over SIGINT and SIGTERM; give pytest its handlers back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def test_torchvision_state_dict_gives_torchvisions_outputs(torchvision_file, imagenet_model, caplog):
