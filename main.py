@@ -40,13 +40,12 @@ if __name__ == "__main__":
 import torch
 
 from datasets import DATASETS, DataOptions, load_dataset
+from hardware.capabilities import Capabilities, capabilities
 from network import MODELS, SplitPaperAlexNet, make_model, model_name, split_devices
 from trainer import (
     AMP_DTYPES,
     TrainConfig,
     Trainer,
-    default_amp,
-    default_channels_last,
     evaluate_checkpoint,
     format_metrics,
     load_checkpoint,
@@ -429,19 +428,21 @@ SETTINGS = frozenset(f.name for f in fields(TrainConfig))
 MODEL_FLAGS = ("cifar", "paper_model")
 
 
-def config_from_args(args: argparse.Namespace, device: torch.device) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, hw: torch.device | Capabilities) -> TrainConfig:
     """Resolve the flags into one ``TrainConfig`` (a new run): the defaults, the changes of the
     chosen setup (the paper's with -pt), then every flag that sets a field and was given a
-    value; the model's name from -c / -pm, the device and what follows it, the code's version."""
+    value; the model's name from -c / -pm, the device (``hw``) and what follows it, the code's
+    version."""
+    hw = capabilities(hw)
     flags = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
              if name in SETTINGS and value is not None}  # fmt: skip
     overrides = {
-        "amp": default_amp(device),
-        "channels_last": default_channels_last(device),
+        "amp": hw.amp,
+        "channels_last": hw.channels_last,
         **flags,
         "model": model_name(args.cifar, args.paper_model),
-        "device": str(device),
-        "decode_device": str(device),
+        "device": str(hw.device),
+        "decode_device": str(hw.device),
         "image_size": data_image_size(args.cifar),
         "code_version": code_version(),
     }
@@ -477,12 +478,12 @@ EVALUATE_MAY_CHANGE = changeable("evaluate")
 
 
 def config_from_checkpoint(
-    checkpoint: dict[str, Any], path: Path, args: argparse.Namespace, given: set[str], device: torch.device,
-    may_change: frozenset[str],
+    checkpoint: dict[str, Any], path: Path, args: argparse.Namespace, given: set[str],
+    hw: torch.device | Capabilities, may_change: frozenset[str],
 ) -> TrainConfig:  # fmt: skip
     """The checkpoint's config with the flags the user gave on top, where they may change it."""
     base = TrainConfig.from_dict(checkpoint["config"])
-    new = config_from_args(args, device)
+    new = config_from_args(args, hw)
     # -c and -pm are compared as the flags they are: the recorded model name gives their values.
     recorded = {**asdict(base), **model_flags(base.model)}
     fresh = {**asdict(new), **model_flags(new.model)}
@@ -627,24 +628,25 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
             raise UserError("--evaluate runs in one process; start it with python, not torchrun.")
         stop.phase = "joining the other processes"
         device = init_distributed(device)
-        rank, world = rank_and_world()
-        if rank != 0:  # one voice: the other processes only speak up about problems
+        if rank_and_world()[0] != 0:  # one voice: the other processes only speak up about problems
             logging.getLogger().setLevel(logging.WARNING)
-        logger.info("data parallel: %d processes (%s), global batch split between them", world,
-                    "NCCL" if device.type == "cuda" else "gloo")  # fmt: skip
+    hw = Capabilities.of(device)
+    if launched_by_torchrun():
+        logger.info("data parallel: %d processes (%s), global batch split between them", rank_and_world()[1],
+                    hw.backend)  # fmt: skip
     checkpoint_path = args.resume or args.evaluate
     stop.phase = "reading the checkpoint"
     checkpoint = load_checkpoint(checkpoint_path, resume=bool(args.resume)) if checkpoint_path else None
     if checkpoint is None:
-        config = config_from_args(args, device)
+        config = config_from_args(args, hw)
     else:
         may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
-        config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, device, may_change)
+        config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, hw, may_change)
         if args.resume and "output_dir" not in given:
             config = replace(config, output_dir=output_dir_of(checkpoint_path, config) or config.output_dir)
     if config.deterministic:
         make_deterministic()
-    elif device.type == "cuda":
+    elif hw.autotune:
         # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
         torch.backends.cudnn.benchmark = True
     folders: RunFolders | None = None
@@ -657,7 +659,7 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         # From here on the run's settings are fixed: name and output folder included.
         config = replace(config, run_name=folders.name)
     try:
-        return _build_and_go(args, config, checkpoint, checkpoint_path, device, folders, stop)
+        return _build_and_go(args, config, checkpoint, checkpoint_path, hw, folders, stop)
     except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
         saved = folders is not None and not config.dry_run
         sentence = lost_process(error, folders.ckpt_dir / "last.pt" if saved else None)
@@ -670,8 +672,9 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
 
 
 def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dict[str, Any] | None,
-                  checkpoint_path: Path | None, device: torch.device, folders: RunFolders | None,
+                  checkpoint_path: Path | None, hw: Capabilities, folders: RunFolders | None,
                   stop: StopSignals) -> int:  # fmt: skip
+    device = hw.device
     stop.phase = "reading the data"
     with rank0_first():  # under torchrun rank 0 reads first (building any cache once), then the others
         data = load_dataset(config.dataset, config)  # the config holds the data options
@@ -688,7 +691,7 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
         logger.info("the two towers run on %s and %s", *model.devices)
     if args.evaluate:
         stop.phase = "evaluating"
-        result = evaluate_checkpoint(config, model, data, device)
+        result = evaluate_checkpoint(config, model, data, hw)
         # The 32-input networks see the centre view under -pt too (datasets.make_pipeline).
         views = " (10-crop)" if config.paper_train and MODELS[config.model].input_size != 32 else ""
         logger.info(
@@ -703,7 +706,7 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
         print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **metrics}, allow_nan=False))
         return 0
     stop.phase = "preparing training"
-    trainer = Trainer(config, model, data, device, resume=checkpoint if args.resume else None, folders=folders)
+    trainer = Trainer(config, model, data, hw, resume=checkpoint if args.resume else None, folders=folders)
     stop.phase = "training"
     trainer.fit()
     return 0

@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets import BatchLoader, DataSet, Pipeline, Split, make_loaders
 from datasets import eval_loader as data_eval_loader
+from hardware.capabilities import Capabilities, capabilities
 from training.checkpoint import (  # noqa: F401 (re-exported)
     Checkpointer,
     CheckpointError,
@@ -60,9 +61,6 @@ from training.fastpath import (  # noqa: F401 (re-exported)
     TrainStep,
     autocast,
     compile_model,
-    cpu_has_native_bf16,
-    default_amp,
-    default_channels_last,
     model_input,
     plain_state_dict,
     prepare_model,
@@ -104,10 +102,12 @@ def eval_loader(split: Split, pipeline: Pipeline, config: TrainConfig, device: t
                             rank=rank, world=world)  # fmt: skip
 
 
-def evaluate_checkpoint(config: TrainConfig, model: nn.Module, data: DataSet, device: torch.device) -> EvalResult:
+def evaluate_checkpoint(
+    config: TrainConfig, model: nn.Module, data: DataSet, device: torch.device | Capabilities
+) -> EvalResult:
     """``--evaluate``: the metrics of ``model`` (weights already loaded) on the evaluation split,
     with the run's pipeline (10-crop under the paper setup)."""
-    model = prepare_model(model, device, config.channels_last)
+    model = prepare_model(model, capabilities(device).device, config.channels_last)
     rank, world = rank_and_world()
     loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
@@ -121,6 +121,7 @@ class Trainer:
     With ``resume`` (a checkpoint from ``load_checkpoint``) it continues that run: same run
     folder, epoch, learning rate, counters and random streams. ``folders`` are the run's claimed
     folders (``training.outputs.claim_run``); ``fit`` releases their lock when it ends.
+    ``device`` may be a ``Capabilities`` (a test's CPU standing in for a GPU).
     """
 
     def __init__(
@@ -128,10 +129,12 @@ class Trainer:
         config: TrainConfig,
         model: nn.Module,
         data: DataSet,
-        device: torch.device,
+        device: torch.device | Capabilities,
         resume: dict[str, Any] | None = None,
         folders: RunFolders | None = None,
     ) -> None:
+        self.hw = capabilities(device)
+        device = self.hw.device
         self.config, self.data, self.device = config, data, device
         self.rank, self.world = rank_and_world()
         self.is_main = self.rank == 0
@@ -139,7 +142,7 @@ class Trainer:
         self.model = prepare_model(model, device, config.channels_last)
         # The order of images (CPU) and the augmentation (on the device), both seeded. Under DDP
         # every process draws the same order and its own augmentation and dropout.
-        loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device,
+        loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, self.hw,
                                batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
                                loader=config.loader, workers=config.workers, seed=config.seed, rank=self.rank,
                                world=self.world, fidelity=config.fidelity)  # fmt: skip
@@ -156,7 +159,7 @@ class Trainer:
         if config.freeze_features:
             trainable, total = freeze_features(model)
             logger.info("features frozen: %s of %s parameters train (the classifier)", f"{trainable:,}", f"{total:,}")
-        self.optimizer = build_optimizer(model.parameters(), config)  # the trainable ones
+        self.optimizer = build_optimizer(model.parameters(), config, self.hw.fused_optimizer)  # the trainable ones
         self._set_lr(self.schedule.lr)
         if self.world > 1:
             # Gradients are averaged over the processes in buckets, overlapping the backward pass.
@@ -206,7 +209,9 @@ class Trainer:
     def _warm_up(self, model: nn.Module) -> None:
         """A training step's forward and backward on one full batch (no update): compiles
         ``model`` before the first real step."""
-        images, labels = self.train_loader.first(self.config.batch_size, self.config.seed + 2)
+        # This process's share of a global batch: the shape every full training step has here.
+        share = len(torch.arange(self.config.batch_size).tensor_split(self.world)[self.rank])
+        images, labels = self.train_loader.first(share, self.config.seed + 2)
         model.train()
         training_loss(model, self.task.loss, images, labels, self.config.amp, self.config.channels_last).backward()
 

@@ -60,13 +60,12 @@ from torchvision import transforms
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import DataSet, Split, channel_stats, make_loaders, make_pipeline, mean_image, rgb_eigen
+from hardware.capabilities import Capabilities
 from network import CifarAlexNet, PaperAlexNet, TorchAlexNet
 from trainer import (
     AMP_DTYPES,
     TrainStep,
     compile_model,
-    default_amp,
-    default_channels_last,
     prepare_model,
     training_loss,
 )
@@ -253,11 +252,12 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
     flops = 3 * forward_flops(reference, size)
     train_steps = args.train_steps or ((2 if big else 4) if quick else (10 if big and device.type == "cpu" else 50))
 
-    amp, channels_last = default_amp(device), default_channels_last(device)
+    hw = Capabilities.of(device)
+    amp, channels_last = hw.amp, hw.channels_last
     model = prepare_model(case.build(), device, channels_last)
     model.load_state_dict(reference.state_dict())
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda" or None)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=hw.fused_optimizer or None)
     if args.compile:
         warm = next(iter(ours_batches()))
 
@@ -366,10 +366,20 @@ def main() -> None:
                         "(default: off)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--models", nargs="*", choices=list(CASES), default=list(CASES),
-                        help="models to measure; none: only the ImageNet case (default: all three)")
-    parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE, help="ImageNet-style photos in "
-                        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        choices=list(CASES),
+        default=list(CASES),
+        help="models to measure; none: only the ImageNet case (default: all three)",
+    )
+    parser.add_argument(
+        "--imagenet",
+        type=Path,
+        default=IMAGENET_SAMPLE,
+        help="ImageNet-style photos in "
+        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)",
+    )
     parser.add_argument("--batch-size", type=int, default=0,
                         help="batch size (default: 128; 16 for the 224 models on a CPU)")  # fmt: skip
     parser.add_argument("--images", type=int, default=0, help="images in the synthetic training set "
@@ -394,7 +404,7 @@ def main() -> None:
         "peak_flops": peak,
         "peak_source": peak_source,
     }
-    amp = default_amp(device)
+    amp = Capabilities.of(device).amp
     if amp != "off":
         peaks[amp], source = peak_flops(device, AMP_DTYPES[amp])
         figures[f"peak_flops_{amp}"], figures[f"peak_source_{amp}"] = peaks[amp], source

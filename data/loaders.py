@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,21 +22,16 @@ import torch
 from data.core import DataSet, Split
 from data.shards import ShardStore, decode_jpegs
 from data.transforms import Pipeline, make_pipeline
+from hardware.capabilities import Capabilities, capabilities
 
 logger = logging.getLogger(__name__)
 
 
-def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+def fits_in_memory(nbytes: int, device: torch.device | Capabilities) -> bool:
     """Whether a data set of ``nbytes`` should live whole on ``device``: at most half of the
     free GPU memory (the model needs the rest) or half of the available RAM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return nbytes <= free // 2
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return True
-    return nbytes <= available // 2
+    free = capabilities(device).free_memory()
+    return free is None or nbytes <= free // 2
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -137,7 +131,7 @@ class BatchLoader:
 
     A split whose images are a sharded cache (``ShardStore``) is streamed: the workers read and
     decode each batch (on a CUDA ``device`` they pass the JPEG bytes and this process decodes the
-    batch with nvJPEG). Host memory then holds at most ``stream_bound``: (workers x ``PREFETCH``
+    batch with nvJPEG: ``Capabilities.decode_in_process``; ``device`` may be a ``Capabilities``). Host memory then holds at most ``stream_bound``: (workers x ``PREFETCH``
     + 1) batches of decoded images (on CUDA, of JPEG bytes, about 12x less; on a CPU when training,
     of augmented float inputs, about 3x more). On a CPU the workers also augment the training
     batches (``augment_in_workers``): each batch with a generator of its own, seeded by one draw of
@@ -150,7 +144,7 @@ class BatchLoader:
         batch_size: int,
         pipeline: Pipeline,
         train: bool,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | Capabilities = "cpu",
         generator: torch.Generator | None = None,
         index_generator: torch.Generator | None = None,
         workers: int = 0,
@@ -163,7 +157,8 @@ class BatchLoader:
         self.batch_size = batch_size
         self.pipeline = pipeline
         self.train = train
-        self.device = torch.device(device)
+        self.hw = capabilities(device)
+        self.device = self.hw.device
         self.generator = generator
         self.index_generator = index_generator
         self.workers = workers
@@ -172,7 +167,7 @@ class BatchLoader:
         self.streaming = split.source is not None or split.stored
         # Decoding and augmenting a batch cost about the same on a CPU; both in the workers keeps
         # this process (whose threads the workers' processes would contend with) out of the way.
-        self.augment_in_workers = split.stored and train and self.device.type == "cpu"
+        self.augment_in_workers = split.stored and train and self.hw.augment_in_workers
         if split.stored and self.streaming:
             share = min(math.ceil(batch_size / world), len(split))
             image_bytes = split.images.nbytes // max(1, len(split))
@@ -234,11 +229,11 @@ class BatchLoader:
             for idx in self._shares(order, skip):
                 images, labels = self.split.images[idx], self.split.labels[idx]
                 if images.device != self.device:
-                    images = images.pin_memory() if self.device.type == "cuda" else images
+                    images = images.pin_memory() if self.hw.pin_memory else images
                     images, labels = images.to(self.device, non_blocking=True), labels.to(self.device)
                 yield images, labels
             return
-        gpu_decode = self.split.stored and self.device.type == "cuda"
+        gpu_decode = self.split.stored and self.hw.decode_in_process
         shares = self._shares(order, skip)
         if self.augment_in_workers:
             dataset = _StoreBatches(self.split.images, self.split.labels.cpu(), False, self.pipeline)
@@ -253,7 +248,7 @@ class BatchLoader:
             batch_size=None,
             num_workers=self.workers,
             prefetch_factor=PREFETCH if self.workers else None,
-            pin_memory=self.device.type == "cuda" and not gpu_decode,
+            pin_memory=self.hw.pin_memory and not gpu_decode,
             worker_init_fn=_ignore_stop_signals,
         )
         for images, labels in loader:
@@ -274,15 +269,16 @@ class BatchLoader:
         return self.iterate()
 
 
-def place_split(split: Split, device: torch.device, loader: str, workers: int) -> Split:
+def place_split(split: Split, device: torch.device | Capabilities, loader: str, workers: int) -> Split:
     """The whole split on the training device when it fits (or ``loader="memory"``): a sharded
     cache is decoded into memory once; otherwise it stays on disk (memory-mapped, or in its
     shards) and is streamed by DataLoader workers."""
+    target = capabilities(device).device
     if split.source is None and not split.stored:
-        return split.to(device)
+        return split.to(target)
     stream = loader == "stream" or (loader == "auto" and not fits_in_memory(split.nbytes, device))
     if not stream:
-        return split.to(device)
+        return split.to(target)
     where = split.images.files[0].parent if split.stored else split.source
     logger.info(
         "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
@@ -294,7 +290,7 @@ def place_split(split: Split, device: torch.device, loader: str, workers: int) -
 def eval_loader(
     split: Split,
     pipeline: Pipeline,
-    device: torch.device,
+    device: torch.device | Capabilities,
     *,
     batch_size: int,
     workers: int = 0,
@@ -322,7 +318,7 @@ def make_loaders(
     data: DataSet,
     input_size: int,
     paper: bool,
-    device: torch.device,
+    device: torch.device | Capabilities,
     *,
     batch_size: int,
     eval_batch_size: int,
@@ -344,15 +340,16 @@ def make_loaders(
     Under data parallelism the trainer also seeds torch's global generator with ``seed + rank``
     (dropout), after the generators and before the first batch; that is left to it. Evaluation
     alone (``--evaluate``) uses ``.eval``: the training loader costs nothing until iterated."""
-    train = place_split(data.train, device, loader, workers)
-    test = place_split(data.test, device, loader, workers)
-    pipeline = make_pipeline(train, input_size, paper, device, fidelity)
+    hw = capabilities(device)
+    train = place_split(data.train, hw, loader, workers)
+    test = place_split(data.test, hw, loader, workers)
+    pipeline = make_pipeline(train, input_size, paper, hw.device, fidelity)
     index_generator = torch.Generator().manual_seed(seed)
-    generator = torch.Generator(device).manual_seed(seed + rank)
+    generator = torch.Generator(hw.device).manual_seed(seed + rank)
     train_loader = BatchLoader(
-        train, batch_size, pipeline, True, device, generator=generator, index_generator=index_generator,
+        train, batch_size, pipeline, True, hw, generator=generator, index_generator=index_generator,
         workers=workers, rank=rank, world=world,
     )  # fmt: skip
-    test_loader = eval_loader(test, pipeline, device, batch_size=eval_batch_size, workers=workers, rank=rank,
+    test_loader = eval_loader(test, pipeline, hw, batch_size=eval_batch_size, workers=workers, rank=rank,
                               world=world)  # fmt: skip
     return Loaders(train_loader, test_loader, pipeline)

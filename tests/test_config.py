@@ -15,7 +15,7 @@ import torch
 import main
 from datasets import DataOptions
 from network import make_model
-from trainer import default_amp, default_channels_last
+from hardware.capabilities import Capabilities
 from training import config as config_module
 from training.checkpoint import check_compatible
 from training.config import NOT_THE_EXPERIMENT, TrainConfig, code_version
@@ -45,6 +45,8 @@ def test_what_may_change_is_read_from_the_fields_as_the_lists_had_it():
     assert NOT_THE_EXPERIMENT == OLD_NOT_THE_EXPERIMENT | RECORDED_NOW
 
 
+HERE = Capabilities.of(CPU)  # what this machine defaults to
+
 # What the 0.1 code resolved with no flags on the CPU (``amp`` and ``channels_last`` follow the
 # CPU's bf16 support): the config it wrote, field by field, but for ``version``, which names the
 # package that resolved it (0.2.0 now).
@@ -54,7 +56,7 @@ OLD_DEFAULT = {
     "weight_decay": 0.0, "batch_size": 128, "eval_batch_size": 512, "lr_factor": 0.1, "plateau_patience": 5,
     "max_lr_drops": 3, "stop_after_last_drop": False, "warm_start": 1.0, "n_epoch": 200, "early_stop": 50,
     "log_loss_step": 100, "log_confusion_epoch": 10, "seed": 0, "deterministic": False, "device": "cpu",
-    "amp": default_amp(CPU), "channels_last": default_channels_last(CPU), "compile": False, "split_gpus": False,
+    "amp": HERE.amp, "channels_last": HERE.channels_last, "compile": False, "split_gpus": False,
     "data_dir": "dataset", "output_dir": ".", "dry_run": False, "log": False, "message": "", "coarse_labels": False,
     "cache_dir": "", "loader": "auto", "workers": 2, "shapes_train": 8000, "shapes_test": 1600, "shapes_seed": 0,
     "run_name": "", "version": "0.2.0",
@@ -171,7 +173,7 @@ def test_a_continued_run_takes_where_and_how_it_runs_from_this_command_line(tmp_
            "cache_dir": "/their/cache", "download": True, "decode_device": "cuda:1", "code_version": "abc"}  # fmt: skip
     resumed = from_checkpoint(old, [], "--resume")
     assert (resumed.device, resumed.decode_device, resumed.amp, resumed.channels_last) == (
-        "cpu", "cpu", default_amp(CPU), default_channels_last(CPU))  # fmt: skip
+        "cpu", "cpu", HERE.amp, HERE.channels_last)  # fmt: skip
     assert (resumed.output_dir, resumed.cache_dir, resumed.download) == (".", "", False)
     assert resumed.code_version == code_version()
     assert resumed.data_dir == "dataset"  # "data" does not exist here

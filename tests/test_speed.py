@@ -20,8 +20,6 @@ from trainer import (
     TrainStep,
     autocast,
     compile_model,
-    default_amp,
-    default_channels_last,
     evaluate,
     model_input,
     prepare_model,
@@ -46,15 +44,6 @@ def _losses(amp: str, channels_last: bool, steps: int = 3) -> list[float]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     step = TrainStep(model, optimizer, F.cross_entropy, torch.device("cpu"), amp=amp, channels_last=channels_last)
     return [step(x, y).item() for x, y in _batches(steps)]
-
-
-def test_default_precision_follows_the_device(monkeypatch):
-    assert default_amp(torch.device("cuda")) == "bf16"
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert default_amp(torch.device("cpu")) == "off" and not default_channels_last(torch.device("cpu"))
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert default_amp(torch.device("cpu")) == "bf16" and default_channels_last(torch.device("cpu"))
 
 
 def test_channels_last_trains_like_contiguous():

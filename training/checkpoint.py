@@ -68,6 +68,19 @@ def save_checkpoint(checkpoint: dict[str, Any], last: Path, best: Path | None) -
         raise
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU:
+    what checkpoints hold, so that ``torch.load(path, weights_only=True)`` reads them on a
+    machine without the GPU they were trained on, with no ``map_location``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
 def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
     """A checkpoint written by this tool, loaded with ``weights_only=True`` (tensors and plain
     values only, so a crafted file cannot run code), every field checked (``check_fields``;
@@ -355,6 +368,28 @@ OPTIMIZER_STATE_KEYS = {
 }
 
 
+#: How an optimiser runs (its kernels, graph capture, autograd through the step), not what it
+#: computes: they belong to the machine that resumes, never to the run, so a checkpoint's are
+#: replaced by those the current device chose (``with_machine_flags``). Fused Adam on a GPU and
+#: its for-each twin on a CPU update the same state.
+MACHINE_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def with_machine_flags(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``saved`` (an optimiser state_dict) whose parameter groups take ``optimizer``'s
+    ``MACHINE_FLAGS`` in place of their own; groups ``optimizer`` lacks stay as they are, for
+    ``check_optimizer_state`` to refuse. ``Optimizer.load_state_dict`` then also places each
+    state tensor (Adam's step count, say) where the current flags want it."""
+    ours = optimizer.state_dict()["param_groups"]
+    groups = []
+    for i, group in enumerate(saved["param_groups"]):
+        if i < len(ours) and isinstance(group, dict):
+            group = {k: v for k, v in group.items() if k not in MACHINE_FLAGS}
+            group.update({k: ours[i][k] for k in MACHINE_FLAGS if k in ours[i]})
+        groups.append(group)
+    return {**saved, "param_groups": groups}
+
+
 def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> str | None:
     """Whether a checkpoint's optimiser state fits ``optimizer`` (the one built for this model):
     the same parameter groups over the same parameters with the same settings, and per-parameter
@@ -484,22 +519,24 @@ class Checkpointer:
         rng = self._rng()
         _, world = rank_and_world()
         best = progress.best
-        return {
-            "model": plain_state_dict(self.model),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
-            **asdict(progress),
-            "best_metric": best[task_score_key] if best else None,
-            "rng": rng,
-            # each process has its own augmentation and dropout streams
-            "rng_ranks": gather_objects(rng) if world > 1 else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "classes": list(classes),
-            "config": asdict(config),
-            "version": __version__,
-            "format": CHECKPOINT_FORMAT,
-            "preprocess": preprocess_state(pipeline, image_size, task) if pipeline is not None else None,
-        }
+        return on_cpu(
+            {
+                "model": plain_state_dict(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                **asdict(progress),
+                "best_metric": best[task_score_key] if best else None,
+                "rng": rng,
+                # each process has its own augmentation and dropout streams
+                "rng_ranks": gather_objects(rng) if world > 1 else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "classes": list(classes),
+                "config": asdict(config),
+                "version": __version__,
+                "format": CHECKPOINT_FORMAT,
+                "preprocess": preprocess_state(pipeline, image_size, task) if pipeline is not None else None,
+            }
+        )
 
     def save(self, state: dict[str, Any], best: bool, epoch: int) -> None:
         """``last.pt`` (and ``best.pt``); a full disk is one sentence, and the files of the
@@ -519,7 +556,8 @@ class Checkpointer:
         """Put the optimiser, the schedule, the scaler and the random streams back as the
         checkpoint has them (its weights are already loaded, its fields checked by
         ``load_checkpoint``); returns its ``Progress``."""
-        problem = check_optimizer_state(checkpoint["optimizer"], self.optimizer) or check_partial_epoch(
+        saved = with_machine_flags(checkpoint["optimizer"], self.optimizer)
+        problem = check_optimizer_state(saved, self.optimizer) or check_partial_epoch(
             checkpoint.get("partial"), train_size, batches
         )
         if problem:
@@ -528,7 +566,7 @@ class Checkpointer:
                 "or was not written for this model and data, so use another one (best.pt or last.pt of the run)."
             )
         try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.optimizer.load_state_dict(saved)
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
             raise CheckpointError(
                 f"the checkpoint of run {printable(run_name)} holds an optimizer state that does not load "

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hardware.capabilities import Capabilities
 from utils import UserError, printable
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ def init_distributed(device: torch.device) -> torch.device:
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda"
-                            else None)  # fmt: skip
+    backend = Capabilities.of(device).backend
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return device
 
 

@@ -1,7 +1,8 @@
 """The fast path: mixed precision, channels-last, torch.compile, and the one optimisation step.
 
-Defaults follow the device: bf16 autocast and channels-last on CUDA and on CPUs with native
-bf16, fp32 elsewhere (``default_amp``). fp16 gets a GradScaler. ``torch.compile`` is tried with
+Defaults follow the device (``hardware.capabilities.Capabilities.amp`` and ``.channels_last``:
+bf16 from compute capability 8.0, fp16 on 7.x, fp32 below and on CPUs without native bf16). fp16
+gets a GradScaler. ``torch.compile`` is tried with
 a warm-up step and drops back to eager with a warning.
 """
 
@@ -20,26 +21,6 @@ logger = logging.getLogger(__name__)
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
 assert set(AMP_DTYPES) == set(AMP_CHOICES)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX); elsewhere
-    oneDNN emulates them and bf16 is slower than fp32."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def default_amp(device: torch.device) -> str:
-    """bf16 autocast on CUDA (tensor cores, no loss scaling needed) and on CPUs with native bf16
-    (1.7x the fp32 training speed of CifarAlexNet on a 2-core AVX512-BF16 EPYC); fp32 elsewhere."""
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
-        return "bf16"
-    return "off"
-
-
-def default_channels_last(device: torch.device) -> bool:
-    """NHWC where convolutions run fastest in it: tensor cores, and oneDNN's bf16 kernels."""
-    return default_amp(device) == "bf16"
 
 
 def autocast(device: torch.device, amp: str) -> torch.autocast:
@@ -97,9 +78,8 @@ def compile_model(model: nn.Module, warm_up: Any) -> nn.Module:
     platform) a warning and the eager model. The warm-up runs under a forked RNG and its
     gradients are dropped, so training sees the same random streams with or without it."""
     compiled = torch.compile(model)
-    devices = [torch.cuda.current_device()] if next(model.parameters()).is_cuda else []
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=cuda_indices(model)):
             warm_up(compiled)
     except Exception as error:  # noqa: BLE001 - backends fail in many ways; eager always works
         logger.warning("torch.compile is unavailable here (%s); training eagerly", short_reason(error))
@@ -108,6 +88,12 @@ def compile_model(model: nn.Module, warm_up: Any) -> nn.Module:
         model.zero_grad(set_to_none=True)
     logger.info("model compiled with torch.compile")
     return compiled
+
+
+def cuda_indices(model: nn.Module) -> list[int]:
+    """The CUDA devices ``model``'s parameters live on (both of ``--split-gpus``, or ``cuda:1``
+    whatever the current device is), whose random streams a warm-up must leave as they were."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -79,11 +79,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Any, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     """The paper's SGD, PyTorch's SGD with momentum, or Adam, as the config says. The paper's
     SGD under ``--fidelity code`` has the release's bias groups (``release_groups``). Parameters
     that do not train (``--freeze-features``) stay out, so weight decay and momentum cannot
-    move them either."""
+    move them either. ``fused`` (``Capabilities.fused_optimizer``: on GPUs) gives Adam its fused
+    kernel; how an optimiser runs is the machine's choice, never the run's, so a checkpoint's
+    flags are replaced by this one's on resume (``training.checkpoint.machine_flags``)."""
     params = [p for p in params if p.requires_grad]
     if config.optimizer == "sgd" and config.paper_update:
         groups = release_groups(params, config.lr) if config.fidelity == "code" else params
@@ -91,7 +93,5 @@ def build_optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
-        # The fused CUDA kernel updates every tensor in one launch instead of a dozen per tensor.
-        fused = torch.device(config.device).type == "cuda"
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")

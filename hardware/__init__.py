@@ -1,0 +1,1 @@
+"""What the machine's devices can do, and every choice that follows from it (``capabilities``)."""
