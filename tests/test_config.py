@@ -14,8 +14,8 @@ import torch
 
 import main
 from datasets import DataOptions
-from network import make_model
 from hardware.capabilities import Capabilities
+from network import make_model
 from training import config as config_module
 from training.checkpoint import check_compatible
 from training.config import NOT_THE_EXPERIMENT, TrainConfig, code_version
