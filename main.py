@@ -313,8 +313,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--amp",
         choices=sorted(AMP_DTYPES),
         default=None,
-        help="autocast precision of the forward and backward passes; fp16 adds loss scaling "
-        "(default: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else off)",
+        help="autocast precision of the forward and backward passes; fp16 adds loss scaling (default: bf16 on GPUs "
+        "of compute capability 8.0 and newer and on CPUs with native bf16 (AVX512-BF16, AMX), fp16 on 7.x, else off)",
     )
     fast.add_argument(
         "--channels-last",

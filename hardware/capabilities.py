@@ -10,7 +10,10 @@ No machine that runs this project's tests has a GPU, so the tests build
 ``Capabilities.stand_in()``: the CPU taking every CUDA branch that can run on a CPU (fp16 loss
 scaling, the fused optimiser, decoding JPEG bytes in the training process with torchvision's CPU
 decoder standing in for nvJPEG, augmentation there). What needs the hardware itself (pinned
-memory, NCCL, cuDNN, free GPU memory) follows the tensors' real device and stays CPU.
+memory, NCCL, cuDNN, free GPU memory) follows the tensors' real device and stays CPU. A whole
+command can take the stand-in too: with ``ALEXNET_CUDA_STAND_IN=9.0`` (a compute capability) in
+its environment, ``--device cpu`` does (``tools/gpu_check.sh --rehearse``, which rehearses the
+GPU check on a CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ def cpu_has_native_bf16() -> bool:
 BF16_CAPABILITY = (8, 0)
 #: Compute capability of the first fp16 tensor cores (Volta); below it autocast gains nothing.
 FP16_CAPABILITY = (7, 0)
+
+
+#: The environment variable that makes the CPU stand in for a GPU of that compute capability.
+STAND_IN = "ALEXNET_CUDA_STAND_IN"
+
+
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = text.strip().partition(".")
+    if not (major.isdigit() and (minor or "0").isdigit()):
+        raise ValueError(f"{STAND_IN}={text!r} is not a compute capability such as 9.0")
+    return int(major), int(minor or 0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,9 @@ class Capabilities:
                 name=torch.cuda.get_device_name(index),
                 cuda_devices=torch.cuda.device_count(),
             )
+        stand_in = os.environ.get(STAND_IN, "")
+        if device.type == "cpu" and stand_in:
+            return cls.stand_in(_capability(stand_in))
         return cls(device, name=device.type, native_bf16=device.type == "cpu" and cpu_has_native_bf16())
 
     @classmethod
