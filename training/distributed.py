@@ -112,8 +112,10 @@ class StopRequest:
 
 
 def launched_by_torchrun() -> bool:
-    """Whether this process is one of several that ``torchrun`` started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether ``torchrun`` started this process, one of several or alone (torchrun gives each
+    worker ``TORCHELASTIC_RUN_ID``): either way it joins torchrun's process group, so that
+    ``--nproc_per_node=1`` runs the same code (NCCL on a GPU) as several processes do."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def init_distributed(device: torch.device) -> torch.device:
