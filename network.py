@@ -221,6 +221,18 @@ def alexnet_features(
     )
 
 
+def pool_to_size(pool: nn.AdaptiveAvgPool2d, x: torch.Tensor) -> torch.Tensor:
+    """``pool(x)``, or ``x`` itself where it already has the pool's output size (at the native
+    input size of TorchAlexNet and CifarAlexNet). There the pool averages one-pixel windows, which
+    changes nothing, but its backward has no deterministic CUDA kernel: ``--deterministic`` raised
+    at the first step. The module stays, as ``avgpool``, for torchvision's layout and other sizes."""
+    size = pool.output_size
+    wanted = (size, size) if isinstance(size, int) else size
+    if all(want in (None, have) for want, have in zip(wanted, x.shape[-2:], strict=True)):
+        return x
+    return pool(x)
+
+
 def torchvision_classifier(in_features: int, num_classes: int, dropout: float) -> nn.Sequential:
     """torchvision's head: dropout before fc6 and fc7 (indices 0-6 as in torchvision)."""
     return nn.Sequential(
@@ -533,7 +545,8 @@ def split_devices(device: torch.device) -> tuple[torch.device, torch.device]:
 
 
 class TorchAlexNet(nn.Module):
-    """torchvision's AlexNet: 64-192-384-256-256, no LRN, no groups, adaptive 6x6 average pool.
+    """torchvision's AlexNet: 64-192-384-256-256, no LRN, no groups, adaptive 6x6 average pool
+    (``pool_to_size``: an identity on the 6x6 maps of a 224 input, so it is skipped there).
 
     Same modules, indices and state_dict keys as ``torchvision.models.alexnet``, so its
     ImageNet weights load with ``strict=True``. Default PyTorch initialisation, as torchvision.
@@ -550,7 +563,7 @@ class TorchAlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        x = self.avgpool(x)
+        x = pool_to_size(self.avgpool, x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
 
@@ -606,7 +619,7 @@ class CifarAlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
-        x = self.avgpool(x)
+        x = pool_to_size(self.avgpool, x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
 

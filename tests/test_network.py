@@ -235,6 +235,32 @@ def test_torch_alexnet_loads_torchvision_weights_and_gives_the_same_outputs():
     reference.load_state_dict(TorchAlexNet(1000).state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("size", [160, 256])  # 4x4 and 7x7 maps before the 6x6 pool
+def test_torch_alexnet_pools_other_input_sizes_as_torchvision(size):
+    torch.manual_seed(0)
+    reference = torchvision.models.alexnet(weights=None).eval()
+    ours = TorchAlexNet(1000).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert ours.features(x).shape[-1] != 6
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-6)
+
+
+def test_avgpool_is_skipped_only_where_it_would_change_nothing():
+    # At 32x32 the maps already are 3x3 (tests/test_determinism.py: the pool leaves the graph).
+    model = CifarAlexNet(10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
+        assert torch.equal(model(x), pooled)
+        # 64x64 gives 7x7 maps, which the pool averages to 3x3.
+        big = torch.randn(1, 3, 64, 64)
+        assert model.features(big).shape[-2:] == (7, 7)
+        expected = model.classifier(torch.flatten(F.adaptive_avg_pool2d(model.features(big), 3), 1))
+        assert torch.equal(model(big), expected)
+
+
 def test_torch_alexnet_layers_print_like_torchvisions():
     assert (
         repr(TorchAlexNet(1000)).split("\n", 1)[1] == repr(torchvision.models.alexnet(weights=None)).split("\n", 1)[1]
