@@ -157,6 +157,20 @@ def test_lrn_window_is_clipped_at_the_channel_edges():
     assert b[0, 4].item() == pytest.approx(50 / (2 + 1e-4 * 50**2) ** 0.75, rel=1e-12)
 
 
+@pytest.mark.parametrize("summed, on_sum", [(True, 1e-4), (False, 2e-5)])  # text, code
+def test_grouped_lrn_on_channels_last_maps_is_the_formula_per_group(summed, on_sum):
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(2, 12, 5, 5, dtype=torch.float64) * 300)
+    expected = torch.cat([lrn_by_hand(a[:, :6], alpha=on_sum), lrn_by_hand(a[:, 6:], alpha=on_sum)], 1)
+    lrn = PaperLRN(groups=2, summed=summed)
+    got = lrn(a.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    # The groups are a grouped convolution's, not a reshape's: no copy to NCHW and back.
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # Its window is built per call: no state, so checkpoints load as they always did.
+    assert lrn.state_dict() == {}
+
+
 def test_no_lrn_switch_replaces_lrn_by_identity_and_keeps_the_keys():
     with_lrn, without = PaperAlexNet(lrn=True, fidelity="text"), PaperAlexNet(lrn=False, fidelity="text")
     assert not any(isinstance(m, PaperLRN) for m in without.modules())
