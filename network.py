@@ -34,6 +34,21 @@ from utils import UserError
 FC_WIDTH = 4096
 
 
+def in_float32(norm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` computed in fp32 (fp64 stays fp64) with autocast off, returned in ``x``'s dtype.
+
+    The response normalisations square their input: in fp16, whose largest value is 65504, an
+    activation of 256 or more squares to inf and its output becomes 0 (what ``--amp fp16`` did to
+    the paper's network), and bf16 keeps 8 bits of each square. Autocast would also run the LRN
+    window's convolution in the low precision, hence off here."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    # Devices without autocast (the meta device) have none to turn off.
+    if not torch.amp.is_autocast_available(x.device.type):
+        return norm(x.to(compute)).to(x.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return norm(x.to(compute)).to(x.dtype)
+
+
 def cross_map_window(channels: int, groups: int, size: int, like: torch.Tensor) -> torch.Tensor:
     """The weight of the grouped 1x1 convolution that sums LRN's window of squares: output map ``i``
     takes 1 x each input map ``i - size // 2`` to ``i + (size - 1) // 2`` of its own group (the
@@ -72,7 +87,7 @@ class PaperLRN(nn.LocalResponseNorm):
     channels-last input channels-last instead of copying it to NCHW and back around the
     per-group window: forward and backward in fp32 at batch 32 on a 2-core CPU it is 1.2x (NCHW)
     and 1.6x (channels-last) as fast as ``F.local_response_norm`` at LRN1's 96x55x55 maps, 1.5x
-    and 1.9x at LRN2's 256x27x27.
+    and 1.9x at LRN2's 256x27x27. It runs in fp32 under autocast (``in_float32``).
 
     On Ampere and newer GPUs the convolution runs in TF32 (``torch.backends.cudnn.allow_tf32`` is
     True by default): the squares keep 10 mantissa bits, so a window sum is off by up to 2**-10
@@ -90,10 +105,13 @@ class PaperLRN(nn.LocalResponseNorm):
         self.summed = summed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        window = cross_map_window(x.shape[1], self.groups, self.size, x)
-        total = F.conv2d(x.square(), window, groups=self.groups)
+        return in_float32(self._normalise, x)
+
+    def _normalise(self, a: torch.Tensor) -> torch.Tensor:
+        window = cross_map_window(a.shape[1], self.groups, self.size, a)
+        total = F.conv2d(a.square(), window, groups=self.groups)
         # ``self.alpha`` is nn.LocalResponseNorm's: it multiplies the mean of the window's squares.
-        return x / (self.k + self.alpha / self.size * total).pow(self.beta)
+        return a / (self.k + self.alpha / self.size * total).pow(self.beta)
 
     def extra_repr(self) -> str:
         groups = f", groups={self.groups}" if self.groups > 1 else ""
@@ -127,7 +145,8 @@ class SameMapNorm(nn.Module):
       and that kernel adds 1 (``prod = 1 + addScale * prod``, cuda-convnet
       ``src/cudaconv2/conv_util.cu:802``; cuda-convnet2 made it the ``minDiv`` argument, default 1).
 
-    Without weights, and per map, so the two towers need nothing of each other.
+    Without weights, and per map, so the two towers need nothing of each other. In fp32 under
+    autocast (``in_float32``).
     """
 
     def __init__(self, size: int = 5, scale: float = 1e-3, power: float = 0.75, min_div: float = 1.0) -> None:
@@ -135,12 +154,15 @@ class SameMapNorm(nn.Module):
         self.size, self.scale, self.power, self.min_div = size, scale, power, min_div
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_float32(self._normalise, x)
+
+    def _normalise(self, a: torch.Tensor) -> torch.Tensor:
         before = self.size // 2
         after = self.size - 1 - before
-        squares = F.pad(x.square(), (before, after, before, after))
+        squares = F.pad(a.square(), (before, after, before, after))
         # The mean over a zero-padded window is the clipped sum divided by size**2.
         mean = F.avg_pool2d(squares, self.size, stride=1)
-        return x * (self.min_div + self.scale * mean).pow(-self.power)
+        return a * (self.min_div + self.scale * mean).pow(-self.power)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, scale={self.scale} (divided by size^2), power={self.power}, min_div={self.min_div}"

@@ -1,4 +1,4 @@
-"""What ``--deterministic`` needs of the models on a GPU, checked on the CPU.
+"""What ``--deterministic`` and ``--amp fp16`` need of the models on a GPU, checked on the CPU.
 
 ``torch.use_deterministic_algorithms(True)`` makes a CUDA run raise at the first op that has
 no deterministic kernel; its docstring lists them. Autograd records the same backward nodes on
@@ -6,6 +6,9 @@ every device, so a CPU training graph that holds none of the listed backward nod
 CUDA too; the listed ops that throw in the forward (or only with some arguments) are caught by
 recording the aten ops of a whole training step with a ``TorchDispatchMode``. Both checks are
 first shown to find the ops they look for, so they cannot pass by looking at nothing.
+
+fp16 has a largest value of 65504: squaring an activation of 256 overflows, so the
+normalisations compute in fp32 whatever autocast says.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from network import FIDELITY, MODELS, make_model
+from network import FIDELITY, MODELS, PaperLRN, SameMapNorm, make_model
 from training.fastpath import training_loss
 from training.tasks import MultiLabel, Task
 
@@ -352,3 +355,30 @@ def test_no_op_that_throws_on_cuda_runs_in_a_training_step(model, amp, channels_
     model[0].zero_grad(set_to_none=True)
     assert "aten.convolution_backward.default" in ops.ran and "aten.nll_loss_forward.default" in ops.ran
     assert ops.throwing == set()
+
+
+# ---------------------------------------------------------------------------------------------
+# The normalisations in fp32 under autocast
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float16, 1e-3), (torch.bfloat16, 2**-8)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "norm",
+    [PaperLRN(groups=2, summed=False), PaperLRN(groups=2, summed=True), PaperLRN(), SameMapNorm()],
+    ids=["lrn-code", "lrn-text", "lrn-one-group", "cnorm2"],
+)
+def test_normalisations_under_autocast_give_their_fp32_result(norm, dtype, rtol, channels_last):
+    generator = torch.Generator().manual_seed(0)
+    # Activations of up to 1000 either way (LRN1 precedes the ReLU in the release), none so small
+    # that its result is subnormal; in the dtype autocast's convolution hands over.
+    sign = torch.randint(0, 2, (2, 96, 13, 13), generator=generator) * 2 - 1
+    x = (sign * (1 + 999 * torch.rand(2, 96, 13, 13, generator=generator))).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = norm(x.float())
+    with torch.autocast("cpu", dtype=dtype):
+        got = norm(x)
+    # One rounding of the fp32 result to the input's dtype: 2**-11 (fp16), 2**-9 (bf16).
+    torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=0)
+    assert got.dtype == dtype
