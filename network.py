@@ -91,10 +91,10 @@ class PaperLRN(nn.LocalResponseNorm):
 
     On Ampere and newer GPUs the convolution runs in TF32 (``torch.backends.cudnn.allow_tf32`` is
     True by default): the squares keep 10 mantissa bits, so a window sum is off by up to 2**-10
-    (~1e-3) relative, and the output, through ``(k + alpha' * sum) ** -beta``, by at most beta x
-    that (~7.5e-4), less where ``alpha' * sum`` is small next to k. That is below bf16's rounding
-    (the default autocast) and of the order of the TF32 convolutions around it, and TF32 keeps
-    fp32's range, which is what the fp32 is for: it is left on.
+    (~1e-3) relative, and the output, through ``(k + c * sum) ** -beta`` (c the factor on the sum),
+    by at most beta x that (~7e-4), less where ``c * sum`` is small next to k. That is below
+    bf16's rounding (the default autocast) and of the order of the TF32 convolutions around it,
+    and TF32 keeps fp32's range, which is what the fp32 is for: it is left on.
     """
 
     def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1,
