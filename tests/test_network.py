@@ -157,6 +157,20 @@ def test_lrn_window_is_clipped_at_the_channel_edges():
     assert b[0, 4].item() == pytest.approx(50 / (2 + 1e-4 * 50**2) ** 0.75, rel=1e-12)
 
 
+@pytest.mark.parametrize("summed, on_sum", [(True, 1e-4), (False, 2e-5)])  # text, code
+def test_grouped_lrn_on_channels_last_maps_is_the_formula_per_group(summed, on_sum):
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(2, 12, 5, 5, dtype=torch.float64) * 300)
+    expected = torch.cat([lrn_by_hand(a[:, :6], alpha=on_sum), lrn_by_hand(a[:, 6:], alpha=on_sum)], 1)
+    lrn = PaperLRN(groups=2, summed=summed)
+    got = lrn(a.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    # The groups are a grouped convolution's, not a reshape's: no copy to NCHW and back.
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    # Its window is built per call: no state, so checkpoints load as they always did.
+    assert lrn.state_dict() == {}
+
+
 def test_no_lrn_switch_replaces_lrn_by_identity_and_keeps_the_keys():
     with_lrn, without = PaperAlexNet(lrn=True, fidelity="text"), PaperAlexNet(lrn=False, fidelity="text")
     assert not any(isinstance(m, PaperLRN) for m in without.modules())
@@ -233,6 +247,32 @@ def test_torch_alexnet_loads_torchvision_weights_and_gives_the_same_outputs():
         assert torch.allclose(ours(x), reference(x), rtol=0, atol=1e-6)
     # And the other way round.
     reference.load_state_dict(TorchAlexNet(1000).state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("size", [160, 256])  # 4x4 and 7x7 maps before the 6x6 pool
+def test_torch_alexnet_pools_other_input_sizes_as_torchvision(size):
+    torch.manual_seed(0)
+    reference = torchvision.models.alexnet(weights=None).eval()
+    ours = TorchAlexNet(1000).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert ours.features(x).shape[-1] != 6
+        torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-6)
+
+
+def test_avgpool_is_skipped_only_where_it_would_change_nothing():
+    # At 32x32 the maps already are 3x3 (tests/test_determinism.py: the pool leaves the graph).
+    model = CifarAlexNet(10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        pooled = model.classifier(torch.flatten(model.avgpool(model.features(x)), 1))
+        assert torch.equal(model(x), pooled)
+        # 64x64 gives 7x7 maps, which the pool averages to 3x3.
+        big = torch.randn(1, 3, 64, 64)
+        assert model.features(big).shape[-2:] == (7, 7)
+        expected = model.classifier(torch.flatten(F.adaptive_avg_pool2d(model.features(big), 3), 1))
+        assert torch.equal(model(big), expected)
 
 
 def test_torch_alexnet_layers_print_like_torchvisions():
