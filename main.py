@@ -575,9 +575,21 @@ def run_command(name: str, argv: list[str], stop: StopSignals) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the tool; returns the process exit code."""
+    """Run the tool; returns the process exit code. SIGINT and SIGTERM are the tool's while it
+    runs and the caller's again when it returns (ignored, when the caller is the script itself)."""
     stop = StopSignals()
-    stop.install()  # before any work: a stop at any moment is one sentence and the right code
+    previous = stop.install()  # before any work: a stop at any moment is one sentence and the right code
+    try:
+        return _main(argv, stop)
+    finally:
+        for signum, handler in previous.items():
+            # The script is exiting: a late Ctrl-C has nothing left to stop, "while starting" would
+            # be wrong, and during the interpreter's shutdown (which puts back the default
+            # handlers) it would kill the process with another exit status; so it is ignored.
+            signal.signal(signum, signal.SIG_IGN if handler is _stopped_while_starting else handler)
+
+
+def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["report"], ["experiments"]):
         # `python main.py report runs/` is `python -m experiments report runs/`.
@@ -721,9 +733,4 @@ def make_deterministic() -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Exiting: a late Ctrl-C has nothing left to stop, and during the interpreter's shutdown
-    # (which puts back the default handlers) it would kill the process with another exit status.
-    for _signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_signum, signal.SIG_IGN)
-    sys.exit(code)
+    sys.exit(main())  # with SIGINT and SIGTERM ignored from its return on (main's finally)

@@ -67,10 +67,9 @@ class StopSignals:
         self.signum = signum
         raise Interrupted(signum)
 
-    def install(self) -> None:
-        """Take over SIGINT and SIGTERM (main thread only)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
+    def install(self) -> dict[int, Any]:
+        """Take over SIGINT and SIGTERM (main thread only); returns the handlers to restore."""
+        return {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 class StopRequest:
