@@ -32,14 +32,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_signal_handlers(request):
+def no_leaked_signal_handlers():
     """Every test leaves SIGINT and SIGTERM handled as it found them: a handler left behind (the
     tool's ``StopSignals``, say) would turn a later Ctrl-C or SIGTERM into another test's failure.
     The one that leaks is failed, naming the handler, and the handlers are put back."""
     before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     yield
-    leaked = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    leaked = {signum: handler for signum, handler in leaked.items() if handler is not before[signum]}
+    after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    leaked = {signum: handler for signum, handler in after.items() if handler is not before[signum]}
     for signum in leaked:
         signal.signal(signum, before[signum])
     if leaked:
