@@ -245,14 +245,13 @@ def test_the_cache_build_stops_promptly_on_ctrl_c_and_keeps_only_complete_shards
     import torchvision.io  # noqa: F401 (imported by the first shard; seconds, not part of the stop)
 
     timer = threading.Timer(0.5, _thread.interrupt_main)  # a few shards in
-    start = time.monotonic()
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             datasets.shard_split(paths, torch.zeros(300), tmp_path / "cache", "train", 16, workers=1, shard_images=4)
     finally:
         timer.cancel()
-    assert time.monotonic() - start < 1.7
+    # Promptly: counted in images decoded, not in seconds (which a loaded machine stretches).
     assert len(calls) < 100
     assert 0 < len(only_complete_shards(tmp_path / "cache" / "train_16")) < 75
 
