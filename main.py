@@ -41,7 +41,7 @@ import torch
 
 from datasets import DATASETS, DataOptions, load_dataset
 from hardware.capabilities import Capabilities, capabilities
-from network import MODELS, SplitPaperAlexNet, make_model, model_name, split_devices
+from network import MODELS, PaperAlexNet, SplitPaperAlexNet, join_towers, make_model, model_name, split_devices
 from trainer import (
     AMP_DTYPES,
     TrainConfig,
@@ -61,8 +61,9 @@ from training.distributed import (
     rank0_first,
     rank_and_world,
 )
+from training.optim import build_optimizer
 from training.outputs import RunFolders, claim_run, output_dir_of
-from training.weights import load_initial_weights
+from training.weights import freeze_features, load_initial_weights
 from utils import FIDELITIES, Check, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
 
 logger = logging.getLogger("alexnet")
@@ -325,10 +326,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     fast.add_argument(
         "--split-gpus",
-        action="store_true",
-        help="-pm only: run the paper's two towers on two GPUs (--device and the next one) as in 2012, "
-        "exchanging activations at conv3, fc6, fc7 and fc8; with --device cpu both towers run on the CPU "
-        "(default: off, the grouped model on one device)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="-pm only: run the paper's two towers on two GPUs (--device and the next one) as in 2012, or both "
+        "on --device cpu; --evaluate runs a split run as the grouped model unless given this, --no-split-gpus "
+        "resumes one as the grouped model (default: off, the grouped model on one device)",
     )
     fast.add_argument(
         "--compile",
@@ -575,9 +577,21 @@ def run_command(name: str, argv: list[str], stop: StopSignals) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the tool; returns the process exit code."""
+    """Run the tool; returns the process exit code. SIGINT and SIGTERM are the tool's while it
+    runs and the caller's again when it returns (ignored, when the caller is the script itself)."""
     stop = StopSignals()
-    stop.install()  # before any work: a stop at any moment is one sentence and the right code
+    previous = stop.install()  # before any work: a stop at any moment is one sentence and the right code
+    try:
+        return _main(argv, stop)
+    finally:
+        for signum, handler in previous.items():
+            # The script is exiting: a late Ctrl-C has nothing left to stop, "while starting" would
+            # be wrong, and during the interpreter's shutdown (which puts back the default
+            # handlers) it would kill the process with another exit status; so it is ignored.
+            signal.signal(signum, signal.SIG_IGN if handler is _stopped_while_starting else handler)
+
+
+def _main(argv: Sequence[str] | None, stop: StopSignals) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] in (["report"], ["experiments"]):
         # `python main.py report runs/` is `python -m experiments report runs/`.
@@ -641,9 +655,15 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         config = config_from_args(args, hw)
     else:
         may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
+        if args.resume and args.split_gpus is False:
+            may_change |= {"split_gpus"}  # a split run goes on as the grouped model (_build_and_go)
         config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, hw, may_change)
+        if args.evaluate and args.split_gpus is None:
+            # The checkpoint holds the grouped model's weights, which evaluate the same on one device.
+            config = replace(config, split_gpus=False)
         if args.resume and "output_dir" not in given:
             config = replace(config, output_dir=output_dir_of(checkpoint_path, config) or config.output_dir)
+    split = towers(config, hw.device, checkpoint_path if args.resume else None)
     if config.deterministic:
         make_deterministic()
     elif hw.autotune:
@@ -659,7 +679,7 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         # From here on the run's settings are fixed: name and output folder included.
         config = replace(config, run_name=folders.name)
     try:
-        return _build_and_go(args, config, checkpoint, checkpoint_path, hw, folders, stop)
+        return _build_and_go(args, config, checkpoint, checkpoint_path, hw, split, folders, stop)
     except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
         saved = folders is not None and not config.dry_run
         sentence = lost_process(error, folders.ckpt_dir / "last.pt" if saved else None)
@@ -672,8 +692,8 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
 
 
 def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dict[str, Any] | None,
-                  checkpoint_path: Path | None, hw: Capabilities, folders: RunFolders | None,
-                  stop: StopSignals) -> int:  # fmt: skip
+                  checkpoint_path: Path | None, hw: Capabilities, split: tuple[torch.device, torch.device] | None,
+                  folders: RunFolders | None, stop: StopSignals) -> int:  # fmt: skip
     device = hw.device
     stop.phase = "reading the data"
     with rank0_first():  # under torchrun rank 0 reads first (building any cache once), then the others
@@ -686,9 +706,14 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     elif config.weights:
         stop.phase = "reading the initial weights"
         load_initial_weights(Path(config.weights), model, config.model, data.classes, config.paper_train)
-    if config.split_gpus:
-        model = SplitPaperAlexNet(model, split_devices(device))
+    if split is not None:
+        model = SplitPaperAlexNet(model, split)
         logger.info("the two towers run on %s and %s", *model.devices)
+    elif args.resume and checkpoint["config"].get("split_gpus"):
+        checkpoint = {**checkpoint, "optimizer": grouped_optimizer_state(checkpoint["optimizer"], model, config)}
+        logger.info("%s was trained split over two devices; it goes on as the grouped model on %s (the same "
+                    "weights; dropout now draws one mask per layer instead of one per tower)", checkpoint_path,
+                    device)  # fmt: skip
     if args.evaluate:
         stop.phase = "evaluating"
         result = evaluate_checkpoint(config, model, data, hw)
@@ -712,6 +737,67 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     return 0
 
 
+def towers(config: TrainConfig, device: torch.device, resumed: Path | None) -> tuple[torch.device, torch.device] | None:
+    """The devices of the two towers of ``--split-gpus`` (``network.split_devices``), or None for
+    the grouped model on one device. ``resumed`` is the checkpoint of a resumed run, which keeps
+    its split: where this machine cannot hold the towers, the sentence names ``--no-split-gpus``,
+    which resumes it as the grouped model."""
+    if not config.split_gpus:
+        return None
+    if resumed is not None and launched_by_torchrun():
+        raise UserError(
+            f"{resumed} was trained with --split-gpus, which runs one model over two GPUs in one process, not under "
+            "torchrun; add --no-split-gpus to resume it as the grouped model in each process."
+        )
+    try:
+        return split_devices(device)
+    except UserError:
+        if resumed is None:
+            raise
+        raise UserError(
+            f"{resumed} was trained with --split-gpus, and its two towers need {device} and the CUDA device after "
+            f"it, which this machine does not have; add --no-split-gpus to resume it as the grouped model on {device} "
+            "(the same weights; dropout then draws one mask per layer instead of one per tower)."
+        ) from None
+
+
+def grouped_optimizer_state(saved: dict[str, Any], model: PaperAlexNet, config: TrainConfig) -> dict[str, Any]:
+    """The optimiser state of a ``--split-gpus`` run (``saved``) as the optimiser of the grouped
+    ``model`` holds it: each parameter's tensors (momentum, Adam's moments) joined from the towers'
+    halves as the weights are (``network.join_towers``), its step count the first tower's. A state
+    that does not fit the split model is returned as it is, for the resume to refuse."""
+    split = SplitPaperAlexNet(model, ("meta", "meta"))  # names, shapes and order only: no memory
+    split_names, _ = _optimizer_numbering(split, config)
+    grouped_names, groups = _optimizer_numbering(split.to_grouped(), config)
+    numbered = sum(len(group["params"]) for group in saved["param_groups"])
+    if numbered != len(split_names) or len(groups) != len(saved["param_groups"]):
+        return saved
+    index = {name: i for i, name in enumerate(split_names)}
+    state = {}
+    for i, name in enumerate(grouped_names):
+        first = saved["state"].get(index[f"towers.0.{name}"])
+        if first is None:  # no step taken yet
+            continue
+        second = saved["state"].get(index.get(f"towers.1.{name}"), {})  # fc8's bias lives on the first tower only
+        state[i] = {key: join_towers({name: value}, {name: second[key]})[name]
+                    if isinstance(value, torch.Tensor) and value.ndim and key in second else value
+                    for key, value in first.items()}  # fmt: skip
+    # The groups keep their settings (rates, decay) and take the grouped model's numbering.
+    param_groups = [{**old, "params": new["params"]} for old, new in zip(saved["param_groups"], groups)]
+    return {"state": state, "param_groups": param_groups}
+
+
+def _optimizer_numbering(model: torch.nn.Module, config: TrainConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """The names of ``model``'s trained parameters in the order its optimiser's state_dict numbers
+    them, and that state_dict's parameter groups (the optimiser built as the trainer builds it)."""
+    if config.freeze_features:
+        freeze_features(model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model.parameters(), config)
+    numbered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return numbered, optimizer.state_dict()["param_groups"]
+
+
 def make_deterministic() -> None:
     """Bit-for-bit repeatable runs (``--deterministic``): deterministic kernels only, no cuDNN
     autotuning, and the cuBLAS workspace setting that deterministic CUDA matmuls need."""
@@ -721,9 +807,4 @@ def make_deterministic() -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Exiting: a late Ctrl-C has nothing left to stop, and during the interpreter's shutdown
-    # (which puts back the default handlers) it would kill the process with another exit status.
-    for _signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(_signum, signal.SIG_IGN)
-    sys.exit(code)
+    sys.exit(main())  # with SIGINT and SIGTERM ignored from its return on (main's finally)

@@ -28,10 +28,31 @@ def tiny_shapes() -> tuple[str, ...]:
     return tuple(TINY)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_signal_handlers():
+    """Every test leaves SIGINT and SIGTERM handled as it found them: a handler left behind (the
+    tool's ``StopSignals``, say) would turn a later Ctrl-C or SIGTERM into another test's failure.
+    The one that leaks is failed, naming the handler, and the handlers are put back."""
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    yield
+    after = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    leaked = {signum: handler for signum, handler in after.items() if handler is not before[signum]}
+    for signum in leaked:
+        signal.signal(signum, before[signum])
+    if leaked:
+        what = "; ".join(f"{signal.Signals(s).name} handled by {handler!r} instead of {before[s]!r}"
+                         for s, handler in leaked.items())  # fmt: skip
+        pytest.fail(f"the test left {what}; put back the handlers it installs (own_signals)")
+
+
 @pytest.fixture
 def own_signals():
-    """``main.main`` takes over SIGINT and SIGTERM; give pytest its handlers back."""
-    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    """For a test that installs SIGINT or SIGTERM handlers on purpose: they are put back after
+    it (``main.main`` puts back its own)."""
+    saved = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)

@@ -25,6 +25,7 @@ from main_cli import ROOT
 from datasets import BatchLoader, CifarPipeline, Pipeline, Split
 from network import CifarAlexNet
 from trainer import TrainConfig, TrainStep, eval_loader, evaluate
+from training.distributed import lost_process
 
 TORCHRUN = shutil.which("torchrun")
 
@@ -411,3 +412,85 @@ def test_a_lost_node_stops_both_with_one_sentence_and_a_whole_last_checkpoint(tm
     ), line  # fmt: skip
     saved = torch.load(last, weights_only=True)
     assert saved["epoch"] >= 1 and saved["config"]["run_name"] == "lost"
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising a lost process from the error a surviving one gets: by type (NCCL, the store),
+# by wording (gloo's plain RuntimeError)
+
+NCCL_REMOTE = (
+    "NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3690, remote process exited or there "
+    "was a network error, NCCL version 2.27.3\nncclRemoteError: A call failed possibly due to a network error or a "
+    "remote process exiting prematurely.\nLast error:\nsocketProgress: Connection closed by remote peer"
+)
+NCCL_TIMEOUT = (
+    "[Rank 0] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, OpType=ALLREDUCE, NumelIn=1, "
+    "NumelOut=1, Timeout(ms)=600000) ran for 600046 milliseconds before timing out."
+)
+TIMEOUT_REASON = NCCL_TIMEOUT.removeprefix("[Rank 0] ").removesuffix(".")
+ADVICE = (
+    ": it was stopped, crashed or lost its machine, so process 0 stops too; resume from the last checkpoint with "
+    "the same torchrun command plus --resume out/last.pt"
+)
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    """The environment torchrun gives process 0 of 2."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (dist.DistBackendError(NCCL_REMOTE), "remote process exited or there was a network error"),
+        (dist.DistBackendError(NCCL_TIMEOUT),
+         TIMEOUT_REASON),
+        (dist.DistBackendError(f"[PG ID 0 PG GUID 0(default_pg) Rank 0] Process group watchdog thread terminated with "
+                               f"exception: {NCCL_TIMEOUT}"),
+         TIMEOUT_REASON),
+        (dist.DistBackendError("NCCL communicator was aborted on rank 0. Original reason for failure was: ..."),
+         "NCCL communicator was aborted on rank 0"),
+        (dist.DistNetworkError("Connection reset by peer"), "Connection reset by peer"),
+        (dist.DistStoreError("Failed to recv, got 0 bytes. Connection was likely closed."),
+         "Failed to recv, got 0 bytes"),
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                      "[10.0.0.2]:40211. This is typically caused by a remote worker crashing."),
+         "Connection closed by peer 10.0.0.2:40211"),
+        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for "
+                      "recv operation to complete"), "Timed out waiting 1800000ms for recv operation to complete"),
+    ],
+)  # fmt: skip
+def test_a_lost_process_is_one_sentence_under_nccl_gloo_and_the_store(two_processes, error, reason):
+    assert lost_process(error, Path("out/last.pt")) == f"the run lost process 1 of 2 ({reason}){ADVICE}"
+
+
+def test_nccl_errors_are_recognised_by_type_not_wording(two_processes):
+    # The NCCL text without its type is not gloo's wording: a plain RuntimeError of it propagates.
+    assert lost_process(RuntimeError(NCCL_REMOTE.replace("Connection closed", "Closed")), None) is None
+    assert lost_process(dist.DistBackendError("unhandled system error"), None) == (
+        "the run lost process 1 of 2 (unhandled system error): it was stopped, crashed or lost its machine, so "
+        "process 0 stops too; start the same torchrun command again"
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x9216 and 4096x10)"),
+        ValueError("Connection closed by peer"),  # gloo's wording, but not a collective's error
+        dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:3690, invalid usage (run with NCCL_DEBUG=WARN for "
+                              "details), NCCL version 2.27.3\nncclInvalidUsage: This usually reflects invalid usage of "
+                              "NCCL library."),
+        dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:3690, unhandled cuda error (run with NCCL_DEBUG=INFO "
+                              "for details), NCCL version 2.27.3\nncclUnhandledCudaError: Call to CUDA function failed."),
+    ],
+)  # fmt: skip
+def test_other_errors_propagate(two_processes, error):
+    assert lost_process(error, Path("out/last.pt")) is None
+
+
+def test_outside_torchrun_nothing_is_a_lost_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert lost_process(dist.DistBackendError(NCCL_REMOTE), None) is None

@@ -1,10 +1,21 @@
-"""The paper's two-GPU split: SplitPaperAlexNet against the grouped single-device PaperAlexNet."""
+"""The paper's two-GPU split: SplitPaperAlexNet against the grouped single-device PaperAlexNet,
+and a split run's checkpoint on a machine with one GPU (evaluated, resumed, predicted, exported
+and drawn as the grouped model)."""
 
+import io
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from main_cli import copy_run, snapshot, unchanged
+from PIL import Image
 from torch import nn
 
+import main
+from inference.checkpoint import load_trained, read_image
 from network import (
     CifarAlexNet,
     PaperAlexNet,
@@ -14,6 +25,10 @@ from network import (
     split_devices,
     split_grouped,
 )
+from training.checkpoint import check_optimizer_state
+from training.config import TrainConfig
+from training.optim import build_optimizer
+from training.weights import freeze_features
 from utils import UserError
 
 CPU = ("cpu", "cpu")
@@ -227,3 +242,188 @@ def test_split_devices_past_the_last_gpu_is_a_user_error(monkeypatch):
 def test_split_devices_refuses_other_device_types():
     with pytest.raises(UserError, match="two CUDA devices \\(or the CPU\\), not on mps"):
         split_devices(torch.device("mps"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A split run on a machine with one GPU: --evaluate, --resume, predict, export and figures
+
+
+@pytest.fixture
+def one_gpu(monkeypatch):
+    """This machine as one with a single CUDA device, where ``main`` asks for the towers' devices
+    (``network.split_devices`` answering for ``cuda`` there); the networks themselves run on the
+    CPU, which cannot hold CUDA tensors."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(main, "split_devices", lambda device: split_devices(torch.device("cuda")))
+
+
+def test_towers_keep_the_split_where_two_devices_exist_and_name_no_split_gpus_where_not(monkeypatch):
+    split, grouped = TrainConfig(model="PaperAlexNet", split_gpus=True), TrainConfig(model="PaperAlexNet")
+    cuda, last = torch.device("cuda"), Path("run/last.pt")
+    assert main.towers(grouped, cuda, last) is None
+    assert main.towers(split, torch.device("cpu"), last) == (torch.device("cpu"), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert main.towers(split, cuda, last) == (torch.device("cuda", 0), torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="drop --split-gpus to train the grouped model on one device"):
+        main.towers(split, cuda, None)  # a new run asked for the split: it can drop the flag
+    with pytest.raises(UserError) as error:
+        main.towers(split, cuda, last)  # a resumed one has it from its checkpoint
+    assert str(error.value) == (
+        "run/last.pt was trained with --split-gpus, and its two towers need cuda and the CUDA device after it, which "
+        "this machine does not have; add --no-split-gpus to resume it as the grouped model on cuda (the same "
+        "weights; dropout then draws one mask per layer instead of one per tower)."
+    )
+    # Under torchrun each process runs a whole model: the split cannot go on there.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"^run/last.pt was trained with --split-gpus, which runs one model over two GPUs "
+                                        r"in one process, not under torchrun; add --no-split-gpus"):  # fmt: skip
+        main.towers(split, cuda, last)
+
+
+def round_trip(state: dict) -> dict:
+    """``state`` as a checkpoint gives it back: saved and loaded, sharing no tensor with it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param({"optimizer": "sgd", "paper_update": True, "fidelity": "code"}, id="paper-sgd-bias-group"),
+        pytest.param({"optimizer": "adam", "freeze_features": True}, id="adam-frozen-features"),
+    ],
+)
+def test_a_split_runs_optimizer_state_continues_in_the_grouped_model(settings):
+    config = TrainConfig(model="PaperAlexNet", lr=0.01, momentum=0.9, weight_decay=5e-4, **settings)
+    torch.manual_seed(0)
+    split = SplitPaperAlexNet(PaperAlexNet(num_classes=10, fidelity=config.fidelity), CPU).eval()  # no dropout
+    if config.freeze_features:
+        freeze_features(split)
+    x, target = images(224, batch=1), torch.tensor([3])
+
+    def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+
+    optimizer = build_optimizer(split.parameters(), config)
+    step(split, optimizer)
+    grouped = split.to_grouped()
+    converted = main.grouped_optimizer_state(round_trip(optimizer.state_dict()), grouped, config)
+    if config.freeze_features:
+        freeze_features(grouped)
+    grouped_optimizer = build_optimizer(grouped.parameters(), config)
+    assert check_optimizer_state(converted, grouped_optimizer) is None
+    grouped_optimizer.load_state_dict(converted)
+    # Momentum (Adam's moments) of each weight is the towers' halves put together like the weight.
+    for name, p in grouped.named_parameters():
+        if p.requires_grad:
+            halves = [dict(tower.named_parameters()).get(name) for tower in split.towers]
+            key = "velocity" if config.paper_update else "exp_avg"
+            a, b = ({name: optimizer.state[h][key]} if h is not None else {} for h in halves)
+            assert torch.equal(grouped_optimizer.state[p][key], join_towers(a, b)[name]), name
+    # and the next step is the split model's, up to float rounding.
+    step(split, optimizer)
+    step(grouped, grouped_optimizer)
+    expected = split.grouped_state_dict()
+    for name, w in grouped.state_dict().items():
+        torch.testing.assert_close(w, expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+#: A one-epoch run of the paper's network split over two towers, both on the CPU; float32.
+SPLIT_RUN = ["-pm", "--split-gpus", "--device", "cpu", "--amp", "off", "-ne", "1", "--shapes-train", "16",
+             "--shapes-test", "8", "--batch-size", "8", "--seed", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, run_main) -> Path:
+    """The folder of a finished ``SPLIT_RUN``. Copy it (``main_cli.copy_run``) before running
+    anything in it."""
+    root = tmp_path_factory.mktemp("split_run")
+    result = run_main(*SPLIT_RUN, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the two towers run on cpu and cpu" in result.stderr
+    return root
+
+
+def error_line(capsys) -> str:
+    """The one error line an in-process ``main.main`` wrote to stderr (and no traceback)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_evaluate_runs_a_split_checkpoint_as_the_grouped_model_on_one_gpu(split_run, tmp_path, one_gpu, capsys):
+    last = copy_run(split_run, tmp_path / "work")
+    assert main.main(["--evaluate", str(last), "--device", "cpu", "--amp", "off"]) == 0
+    out, err = capsys.readouterr()
+    assert "the two towers run on" not in err
+    metrics = json.loads(out.splitlines()[-1])
+    # What the split model measured when it saved the checkpoint.
+    recorded = torch.load(last, weights_only=True)["last"]
+    assert metrics["top1"] == recorded["top1"] and metrics["count"] == 8
+    assert metrics["loss"] == pytest.approx(recorded["loss"], rel=1e-5)
+    # Asked for the towers, there are not two GPUs for them: the sentence of a new run.
+    assert main.main(["--evaluate", str(last), "-pm", "--split-gpus", "--device", "cpu"]) == 1
+    assert error_line(capsys).endswith("found 1; drop --split-gpus to train the grouped model on one device.")
+
+
+def test_resume_of_a_split_run_on_one_gpu_names_no_split_gpus_and_writes_nothing(split_run, tmp_path, one_gpu,
+                                                                                   capsys):  # fmt: skip
+    last = copy_run(split_run, tmp_path / "work")
+    before = snapshot(tmp_path / "work")
+    assert main.main(["--resume", str(last), "-ne", "2"]) == 1
+    line = error_line(capsys)
+    assert line.startswith(f"error: {last} was trained with --split-gpus, and its two towers need ")
+    assert "; add --no-split-gpus to resume it as the grouped model on " in line
+    assert unchanged(tmp_path / "work", before)
+
+
+def test_resume_with_no_split_gpus_goes_on_as_the_grouped_model(split_run, tmp_path, one_gpu, capsys):
+    last = copy_run(split_run, tmp_path / "work")
+    assert main.main(["--resume", str(last), "--no-split-gpus", "-ne", "2", "--amp", "off"]) == 0
+    err = capsys.readouterr().err
+    assert f"{last} was trained split over two devices; it goes on as the grouped model on cpu" in err
+    assert "the two towers run on" not in err
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 2 and saved["config"]["split_gpus"] is False
+    # Its optimiser now numbers the grouped model's 16 tensors (Adam: moments of their shapes).
+    config = TrainConfig.from_dict(saved["config"])
+    assert check_optimizer_state(saved["optimizer"], build_optimizer(PaperAlexNet(10).parameters(), config)) is None
+    assert len(saved["optimizer"]["state"]) == 16
+    # The next resume needs nothing more.
+    assert main.main(["--resume", str(last), "-ne", "2"]) == 0
+
+
+def test_predict_export_and_figures_of_a_split_checkpoint_run_the_grouped_model(split_run, tmp_path, one_gpu,
+                                                                                 capsys):  # fmt: skip
+    last = copy_run(split_run, tmp_path / "work")
+    trained = load_trained(last)
+    assert trained.config.split_gpus and type(trained.model) is PaperAlexNet
+    split = SplitPaperAlexNet(trained.model, CPU).eval()
+
+    photo = tmp_path / "photo.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(photo)
+    assert (
+        main.main(["predict", "--checkpoint", str(last), "--device", "cpu", "--json", "--topk", "10", str(photo)]) == 0
+    )
+    predicted = json.loads(capsys.readouterr().out)
+    got = {p["class"]: p["probability"] for p in predicted["predictions"]}
+    trained.model = split  # the same scoring, by the split model
+    expected = trained.probabilities(read_image(photo, trained.image_size)[None])[0]
+    assert got == pytest.approx({c: expected[i].item() for i, c in enumerate(trained.classes)}, rel=1e-4, abs=1e-6)
+
+    out = tmp_path / "model.pt"
+    assert main.main(["export", str(out), "--checkpoint", str(last), "--format", "torchscript"]) == 0
+    x = images(224, batch=2)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(out)(x), split(x), rtol=1e-4, atol=1e-4)
+
+    assert main.main(["figures", "--checkpoint", str(last), "--device", "cpu", "--out", str(tmp_path / "figures")]) == 0
+    drawn = sorted(p.name.split("_")[0] for p in (tmp_path / "figures").glob("*.png"))
+    assert drawn == ["kernels", "neighbours", "predictions"], drawn

@@ -67,10 +67,9 @@ class StopSignals:
         self.signum = signum
         raise Interrupted(signum)
 
-    def install(self) -> None:
-        """Take over SIGINT and SIGTERM (main thread only)."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
+    def install(self) -> dict[int, Any]:
+        """Take over SIGINT and SIGTERM (main thread only); returns the handlers to restore."""
+        return {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 class StopRequest:
@@ -221,37 +220,59 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
-#: How gloo, NCCL and torchrun's store report a peer that is gone (killed, crashed, its machine
-#: lost) or silent past the group's timeout, in the collectives of the other processes.
+#: What a collective of a surviving process raises when the process group lost a process (killed,
+#: crashed, its machine gone) or waited for one past the group's timeout. NCCL raises
+#: ``DistBackendError``: "remote process exited or there was a network error", "NCCL communicator
+#: was aborted", and the watchdog's "Watchdog caught collective operation timeout" (which it
+#: wraps in "Process group watchdog thread terminated with exception: ..."); torchrun's store
+#: raises ``DistStoreError`` or ``DistNetworkError``.
+LOST_GROUP = (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)
+#: gloo raises a plain RuntimeError (torch 2.14), recognised by its wording: "Connection closed by
+#: peer [10.0.0.2]:40211", "Timed out waiting 1800000ms for recv operation to complete".
 LOST_PEER = re.compile(
-    r"connection (closed|reset) by peer|broken pipe|connection refused|timed out waiting|socket timeout|"
-    r"communicator was aborted|remote process exited|collective operation timeout",
+    r"connection (closed|reset) by peer|broken pipe|connection refused|timed out waiting",
     re.IGNORECASE,
 )
+#: The NCCL results that name a fault of this process (a bug, a failing GPU), not a lost peer:
+#: those errors propagate. torch writes the result's name at the start of the message's second line.
+LOCAL_NCCL_FAULT = re.compile(r"^nccl(InvalidUsage|InvalidArgument|InternalError|UnhandledCudaError):", re.MULTILINE)
 
 
 def lost_process(error: BaseException, last: Path | None) -> str | None:
     """The sentence for a torchrun run whose process group lost a process, recognised from the
-    error a collective raised in a surviving one; None for any other error (which should
-    propagate). ``last`` is the run's last.pt, which the same torchrun command resumes (None
-    when nothing is saved: a dry run, or a run that had not claimed its folders yet)."""
-    connection_lost = isinstance(error, (dist.DistNetworkError, dist.DistStoreError)) or (
-        isinstance(error, RuntimeError) and LOST_PEER.search(str(error)) is not None
-    )
+    error a collective raised in a surviving one: NCCL's and the store's by their type
+    (``LOST_GROUP``), gloo's by their wording (``LOST_PEER``). None for any other error, which
+    should propagate. ``last`` is the run's last.pt, which the same torchrun command resumes
+    (None when nothing is saved: a dry run, or a run that had not claimed its folders yet)."""
+    text = str(error)
+    if isinstance(error, LOST_GROUP):
+        connection_lost = LOCAL_NCCL_FAULT.search(text) is None
+    else:
+        connection_lost = isinstance(error, RuntimeError) and LOST_PEER.search(text) is not None
     if not launched_by_torchrun() or not connection_lost:
         return None
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
-    # gloo names the peer by the address it lost ("[../pair.cc:561] Connection closed by peer
-    # [10.0.0.2]:40211. This is typically caused by..."): keep that first statement.
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0].rstrip(".")
-    reason = re.sub(r"\[([^\]]+)\]:(\d+)", r"\1:\2", reason)[:160]
     who = f"process {1 - rank} of 2" if world == 2 else f"one of the {world} processes"
     if last is None:
         advice = "start the same torchrun command again"
     else:
         advice = f"resume from the last checkpoint with the same torchrun command plus --resume {last}"
     return (
-        f"the run lost {who} ({printable(reason)}): it was stopped, crashed or lost its machine, so "
-        f"process {rank} stops too; {advice}"
+        f"the run lost {who} ({printable(_first_statement(text) or type(error).__name__)}): it was stopped, "
+        f"crashed or lost its machine, so process {rank} stops too; {advice}"
     )
+
+
+def _first_statement(text: str) -> str:
+    """What went wrong, from a collective's error message: its first statement, without the
+    source locations and tags around it. gloo: "[../pair.cc:561] Connection closed by peer
+    [10.0.0.2]:40211. This is typically caused by..."; NCCL: "NCCL error in: <file>:<line>,
+    remote process exited or there was a network error, NCCL version 2.27.3" or "[PG ID 0 ...
+    Rank 0] Process group watchdog thread terminated with exception: [Rank 0] Watchdog caught
+    collective operation timeout: WorkNCCL(...) ran for 600046 milliseconds before timing out."."""
+    first = (text.strip().splitlines() or [""])[0]
+    first = first.split("terminated with exception: ", 1)[-1]
+    first = re.sub(r"^(\[[^\]]*\]\s*)+", "", first)
+    first = re.sub(r"^NCCL error in: \S+:\d+, (.*?)(, NCCL version \S+)?$", r"\1", first)
+    first = first.split(". ")[0].rstrip(".")
+    return re.sub(r"\[([^\]]+)\]:(\d+)", r"\1:\2", first)[:200]
