@@ -92,6 +92,11 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device | str = "cpu") -
         return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
 
 
+def split_jpegs(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """JPEGs stored back to back in ``data`` (``ShardStore.encoded``), one 1-D view each."""
+    return list(data.tensor_split(offsets[1:-1]))
+
+
 def encode_jpeg(image: torch.Tensor) -> bytes:
     """A uint8 3 x H x W image as a quality-95 JPEG without chroma subsampling (see the module
     docstring for why)."""
@@ -203,27 +208,36 @@ class ShardStore:
             return np.arange(len(self))[key]
         return np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64).reshape(-1)
 
-    def encoded(self, key: int | slice | torch.Tensor | list[int]) -> list[torch.Tensor]:
-        """The stored JPEG bytes of those images, as 1-D uint8 tensors."""
-        out = []
+    def encoded(self, key: int | slice | torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored JPEG bytes of those images back to back in one uint8 tensor, and the N + 1
+        offsets of the images in it (``split_jpegs`` makes them one tensor each again). Two
+        tensors whatever N: each tensor that crosses from a DataLoader worker to the training
+        process holds a shared-memory file descriptor until it is used, and one per image ran
+        out of them (``ulimit -n``) with 8 workers or a 512-image evaluation batch."""
+        spans = []
         for i in self._indices(key):
             i = int(i) + len(self) if i < 0 else int(i)
             if not 0 <= i < len(self):
                 raise IndexError(f"image {i} is out of range for a cache of {len(self)}")
             shard = int(np.searchsorted(self.starts, i, side="right")) - 1
             start, end = self.offsets[shard][i - self.starts[shard] : i - self.starts[shard] + 2]
+            spans.append((shard, int(start), int(end)))
+        offsets = np.concatenate([[0], np.cumsum([end - start for _, start, end in spans])]).astype(np.int64)
+        data = bytearray(int(offsets[-1]))
+        view = memoryview(data)
+        for (shard, start, end), at in zip(spans, offsets.tolist()):
             if shard not in self._fds:
                 self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
-            out.append(torch.frombuffer(bytearray(os.pread(self._fds[shard], int(end - start), int(start))),
-                                        dtype=torch.uint8))  # fmt: skip
-        return out
+            os.preadv(self._fds[shard], [view[at : at + end - start]], start)  # a short read leaves a bad JPEG
+        images = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return images, torch.from_numpy(offsets)
 
     def decode(self, key: int | slice | torch.Tensor | list[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Those images decoded, uint8 N x 3 x S x S on ``device``."""
-        data = self.encoded(key)
-        if not data:
+        data, offsets = self.encoded(key)
+        if len(offsets) == 1:
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8, device=device)
-        return torch.stack(decode_jpegs(data, device))
+        return torch.stack(decode_jpegs(split_jpegs(data, offsets), device))
 
     def __getitem__(self, key: int | slice | torch.Tensor | list[int] | tuple) -> torch.Tensor:
         if isinstance(key, tuple):  # images[i, c]: the images decoded, then the rest of the index
