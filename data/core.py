@@ -99,7 +99,8 @@ class DataOptions:
     shapes_train: int = setting(8000, Check(int, 1, MAX_SHAPES), evaluate=True)
     shapes_test: int = setting(1600, Check(int, 1, MAX_SHAPES), evaluate=True)
     shapes_seed: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
-    # Where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG): the training device.
+    # The training device, recorded with the run. Nothing reads it any more: the resize cache is
+    # built on the CPU whatever device trains (data.shards).
     decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
                                  per_process=True)  # fmt: skip
     # ImageFolder: the share of each class held out for evaluation when there is no val/ folder.

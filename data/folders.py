@@ -228,11 +228,9 @@ def lists_to_dataset(name: str, lists: ImageLists, cache_dir: Path, options: Dat
     """The data set of ``lists`` with its images from the resize cache at ``size`` (built once)."""
     tag = subset_tag(options)
     labels = torch.tensor(lists.train_labels, dtype=torch.int64)
-    train = shard_split(lists.train_paths, labels, cache_dir, f"train{tag}", size, options.decode_device,
-                        options.resize_workers or None)  # fmt: skip
+    train = shard_split(lists.train_paths, labels, cache_dir, f"train{tag}", size, options.resize_workers or None)
     labels = torch.tensor(lists.test_labels, dtype=torch.int64)
-    test = shard_split(lists.test_paths, labels, cache_dir, "val", size, options.decode_device,
-                       options.resize_workers or None)  # fmt: skip
+    test = shard_split(lists.test_paths, labels, cache_dir, "val", size, options.resize_workers or None)
     return DataSet(name=name, classes=list(lists.classes), train=train, test=test)
 
 
