@@ -48,9 +48,9 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.core import DataError, Split
+from data.core import ALONE, DataError, Peers, Split
 from data.images import decode_resized
 from utils import short_reason
 
@@ -518,10 +518,11 @@ def _stop(pool: concurrent.futures.ProcessPoolExecutor, jobs: list[_Job]) -> Non
             job.path.with_name(f".{job.path.name}.{process.pid}.tmp").unlink(missing_ok=True)
 
 
-def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
+def _run_jobs(jobs: list[_Job], workers: int, progress: bool = True) -> list[_Done]:
     """Every job's result, on ``workers`` processes (in this one for a single worker or shard),
-    with a progress bar on a terminal."""
-    bar = tqdm(total=total, desc="prepare", unit="img", leave=False, disable=not sys.stderr.isatty())
+    with a progress bar on a terminal (where ``progress``)."""
+    total = sum(len(job.sources) for job in jobs)
+    bar = tqdm(total=total, desc="prepare", unit="img", leave=False, disable=not (progress and sys.stderr.isatty()))
     done: list[_Done] = []
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -546,6 +547,47 @@ def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
         bar.close()
 
 
+@dataclass
+class _Report:
+    """What a process tells the others about a shard it built or checked."""
+
+    number: int
+    stamp: Stamp | None  # None: incomplete (its images failed)
+    failures: list[tuple[Path, str]]
+    built: bool
+
+
+def _shared(peers: Peers, run: Callable[[], list[_Done]]) -> tuple[list[_Done], list[_Report]]:
+    """``run()`` in this process, then what every process found (in shard order). A problem the
+    user must fix that one process meets (a ``DataError``; an ``OSError``: a full disk, a folder
+    it may not write) is raised by all of them alike, instead of leaving the others waiting at
+    the next collective for one that has stopped."""
+    try:
+        done, problem = run(), None
+    except (DataError, OSError) as error:
+        done, problem = [], error
+    gathered = peers.gather((problem, [_Report(d.number, d.stamp, d.failures, d.built) for d in done]))
+    for other, _ in gathered:
+        if other is not None:
+            raise other
+    return done, sorted((r for _, reports in gathered for r in reports), key=lambda r: r.number)
+
+
+def _check_theirs(jobs: list[_Job], workers: int, rank: int) -> list[_Done]:
+    """The shards other processes built, read by this one; those it finds missing or different
+    (a cache folder of its own) built again, and their failures a ``DataError``."""
+    done = _run_jobs(jobs, workers, progress=False)
+    rebuilt = [d for d in done if d.built or d.failures]
+    if rebuilt:
+        logger.warning("process %d found %d shards that the others built missing or different in %s (a cache folder "
+                       "of its own?) and built them again", rank, len(rebuilt), jobs[0].path.parent)  # fmt: skip
+    failures = [f for d in done for f in d.failures]
+    if failures:
+        kept = sum(d.stamp is not None for d in done)
+        raise DataError(_failure_message(failures, sum(len(job.sources) for job in jobs), kept))
+    return done
+
+
 def shard_split(
     paths: list[Path],
     labels: torch.Tensor,
@@ -554,17 +596,26 @@ def shard_split(
     size: int = 256,
     workers: int | None = None,
     shard_images: int = SHARD_IMAGES,
+    peers: Peers = ALONE,
 ) -> Split:
     """A ``Split`` of ``labels`` whose images are ``paths`` resized the paper's way, from the
     sharded cache ``cache_dir/<name>_<size>/``: reused when the sources are unchanged, completed
     when a preparation was interrupted, rebuilt when they changed or a shard is damaged. Shards
-    are built on the CPU in parallel by ``workers`` processes (default: every core), whatever
-    device trains: Pillow's resize (``data.images.decode_resized``) is the one recipe, so the
-    pixels do not depend on the machine, and it handles any downscale (torchvision's antialiased
-    resize on CUDA refuses a 4032 x 3024 photo to 32 pixels for lack of shared memory).
+    are built on the CPU in parallel by ``workers`` processes (default: every core, shared out
+    between the ``peers`` of this machine), whatever device trains: Pillow's resize
+    (``data.images.decode_resized``) is the one recipe, so the pixels do not depend on the
+    machine, and it handles any downscale (torchvision's antialiased resize on CUDA refuses a
+    4032 x 3024 photo to 32 pixels for lack of shared memory).
+
+    Under torchrun (``peers``) the processes share the work: each builds or checks the shards
+    numbered rank, rank + world, ..., so they wait for each other only as long as the slowest
+    share takes beyond the others, never for a whole preparation. Then each reads the others'
+    shards, checking only their structure where a shard has the size and time its builder
+    reported (one cache folder for all: one machine, or a shared file system); one that finds a
+    shard missing (machines with a cache folder each) builds it too.
 
     Files that cannot be decoded are collected over the whole set (the good shards are written
-    and kept) and reported in one ``DataError``."""
+    and kept) and reported in one ``DataError``, the same in every process."""
     if len(paths) != len(labels):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
     folder = cache_dir / f"{name}_{size}"
@@ -580,23 +631,32 @@ def shard_split(
         logger.info("%d shards in %s were built from other images or by another recipe; rebuilding them", changed,
                     folder)  # fmt: skip
     if len(present) - changed < len(jobs):
-        logger.info("building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there)",
-                    size, size, len(paths), folder, len(present), len(jobs))  # fmt: skip
+        logger.info("building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there%s)",
+                    size, size, len(paths), folder, len(present), len(jobs),
+                    f"; {peers.world} processes share the work" if peers.world > 1 else "")  # fmt: skip
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    done = sorted(_run_jobs(jobs, workers, len(paths)), key=lambda d: d.number)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, cores // peers.local)
+    mine = jobs[peers.rank :: peers.world]
+    done, reports = _shared(peers, lambda: _run_jobs(mine, workers, progress=peers.rank == 0))
     for d in done:
         if d.warning:
             logger.warning("%s", d.warning)
-    built = sum(d.built for d in done)
+    failures = [f for r in reports for f in r.failures]
+    if peers.world > 1 and not failures:
+        reported = {r.number: r.stamp for r in reports}
+        theirs = [replace(job, verified=reported[job.number]) for job in jobs if job.number % peers.world != peers.rank]
+        done += _shared(peers, lambda: _check_theirs(theirs, workers, peers.rank))[0]
+    built = sum(r.built for r in reports)
     if built and built < len(jobs):
         logger.info("built %d of the %d shards in %s; the others were complete", built, len(jobs), folder)
     _remove_stale_shards(folder, len(jobs))
     if folder.is_dir():
-        save_verified(folder, {job.path.name: d.stamp for job, d in zip(jobs, done) if d.stamp is not None})
-    failures = [f for d in done for f in d.failures]
+        stamps = {r.number: r.stamp for r in reports} | {d.number: d.stamp for d in done}
+        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None})
     if failures:
-        raise DataError(_failure_message(failures, len(paths), sum(d.offsets is not None for d in done)))
+        raise DataError(_failure_message(failures, len(paths), sum(r.stamp is not None for r in reports)))
+    done.sort(key=lambda d: d.number)
     stats = ShardStats(np.zeros((3, size, size)), np.zeros((3, 3)), 0)
     for d in done:
         stats = stats + d.stats
