@@ -26,7 +26,7 @@ from data.cifar import read_cifar_batch
 from data.core import DataError, DataOptions, DataSet, Split
 from data.folders import ImageLists, image_folder_lists, stratified_split, stratified_subset
 from data.imagenet import imagenet_lists
-from data.images import decode_resized, decode_resized_batch, to_rgb
+from data.images import decode_resized, to_rgb
 from data.loaders import (
     BatchLoader,
     Loaders,
@@ -51,7 +51,7 @@ __all__ = [
     "DATASETS", "PLAIN_DTYPES", "SHAPES_CLASSES", "VOC_CLASSES", "VOC_MD5", "VOC_URL",
     "BatchLoader", "CifarPipeline", "CifarUnpickler", "DataError", "DataOptions", "DataSet", "ImageLists", "Loaders",
     "ModernPipeline", "PaperPipeline", "Pipeline", "ShardStore", "Split",
-    "_ignore_stop_signals", "channel_stats", "crop_flip", "decode_resized", "decode_resized_batch", "eval_loader",
+    "_ignore_stop_signals", "channel_stats", "crop_flip", "decode_resized", "eval_loader",
     "extract_archive", "fits_in_memory", "image_folder_lists", "imagenet_lists", "is_writable_dir", "load_dataset",
     "make_loaders", "make_pipeline", "make_shapes", "mean_image", "parse_voc_xml", "pca_shift", "place_split",
     "random_crop_flip", "random_resized_crop_flip", "read_cifar_batch", "read_image_list", "rgb_eigen", "safe_unpickle",

@@ -23,6 +23,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +54,13 @@ from trainer import (
 )
 from training.config import PER_PROCESS, code_version, may_change, resolve
 from training.distributed import (
+    DIST_TIMEOUT_MINUTES,
     Interrupted,
     StopSignals,
+    data_peers,
     init_distributed,
     launched_by_torchrun,
     lost_process,
-    rank0_first,
     rank_and_world,
 )
 from training.optim import build_optimizer
@@ -302,6 +304,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--device",
         default=None,
         help="device to train on, e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)",
+    )
+    opt.add_argument(
+        "--dist-timeout",
+        type=number_type(float, 0, 10080, low_open=True),
+        default=DIST_TIMEOUT_MINUTES,
+        metavar="MINUTES",
+        help="under torchrun, how long a process waits for the others before the run stops (rank 0 downloading, a "
+        "machine building its own resize cache) (default: %(default)s)",
     )
     opt.add_argument(
         "--deterministic",
@@ -641,7 +651,7 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         if args.evaluate:
             raise UserError("--evaluate runs in one process; start it with python, not torchrun.")
         stop.phase = "joining the other processes"
-        device = init_distributed(device)
+        device = init_distributed(device, timedelta(minutes=args.dist_timeout))
         if rank_and_world()[0] != 0:  # one voice: the other processes only speak up about problems
             logging.getLogger().setLevel(logging.WARNING)
     hw = Capabilities.of(device)
@@ -696,8 +706,8 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
                   folders: RunFolders | None, stop: StopSignals) -> int:  # fmt: skip
     device = hw.device
     stop.phase = "reading the data"
-    with rank0_first():  # under torchrun rank 0 reads first (building any cache once), then the others
-        data = load_dataset(config.dataset, config)  # the config holds the data options
+    # The config holds the data options; under torchrun the processes build any cache together.
+    data = load_dataset(config.dataset, config, data_peers())
     stop.phase = "building the model"
     torch.manual_seed(config.seed)
     model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from data.archives import download_archive, extract_archive, require_data_dir
-from data.core import DataError, DataOptions, DataSet, Split
+from data.core import ALONE, DataError, DataOptions, DataSet, Peers, Split
 from data.pickles import safe_unpickle
 from utils import printable
 
@@ -156,9 +156,10 @@ def concat_splits(splits: list[Split]) -> Split:
     return Split(torch.cat([s.images for s in splits]), torch.cat([s.labels for s in splits]))
 
 
-def load_cifar(spec: CifarSpec, options: DataOptions, name: str) -> DataSet:
+def load_cifar(spec: CifarSpec, options: DataOptions, name: str, peers: Peers = ALONE) -> DataSet:
     """CIFAR-10 or CIFAR-100 from the official python pickles (any number of images)."""
-    folder = find_cifar_folder(spec, options)
+    with peers.first():  # a download or an unpacking, once
+        folder = find_cifar_folder(spec, options)
     meta_path = folder / spec.meta_file
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing; copy the complete {spec.folder} folder from the official archive.")

@@ -1,6 +1,7 @@
 """What every data set is made of: ``Split`` (uint8 images N x 3 x H x W and their labels),
 ``DataSet`` (a name, class names and the train and evaluation splits), ``DataOptions`` (what the
-readers may need from the command line) and ``DataError``.
+readers may need from the command line), ``Peers`` (the processes that read it together) and
+``DataError``.
 
 Labels are int64 class indices (N), or for multi-label data int8 N x C in VOC's own convention:
 1 present, -1 absent, 0 "difficult only" (ignored by loss and metrics).
@@ -8,9 +9,11 @@ Labels are int64 class indices (N), or for multi-label data int8 N x C in VOC's 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -82,6 +85,47 @@ class DataSet:
         return self.train.labels.dim() == 2
 
 
+def _alone(value: Any) -> list[Any]:
+    return [value]
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The processes that read a data set together, as the readers see them: this one's ``rank``
+    among ``world`` of them, how many share this machine's cores (``local``), and ``gather``,
+    which each of them calls at the same point and which returns every one's value in rank
+    order. The default is one process alone; under torchrun ``training.distributed.data_peers``
+    makes them, so that nothing under ``data/`` knows the process group."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 1
+    gather: Callable[[Any], list[Any]] = _alone
+
+    @contextmanager
+    def first(self) -> Iterator[None]:
+        """Rank 0 runs the block while the others wait, then they run it: a download or an
+        unpacking happens once, and the others find it done. A ``DataError`` that rank 0 raises
+        there is raised by every process, instead of leaving them waiting."""
+        if self.world == 1:
+            yield
+        elif self.rank == 0:
+            try:
+                yield
+            except DataError as error:
+                self.gather(str(error))
+                raise
+            self.gather(None)
+        else:
+            problem = self.gather(None)[0]
+            if problem is not None:
+                raise DataError(problem)
+            yield
+
+
+#: One process, reading alone.
+ALONE = Peers()
+
 #: Generated images: far beyond what a Shapes experiment needs, far below what overflows.
 MAX_SHAPES = 10_000_000
 
@@ -99,7 +143,8 @@ class DataOptions:
     shapes_train: int = setting(8000, Check(int, 1, MAX_SHAPES), evaluate=True)
     shapes_test: int = setting(1600, Check(int, 1, MAX_SHAPES), evaluate=True)
     shapes_seed: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
-    # Where VOC JPEGs are decoded for the resize cache (cuda: nvJPEG): the training device.
+    # The training device, recorded with the run. Nothing reads it any more: the resize cache is
+    # built on the CPU whatever device trains (data.shards).
     decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
                                  per_process=True)  # fmt: skip
     # ImageFolder: the share of each class held out for evaluation when there is no val/ folder.

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from data.archives import is_writable_dir, require_data_dir, short_hash, user_cache_dir
-from data.core import DataError, DataOptions, DataSet
+from data.core import ALONE, DataError, DataOptions, DataSet, Peers
 from data.shards import shard_split
 
 logger = logging.getLogger(__name__)
@@ -224,22 +224,24 @@ def cache_dir_for(root: Path, options: DataOptions, tag: str) -> Path:
     return fallback
 
 
-def lists_to_dataset(name: str, lists: ImageLists, cache_dir: Path, options: DataOptions, size: int) -> DataSet:
-    """The data set of ``lists`` with its images from the resize cache at ``size`` (built once)."""
+def lists_to_dataset(
+    name: str, lists: ImageLists, cache_dir: Path, options: DataOptions, size: int, peers: Peers = ALONE
+) -> DataSet:
+    """The data set of ``lists`` with its images from the resize cache at ``size`` (built once,
+    by the ``peers`` together)."""
     tag = subset_tag(options)
+    workers = options.resize_workers or None
     labels = torch.tensor(lists.train_labels, dtype=torch.int64)
-    train = shard_split(lists.train_paths, labels, cache_dir, f"train{tag}", size, options.decode_device,
-                        options.resize_workers or None)  # fmt: skip
+    train = shard_split(lists.train_paths, labels, cache_dir, f"train{tag}", size, workers, peers=peers)
     labels = torch.tensor(lists.test_labels, dtype=torch.int64)
-    test = shard_split(lists.test_paths, labels, cache_dir, "val", size, options.decode_device,
-                       options.resize_workers or None)  # fmt: skip
+    test = shard_split(lists.test_paths, labels, cache_dir, "val", size, workers, peers=peers)
     return DataSet(name=name, classes=list(lists.classes), train=train, test=test)
 
 
-def load_image_folder(options: DataOptions) -> DataSet:
+def load_image_folder(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     """The user's class folders, images at ``options.image_size`` (256, or 32 for -c)."""
     lists = take_subset(image_folder_lists(options.data_path, options.val_fraction), options)
     logger.info("ImageFolder %s: %d classes, %d training images, %d evaluation images (%s)", options.data_path,
                 len(lists.classes), len(lists.train_paths), len(lists.test_paths), lists.test_source)  # fmt: skip
     return lists_to_dataset("ImageFolder", lists, cache_dir_for(options.data_path, options, "folder"), options,
-                            options.image_size)  # fmt: skip
+                            options.image_size, peers)  # fmt: skip

@@ -29,7 +29,7 @@ import logging
 from pathlib import Path
 
 from data.archives import require_data_dir
-from data.core import DataError, DataOptions, DataSet
+from data.core import ALONE, DataError, DataOptions, DataSet, Peers
 from data.folders import (
     PAPER_SIZE,
     ImageLists,
@@ -214,7 +214,7 @@ def imagenet_lists(data_dir: Path) -> ImageLists:
     return ImageLists([names[w] for w in wnids], train_paths, train_labels, test_paths, test_labels, source)
 
 
-def load_imagenet(options: DataOptions) -> DataSet:
+def load_imagenet(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     """ILSVRC-2012 classification at 256x256 (the paper's preparation)."""
     if options.download:
         raise DataError(f"ImageNet cannot be downloaded by this tool (its licence): {WHERE.format(options.data_dir)}.")
@@ -223,4 +223,4 @@ def load_imagenet(options: DataOptions) -> DataSet:
     logger.info("ImageNet %s: %d classes, %d training images in %d class folders, %d evaluation images (%s)", root,
                 len(lists.classes), len(lists.train_paths), len(set(lists.train_labels)), len(lists.test_paths),
                 lists.test_source)  # fmt: skip
-    return lists_to_dataset("ImageNet", lists, cache_dir_for(root, options, "imagenet"), options, PAPER_SIZE)
+    return lists_to_dataset("ImageNet", lists, cache_dir_for(root, options, "imagenet"), options, PAPER_SIZE, peers)

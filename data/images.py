@@ -1,7 +1,6 @@
 """Single images for the resize cache: any mode to 8-bit RGB, turned upright by its EXIF
 orientation (as viewers and phones show it), the short side resized and the
-centre square cropped without ever making the whole resized image (``decode_resized``), and a
-batched path through torchvision's decoder (nvJPEG on a GPU, ``decode_resized_batch``).
+centre square cropped without ever making the whole resized image (``decode_resized``).
 Decompression bombs are refused from the header, before anything is decoded."""
 
 from __future__ import annotations
@@ -19,10 +18,6 @@ from utils import short_reason
 #: 200 megapixels: a phone's largest photos (16320 x 12240) pass, decompression bombs do not.
 #: VOC images are at most 500x500, ImageNet's largest about 25 megapixels.
 MAX_IMAGE_PIXELS = 200_000_000
-#: The batched (GPU) decoder resizes whole images, so it takes only those whose resized long side
-#: stays within this many times the short one (every VOC image: their sides are within 1:4).
-MAX_BATCH_ASPECT = 4
-EXIF_ORIENTATION = 0x0112
 
 
 def _check_header(image: Image.Image, path: Path) -> None:
@@ -121,46 +116,3 @@ def decode_resized(path: Path, size: int) -> torch.Tensor:
             f"{path} cannot be decoded as an image ({short_reason(error)}); replace it with a good copy (the data "
             "set's release has one) or remove it."
         ) from None
-
-
-def decode_resized_batch(paths: list[Path], size: int, device: torch.device | str) -> torch.Tensor:
-    """``decode_resized`` of several JPEGs at once with torchvision's decoder on ``device``
-    (nvJPEG on a GPU) and an antialiased bilinear resize there; uint8 N x 3 x size x size on the
-    CPU. Within a few grey levels of the PIL path (different resampling code). This path resizes
-    the whole image, so it takes only 8-bit JPEGs whose resized long side stays within
-    ``MAX_BATCH_ASPECT`` x ``size`` (memory bounded as in ``resize_centre``); every other file
-    goes through ``decode_resized``, which names it or decodes it."""
-    import torchvision.io
-    from torchvision.transforms.v2 import functional as TF
-
-    device = torch.device(device)
-    data = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                _check_header(image, path)
-                jpeg = image.format == "JPEG" and image.mode in ("RGB", "L")
-                jpeg = jpeg and image.getexif().get(EXIF_ORIENTATION, 1) == 1  # turned upright by the PIL path
-                jpeg = jpeg and max(resized_shape(*image.size, size)) <= MAX_BATCH_ASPECT * size
-        except (OSError, ValueError, Image.DecompressionBombError):
-            jpeg = False  # decode_resized below says what is wrong with it
-        data.append(torchvision.io.read_file(str(path)) if jpeg else None)
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    readable = [i for i, d in enumerate(data) if d is not None]
-    try:
-        decoded = torchvision.io.decode_jpeg([data[i] for i in readable], mode=torchvision.io.ImageReadMode.RGB,
-                                             device=device) if readable else []  # fmt: skip
-    except RuntimeError:
-        decoded, readable = [], []  # one bad file spoils the batch: every image the slow way
-    slow = set(range(len(paths))) - set(readable)
-    for i, image in zip(readable, decoded):
-        new_w, new_h = resized_shape(image.shape[2], image.shape[1], size)
-        if max(new_w, new_h) > MAX_BATCH_ASPECT * size:  # the header said otherwise
-            slow.add(i)
-            continue
-        image = TF.resize(image, [new_h, new_w], antialias=True)
-        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-        out[i] = image[:, top : top + size, left : left + size].cpu()
-    for i in sorted(slow):
-        out[i] = decode_resized(paths[i], size)
-    return out

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.core import DataSet, Split
-from data.shards import ShardStore, decode_jpegs
+from data.shards import ShardStore, decode_jpegs, split_jpegs
 from data.transforms import Pipeline, make_pipeline
 from hardware.capabilities import Capabilities, capabilities
 
@@ -66,7 +66,8 @@ class _CacheRows(torch.utils.data.Dataset):
 class _StoreBatches(torch.utils.data.Dataset):
     """Batches of a sharded cache read in DataLoader workers: decoded there (``encoded=False``,
     CPU training) or left as JPEG bytes for the main process to decode on the GPU in one nvJPEG
-    call (``encoded=True``). With a ``pipeline`` the workers also augment each decoded batch, its
+    call (``encoded=True``: the batch's bytes in one tensor and their offsets,
+    ``ShardStore.encoded``). With a ``pipeline`` the workers also augment each decoded batch, its
     index coming with the seed of its augmentation (``_seeded_shares``)."""
 
     def __init__(
@@ -82,7 +83,7 @@ class _StoreBatches(torch.utils.data.Dataset):
 
     def __getitem__(
         self, item: torch.Tensor | tuple[torch.Tensor, int]
-    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         if self.pipeline is not None:
             index, seed = item
             images = self.pipeline.train(self.store.decode(index), torch.Generator().manual_seed(seed))
@@ -253,7 +254,7 @@ class BatchLoader:
         )
         for images, labels in loader:
             if gpu_decode:
-                images = torch.stack(decode_jpegs(images, self.device))
+                images = torch.stack(decode_jpegs(split_jpegs(*images), self.device))
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _transformed(

@@ -12,8 +12,6 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
 from data.core import DataOptions
 from data.folders import cache_dir_for
 from data.imagenet import find_imagenet_root
@@ -107,8 +105,8 @@ def main(argv: Sequence[str]) -> int:
         parser.error(f"-c and --val-fraction only apply to -ds ImageFolder; {args.dataset} has its own size and split")
     options = DataOptions(
         data_dir=args.data_dir, cache_dir=args.cache_dir, resize_workers=args.workers,
-        decode_device="cuda" if torch.cuda.is_available() else "cpu", image_size=32 if args.cifar else 256,
-        val_fraction=args.val_fraction, train_fraction=args.train_fraction, train_size=args.train_size,
+        image_size=32 if args.cifar else 256, val_fraction=args.val_fraction, train_fraction=args.train_fraction,
+        train_size=args.train_size,
     )  # fmt: skip
     data = load_dataset(args.dataset, options)
     cache = CACHE_DIRS[args.dataset](options)

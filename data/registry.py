@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from data.cifar import CIFAR10, CIFAR100, load_cifar
-from data.core import DataError, DataOptions, DataSet
+from data.core import ALONE, DataError, DataOptions, DataSet, Peers
 from data.folders import PAPER_SIZE, load_image_folder
 from data.imagenet import load_imagenet
 from data.shapes import load_shapes
@@ -41,7 +41,7 @@ class DatasetInfo:
     whatever the model takes (``DataOptions.image_size``: 32 for the 32x32 network), so
     ``image_size`` is only its default."""
 
-    load: Callable[[DataOptions], DataSet]
+    load: Callable[[DataOptions, Peers], DataSet]
     image_size: int
     task: str = SINGLE_LABEL
     options: frozenset[str] = frozenset()
@@ -52,9 +52,10 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "Shapes": DatasetInfo(load_shapes, 32, options=frozenset({"shapes_train", "shapes_test", "shapes_seed"})),
-    "Cifar10": DatasetInfo(lambda options: load_cifar(CIFAR10, options, "Cifar10"), 32),
-    "Cifar100": DatasetInfo(lambda options: load_cifar(CIFAR100, options, "Cifar100"), 32,
+    "Shapes": DatasetInfo(lambda options, peers: load_shapes(options), 32,
+                          options=frozenset({"shapes_train", "shapes_test", "shapes_seed"})),
+    "Cifar10": DatasetInfo(lambda options, peers: load_cifar(CIFAR10, options, "Cifar10", peers), 32),
+    "Cifar100": DatasetInfo(lambda options, peers: load_cifar(CIFAR100, options, "Cifar100", peers), 32,
                             options=frozenset({"coarse_labels"})),
     "PascalVOC2012": DatasetInfo(load_voc2012, VOC_CACHE_SIZE, task=MULTI_LABEL),
     "ImageNet": DatasetInfo(load_imagenet, PAPER_SIZE, options=SUBSET),
@@ -62,12 +63,13 @@ DATASETS: dict[str, DatasetInfo] = {
 }  # fmt: skip
 
 
-def load_dataset(name: str, options: DataOptions) -> DataSet:
-    """Load the data set registered under ``name``."""
+def load_dataset(name: str, options: DataOptions, peers: Peers = ALONE) -> DataSet:
+    """Load the data set registered under ``name``; under torchrun every process calls it with
+    its ``peers`` (``training.distributed.data_peers``), and they build any cache together."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}.")
     try:
-        return DATASETS[name].load(options)
+        return DATASETS[name].load(options, peers)
     except OSError as error:  # permissions, I/O errors: whatever the readers did not foresee
         where = error.filename or options.data_dir
         raise DataError(

@@ -48,8 +48,9 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.core import DataError, Split
-from data.images import decode_resized, decode_resized_batch
+from data.core import ALONE, DataError, Peers, Split
+from data.images import decode_resized
 from utils import short_reason
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,12 @@ logger = logging.getLogger(__name__)
 #: 1: JPEG q95 4:4:4 shards with per-shard statistics.
 SHARD_VERSION = 1
 JPEG_QUALITY = 95
+#: How the cached pixels are made, in each shard's fingerprint: a change rebuilds the cache. The
+#: resize is always Pillow's on the CPU (``data.images.resize_centre``), whatever device trains:
+#: Pillow 10.4, 11.3, 12.0 and 13.0 (libjpeg-turbo 3.0.3 to 3.2.0) give the same pixels and the
+#: same JPEG bytes, measured on the 72 photos of ``shared/data`` at 256 and 32, so Pillow's version
+#: is left out (it would rebuild an ImageNet cache at every upgrade for nothing).
+RECIPE = f"pillow bilinear centre-box, jpeg q{JPEG_QUALITY} 4:4:4"
 SHARD_IMAGES = 1024  # about 37 MB per shard of 256 x 256 images: few files, little lost to a kill
 MAGIC = b"ALXSHRD1"
 HEAD_BYTES = len(MAGIC) + 64  # MAGIC and the shard's fingerprint (SHA-256, hex)
@@ -92,6 +99,11 @@ def decode_jpegs(data: list[torch.Tensor], device: torch.device | str = "cpu") -
         return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
 
 
+def split_jpegs(data: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tensor]:
+    """JPEGs stored back to back in ``data`` (``ShardStore.encoded``), one 1-D view each."""
+    return list(data.tensor_split(offsets[1:-1]))
+
+
 def encode_jpeg(image: torch.Tensor) -> bytes:
     """A uint8 3 x H x W image as a quality-95 JPEG without chroma subsampling (see the module
     docstring for why)."""
@@ -102,8 +114,9 @@ def encode_jpeg(image: torch.Tensor) -> bytes:
 
 def fingerprint(paths: list[Path], size: int, number: int) -> str:
     """A shard's: changes whenever one of its images is added, removed, replaced or touched, or
-    the format changes (so a changed image rebuilds its own shard, not the whole cache)."""
-    h = hashlib.sha256(f"shards v{SHARD_VERSION} q{JPEG_QUALITY} {size} {number}".encode())
+    the format or the ``RECIPE`` changes (so a changed image rebuilds its own shard, not the whole
+    cache)."""
+    h = hashlib.sha256(f"shards v{SHARD_VERSION} {RECIPE} {size} {number}".encode())
     for path in paths:
         stat = path.stat()
         h.update(f"{path.parent.name}/{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
@@ -203,27 +216,36 @@ class ShardStore:
             return np.arange(len(self))[key]
         return np.asarray(key.cpu() if isinstance(key, torch.Tensor) else key, dtype=np.int64).reshape(-1)
 
-    def encoded(self, key: int | slice | torch.Tensor | list[int]) -> list[torch.Tensor]:
-        """The stored JPEG bytes of those images, as 1-D uint8 tensors."""
-        out = []
+    def encoded(self, key: int | slice | torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored JPEG bytes of those images back to back in one uint8 tensor, and the N + 1
+        offsets of the images in it (``split_jpegs`` makes them one tensor each again). Two
+        tensors whatever N: each tensor that crosses from a DataLoader worker to the training
+        process holds a shared-memory file descriptor until it is used, and one per image ran
+        out of them (``ulimit -n``) with 8 workers or a 512-image evaluation batch."""
+        spans = []
         for i in self._indices(key):
             i = int(i) + len(self) if i < 0 else int(i)
             if not 0 <= i < len(self):
                 raise IndexError(f"image {i} is out of range for a cache of {len(self)}")
             shard = int(np.searchsorted(self.starts, i, side="right")) - 1
             start, end = self.offsets[shard][i - self.starts[shard] : i - self.starts[shard] + 2]
+            spans.append((shard, int(start), int(end)))
+        offsets = np.concatenate([[0], np.cumsum([end - start for _, start, end in spans])]).astype(np.int64)
+        data = bytearray(int(offsets[-1]))
+        view = memoryview(data)
+        for (shard, start, end), at in zip(spans, offsets.tolist()):
             if shard not in self._fds:
                 self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
-            out.append(torch.frombuffer(bytearray(os.pread(self._fds[shard], int(end - start), int(start))),
-                                        dtype=torch.uint8))  # fmt: skip
-        return out
+            os.preadv(self._fds[shard], [view[at : at + end - start]], start)  # a short read leaves a bad JPEG
+        images = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return images, torch.from_numpy(offsets)
 
     def decode(self, key: int | slice | torch.Tensor | list[int], device: torch.device | str = "cpu") -> torch.Tensor:
         """Those images decoded, uint8 N x 3 x S x S on ``device``."""
-        data = self.encoded(key)
-        if not data:
+        data, offsets = self.encoded(key)
+        if len(offsets) == 1:
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8, device=device)
-        return torch.stack(decode_jpegs(data, device))
+        return torch.stack(decode_jpegs(split_jpegs(data, offsets), device))
 
     def __getitem__(self, key: int | slice | torch.Tensor | list[int] | tuple) -> torch.Tensor:
         if isinstance(key, tuple):  # images[i, c]: the images decoded, then the rest of the index
@@ -355,16 +377,32 @@ def save_verified(folder: Path, stamps: dict[str, Stamp]) -> None:
                        folder, short_reason(error))  # fmt: skip
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread while a shard is built in this process, as in the preparing workers
+    (``_worker_init``): it works on one small image at a time, and waking a pool of threads for
+    each of ``ShardStats.of``'s small products costs more than the product itself on a busy
+    machine (a 16 x 16 image: 15 ms on two threads, 0.003 ms on one; 256 x 256: 3.8 and 0.26 ms,
+    on this project's 2-core CPU under a load of 7)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def encode_images(images: Iterable[torch.Tensor]) -> tuple[list[bytes], ShardStats]:
     """The images as JPEGs and the stats of the images as they decode from them, one image at a
     time: a preparing worker holds a shard's JPEGs (about 37 MB), never its decoded images."""
     blobs: list[bytes] = []
     stats = None
-    for image in images:
-        blobs.append(encode_jpeg(image))
-        decoded = decode_jpegs([torch.frombuffer(bytearray(blobs[-1]), dtype=torch.uint8)])[0]
-        one = ShardStats.of(decoded[None])
-        stats = one if stats is None else stats + one
+    with _one_thread():
+        for image in images:
+            blobs.append(encode_jpeg(image))
+            decoded = decode_jpegs([torch.frombuffer(bytearray(blobs[-1]), dtype=torch.uint8)])[0]
+            one = ShardStats.of(decoded[None])
+            stats = one if stats is None else stats + one
     if stats is None:
         raise ValueError("a shard holds at least one image")
     return blobs, stats
@@ -411,7 +449,6 @@ class _Job:
     fingerprint: str
     number: int
     size: int
-    device: str = "cpu"
     verified: Stamp | None = None  # its stamp when its digest last matched
 
 
@@ -447,23 +484,15 @@ def _ensure_shard(job: _Job) -> _Done:
 
 
 def _resized(job: _Job, failures: list[tuple[Path, str]]) -> Iterator[torch.Tensor]:
-    """The job's images resized one by one (on a GPU, in batches of 64 through nvJPEG); a file
-    that fails is added to ``failures`` and a blank image stands in for it (nothing is written)."""
+    """The job's images resized one by one; a file that fails is added to ``failures`` and a
+    blank image stands in for it (nothing is written)."""
     blank = torch.zeros(3, job.size, job.size, dtype=torch.uint8)
-    for start in range(0, len(job.sources), 64):
-        chunk = job.sources[start : start + 64]
-        if torch.device(job.device).type == "cuda":
-            try:
-                yield from decode_resized_batch(chunk, job.size, job.device)
-                continue
-            except DataError:
-                pass  # one by one below, to name every bad file
-        for path in chunk:
-            try:
-                yield decode_resized(path, job.size)
-            except DataError as error:
-                failures.append((path, str(error)))
-                yield blank
+    for path in job.sources:
+        try:
+            yield decode_resized(path, job.size)
+        except DataError as error:
+            failures.append((path, str(error)))
+            yield blank
 
 
 def _worker_init() -> None:
@@ -489,10 +518,11 @@ def _stop(pool: concurrent.futures.ProcessPoolExecutor, jobs: list[_Job]) -> Non
             job.path.with_name(f".{job.path.name}.{process.pid}.tmp").unlink(missing_ok=True)
 
 
-def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
+def _run_jobs(jobs: list[_Job], workers: int, progress: bool = True) -> list[_Done]:
     """Every job's result, on ``workers`` processes (in this one for a single worker or shard),
-    with a progress bar on a terminal."""
-    bar = tqdm(total=total, desc="prepare", unit="img", leave=False, disable=not sys.stderr.isatty())
+    with a progress bar on a terminal (where ``progress``)."""
+    total = sum(len(job.sources) for job in jobs)
+    bar = tqdm(total=total, desc="prepare", unit="img", leave=False, disable=not (progress and sys.stderr.isatty()))
     done: list[_Done] = []
     try:
         if workers <= 1 or len(jobs) <= 1:
@@ -517,24 +547,75 @@ def _run_jobs(jobs: list[_Job], workers: int, total: int) -> list[_Done]:
         bar.close()
 
 
+@dataclass
+class _Report:
+    """What a process tells the others about a shard it built or checked."""
+
+    number: int
+    stamp: Stamp | None  # None: incomplete (its images failed)
+    failures: list[tuple[Path, str]]
+    built: bool
+
+
+def _shared(peers: Peers, run: Callable[[], list[_Done]]) -> tuple[list[_Done], list[_Report]]:
+    """``run()`` in this process, then what every process found (in shard order). A problem the
+    user must fix that one process meets (a ``DataError``; an ``OSError``: a full disk, a folder
+    it may not write) is raised by all of them alike, instead of leaving the others waiting at
+    the next collective for one that has stopped."""
+    try:
+        done, problem = run(), None
+    except (DataError, OSError) as error:
+        done, problem = [], error
+    gathered = peers.gather((problem, [_Report(d.number, d.stamp, d.failures, d.built) for d in done]))
+    for other, _ in gathered:
+        if other is not None:
+            raise other
+    return done, sorted((r for _, reports in gathered for r in reports), key=lambda r: r.number)
+
+
+def _check_theirs(jobs: list[_Job], workers: int, rank: int) -> list[_Done]:
+    """The shards other processes built, read by this one; those it finds missing or different
+    (a cache folder of its own) built again, and their failures a ``DataError``."""
+    done = _run_jobs(jobs, workers, progress=False)
+    rebuilt = [d for d in done if d.built or d.failures]
+    if rebuilt:
+        logger.warning("process %d found %d shards that the others built missing or different in %s (a cache folder "
+                       "of its own?) and built them again", rank, len(rebuilt), jobs[0].path.parent)  # fmt: skip
+    failures = [f for d in done for f in d.failures]
+    if failures:
+        kept = sum(d.stamp is not None for d in done)
+        raise DataError(_failure_message(failures, sum(len(job.sources) for job in jobs), kept))
+    return done
+
+
 def shard_split(
     paths: list[Path],
     labels: torch.Tensor,
     cache_dir: Path,
     name: str,
     size: int = 256,
-    device: str = "cpu",
     workers: int | None = None,
     shard_images: int = SHARD_IMAGES,
+    peers: Peers = ALONE,
 ) -> Split:
     """A ``Split`` of ``labels`` whose images are ``paths`` resized the paper's way, from the
     sharded cache ``cache_dir/<name>_<size>/``: reused when the sources are unchanged, completed
     when a preparation was interrupted, rebuilt when they changed or a shard is damaged. Shards
-    are built in parallel by ``workers`` processes (default: every core; on a CUDA ``device`` the
-    resize runs there, in this process).
+    are built on the CPU in parallel by ``workers`` processes (default: every core, shared out
+    between the ``peers`` of this machine), whatever device trains: Pillow's resize
+    (``data.images.decode_resized``) is the one recipe, so the pixels do not depend on the
+    machine, and it handles any downscale (torchvision's antialiased resize on CUDA refuses a
+    4032 x 3024 photo to 32 pixels for lack of shared memory).
+
+    Under torchrun (``peers``) the processes share the work: each builds or checks the shards
+    numbered rank, rank + world, ..., so they wait for each other only as long as the slowest
+    share takes beyond the others, never for a whole preparation. Then each reads the others'
+    shards, checking only their structure where a shard has the size and time its builder
+    reported (one cache folder for all: one machine, or a shared file system); one that finds a
+    shard missing (machines with a cache folder each) builds it too.
 
     Files that cannot be decoded are collected over the whole set (the good shards are written
-    and kept) and reported in one ``DataError``."""
+    and kept) and reported in one ``DataError``, the same in every process."""
     if len(paths) != len(labels):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
     folder = cache_dir / f"{name}_{size}"
@@ -543,31 +624,39 @@ def shard_split(
     for number, start in enumerate(range(0, len(paths), shard_images)):
         sources = paths[start : start + shard_images]
         jobs.append(_Job(folder / f"{number:05d}.shard", sources, fingerprint(sources, size, number), number, size,
-                         device, verified.get(f"{number:05d}.shard")))  # fmt: skip
+                         verified.get(f"{number:05d}.shard")))  # fmt: skip
     present = [job for job in jobs if job.path.exists()]
     changed = sum(shard_fingerprint(job.path) not in (job.fingerprint, None) for job in present)
     if changed:
-        logger.info("the images of %d shards changed since %s was built; rebuilding them", changed, folder)
+        logger.info("%d shards in %s were built from other images or by another recipe; rebuilding them", changed,
+                    folder)  # fmt: skip
     if len(present) - changed < len(jobs):
-        logger.info("building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there)",
-                    size, size, len(paths), folder, len(present), len(jobs))  # fmt: skip
+        logger.info("building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there%s)",
+                    size, size, len(paths), folder, len(present), len(jobs),
+                    f"; {peers.world} processes share the work" if peers.world > 1 else "")  # fmt: skip
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if torch.device(device).type == "cuda":
-        workers = 1
-    done = sorted(_run_jobs(jobs, workers, len(paths)), key=lambda d: d.number)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, cores // peers.local)
+    mine = jobs[peers.rank :: peers.world]
+    done, reports = _shared(peers, lambda: _run_jobs(mine, workers, progress=peers.rank == 0))
     for d in done:
         if d.warning:
             logger.warning("%s", d.warning)
-    built = sum(d.built for d in done)
+    failures = [f for r in reports for f in r.failures]
+    if peers.world > 1 and not failures:
+        reported = {r.number: r.stamp for r in reports}
+        theirs = [replace(job, verified=reported[job.number]) for job in jobs if job.number % peers.world != peers.rank]
+        done += _shared(peers, lambda: _check_theirs(theirs, workers, peers.rank))[0]
+    built = sum(r.built for r in reports)
     if built and built < len(jobs):
         logger.info("built %d of the %d shards in %s; the others were complete", built, len(jobs), folder)
     _remove_stale_shards(folder, len(jobs))
     if folder.is_dir():
-        save_verified(folder, {job.path.name: d.stamp for job, d in zip(jobs, done) if d.stamp is not None})
-    failures = [f for d in done for f in d.failures]
+        stamps = {r.number: r.stamp for r in reports} | {d.number: d.stamp for d in done}
+        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None})
     if failures:
-        raise DataError(_failure_message(failures, len(paths), sum(d.offsets is not None for d in done)))
+        raise DataError(_failure_message(failures, len(paths), sum(r.stamp is not None for r in reports)))
+    done.sort(key=lambda d: d.number)
     stats = ShardStats(np.zeros((3, size, size)), np.zeros((3, 3)), 0)
     for d in done:
         stats = stats + d.stats

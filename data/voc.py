@@ -21,7 +21,7 @@ from data.archives import (
     short_hash,
     user_cache_dir,
 )
-from data.core import DataError, DataOptions, DataSet, Split
+from data.core import ALONE, DataError, DataOptions, DataSet, Peers, Split
 from data.shards import shard_split
 from utils import UnsafeName, printable, safe_child, short_reason
 
@@ -186,10 +186,12 @@ def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
     return fallback
 
 
-def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path, device: str = "cpu") -> Split:
-    """Labels from the XML files and images from the sharded cache for one image list (its ids
-    already checked by ``read_image_list``; ``safe_child`` again here, since this is where they
-    become paths)."""
+def load_voc_split(
+    folder: Path, name: str, ids: list[str], cache_dir: Path, workers: int | None = None, peers: Peers = ALONE
+) -> Split:
+    """Labels from the XML files and images from the sharded cache (built by the ``peers``
+    together) for one image list (its ids already checked by ``read_image_list``; ``safe_child``
+    again here, since this is where they become paths)."""
     list_path = folder / "ImageSets" / "Main" / f"{name}.txt"
     jpegs, labels = [], []
     for image_id in ids:
@@ -212,16 +214,17 @@ def load_voc_split(folder: Path, name: str, ids: list[str], cache_dir: Path, dev
     if old.is_file():
         logger.info("%s (the resize cache of earlier versions) is no longer used; delete it to free %.1f GB", old,
                     old.stat().st_size / 1e9)  # fmt: skip
-    return shard_split(jpegs, torch.from_numpy(np.stack(labels)), cache_dir, name, VOC_CACHE_SIZE, device)
+    return shard_split(jpegs, torch.from_numpy(np.stack(labels)), cache_dir, name, VOC_CACHE_SIZE, workers, peers=peers)
 
 
-def load_voc2012(options: DataOptions) -> DataSet:
+def load_voc2012(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     """Pascal VOC 2012 classification: 20 classes, multi-label, images at 256x256."""
-    folder = find_voc_folder(options)
+    with peers.first():  # a download or an unpacking, once
+        folder = find_voc_folder(options)
     (train_name, train_ids), (test_name, test_ids) = voc_image_lists(folder)
     cache_dir = voc_cache_dir(folder, options)
-    train = load_voc_split(folder, train_name, train_ids, cache_dir, options.decode_device)
-    test = load_voc_split(folder, test_name, test_ids, cache_dir, options.decode_device)
+    train = load_voc_split(folder, train_name, train_ids, cache_dir, options.resize_workers or None, peers)
+    test = load_voc_split(folder, test_name, test_ids, cache_dir, options.resize_workers or None, peers)
     logger.info("Pascal VOC 2012 from %s: %d images in %s.txt, %d in %s.txt", folder, len(train), train_name,
                 len(test), test_name)  # fmt: skip
     return DataSet(name="PascalVOC2012", classes=list(VOC_CLASSES), train=train, test=test)

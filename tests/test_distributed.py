@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -494,3 +495,151 @@ def test_other_errors_propagate(two_processes, error):
 def test_outside_torchrun_nothing_is_a_lost_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert lost_process(dist.DistBackendError(NCCL_REMOTE), None) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The resize cache under torchrun: the processes build it together
+
+#: Seconds each image takes to resize in these tests: 4 images take 10 s alone, twice the group's
+#: 5-second timeout, and 5 s for each of two processes sharing them.
+SLOW = 2.5
+TIMEOUT = timedelta(seconds=5)
+
+
+def _cache_worker(rank: int, port: int, case: str, folder: Path) -> None:
+    """Process ``rank`` of 2 of a gloo group joined as torchrun's would be (``init_distributed``,
+    a 5-second timeout), reading the cache of ``folder`` as ``case`` says; it saves what came of
+    it (the images, or the error's text) and the names of the files it resized itself."""
+    import data.shards
+    from data.core import ALONE
+    from data.registry import load_dataset
+    from data.shards import shard_split
+    from datasets import DataOptions, decode_resized
+    from training.distributed import data_peers, init_distributed
+
+    torch.set_num_threads(1)  # a forked child must not join the parent's OpenMP threads (it would hang)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")  # fmt: skip
+    if Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    resized = []
+
+    def resize(path: Path, size: int) -> torch.Tensor:
+        resized.append(path.name)
+        time.sleep(SLOW if case in ("together", "rank 0 first") else 0)
+        return decode_resized(path, size)
+
+    data.shards.decode_resized = resize
+    init_distributed(torch.device("cpu"), TIMEOUT)
+    photos = sorted((folder / "photos").iterdir())
+    peers = data_peers()
+    try:
+        if case == "rank 0 first":  # what main.py did: rank 0 read the data (building the cache) first
+            with peers.first():
+                outcome = shard_split(photos, torch.arange(4), folder / "cache", "train", 16, 1, 1, ALONE).images[:]
+        elif case == "readers":
+            options = DataOptions(data_dir=str(folder), cache_dir=str(folder / "cache"), image_size=16)
+            images = load_dataset("ImageFolder", options, peers).train.images[:]
+            outcome = [images, load_dataset("PascalVOC2012", options, peers).test.images[:]]
+        else:  # "together", "bad"
+            outcome = shard_split(photos, torch.arange(4), folder / "cache", "train", 16, 1, 1, peers).images[:]
+    except Exception as error:  # noqa: BLE001 (what a process met is the test's result)
+        outcome = f"{type(error).__name__}: {error}"
+    finally:
+        dist.destroy_process_group()
+    torch.save({"outcome": outcome, "resized": resized}, folder / f"rank{rank}.pt")
+
+
+def _two_readers(folder: Path, case: str) -> list[dict]:
+    """What each of two processes came to in ``case`` (``_cache_worker``), on 4 small photos of
+    which the second is damaged in the case "bad"."""
+    from fakedata import write_photos
+
+    photos = write_photos(folder / "photos", 4, sizes=[(24, 20)])
+    if case == "bad":
+        photos[1].write_bytes(b"not a picture")
+    mp.start_processes(_cache_worker, args=(_free_port(), case, folder), nprocs=2, start_method="fork")
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+def test_each_process_builds_its_share_of_the_cache_so_none_waits_past_the_timeout(tmp_path):
+    """The preparation takes twice the group's timeout; each process builds every other shard
+    (rank 0: 0 and 2, rank 1: 1 and 3), then reads the other's, so each waits only for the
+    other's share to end about when its own does, and both get the same images."""
+    ranks = _two_readers(tmp_path, "together")
+    assert [r["resized"] for r in ranks] == [["0000.jpg", "0002.jpg"], ["0001.png", "0003.png"]]
+    assert isinstance(ranks[0]["outcome"], torch.Tensor), ranks[0]["outcome"]
+    assert ranks[0]["outcome"].shape == (4, 3, 16, 16) and torch.equal(ranks[0]["outcome"], ranks[1]["outcome"])
+
+
+def test_rank_0_building_the_cache_alone_stops_the_run_at_the_timeout(tmp_path):
+    """The design this replaces, for the record: rank 0 builds the whole cache while rank 1 waits
+    at a collective, which gives up after the group's timeout (5 s here, 10 min on NCCL by
+    default) while rank 0 is still at work."""
+    ranks = _two_readers(tmp_path, "rank 0 first")
+    assert ranks[0]["resized"] == ["0000.jpg", "0001.png", "0002.jpg", "0003.png"] and ranks[1]["resized"] == []
+    assert re.search(r"timed out", ranks[1]["outcome"], re.IGNORECASE), ranks[1]["outcome"]
+
+
+def test_a_bad_image_in_one_process_share_is_the_same_sentence_in_every_process(tmp_path):
+    """Image 1 (rank 1's share) is damaged: both processes raise the one-sentence ``DataError``
+    that one process alone would, and neither is left waiting for the other."""
+    ranks = _two_readers(tmp_path, "bad")
+    assert ranks[0]["outcome"] == ranks[1]["outcome"]
+    assert re.fullmatch(r"DataError: \S+/0001\.png cannot be decoded as an image \(.+\); replace it .+ or remove it\.",
+                        ranks[0]["outcome"]), ranks[0]["outcome"]  # fmt: skip
+
+
+def test_image_folder_and_voc_build_their_caches_through_the_shared_path(tmp_path):
+    """The readers hand the processes to the cache: one shard each (train, val) is built by the
+    process whose share it is (rank 0), the other reads it, and both have the same images."""
+    from fakedata import small_voc, write_class_folders
+
+    write_class_folders(tmp_path / "train", {"a": 2, "b": 2}, size=20)
+    write_class_folders(tmp_path / "val", {"a": 1, "b": 1}, size=20)
+    small_voc(tmp_path)
+    ranks = _two_readers(tmp_path, "readers")
+    assert len(ranks[0]["resized"]) == 4 + 2 + 3 and ranks[1]["resized"] == []  # ImageFolder's 6, VOC's 3
+    for mine, theirs in zip(*(r["outcome"] for r in ranks), strict=True):
+        assert torch.equal(mine, theirs)
+
+
+def test_dist_timeout_reaches_the_process_group_in_minutes(monkeypatch, own_signals, capsys):
+    """``--dist-timeout`` (120 minutes unless given) is the group's timeout; zero or less is one
+    sentence from the parser."""
+    import main
+    from training.distributed import DIST_TIMEOUT_MINUTES
+    from utils import UserError
+
+    joined = []
+
+    def join(device: torch.device, timeout: timedelta) -> torch.device:
+        joined.append(timeout)
+        raise UserError("joined")
+
+    monkeypatch.setattr(main, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(main, "init_distributed", join)
+    assert main.main(["-c"]) == 1 and main.main(["-c", "--dist-timeout", "7.5"]) == 1
+    assert joined == [timedelta(minutes=DIST_TIMEOUT_MINUTES), timedelta(minutes=7.5)] and DIST_TIMEOUT_MINUTES == 120
+    with pytest.raises(SystemExit):
+        main.main(["-c", "--dist-timeout", "0"])
+    assert "error: argument --dist-timeout: must be above 0 and at most 10080, got 0.0\n" in capsys.readouterr().err
+
+
+def test_rank_0_runs_a_download_first_and_hands_its_error_to_the_others():
+    """``Peers.first``: rank 0 runs the block and then meets the others at one gather, which
+    carries its ``DataError``; the others raise that sentence instead of running the block."""
+    from data.core import DataError, Peers
+
+    sent, ran = [], []
+    rank0 = Peers(0, 2, 1, lambda value: sent.append(value) or [value, None])
+    with pytest.raises(DataError, match=r"^no archive$"), rank0.first():
+        raise DataError("no archive")
+    with rank0.first():
+        ran.append(0)
+    assert sent == ["no archive", None] and ran == [0]
+    with pytest.raises(DataError, match=r"^no archive$"), Peers(1, 2, 1, lambda value: ["no archive", value]).first():
+        ran.append(1)
+    with Peers(1, 2, 1, lambda value: [None, value]).first():
+        ran.append(1)
+    assert ran == [0, 1]

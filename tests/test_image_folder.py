@@ -142,6 +142,41 @@ def test_unreadable_files_are_named_together(tmp_path):
         load_dataset("ImageFolder", options)
 
 
+def phone_photo() -> Image.Image:
+    """A smooth 4032 x 3024 picture, the size of a phone's 12-megapixel photo."""
+    ramps = [Image.linear_gradient("L"), Image.linear_gradient("L").rotate(90), Image.radial_gradient("L")]
+    return Image.merge("RGB", ramps).resize((4032, 3024), Image.BICUBIC)
+
+
+def test_a_phone_photo_for_the_32x32_network_on_cuda_is_cached_as_the_cpu_resize(tmp_path):
+    """4032 x 3024 to 32 pixels is a 94x downscale, which torchvision's antialiased resize on
+    CUDA refused for lack of shared memory. The cache is built by Pillow on the CPU whatever the
+    device: a -c run configured for CUDA (the CPU stand-in) stores every image as the JPEG of
+    ``decode_resized``, byte for byte; a truncated copy of the photo is named in the one sentence
+    about bad files."""
+    from data.shards import decode_jpegs, encode_jpeg
+    from hardware.capabilities import Capabilities
+
+    data_dir = tmp_path / "data"
+    write_class_folders(data_dir / "train", {"a": 2, "b": 2}, size=40)
+    write_class_folders(data_dir / "val", {"a": 1, "b": 1}, size=40)
+    phone = write_image(data_dir / "train" / "a" / "phone.jpg", phone_photo())
+    cut = data_dir / "train" / "b" / "phone_cut.jpg"
+    cut.write_bytes(phone.read_bytes()[: phone.stat().st_size // 3])
+    args = main.get_args_parser().parse_args(["-c", "-ds", "ImageFolder", "--data-dir", str(data_dir), "--cache-dir",
+                                              str(tmp_path / "cache")])  # fmt: skip
+    config = main.config_from_args(args, Capabilities.stand_in())
+    with pytest.raises(DataError, match=r"^\S+/b/phone_cut\.jpg cannot be decoded as an image \(.+\); replace it "):
+        load_dataset("ImageFolder", config)
+    cut.unlink()
+    data = load_dataset("ImageFolder", config)
+    paths = image_folder_lists(data_dir, config.val_fraction).train_paths
+    assert paths[2] == phone and data.image_size == 32
+    for path, cached in zip(paths, data.train.images[:], strict=True):
+        jpeg = torch.frombuffer(bytearray(encode_jpeg(decode_resized(path, 32))), dtype=torch.uint8)
+        assert torch.equal(cached, decode_jpegs([jpeg])[0]), path.name
+
+
 def test_prepare_builds_both_splits_and_says_where(tmp_path, capsys):
     write_class_folders(tmp_path / "data", {"a": 3, "b": 3}, size=40)
     cache = tmp_path / "cache"

@@ -109,9 +109,24 @@ def test_reused_unchanged_and_only_a_changed_images_shard_rebuilt(photos, tmp_pa
     changed = build(photos, tmp_path)
     after = mtimes(folder)
     assert [name for name in before if after[name] != before[name]] == ["00002.shard"]
-    assert "the images of 1 shards changed" in caplog.text
+    assert "1 shards in" in caplog.text and "built from other images or by another recipe" in caplog.text
     assert (changed.images[12].int() - decode_resized(photos[12], SIZE).int()).abs().float().mean() <= 2
     assert not torch.equal(changed.images[12], first[12]) and torch.equal(changed.images[:10], first[:10])
+
+
+def test_another_recipe_rebuilds_every_shard(photos, tmp_path, monkeypatch):
+    """The fingerprint holds how the pixels are made (``RECIPE``: the resampler and the JPEG
+    settings), so a cache made another way is rebuilt, not reused."""
+    import data.shards
+
+    build(photos, tmp_path)
+    folder = tmp_path / f"train_{SIZE}"
+    prints = {p.name: data.shards.shard_fingerprint(p) for p in folder.glob("*.shard")}
+    monkeypatch.setattr(data.shards, "RECIPE", data.shards.RECIPE.replace("q95", "q90"))
+    build(photos, tmp_path)
+    rebuilt = {p.name: data.shards.shard_fingerprint(p) for p in folder.glob("*.shard")}
+    assert sorted(rebuilt) == sorted(prints) and len(prints) == 5
+    assert all(rebuilt[name] != prints[name] for name in prints)
 
 
 def test_a_parallel_build_writes_the_same_shards(photos, cached, tmp_path):

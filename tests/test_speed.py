@@ -9,7 +9,6 @@ import logging
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -168,59 +167,3 @@ def test_benchmark_quick_writes_every_key(tmp_path, repo_root):
     assert figures["torch"] == torch.__version__
     assert figures["hardware"]
     assert figures["peak_flops"] > 0
-
-
-# --- VOC resize cache through torchvision's batched decoder (nvJPEG on a GPU) ----------------
-
-
-def _jpegs(folder: Path) -> list[Path]:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(3)
-    paths = []
-    for i, (w, h) in enumerate([(500, 375), (333, 500), (256, 256), (640, 427)]):
-        # Smooth content, as in photographs: blocky noise would make every resampler differ.
-        small = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8, generator=g).float()[None]
-        image = F.interpolate(small, size=(h, w), mode="bicubic", align_corners=False)[0].clamp(0, 255).byte()
-        path = folder / f"img{i}.jpg"
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
-        paths.append(path)
-    return paths
-
-
-def _batch_matches_pil(paths: list[Path], device: str) -> None:
-    from datasets import decode_resized, decode_resized_batch
-
-    batch = decode_resized_batch(paths, 256, device)
-    assert batch.shape == (len(paths), 3, 256, 256) and batch.dtype == torch.uint8 and batch.device.type == "cpu"
-    for row, path in zip(batch, paths):
-        diff = (row.int() - decode_resized(path, 256).int()).abs()
-        assert diff.max() <= 2 and diff.float().mean() < 0.05
-
-
-def test_batched_decode_matches_the_pil_path_on_cpu(tmp_path):
-    _batch_matches_pil(_jpegs(tmp_path), "cpu")
-
-
-def test_batched_decode_on_the_real_voc_sample(shared_data):
-    folder = shared_data / "VOCdevkit" / "VOC2012" / "JPEGImages"
-    _batch_matches_pil(sorted(folder.glob("*.jpg")), "cpu")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
-def test_batched_decode_on_the_gpu_matches_the_pil_path(tmp_path):
-    _batch_matches_pil(_jpegs(tmp_path), "cuda")
-
-
-def test_batched_decode_names_a_corrupt_file_and_decodes_the_rest(tmp_path):
-    from datasets import DataError, decode_resized_batch
-
-    paths = _jpegs(tmp_path)
-    paths[1].write_bytes(paths[1].read_bytes()[:300])  # truncated: PIL still reads its header
-    with pytest.raises(DataError, match=r"img1\.jpg cannot be decoded as an image .*replace it with a good copy"):
-        decode_resized_batch(paths, 256, "cpu")
-    png = tmp_path / "img0.jpg"  # a PNG under a .jpg name: decoded by PIL instead
-    from PIL import Image
-
-    Image.open(paths[2]).save(png, format="PNG")
-    assert decode_resized_batch([png, paths[2]], 256, "cpu").shape == (2, 3, 256, 256)

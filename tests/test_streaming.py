@@ -180,3 +180,53 @@ def test_augmented_in_workers_the_same_for_any_workers_and_resumed_bit_for_bit(s
     assert len(replay) == len(full) - 3
     for (a, la), (b, lb) in zip(full[3:], replay):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+DESCRIPTORS = """
+import resource, sys
+from pathlib import Path
+import torch
+from data.core import Split
+from data.loaders import BatchLoader
+from data.shards import ShardStore, read_shard
+from hardware.capabilities import Capabilities
+
+class Unchanged:
+    views = 1
+
+    def evaluate(self, x):
+        return x
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+folder, size, count, per, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+files = sorted(folder.glob("*.shard"))
+read = [read_shard(f, "0" * 64, i, per, size) for i, f in enumerate(files)]
+stats = sum((s for _, s in read[1:]), read[0][1])
+split = Split(ShardStore(files, [o for o, _ in read], size, stats), torch.arange(count))
+streamed = BatchLoader(split, batch, Unchanged(), False, Capabilities.stand_in(), workers=8)
+everything = split.images.decode_all()
+seen = []
+for images, labels in streamed:
+    assert torch.equal(images, everything[labels])
+    seen.append(labels)
+print(torch.cat(seen).tolist() == list(range(count)), len(seen))
+"""
+
+
+def test_decoding_in_process_streams_large_batches_from_8_workers_within_256_file_descriptors(tmp_path):
+    """On CUDA the workers pass each batch's JPEG bytes to the training process (``decode_in_process``).
+    Every tensor that crosses a worker's queue holds a shared-memory file descriptor until it is
+    used: one tensor per image would need 8 workers x 2 prefetched x 256 images of them, far past
+    a 256 (or the usual 1,024) descriptor limit. A subprocess under ``ulimit -n 256`` streams an
+    evaluation of 2,048 images in batches of 256 through the CPU stand-in for a GPU."""
+    from data.shards import write_shard
+
+    size, count, per, batch = 16, 2048, 256, 256
+    ramp = torch.arange(size, dtype=torch.uint8).expand(3, size, size)
+    for number in range(count // per):
+        write_shard(tmp_path / f"{number:05d}.shard", [ramp + (i % 200) for i in range(per)], "0" * 64, number)
+    command = [sys.executable, "-c", DESCRIPTORS, str(tmp_path), str(size), str(count), str(per), str(batch)]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", str(count // batch)]

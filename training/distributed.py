@@ -4,9 +4,9 @@ agree, and how a stop request reaches them.
 Everything that differs between one process and several lives here, so the rest of the tool
 reads the same either way: ``rank_and_world`` / ``is_main``, ``all_max`` / ``all_sum`` (no-ops
 alone), ``broadcast_object`` (rank 0 decides, the others follow), ``agree_stop`` (a signal seen
-by any process stops all of them at the same step), ``rank0_first`` (rank 0 does a job, such as
-building a cache, while the others wait and then read what it built), ``lost_process`` (a peer
-that died, in one sentence).
+by any process stops all of them at the same step), ``data_peers`` (the processes as the data
+readers see them: they build a resize cache together), ``lost_process`` (a peer that died, in
+one sentence).
 
 Signals: ``StopSignals`` covers ``main`` from its first line (a stop unwinds at once with
 ``Interrupted``); ``StopRequest`` takes over while training, where a stop only takes note so
@@ -20,14 +20,14 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from data.core import Peers
 from hardware.capabilities import Capabilities
 from utils import UserError, printable
 
@@ -117,17 +117,26 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on CPUs); returns this
-    process's device: ``cuda:LOCAL_RANK`` on a GPU machine, the CPU otherwise.
+#: How long a process waits at a collective for the others (``--dist-timeout``), in minutes.
+#: A peer that is killed or crashes closes its connections, and the others' next collective
+#: fails within seconds whatever this is (``lost_process``); only a machine that vanishes
+#: without closing them is waited for this long. What it must outlast are the phases one process
+#: runs while the others wait: rank 0 downloading and unpacking VOC (2 GB), a checkpoint being
+#: saved, and a resize cache whose folder the machines do not share, which each then builds
+#: whole: ImageNet's 1.33 M images take 31-46 minutes on 8 cores at the 60-90 images a second
+#: per core measured on this project's CPU, 62-92 on 4. Where they share it, the processes build
+#: it together and wait only for the slowest share (``data.shards``). The backends' defaults
+#: (NCCL 10 minutes, gloo 30) are shorter than a preparation.
+DIST_TIMEOUT_MINUTES = 120
 
-    The group keeps the backend's default timeout (gloo 30 min, NCCL 10 min). A process that is
-    killed or crashes closes its connections, and its peers' next collective fails within
-    seconds (``lost_process`` words that), so no shorter timeout is needed for it; only a peer
-    whose machine vanishes without closing them is waited for that long. A shorter one would
-    also have to outlast every phase one process runs alone while the others wait at a barrier
-    (rank 0 reading the data and building the VOC cache, saving a checkpoint).
-    """
+
+def init_distributed(
+    device: torch.device, timeout: timedelta = timedelta(minutes=DIST_TIMEOUT_MINUTES)
+) -> torch.device:
+    """Join the process group ``torchrun`` set up (NCCL on GPUs, gloo on CPUs), whose collectives
+    (barriers included) wait ``timeout`` for a silent peer (``DIST_TIMEOUT_MINUTES`` says why so
+    long); returns this process's device: ``cuda:LOCAL_RANK`` on a GPU machine, the CPU
+    otherwise."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -138,7 +147,7 @@ def init_distributed(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = Capabilities.of(device).backend
-    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
     return device
 
 
@@ -198,18 +207,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-@contextmanager
-def rank0_first() -> Iterator[None]:
-    """Rank 0 runs the block first while the others wait, then they run it: the data are read
-    (and any cache built) once, and the others read what rank 0 built."""
-    rank = rank_and_world()[0]
-    if rank != 0:
-        barrier()
-    yield
-    if rank == 0:
-        barrier()
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's ``obj``, in rank order (``[obj]`` alone)."""
     world = rank_and_world()[1]
@@ -218,6 +215,13 @@ def gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def data_peers() -> Peers:
+    """This process and the others torchrun started, as the data readers see them: they build a
+    resize cache together, each its share, and rank 0 alone downloads (``data.core.Peers``)."""
+    rank, world = rank_and_world()
+    return Peers(rank, world, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), gather_objects)
 
 
 #: What a collective of a surviving process raises when the process group lost a process (killed,
