@@ -21,24 +21,29 @@ For each model it measures, in the same process and on the same random images:
 
 (c) ImageNet-style, on the real photos of ``--imagenet`` (``shared/data/imagenet-sample``; skipped
     with a message where absent): the one-time preparation (``data.shards.shard_split``: decode,
-    resize to 256, re-encode as JPEG shards) in images/s per core on ``--workers`` processes,
-    and the training pipeline on the prepared cache. Ours: the shards streamed by a
-    ``BatchLoader`` whose ``--workers`` DataLoader workers decode the stored 256x256 JPEGs and
-    (on a CPU) apply the batched random-resized crop + flip + normalise. Usual: torchvision ``ImageFolder`` with PIL
-    ``RandomResizedCrop(224)``, flip and normalise on the original photos, through a
-    ``DataLoader`` with the same workers. GPU figures (nvJPEG) are printed as not yet measured
-    where no GPU ran them.
+    resize to 256, re-encode as JPEG shards), which runs on the CPU whatever the training device,
+    in images/s per core of its ``--workers`` processes, and the training pipeline on the
+    prepared cache. Ours: the shards streamed by a ``BatchLoader`` whose ``--workers`` DataLoader
+    workers decode the stored 256x256 JPEGs and (on a CPU) apply the batched random-resized
+    crop + flip + normalise. Usual: torchvision ``ImageFolder`` with PIL ``RandomResizedCrop(224)``,
+    flip and normalise on the original photos, through a ``DataLoader`` with the same workers.
+    GPU figures (nvJPEG) are printed as not yet measured where no GPU ran them.
 
 Both sides use Adam, batch ``--batch-size`` and warm up (worker start-up, first-call
 allocations, cuDNN autotuning, compilation) before the clock starts. Model FLOP utilisation is
 3 x the forward FLOPs of one image (forward + backward) x images/s / peak, where the peak is
-the fastest large matmul timed in the same run in the precision the path computes in (fp32 for
-the usual loop; bf16 for ours where it autocasts) and 989 TFLOP/s (dense bf16) on an H100.
+the fastest large matmul timed in the same run in the precision the path's convolutions compute
+in: ours in its autocast dtype (bf16) where it autocasts; the usual fp32 loop in TF32 on a CUDA
+card with TF32 tensor cores (compute capability 8.0 and newer) while cuDNN's fp32 convolutions
+may use them (PyTorch's default), else fp32. The JSON names each path's peak (precision and
+source); a datasheet peak, where the card is identified by name and compute capability (the
+H100 SXM), is recorded beside the measured ones for reference.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -47,7 +52,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +75,10 @@ from trainer import (
     training_loss,
 )
 
-H100_BF16_DENSE = 989e12
+#: Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, by card and precision. Only the
+#: H100 SXM's: the PCIe H100 (756 TFLOP/s dense bf16) and the H100 NVL share its compute
+#: capability 9.0 and most of its name, so ``datasheet_card`` must tell them apart.
+DATASHEET_PEAKS = {("H100 SXM", "bf16"): 989e12}
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -197,27 +205,97 @@ def forward_flops(model: torch.nn.Module, size: int) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """The peak the utilisation is measured against, and where it comes from: the datasheet's
-    dense bf16 figure on an H100, else the fastest of several large matmuls in ``dtype``."""
-    if device.type == "cuda" and dtype == torch.bfloat16 and "H100" in torch.cuda.get_device_name(device):
-        return H100_BF16_DENSE, "H100 dense bf16 (989 TFLOP/s, datasheet)"
+@dataclass(frozen=True)
+class Peak:
+    """A peak in FLOP/s, the precision it is in (fp32, tf32, bf16) and where it comes from."""
+
+    flops: float
+    precision: str
+    source: str
+
+
+def cudnn_conv_setting() -> str:
+    """cuDNN's fp32 convolution setting as ATen resolves it: the convolutions' own, else cuDNN's,
+    else the global one ("none" defers to the next; PyTorch's default for convolutions is tf32)."""
+    backends = torch.backends
+    for setting in (backends.cudnn.conv.fp32_precision, backends.cudnn.fp32_precision, backends.fp32_precision):
+        if setting != "none":
+            return setting
+    return "ieee"
+
+
+def fp32_conv_precision(device_type: str, capability: tuple[int, int] | None, cudnn_conv: str) -> str:
+    """The precision an fp32 model's convolutions compute in: TF32 on CUDA cards with TF32 tensor
+    cores (compute capability 8.0, Ampere, and newer) where ``cudnn_conv`` allows it, else fp32."""
+    if device_type == "cuda" and capability is not None and capability >= (8, 0) and cudnn_conv == "tf32":
+        return "tf32"
+    return "fp32"
+
+
+def path_precisions(amp: str, fp32: str) -> dict[str, str]:
+    """The precision each training path computes in: the usual fp32 loop in ``fp32`` (what fp32
+    convolutions use), ours in its autocast dtype, or like the usual loop without autocast."""
+    return {"usual": fp32, "ours": fp32 if amp == "off" else amp}
+
+
+def datasheet_card(name: str, capability: tuple[int, int] | None) -> str | None:
+    """The card of ``DATASHEET_PEAKS`` that ``name`` and ``capability`` identify for certain, or
+    None. An H100 SXM reports compute capability 9.0 and a name that says SXM or its HBM3 memory
+    ("NVIDIA H100 80GB HBM3"); the PCIe and NVL cards name themselves so."""
+    if capability != (9, 0) or "H100" not in name or "PCIe" in name or "NVL" in name:
+        return None
+    return "H100 SXM" if "SXM" in name or "HBM3" in name else None
+
+
+def datasheet_peak(name: str, capability: tuple[int, int] | None, precision: str) -> Peak | None:
+    """The datasheet's dense peak in ``precision`` of the identified card, where it is known."""
+    card = datasheet_card(name, capability)
+    flops = DATASHEET_PEAKS.get((card, precision))
+    return None if flops is None else Peak(flops, precision, f"datasheet: {card} dense {precision}")
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """fp32 matmuls in TF32 (``tf32``) or in full fp32 (else) for the block, the settings as they
+    were afterwards. ``set_float32_matmul_precision`` sets the legacy and the new (fp32_precision)
+    flags together: setting only one is refused as a mix of the two APIs."""
+    saved = torch.get_float32_matmul_precision()
+    backends = torch.backends
+    flags = backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        backends.cuda.matmul.fp32_precision, backends.mkldnn.matmul.fp32_precision = flags
+
+
+def measured_peak(device: torch.device, precision: str) -> Peak:
+    """The fastest of several large matmuls in ``precision`` on ``device`` (TF32: fp32 operands
+    with TF32 matmuls allowed for the measurement only)."""
     n = 8192 if device.type == "cuda" else 2048
+    dtype = AMP_DTYPES.get(precision) or torch.float32  # fp32 operands for fp32 and tf32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    synchronize(device)
     best = math.inf
-    for _ in range(5):  # the fastest of several: a peak, not an average
-        start = time.perf_counter()
+    with matmul_precision(precision):
         a @ b
         synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    flops = 2 * n**3 / best
-    return flops, f"{n}x{n} {str(dtype).removeprefix('torch.')} matmul measured in this run"
+        for _ in range(5):  # the fastest of several: a peak, not an average
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+    return Peak(2 * n**3 / best, precision, f"measured: fastest of 5 {n}x{n} {precision} matmuls in this run")
 
 
-def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: dict[str, float]) -> dict[str, float]:
+def preparation_label(workers: int) -> str:
+    """Where the ImageNet preparation (``shard_split``) runs: worker processes on the CPU, whatever
+    the training device."""
+    return f"CPU, {workers} worker process{'es' if workers != 1 else ''}"
+
+
+def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: dict[str, Peak]) -> dict[str, float]:
     """Pipeline and training images/s, ours and usual, for one model."""
     size = case.input_size
     quick = args.quick
@@ -287,8 +365,8 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
     for part in ("pipeline", "train"):
         out[f"{part}.ratio"] = out[f"{part}.ours_img_s"] / out[f"{part}.usual_img_s"]
     # Each path against the peak of the precision it computes in.
-    out["train.ours_mfu"] = flops * out["train.ours_img_s"] / peaks[amp]
-    out["train.usual_mfu"] = flops * out["train.usual_img_s"] / peaks["off"]
+    out["train.ours_mfu"] = flops * out["train.ours_img_s"] / peaks["ours"].flops
+    out["train.usual_mfu"] = flops * out["train.usual_img_s"] / peaks["usual"].flops
     out["pipeline_over_train"] = out["pipeline.ours_img_s"] / out["train.ours_img_s"]
     out["batch_size"] = batch
     out["forward_gflops_per_image"] = flops / 3 / 1e9
@@ -301,7 +379,7 @@ IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "ima
 
 
 def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, device: torch.device,
-                  repeat: int = 4) -> dict[str, float]:  # fmt: skip
+                  repeat: int = 4) -> dict[str, object]:  # fmt: skip
     """Preparation throughput and training-pipeline throughput, ours against the usual, on the
     class folders of ``folder/train`` (see the module docstring, part (c)), each photo taken
     ``repeat`` times so that an epoch outlasts the DataLoader workers' start (both sides)."""
@@ -319,13 +397,14 @@ def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, devi
     usual_set.samples = usual_set.samples * repeat
     paths = [Path(path) for path, _ in usual_set.samples]
     labels = torch.tensor([label for _, label in usual_set.samples])
-    figures: dict[str, float] = {"images": len(paths) // repeat, "workers": workers}
+    figures: dict[str, object] = {"images": len(paths) // repeat, "workers": workers}
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         # Shards of 16 here, so that every worker has some (1,024 on real data).
         split = shard_split(paths, labels, Path(cache), "train", 256, workers=workers, shard_images=16)
         seconds = time.perf_counter() - start
         figures["prepare.img_s_per_core"] = len(paths) / seconds / workers
+        figures["prepare.ran_on"] = preparation_label(workers)
         figures["cache.jpeg_bytes_per_image"] = sum(int(o[-1] - o[0]) for o in split.images.offsets) / len(paths)
         pipeline = make_pipeline(split, 224, False, device)
         ours = BatchLoader(split, batch_size, pipeline, True, device, generator=torch.Generator(device).manual_seed(0),
@@ -348,7 +427,8 @@ def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, devi
 
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor})"
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -366,20 +446,10 @@ def main() -> None:
                         "(default: off)")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument(
-        "--models",
-        nargs="*",
-        choices=list(CASES),
-        default=list(CASES),
-        help="models to measure; none: only the ImageNet case (default: all three)",
-    )
-    parser.add_argument(
-        "--imagenet",
-        type=Path,
-        default=IMAGENET_SAMPLE,
-        help="ImageNet-style photos in "
-        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)",
-    )
+    parser.add_argument("--models", nargs="*", choices=list(CASES), default=list(CASES),
+                        help="models to measure; none: only the ImageNet case (default: all three)")  # fmt: skip
+    parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE, help="ImageNet-style photos in "
+                        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=0,
                         help="batch size (default: 128; 16 for the 224 models on a CPU)")  # fmt: skip
     parser.add_argument("--images", type=int, default=0, help="images in the synthetic training set "
@@ -393,23 +463,28 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    peak, peak_source = peak_flops(device, torch.float32)
-    peaks = {"off": peak}
+    card, capability = "", None  # the GPU's name and compute capability
+    if device.type == "cuda":
+        card, capability = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    fp32 = fp32_conv_precision(device.type, capability, cudnn_conv_setting())
+    precisions = path_precisions(Capabilities.of(device).amp, fp32)
+    measured = {precision: measured_peak(device, precision) for precision in sorted(set(precisions.values()))}
+    peaks = {path: measured[precision] for path, precision in precisions.items()}
     figures: dict[str, object] = {
         "hardware": hardware(device),
         "torch": torch.__version__,
         "device": str(device),
         "quick": args.quick,
         "compile": args.compile,
-        "peak_flops": peak,
-        "peak_source": peak_source,
+        "peaks": {path: asdict(peak) for path, peak in peaks.items()},
     }
-    amp = Capabilities.of(device).amp
-    if amp != "off":
-        peaks[amp], source = peak_flops(device, AMP_DTYPES[amp])
-        figures[f"peak_flops_{amp}"], figures[f"peak_source_{amp}"] = peaks[amp], source
-    print(f"{figures['hardware']}, torch {torch.__version__}; peak "
-          + ", ".join(f"{'fp32' if k == 'off' else k} {v / 1e12:.3g} TFLOP/s" for k, v in peaks.items()))  # fmt: skip
+    print(f"{figures['hardware']}, torch {torch.__version__}; peaks: "
+          + ", ".join(f"{path} {p.precision} {p.flops / 1e12:.3g} TFLOP/s" for path, p in peaks.items())
+          + " (measured in this run)")  # fmt: skip
+    reference = datasheet_peak(card, capability, precisions["ours"])
+    if reference is not None:  # beside the measured peak, which the MFU is against
+        figures["datasheet_peak"] = asdict(reference)
+        print(f"  for reference, {reference.source}: {reference.flops / 1e12:.3g} TFLOP/s")
     print(f"{'model':<14}{'part':<10}{'ours img/s':>12}{'usual img/s':>13}{'ratio':>8}{'MFU ours':>10}{'batch':>7}")
     for name in args.models:
         result = measure(CASES[name](), args, device, peaks)
@@ -434,8 +509,9 @@ def report_imagenet(args: argparse.Namespace, device: torch.device) -> dict[str,
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
     print(f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, "
           f"batch {batch} (load average now {load}: the ratio is meaningful only on a quiet machine):")  # fmt: skip
-    print(f"  preparation (decode, resize 256, JPEG q95 shards): {result['prepare.img_s_per_core']:,.1f} "
-          f"images/s per core, {result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
+    print(f"  preparation (decode, resize 256, JPEG q95 shards) on the {result['prepare.ran_on']}: "
+          f"{result['prepare.img_s_per_core']:,.1f} images/s per core, "
+          f"{result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
     print(f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual "
           f"(ImageFolder + PIL RandomResizedCrop) {result['pipeline.usual_img_s']:,.0f} img/s, "
           f"{result['pipeline.ratio']:.1f}x")  # fmt: skip

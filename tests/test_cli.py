@@ -201,10 +201,16 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path, run_main, tiny
 
 def test_cifar_alexnet_learns_shapes(tmp_path, run_main):
     """It must actually learn: six times the 10 % of chance after four short epochs (this run
-    reaches 79 % on the development machine; the full-size run of the README reaches 99 %)."""
+    reached 79 % and 84 % on the 2-core development machine; the README's full-size run of three
+    epochs on 8,000 images reaches 96.69 %).
+
+    No time limit: the run takes 82 s on those 2 cores lightly loaded and over ten minutes when
+    they are busy. Less work does not learn reliably: the network stays near chance for its first
+    1,000 to 2,000 images at any batch size or rate tried (batch 8 to 50, Adam at 1e-4 to 3e-4),
+    and three epochs end at 68 %, too close to the bound for CPUs that train in fp32, not bf16."""
     result = run_main("-c", "-ne", "4", "--shapes-train", "2500", "--shapes-test", "500", "--batch-size", "50",
-                 "--output-dir", "out", cwd=tmp_path)  # fmt: skip
+                      "--output-dir", "out", cwd=tmp_path, timeout=None)  # fmt: skip
     assert result.returncode == 0, result.stderr
     (summary,) = (tmp_path / "out" / "runs" / "Shapes").glob("*/summary.json")
     best = json.loads(summary.read_text())["best_top1"]
-    assert best >= 60.0, result.stderr
+    assert best >= 60.0, f"best top-1 {best} % is below six times chance (60 %):\n{result.stderr[-2000:]}"

@@ -14,6 +14,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.speed import (
+    cudnn_conv_setting,
+    datasheet_peak,
+    fp32_conv_precision,
+    matmul_precision,
+    measured_peak,
+    path_precisions,
+    preparation_label,
+)
+from hardware.capabilities import Capabilities
 from network import CifarAlexNet, TorchAlexNet
 from trainer import (
     TrainStep,
@@ -166,4 +176,103 @@ def test_benchmark_quick_writes_every_key(tmp_path, repo_root):
         assert figures[f"{model}.train.ours_mfu"] > 0  # a ratio of two timings: no bound asserted
     assert figures["torch"] == torch.__version__
     assert figures["hardware"]
-    assert figures["peak_flops"] > 0
+    # On this CPU: the usual loop computes in fp32, ours in its autocast dtype; both peaks measured.
+    ours = "bf16" if Capabilities.of("cpu").amp == "bf16" else "fp32"
+    assert {path: peak["precision"] for path, peak in figures["peaks"].items()} == {"usual": "fp32", "ours": ours}
+    for peak in figures["peaks"].values():
+        assert peak["flops"] > 0 and peak["source"].startswith(f"measured: fastest of 5 2048x2048 {peak['precision']}")
+    assert "datasheet_peak" not in figures
+
+
+# --- The benchmark's peaks: which precision, which card, what is measured --------------------
+
+
+@pytest.mark.parametrize(
+    ("device_type", "capability", "cudnn_conv", "expected"),
+    [
+        ("cuda", (8, 0), "tf32", "tf32"),  # A100: cuDNN's default lets fp32 convolutions use TF32
+        ("cuda", (9, 0), "tf32", "tf32"),  # H100
+        ("cuda", (12, 0), "tf32", "tf32"),  # Blackwell
+        ("cuda", (7, 0), "tf32", "fp32"),  # V100: no TF32 tensor cores
+        ("cuda", (8, 6), "ieee", "fp32"),  # TF32 switched off
+        ("cpu", None, "tf32", "fp32"),
+    ],
+)
+def test_the_usual_loops_peak_is_in_the_precision_its_convolutions_use(device_type, capability, cudnn_conv, expected):
+    fp32 = fp32_conv_precision(device_type, capability, cudnn_conv)
+    assert fp32 == expected
+    assert path_precisions("off", fp32) == {"usual": expected, "ours": expected}
+    assert path_precisions("bf16", fp32) == {"usual": expected, "ours": "bf16"}
+
+
+@pytest.fixture
+def cudnn_settings():
+    """cuDNN's fp32 precision settings (new API) put back after the test."""
+    backends = torch.backends
+    modules = (backends.cudnn.conv, backends.cudnn.rnn, backends.cudnn, backends)
+    saved = [module.fp32_precision for module in modules]
+    yield
+    for module, value in zip(modules, saved, strict=True):
+        module.fp32_precision = value
+
+
+def test_cudnn_convolution_setting_resolves_as_aten_does(cudnn_settings):
+    backends = torch.backends
+    assert cudnn_conv_setting() == "tf32"  # PyTorch's default for cuDNN convolutions
+    backends.cudnn.conv.fp32_precision = "ieee"
+    assert cudnn_conv_setting() == "ieee"
+    backends.cudnn.conv.fp32_precision = "none"  # defers to cuDNN's, then the global setting
+    backends.cudnn.fp32_precision = "tf32"
+    assert cudnn_conv_setting() == "tf32"
+    backends.cudnn.fp32_precision = "none"
+    assert cudnn_conv_setting() == "ieee"
+    backends.fp32_precision = "tf32"
+    assert cudnn_conv_setting() == "tf32"
+
+
+@pytest.mark.parametrize(
+    ("name", "capability", "precision", "flops"),
+    [
+        ("NVIDIA H100 80GB HBM3", (9, 0), "bf16", 989e12),  # the SXM5 card's name
+        ("NVIDIA H100 SXM5 80GB", (9, 0), "bf16", 989e12),
+        ("NVIDIA H100 PCIe", (9, 0), "bf16", None),  # 756 TFLOP/s: not the SXM's datasheet
+        ("NVIDIA H100 NVL", (9, 0), "bf16", None),
+        ("NVIDIA H100 80GB HBM3", (8, 0), "bf16", None),  # a name and capability that disagree
+        ("NVIDIA H100 80GB HBM3", (9, 0), "tf32", None),  # no datasheet value kept for TF32
+        ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16", None),
+        ("NVIDIA H200", (9, 0), "bf16", None),
+        ("", None, "bf16", None),  # a CPU
+    ],
+)
+def test_a_datasheet_peak_only_for_a_card_identified_by_name_and_capability(name, capability, precision, flops):
+    peak = datasheet_peak(name, capability, precision)
+    if flops is None:
+        assert peak is None
+    else:
+        assert (peak.flops, peak.precision, peak.source) == (flops, precision, "datasheet: H100 SXM dense bf16")
+
+
+def test_tf32_peak_measurement_restores_the_matmul_settings():
+    backends = torch.backends
+    before = (torch.get_float32_matmul_precision(), backends.cuda.matmul.fp32_precision,
+              backends.mkldnn.matmul.fp32_precision)  # fmt: skip
+    with pytest.raises(RuntimeError, match="inside"), matmul_precision("tf32"):
+        assert backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.get_float32_matmul_precision() == "high"  # legacy and new flags agree
+        raise RuntimeError("inside")
+    after = (torch.get_float32_matmul_precision(), backends.cuda.matmul.fp32_precision,
+             backends.mkldnn.matmul.fp32_precision)  # fmt: skip
+    assert after == before
+    with matmul_precision("fp32"):
+        assert backends.cuda.matmul.fp32_precision == "ieee"
+
+
+def test_measured_peak_names_its_precision():
+    peak = measured_peak(torch.device("cpu"), "fp32")
+    assert peak.precision == "fp32" and peak.flops > 0
+    assert peak.source == "measured: fastest of 5 2048x2048 fp32 matmuls in this run"
+
+
+def test_preparation_is_labelled_as_cpu_work():
+    assert preparation_label(2) == "CPU, 2 worker processes"
+    assert preparation_label(1) == "CPU, 1 worker process"

@@ -29,31 +29,68 @@ class PaperSGD(torch.optim.Optimizer):
     own group as the 2012 code did.
     """
 
+    # GradScaler hands over its scale and inf flag as device tensors (``grad_scale``, ``found_inf``)
+    # instead of unscaling and reading the flag on the host before every step.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params: Any, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
+        """One update of every parameter with a gradient. Under a ``torch.amp.GradScaler`` the
+        gradients are divided by its ``grad_scale`` here (``None`` after ``scaler.unscale_``), and
+        a nonzero ``found_inf`` leaves parameters and velocities as they were, decided on the
+        device so that no step waits for it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            velocities = []
-            for p in params:
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                velocities.append(state["velocity"])
-            grads = [p.grad for p in params]
-            step = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # dL/dw + wd * w
+            # One batch of foreach kernels per device: the split model's towers sit on two GPUs,
+            # and the scaler's 0-dim tensors live on one of them.
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device.setdefault(p.device, []).append(p)
+            for device, params in by_device.items():
+                scale = None if grad_scale is None else grad_scale.to(device, non_blocking=True)
+                inf = None if found_inf is None else found_inf.to(device, non_blocking=True)
+                self._update(params, group, scale, inf)
+        return loss
+
+    def _update(
+        self,
+        params: list[torch.Tensor],
+        group: dict[str, Any],
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
+    ) -> None:
+        velocities = []
+        for p in params:
+            state = self.state[p]
+            if "velocity" not in state:
+                state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            velocities.append(state["velocity"])
+        grads = [p.grad for p in params]
+        if grad_scale is not None:
+            grads = torch._foreach_div(grads, grad_scale)
+        step = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # dL/dw + wd * w
+        if found_inf is None:
             torch._foreach_mul_(velocities, group["momentum"])
             torch._foreach_add_(velocities, step, alpha=-group["lr"])
             torch._foreach_add_(params, velocities)
-        return loss
+            return
+        # The same arithmetic out of place, kept only where no gradient overflowed: a skipped
+        # step leaves the weights bit for bit (no 0/1 mask multiplies the update: 0 * inf is NaN).
+        new_velocities = torch._foreach_mul(velocities, group["momentum"])
+        torch._foreach_add_(new_velocities, step, alpha=-group["lr"])
+        new_params = torch._foreach_add(params, new_velocities)
+        skip = found_inf != 0
+        for old, new in zip(velocities + params, new_velocities + new_params):
+            old.copy_(torch.where(skip, old, new))
 
 
 #: The biases' rate in the 2012 release relative to the weights' initial one: epsB 0.02 against
