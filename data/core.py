@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from training.fields import FLAG, PATH, setting
-from utils import Check, UserError, device_problem
+from utils import Check, UserError
 
 if TYPE_CHECKING:
     from data.shards import ShardStore
@@ -143,10 +143,6 @@ class DataOptions:
     shapes_train: int = setting(8000, Check(int, 1, MAX_SHAPES), evaluate=True)
     shapes_test: int = setting(1600, Check(int, 1, MAX_SHAPES), evaluate=True)
     shapes_seed: int = setting(0, Check(int, 0, 2**31 - 1), evaluate=True)
-    # The training device, recorded with the run. Nothing reads it any more: the resize cache is
-    # built on the CPU whatever device trains (data.shards).
-    decode_device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
-                                 per_process=True)  # fmt: skip
     # ImageFolder: the share of each class held out for evaluation when there is no val/ folder.
     val_fraction: float = setting(0.1, Check(float, 0, 1, low_open=True, high_open=True))
     # A class-stratified subset of the training split (ImageNet, ImageFolder): a fraction, or a

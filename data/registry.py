@@ -28,7 +28,7 @@ from utils import short_reason
 SINGLE_LABEL = "single-label"
 MULTI_LABEL = "multi-label"
 #: Reader options every data set accepts; the others are listed by the data sets that take them.
-COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "decode_device", "image_size", "resize_workers"})
+COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "image_size", "resize_workers"})
 #: The training subset flags (``data.folders.stratified_subset``).
 SUBSET = frozenset({"train_fraction", "train_size"})
 

@@ -116,7 +116,7 @@ def main(argv: list[str]) -> int:
     data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else Path("dataset"))
     # Where and how this process reads the data is its own business, as for --evaluate.
     config = replace(config, data_dir=str(data_dir), download=False, cache_dir=str(args.cache_dir or ""),
-                     decode_device=str(device), device=str(device))  # fmt: skip
+                     device=str(device))  # fmt: skip
     data = load_dataset(config.dataset, config)
     model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     load_weights(checkpoint, args.checkpoint, model, data.num_classes, data.name)

@@ -34,7 +34,7 @@ def run(
     cwd: Path,
     prefix: list[str] | None = None,
     preexec: Callable | None = None,
-    timeout: int = 600,
+    timeout: int | None = 600,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """``python main.py *args`` in ``cwd`` (behind ``prefix``, e.g. setpriv; in ``env``, else

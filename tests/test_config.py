@@ -33,8 +33,8 @@ OLD_EVALUATE_MAY_CHANGE = {"dataset", "cifar", "paper_model", "paper_train", "lr
 OLD_NOT_THE_EXPERIMENT = {"seed", "run_name", "output_dir", "data_dir", "cache_dir", "device", "dry_run", "log",
                           "message", "loader", "workers", "log_loss_step", "log_confusion_epoch", "deterministic",
                           "version", "eval_batch_size", "amp", "channels_last", "compile"}  # fmt: skip
-# Fields the config records now: --download (before an argument only), the decoding device and the code.
-RECORDED_NOW = {"download", "decode_device", "resize_workers", "code_version"}
+# Fields the config records now: --download (before an argument only), the preparing processes and the code.
+RECORDED_NOW = {"download", "resize_workers", "code_version"}
 
 
 def test_what_may_change_is_read_from_the_fields_as_the_lists_had_it():
@@ -103,7 +103,7 @@ def test_setups_and_flags_resolve_as_before(flags, old_changes):
     assert {k: v for k, v in asdict(config).items() if k not in recorded_since} == expected
     assert config.fidelity == "code" and config.lr_milestones == ""
     assert config.weights == "" and config.freeze_features is False
-    assert (config.download, config.decode_device, config.code_version) == (False, "cpu", code_version())
+    assert (config.download, config.code_version) == (False, code_version())
 
 
 def test_minus_c_minus_pm_is_one_name_and_the_setup_is_applied_once():
@@ -135,7 +135,7 @@ def test_a_flat_0_1_config_loads_with_its_model_name_and_data_options(changes, m
     assert (config.data_dir, config.cache_dir, config.data_path.name, config.cache_path.name) == (
         "data", "cache", "data", "cache")  # fmt: skip
     assert config.coarse_labels == (changes.get("dataset", "Cifar100") == "Cifar100")
-    assert (config.download, config.decode_device, config.code_version) == (False, "cpu", "")
+    assert (config.download, config.code_version) == (False, "")
     assert "cifar" not in asdict(config) and "paper_model" not in asdict(config)
 
 
@@ -172,8 +172,8 @@ def test_a_continued_run_takes_where_and_how_it_runs_from_this_command_line(tmp_
     old = {**OLD_PAPER_CIFAR, "device": "cuda:1", "amp": "bf16", "channels_last": True, "output_dir": "/elsewhere",
            "cache_dir": "/their/cache", "download": True, "decode_device": "cuda:1", "code_version": "abc"}  # fmt: skip
     resumed = from_checkpoint(old, [], "--resume")
-    assert (resumed.device, resumed.decode_device, resumed.amp, resumed.channels_last) == (
-        "cpu", "cpu", HERE.amp, HERE.channels_last)  # fmt: skip
+    assert (resumed.device, resumed.amp, resumed.channels_last) == ("cpu", HERE.amp, HERE.channels_last)
+    assert "decode_device" not in asdict(resumed)  # recorded until the cache was built on the CPU alone
     assert (resumed.output_dir, resumed.cache_dir, resumed.download) == (".", "", False)
     assert resumed.code_version == code_version()
     assert resumed.data_dir == "dataset"  # "data" does not exist here

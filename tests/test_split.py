@@ -27,7 +27,7 @@ from network import (
 )
 from training.checkpoint import check_optimizer_state
 from training.config import TrainConfig
-from training.optim import build_optimizer
+from training.optim import build_optimizer, grouped_optimizer_state
 from training.weights import freeze_features
 from utils import UserError
 
@@ -312,7 +312,7 @@ def test_a_split_runs_optimizer_state_continues_in_the_grouped_model(settings):
     optimizer = build_optimizer(split.parameters(), config)
     step(split, optimizer)
     grouped = split.to_grouped()
-    converted = main.grouped_optimizer_state(round_trip(optimizer.state_dict()), grouped, config)
+    converted = grouped_optimizer_state(round_trip(optimizer.state_dict()), grouped, config)
     if config.freeze_features:
         freeze_features(grouped)
     grouped_optimizer = build_optimizer(grouped.parameters(), config)

@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from network import PaperAlexNet, SplitPaperAlexNet, join_towers
 from training.config import TrainConfig
+from training.weights import freeze_features
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -132,3 +134,40 @@ def build_optimizer(params: Any, config: TrainConfig, fused: bool = False) -> to
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def grouped_optimizer_state(saved: dict[str, Any], model: PaperAlexNet, config: TrainConfig) -> dict[str, Any]:
+    """The optimiser state of a ``--split-gpus`` run (``saved``) as the optimiser of the grouped
+    ``model`` holds it: each parameter's tensors (momentum, Adam's moments) joined from the towers'
+    halves as the weights are (``network.join_towers``), its step count the first tower's. A state
+    that does not fit the split model is returned as it is, for the resume to refuse."""
+    split = SplitPaperAlexNet(model, ("meta", "meta"))  # names, shapes and order only: no memory
+    split_names, _ = _optimizer_numbering(split, config)
+    grouped_names, groups = _optimizer_numbering(split.to_grouped(), config)
+    numbered = sum(len(group["params"]) for group in saved["param_groups"])
+    if numbered != len(split_names) or len(groups) != len(saved["param_groups"]):
+        return saved
+    index = {name: i for i, name in enumerate(split_names)}
+    state = {}
+    for i, name in enumerate(grouped_names):
+        first = saved["state"].get(index[f"towers.0.{name}"])
+        if first is None:  # no step taken yet
+            continue
+        second = saved["state"].get(index.get(f"towers.1.{name}"), {})  # fc8's bias lives on the first tower only
+        state[i] = {key: join_towers({name: value}, {name: second[key]})[name]
+                    if isinstance(value, torch.Tensor) and value.ndim and key in second else value
+                    for key, value in first.items()}  # fmt: skip
+    # The groups keep their settings (rates, decay) and take the grouped model's numbering.
+    param_groups = [{**old, "params": new["params"]} for old, new in zip(saved["param_groups"], groups)]
+    return {"state": state, "param_groups": param_groups}
+
+
+def _optimizer_numbering(model: torch.nn.Module, config: TrainConfig) -> tuple[list[str], list[dict[str, Any]]]:
+    """The names of ``model``'s trained parameters in the order its optimiser's state_dict numbers
+    them, and that state_dict's parameter groups (the optimiser built as the trainer builds it)."""
+    if config.freeze_features:
+        freeze_features(model)
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model.parameters(), config)
+    numbered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return numbered, optimizer.state_dict()["param_groups"]
