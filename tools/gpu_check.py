@@ -223,7 +223,7 @@ def resume_cpu_gpu(c: Check) -> str:
 def imagenet_stream(c: Check) -> str:
     if not (SAMPLE / "train").is_dir():
         raise Failed(f"no ImageNet sample at {SAMPLE}")
-    small = ["--workers", "2", "--train-size", "16", "--batch-size", "8"] if c.rehearse else ["--workers", "8"]
+    small = ["--workers", "2", "--train-size", "8", "--batch-size", "8"] if c.rehearse else ["--workers", "8"]
     result = c.run("imagenet-stream", "-pm", "-pt", "-ds", "ImageNet", "--data-dir", str(SAMPLE), "-ne", "1",
                    "--loader", "stream", "--device", c.device, "--cache-dir", str(c.out / "imagenet-stream" / "cache"),
                    *small)  # fmt: skip
@@ -284,7 +284,8 @@ def split_gpus(c: Check) -> str:
 
 def benchmark(c: Check) -> str:
     json_path = c.out / "benchmark" / "speed.json"
-    extra = ["--quick", "--models", "CifarAlexNet", "--imagenet", "none", "--images", "512", "--train-steps", "2"]
+    extra = ["--quick", "--models", "CifarAlexNet", "--imagenet", "none", "--images", "256", "--train-steps", "1",
+             "--batch-size", "32"]  # fmt: skip
     extra = extra if c.rehearse else []
     compile_flag = [] if c.rehearse else ["--compile"]
     c.run("benchmark", command=[sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", c.device,

@@ -7,5 +7,4 @@
 #
 # Without CUDA (and without --rehearse) it says so in one sentence and exits 2.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-exec "${PYTHON:-python}" tools/gpu_check.py "$@"
+exec "${PYTHON:-python}" "$(dirname "$0")/gpu_check.py" "$@"
