@@ -191,6 +191,9 @@ class Trainer:
                                   self.progress.global_step if resume is not None else None)  # fmt: skip
         if config.amp != "off" or config.channels_last:
             logger.info("fast path: autocast %s, channels-last %s", config.amp, "on" if config.channels_last else "off")
+        slow = self.hw.amp_warning(config.amp)
+        if slow:
+            logger.warning("%s", slow)
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint (weights already loaded, fields checked)."""

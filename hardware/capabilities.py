@@ -106,6 +106,14 @@ class Capabilities:
             return "fp16" if major_minor >= FP16_CAPABILITY else "off"
         return "bf16" if self.native_bf16 else "off"
 
+    def amp_warning(self, amp: str) -> str | None:
+        """Why autocast ``amp`` (asked for on the command line) is slow here, or None: bf16 on a
+        GPU without bf16 tensor cores, or on a CPU without native bf16, is emulated."""
+        if amp != "bf16" or self.amp == "bf16" or (self.cuda and self.capability is None):
+            return None
+        where = f"compute capability {self.capability[0]}.{self.capability[1]}" if self.cuda else "this CPU"
+        return f"--amp bf16 is emulated on {where} and slower than fp32; --amp {self.amp} is this device's default"
+
     @property
     def channels_last(self) -> bool:
         """NHWC by default where convolutions run fastest in it: tensor cores (fp16 and bf16) and

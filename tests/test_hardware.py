@@ -62,6 +62,17 @@ def test_a_new_runs_autocast_is_chosen_by_the_cards_capability(monkeypatch, name
     assert Capabilities.of("cuda").describe() == f"cuda ({name}, compute capability {capability[0]}.{capability[1]})"
 
 
+def test_bf16_asked_for_where_it_is_emulated_is_warned_about():
+    assert Capabilities.stand_in((7, 0)).amp_warning("bf16") == (
+        "--amp bf16 is emulated on compute capability 7.0 and slower than fp32; --amp fp16 is this device's default"
+    )
+    assert Capabilities.stand_in((8, 0)).amp_warning("bf16") is None
+    assert Capabilities.stand_in((7, 0)).amp_warning("fp16") is None
+    assert Capabilities(CPU).amp_warning("bf16") == (
+        "--amp bf16 is emulated on this CPU and slower than fp32; --amp off is this device's default"
+    )
+
+
 def test_a_cpus_default_is_bf16_only_where_it_is_native(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
