@@ -223,7 +223,7 @@ def test_every_preprocess_entry_is_checked(cifar_ckpt, paper):
                 else:
                     changed = {**preprocess, "pipeline": {**preprocess["pipeline"], key: value}}
                 problem = check_fields({"preprocess": changed})
-                assert problem is not None and problem.startswith("its preprocess "), (key, value, problem)
+                assert problem is not None and problem.startswith("its preprocess"), (key, value, problem)
 
 
 def test_predict_reads_images_upright_as_the_caches_do(tmp_path):
