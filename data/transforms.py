@@ -213,33 +213,58 @@ def _stat(state: dict[str, Any], key: str, shape: tuple[int, ...]) -> torch.Tens
 def _size(state: dict[str, Any], key: str, low: int = 1, high: int = 4096) -> int:
     value = state.get(key)
     if type(value) is not int or not low <= value <= high:
-        raise ValueError(f"has a {key} that is not a whole number from {low} to {high}")
+        raise ValueError(
+            f"has {'an' if key[0] in 'aeiou' else 'a'} {key} that is not a whole number from {low} to {high}"
+        )
     return value
 
 
-def pipeline_from_state(state: object) -> Pipeline:
+def pipeline_from_state(state: object, input_size: int | None = None, image_size: int | None = None,
+                        largest: int = 4096) -> Pipeline:  # fmt: skip
     """The pipeline a ``Pipeline.state()`` describes, every entry checked (``ValueError`` with
-    the problem in words that complete "the pipeline ...")."""
+    the problem in words that complete "the pipeline ..."); the paper pipeline's ``base`` (the
+    side of its mean image, to which every image is resized) at most ``largest``.
+
+    With the network's ``input_size`` and the side of the square images it is fed
+    (``image_size``), also that the pipeline is one ``make_pipeline`` builds for them, so that
+    evaluating it gives that network its inputs: a ``cifar`` pipeline makes ``input_size``
+    inputs by enlarging the images (never shrinking them), a ``modern`` one crops
+    ``input_size`` out of them, a ``paper`` one crops ``input_size`` out of its ``base``
+    squares. A checkpoint is untrusted input: these are checked before anything is built from
+    it, so a crafted size can neither crash the network nor make it allocate gigabytes."""
     if not isinstance(state, dict) or state.get("kind") not in ("cifar", "paper", "modern"):
         raise ValueError("is not a cifar, paper or modern pipeline")
     kind = state["kind"]
+    if kind in ("cifar", "modern"):
+        std = _stat(state, "std", (3,))
+        if not bool((std > 0).all()):
+            raise ValueError("has a std that is not positive")
+        mean = _stat(state, "mean", (3,))
     if kind == "cifar":
-        std = _stat(state, "std", (3,))
-        if not bool((std > 0).all()):
-            raise ValueError("has a std that is not positive")
-        return CifarPipeline(_stat(state, "mean", (3,)), std, _size(state, "input_size"), _size(state, "padding", 0))
+        size = _size(state, "input_size")
+        _fits(size, input_size)
+        if image_size is not None and image_size > size:
+            raise ValueError(f"enlarges images to {size} pixels, but its image_size is {image_size}")
+        return CifarPipeline(mean, std, size, _size(state, "padding", 0))
     if kind == "modern":
-        std = _stat(state, "std", (3,))
-        if not bool((std > 0).all()):
-            raise ValueError("has a std that is not positive")
-        return ModernPipeline(_stat(state, "mean", (3,)), std, crop=_size(state, "crop"))
-    base, crop = _size(state, "base"), _size(state, "crop")
+        crop = _size(state, "crop")
+        _fits(crop, input_size)
+        if image_size is not None and image_size < crop:
+            raise ValueError(f"crops {crop} pixels, more than its image_size of {image_size}")
+        return ModernPipeline(mean, std, crop=crop)
+    base, crop = _size(state, "base", high=largest), _size(state, "crop")
     sigma = state.get("sigma")
     if crop > base or type(sigma) is not float or not 0 <= sigma <= 1 or state.get("fidelity") not in ("code", "text"):
         raise ValueError("has a crop larger than its images, a sigma that is not a number, or an unknown fidelity")
+    _fits(crop, input_size)
     return PaperPipeline(_stat(state, "mean_image", (3, base, base)), _stat(state, "eigenvalues", (3,)),
                          _stat(state, "eigenvectors", (3, 3)), crop=crop, base=base, sigma=sigma,
                          fidelity=state["fidelity"])  # fmt: skip
+
+
+def _fits(size: int, input_size: int | None) -> None:
+    if input_size is not None and size != input_size:
+        raise ValueError(f"makes {size}-pixel inputs, but the network takes {input_size}")
 
 
 class CifarPipeline(Pipeline):

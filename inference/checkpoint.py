@@ -24,7 +24,7 @@ from data.core import DataError
 from data.images import UNREADABLE, open_resized
 from data.transforms import Pipeline, make_pipeline, pipeline_from_state
 from network import MODELS, make_model
-from training.checkpoint import CheckpointError, load_checkpoint, load_weights
+from training.checkpoint import CheckpointError, load_checkpoint, load_weights, not_regular
 from training.config import TrainConfig
 from training.tasks import MULTI
 from utils import short_reason
@@ -113,7 +113,11 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     """An image file of any format Pillow reads, of any size, as the data sets' caches hold
     images (``data.images.open_resized``: upright, 8-bit RGB, the short side resized to ``size``
     and the centre square kept); uint8 3 x size x size. A file that cannot be read is a
-    ``DataError`` with the reason in a few words (the caller names the file)."""
+    ``DataError`` with the reason in a few words (the caller names the file); only regular files
+    are opened (a FIFO would wait for a writer)."""
+    kind = not_regular(path)
+    if kind is not None:
+        raise DataError(f"{kind}, not a file")
     try:
         return open_resized(path, size)
     except UNREADABLE as error:

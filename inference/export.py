@@ -23,9 +23,11 @@ import argparse
 import io
 import json
 import logging
+import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +105,42 @@ def _test_batch(trained: Trained, n: int, seed: int) -> torch.Tensor:
     return trained.preprocess(images)[:, 0].float().cpu().contiguous()
 
 
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """``os.environ`` with ``values`` for the block, and as it was afterwards."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+#: onnxruntime's telemetry writes a device id under ``~/.cache/Microsoft`` and a session file
+#: in ``$TMPDIR`` as soon as it is imported, unless this variable is set by then (its full
+#: opt-out on Linux and macOS); ``disable_telemetry_events`` covers the Windows events. Export
+#: writes OUT and nothing else.
+NO_TELEMETRY = {"ORT_DISABLE_TELEMETRY": "1"}
+
+
 def to_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
-    """The ONNX file (opset ``OPSET``, dynamic batch) of ``model``, metadata included."""
+    """The ONNX file (opset ``OPSET``, dynamic batch) of ``model``, metadata included. Whatever
+    the exporter writes goes to a temporary folder that is removed afterwards: torch's compiler
+    would otherwise leave its cache folder (``torchinductor_<user>``) in ``$TMPDIR``."""
     import onnx
 
     # The exporter's optimiser logs every pass at INFO, which the tool's log setup would show.
     for name in ("onnxscript", "onnx_ir", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        warnings.catch_warnings(),
+        environment(TORCHINDUCTOR_CACHE_DIR=str(Path(folder) / "inductor"), **NO_TELEMETRY),
+    ):
         warnings.simplefilter("ignore")
         path = Path(folder) / "model.onnx"
         batch = torch.export.Dim("batch", min=1, max=65_536)
@@ -125,10 +155,13 @@ def to_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -
 
 
 def run_onnx(data: bytes, x: torch.Tensor) -> torch.Tensor:
-    import onnxruntime
+    """The ONNX file's outputs on ``x`` (onnxruntime on the CPU, its telemetry off)."""
+    with environment(**NO_TELEMETRY):
+        import onnxruntime
 
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        onnxruntime.disable_telemetry_events()
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
 def onnx_metadata(data: bytes) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data.core import DataError, DataSet
 from datasets import DATASETS, Loaders, Pipeline, Split, load_dataset, make_loaders
 from network import make_model
 from training.checkpoint import load_checkpoint, load_weights
@@ -65,8 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT",
                         help="a best.pt or last.pt written by this tool (required)")  # fmt: skip
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder holding the data sets (default: the checkpoint's, when it exists here, else "
-                        "dataset)")  # fmt: skip
+                        help="folder holding the data set (default: the one the checkpoint recorded, when it exists "
+                        "here, else dataset)")  # fmt: skip
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -110,14 +112,8 @@ def main(argv: list[str]) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     config = TrainConfig.from_dict(checkpoint["config"])
     run_dir = run_folder(args.checkpoint, config)
-    if args.out is None and not run_dir.is_dir():
-        raise UserError(f"the run folder of {args.checkpoint}, {run_dir}, does not exist here; pass --out DIR for the "
-                        "figures.")  # fmt: skip
-    data_dir = args.data_dir or (Path(config.data_dir) if Path(config.data_dir).is_dir() else Path("dataset"))
-    # Where and how this process reads the data is its own business, as for --evaluate.
-    config = replace(config, data_dir=str(data_dir), download=False, cache_dir=str(args.cache_dir or ""),
-                     device=str(device))  # fmt: skip
-    data = load_dataset(config.dataset, config)
+    events = events_folder(args.checkpoint, run_dir, args.out)
+    data = figures_data(args, config, device)
     model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
     load_weights(checkpoint, args.checkpoint, model, data.num_classes, data.name)
     stem, step = f"{args.checkpoint.stem}_epoch{int(checkpoint['epoch']):03d}", int(checkpoint["global_step"])
@@ -129,10 +125,56 @@ def main(argv: list[str]) -> int:
     pictures = draw(model, loaders, data.classes, DATASETS[config.dataset].task == "multi-label", args, device)
     written = [write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
                for name, image in pictures.items()]  # fmt: skip
-    log_to_tensorboard(run_dir if run_dir.is_dir() else args.out, pictures, step)
+    log_to_tensorboard(events, pictures, step)
     for path in written:
         logger.info("wrote %s", path)
     return 0
+
+
+def events_folder(checkpoint: Path, run_dir: Path, out: Path | None) -> Path:
+    """Where the figures' TensorBoard images go: the run's folder, or ``out`` when that folder
+    is not here or cannot be written (it is checked before anything is drawn, so TensorBoard's
+    writer thread never meets a folder it cannot write). One sentence without ``out``."""
+    problem = write_problem(run_dir) if run_dir.is_dir() else "does not exist here"
+    if problem is None:
+        return run_dir
+    if out is None:
+        problem = problem if problem == "does not exist here" else f"cannot be written ({problem})"
+        raise UserError(f"the run folder of {checkpoint}, {run_dir}, {problem}; pass --out DIR for the figures.")
+    if run_dir.is_dir():
+        logger.warning("the run folder %s cannot be written (%s): the figures' TensorBoard images go to %s",
+                       run_dir, problem, out)  # fmt: skip
+    return out
+
+
+def write_problem(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (tried for real: permissions lie on some
+    mounts, and root ignores them), or None; nothing is left behind."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return short_reason(error.strerror or error)
+    return None
+
+
+def figures_data(args: argparse.Namespace, config: TrainConfig, device: torch.device) -> DataSet:
+    """The checkpoint's data set, read where ``--data-dir`` says, else where the checkpoint
+    recorded it when that folder exists here, else from ``dataset`` (as ``--evaluate`` does). A
+    data set that is not there names the folder the checkpoint recorded."""
+    recorded = Path(config.data_dir)
+    data_dir = args.data_dir or (recorded if recorded.is_dir() else Path("dataset"))
+    # Where and how this process reads the data is its own business, as for --evaluate.
+    config = replace(config, data_dir=str(data_dir), download=False, cache_dir=str(args.cache_dir or ""),
+                     device=str(device))  # fmt: skip
+    try:
+        return load_dataset(config.dataset, config)
+    except DataError:
+        if args.data_dir is not None or recorded.is_dir():
+            raise
+    raise UserError(f"checkpoint {args.checkpoint} was trained on {config.dataset} in {recorded}, which does not "
+                    f"exist here (nor is it in {data_dir}); pass --data-dir DIR, the folder that holds "
+                    f"{config.dataset} now.")  # fmt: skip
 
 
 def draw(model: nn.Module, loaders: Loaders, classes: list[str], multilabel: bool, args: argparse.Namespace,

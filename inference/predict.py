@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from PIL import Image
 
 from data.core import DataError
 from inference.checkpoint import Trained, load_trained, read_image
-from utils import Check, UserError, printable, quoted, resolve_device
+from training.checkpoint import not_regular
+from utils import Check, UserError, printable, quoted, resolve_device, short_reason
 
 logger = logging.getLogger("alexnet")
 
@@ -32,8 +35,10 @@ and image: {"path": the file as found, "predictions": [{"class": name, "index": 
 "probability": 0-1}, best first]}. Probabilities are softmax scores (they add up to 1 over all
 classes), or for multi-label checkpoints (VOC) each class's own sigmoid score.
 
-exit status: 0 when every image was predicted; 1 when some file could not be read (the others
-are still predicted, the bad ones named on stderr in one sentence) or nothing could run."""
+exit status: 0 when every image was predicted; 1 when some path could not be read: a file that
+is not an image, a path that is not a regular file (a FIFO, a device: never opened), a folder
+that cannot be searched (the others are still predicted, each kind named on stderr in one
+sentence), or nothing could run."""
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -61,18 +66,82 @@ def get_parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
-def image_files(paths: Sequence[Path]) -> list[Path]:
+@dataclass
+class Skipped:
+    """The paths a search did not read, each with why: paths that exist but are not regular
+    files (a FIFO named ``photo.jpg`` would block the reader), and folders that could not be
+    searched (no permission)."""
+
+    special: list[tuple[Path, str]] = field(default_factory=list)
+    folders: list[tuple[Path, str]] = field(default_factory=list)
+
+    def sentences(self) -> list[str]:
+        """One sentence per kind of skipped path: the count and the first few."""
+        out = []
+        if self.special:
+            out.append(
+                f"{_count(self.special, 'path is not a regular file', 'paths are not regular files')} and "
+                f"{_was(self.special)} skipped: {_named(self.special)}; pass image files or folders."
+            )
+        if self.folders:
+            them = "it" if len(self.folders) == 1 else "them"
+            out.append(
+                f"{_count(self.folders, 'folder', 'folders')} could not be searched and {_was(self.folders)} "
+                f"skipped: {_named(self.folders)}; give this user read access to {them}, or leave {them} out."
+            )
+        return out
+
+
+def _count(items: list, one: str, many: str) -> str:
+    return f"{len(items)} {one if len(items) == 1 else many}"
+
+
+def _was(items: list) -> str:
+    return "was" if len(items) == 1 else "were"
+
+
+def _named(items: list[tuple[Path, str]]) -> str:
+    named = "; ".join(f"{quoted(str(p))} ({printable(reason)})" for p, reason in items[:NAMED_FAILURES])
+    return named + (f" and {len(items) - NAMED_FAILURES} more" if len(items) > NAMED_FAILURES else "")
+
+
+def image_files(paths: Sequence[Path], skipped: Skipped | None = None) -> list[Path]:
     """The files to predict: each file as given, and in each folder (recursively, sorted) the
     files whose extension Pillow knows. A path that does not exist stays in the list, so it is
-    reported with the unreadable files."""
+    reported with the unreadable files; one that is not a regular file, and a folder that cannot
+    be searched, go to ``skipped`` with the reason instead (never opened)."""
+    skipped = Skipped() if skipped is None else skipped
     known = set(Image.registered_extensions())
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+        kind = not_regular(path)
+        if kind == "a folder":
+            files += _search(path, known, skipped)
+        elif kind is not None:
+            skipped.special.append((path, kind))
         else:
             files.append(path)
     return files
+
+
+def _search(folder: Path, known: set[str], skipped: Skipped) -> list[Path]:
+    """The image files under ``folder``, sorted; links to folders are not followed (as ``rglob``)."""
+    found: list[Path] = []
+
+    def unsearchable(error: OSError) -> None:
+        skipped.folders.append((Path(error.filename or folder), error.strerror or short_reason(error)))
+
+    for top, _, names in os.walk(folder, onerror=unsearchable):
+        for name in names:
+            path = Path(top, name)
+            if path.suffix.lower() not in known:
+                continue
+            kind = not_regular(path)
+            if kind is None:  # a regular file, or a dangling link: reading it says why not
+                found.append(path)
+            elif kind != "a folder":
+                skipped.special.append((path, kind))
+    return sorted(found)
 
 
 def batches(files: list[Path], size: int, image_size: int, failed: list[tuple[Path, str]]
@@ -138,7 +207,13 @@ def main(argv: Sequence[str]) -> int:
     args = get_parser().parse_args(list(argv))
     device = resolve_device(args.device)
     trained = load_trained(args.checkpoint, device)
-    files = image_files(args.paths)
+    skipped = Skipped()
+    files = image_files(args.paths, skipped)
+    notes = skipped.sentences()
+    for sentence in notes:
+        logger.error("error: %s", sentence)
+    if not files and notes:
+        return 1
     if not files:
         raise UserError(f"no image files found in {', '.join(quoted(str(p)) for p in args.paths)}; pass image "
                         "files or folders holding them.")  # fmt: skip
@@ -150,9 +225,8 @@ def main(argv: Sequence[str]) -> int:
     for result in predictions(trained, files, args.batch_size, args.topk, failed):
         print(json.dumps(result) if args.json else format_table(result), flush=True)
         predicted += 1
-    if failed and not predicted:
+    if failed and not predicted and not notes:
         raise UserError(failure_sentence(failed, len(files)))
     if failed:
         logger.error("error: %s", failure_sentence(failed, len(files)))
-        return 1
-    return 0
+    return 1 if failed or notes else 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from main_cli import copy_run, only, start, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -310,7 +310,9 @@ BAD_VALUES = [None, True, -1, 2**70, -1.5, float("nan"), float("inf"), "x", "../
 
 
 def test_the_real_checkpoint_passes_every_rule(state):
-    assert check_fields(state) is None
+    from training.checkpoint import network_problem
+
+    assert check_fields(state) is None and network_problem(state) is None
 
 
 @pytest.mark.parametrize("key", sorted(FIELD_RULES))
@@ -358,6 +360,57 @@ def test_fuzzed_schedule_states_are_accepted_or_refused_in_words(light, changes)
         check_schedule_state({**light["scheduler"], **changes})
     except ValueError as error:
         assert str(error).startswith("its scheduler")
+
+
+#: Stored preprocessing to start from, per network: the real run's (CifarAlexNet: a cifar
+#: pipeline on 32-pixel images) and, for TorchAlexNet, a modern and a paper one on 256-pixel images.
+PIPELINES = {
+    "modern": {"kind": "modern", "mean": torch.full((3,), 0.5), "std": torch.full((3,), 0.25), "crop": 224},
+    "paper": {"kind": "paper", "mean_image": torch.full((3, 256, 256), 120.0), "eigenvalues": torch.ones(3) / 100,
+              "eigenvectors": torch.eye(3), "crop": 224, "base": 256, "sigma": 0.1, "fidelity": "code"},
+}  # fmt: skip
+SIZES = st.integers(-2, 300) | st.sampled_from([0, 1, 7, 8, 31, 32, 33, 223, 224, 225, 256, 257, 4096, 2**40])
+ENTRIES = (
+    SIZES
+    | VALUES
+    | st.sampled_from([torch.zeros(3), torch.ones(3), -torch.ones(3), torch.full((3,), float("nan")), torch.eye(3),
+                       torch.ones(2), torch.zeros(3, 8, 8), torch.ones(3, 256, 256), torch.ones(3, dtype=torch.long),
+                       "cifar", "paper", "modern", "text", 0.5, 1.5])
+)  # fmt: skip
+PIPELINE_KEYS = ["kind", "mean", "std", "input_size", "padding", "crop", "mean_image", "eigenvalues", "eigenvectors",
+                 "base", "sigma", "fidelity"]  # fmt: skip
+
+
+@FIELD_FUZZ
+@given(
+    st.sampled_from(["cifar", "modern", "paper"]),
+    st.dictionaries(st.sampled_from(PIPELINE_KEYS), ENTRIES, max_size=3),
+    st.dictionaries(st.sampled_from(["image_size", "task"]), ENTRIES, max_size=2),
+)
+def test_fuzzed_preprocessing_is_refused_in_words_or_gives_the_network_its_inputs(light, start, pipeline, outer):
+    """A checkpoint's ``preprocess`` with entries changed: refused in words (by the field rule
+    or against the network, ``network_problem``), or a pipeline whose evaluation turns images of
+    its ``image_size`` into finite inputs of the network's size."""
+    from data.transforms import pipeline_from_state
+    from network import MODELS
+    from training.checkpoint import network_problem
+
+    saved = light["preprocess"]
+    model = "CifarAlexNet" if start == "cifar" else "TorchAlexNet"
+    base = saved if start == "cifar" else {**saved, "pipeline": PIPELINES[start], "image_size": 256}
+    preprocess = {**base, **outer, "pipeline": {**base["pipeline"], **pipeline}}
+    checkpoint = {**light, "config": {**light["config"], "model": model}, "preprocess": preprocess}
+    problem = check_fields(checkpoint) or network_problem(checkpoint)
+    event("refused" if problem else "accepted")
+    if problem is not None:
+        assert problem.startswith("its "), problem
+        return
+    evaluation = pipeline_from_state(preprocess["pipeline"])
+    size, side = preprocess["image_size"], MODELS[model].input_size
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    inputs = evaluation.evaluate(images)
+    assert inputs.shape == (2, evaluation.views, 3, side, side)
+    assert bool(torch.isfinite(inputs).all())
 
 
 def test_an_optimizer_state_must_fit_the_model(state):

@@ -4,6 +4,8 @@ in their metadata, and the command never replaces a file without ``--force``."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_predict import make_checkpoint
@@ -70,3 +72,20 @@ def test_export_command_never_replaces_a_file(tmp_path, run_main):
     result = run_main("export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "onnx", str(out), cwd=tmp_path)
     assert result.returncode == 1 and "already exists" in result.stderr and "--force" in result.stderr
     assert out.read_bytes() == b"precious" and "Traceback" not in result.stderr
+
+
+def test_export_writes_nothing_outside_out(tmp_path, run_main):
+    """ONNX export with HOME and TMPDIR pointed at empty folders leaves them empty: no
+    onnxruntime telemetry (a device id in ~/.cache/Microsoft, $TMPDIR/.ses) and no compiler
+    cache (torchinductor_<user>) from the exporter."""
+    checkpoint = make_checkpoint(tmp_path / "run", "CifarAlexNet")
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    ours = ("ORT_DISABLE_TELEMETRY", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "TMP", "TEMP")
+    env = {**{k: v for k, v in os.environ.items() if k not in ours}, "HOME": str(home), "TMPDIR": str(tmp)}
+    result = run_main("export", "--checkpoint", str(checkpoint), "--format", "onnx", "model.onnx", cwd=tmp_path,
+                      env=env)  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert (tmp_path / "model.onnx").stat().st_size > 0
+    assert sorted(home.rglob("*")) == [] and sorted(tmp.rglob("*")) == []

@@ -25,6 +25,8 @@ import torch
 from fakedata import python2_pickle, small_voc, voc_xml, write_cifar10
 from main_cli import TINY, Case, earlier_checkpoint, only, run_case, snapshot
 
+from network import CifarAlexNet
+
 
 def without_file_permission_override() -> list[str]:
     """A command prefix under which file permissions apply: root normally ignores them."""
@@ -220,6 +222,20 @@ def report_below_a_file(work: Path, earlier: Path) -> None:
     (work / "afile").write_text("a regular file\n")
 
 
+def nothing_at(name: str) -> Callable:
+    def check(work: Path, result) -> None:
+        assert not (work / name).exists(), f"{name} was written"
+
+    return check
+
+
+def fc8_bias_of_7(work: Path, earlier: Path) -> None:
+    """A CifarAlexNet state dict whose fc8 weight has 10 rows and its bias 7 entries."""
+    state = CifarAlexNet(10).state_dict()
+    state["classifier.6.bias"] = state["classifier.6.bias"][:7].clone()
+    torch.save(state, work / "w.pt")
+
+
 RUN_CASES = [
     Case("checkpoint naming a run outside its folder", ["--resume", "evil.pt"], 1,
          r"checkpoint evil.pt cannot be used: its config's run_name '\.\./\.\./\.\./escaped' cannot be a folder name: "
@@ -267,6 +283,22 @@ RUN_CASES = [
     Case("report folder below a file", ["report", "runs", "--out", "afile/report"], 1,
          r"cannot create the report folder afile/report \(Not a directory\); pass another --out\.",
          prepare=report_below_a_file),
+    Case("checkpoint whose preprocessing does not fit its network", ["export", "--checkpoint", "evil.pt", "--format",
+                                                                      "torchscript", "model.pt"], 1,
+         r"checkpoint evil.pt cannot be used: its preprocess has a pipeline that makes 1-pixel inputs, but the network "
+         r"takes 224; it is damaged or was not written by this tool",
+         prepare=lambda w, e: crafted(w, "evil.pt", lambda c: c["preprocess"]["pipeline"].update(input_size=1)),
+         check=nothing_at("model.pt")),
+    Case("checkpoint that is a folder", ["--evaluate", "checkpoints"], 1,
+         r"checkpoint checkpoints is a folder; pass the path of a last.pt or best.pt in it\."),
+    Case("--weights whose fc8 bias does not fit its weight", ["-c", "--weights", "w.pt", *TINY], 1,
+         r"weights file w.pt does not fit CifarAlexNet: its 'classifier\.6\.bias' is \(7,\), where its "
+         r"'classifier\.6\.weight' has 10 rows; pass weights of this network\.", prepare=fc8_bias_of_7),
+    Case("figures: data set folder gone", ["figures", "--checkpoint", "evil.pt", "--out", "figs"], 1,
+         r"checkpoint evil.pt was trained on Cifar10 in .*moved/data, which does not exist here \(nor is it in "
+         r"dataset\); pass --data-dir DIR, the folder that holds Cifar10 now\.",
+         prepare=lambda w, e: crafted(w, "evil.pt", set_config(dataset="Cifar10", data_dir=str(w / "moved" / "data"))),
+         check=nothing_at("figs")),
 ]  # fmt: skip
 
 
@@ -296,7 +328,9 @@ def test_catalogue_is_the_readme_table(repo_root):
                                  "stop while reading data or evaluating", "several unreadable images",
                                  "--weights whose hash is not its name's", "--weights of another network",
                                  "--weights not an AlexNet", "predict: unreadable files", "export: OUT exists",
-                                 "figures: checkpoint away from its run"}  # fmt: skip
+                                 "figures: checkpoint away from its run", "figures: run folder not writable",
+                                 "predict: a FIFO or an unreadable folder", "class name with a comma",
+                                 "export to ONNX", "checkpoint listing more classes than its network has"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ overwriting, the sentence for a wrong checkpoint). The kernel grid the trainer l
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,6 +44,7 @@ from training.figures import (
     predictions_figure,
     predictions_size,
     true_classes,
+    write_confusion_csv,
 )
 from utils import UserError
 
@@ -346,3 +349,44 @@ def test_a_wrong_checkpoint_is_one_sentence(tmp_path, run_main):
                          "of the run).")  # fmt: skip
     with pytest.raises(UserError, match="does not exist; pass the path of a last.pt or best.pt"):
         main(["--checkpoint", str(tmp_path / "missing.pt")])
+
+
+def test_confusion_csv_keeps_its_columns_whatever_the_class_names(tmp_path):
+    """Class names with a comma, quotes or a line break (an ImageFolder's folders) are quoted as
+    CSV quotes them: ``csv.reader`` reads back exactly the names and the counts."""
+    classes = ["Ants, small", 'say "cheese"', "two\nlines", "plain"]
+    confusion = torch.arange(16).view(4, 4)
+    write_confusion_csv(confusion, classes, tmp_path / "confusion.csv")
+    with open(tmp_path / "confusion.csv", newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["true\\predicted", *classes]
+    assert rows[1:] == [[name, *map(str, row)] for name, row in zip(classes, confusion.tolist())]
+
+
+def test_a_run_folder_this_user_cannot_write_is_one_sentence_or_out(cifar_run, tmp_path, run_main):
+    """Without --out: one sentence before anything is drawn. With --out: the PNGs and the
+    TensorBoard images go there (TensorBoard's writer thread raised a PermissionError before);
+    the run folder is left as it was either way."""
+    from main_cli import snapshot, unchanged
+    from test_faults import without_file_permission_override
+
+    prefix = without_file_permission_override()
+    best = copy_run(cifar_run, tmp_path / "work").with_name("best.pt")
+    run_dir = only(tmp_path / "work" / "runs" / "Shapes", "*")
+    before = snapshot(run_dir)
+    os.chmod(run_dir, 0o555)
+    try:
+        refused = run_main("figures", "--checkpoint", str(best), "--device", "cpu", cwd=tmp_path, prefix=prefix)
+        drawn = run_main("figures", "--checkpoint", str(best), "--device", "cpu", "--out", "out", cwd=tmp_path,
+                         prefix=prefix)  # fmt: skip
+    finally:
+        os.chmod(run_dir, 0o755)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    sentence = (f"error: the run folder of {best}, {run_dir}, cannot be written (Permission denied); pass --out DIR "
+                "for the figures.")  # fmt: skip
+    assert refused.stderr.strip().splitlines() == [sentence]
+    assert drawn.returncode == 0 and "Traceback" not in drawn.stderr and "error" not in drawn.stderr, drawn.stderr
+    assert f"the run folder {run_dir} cannot be written (Permission denied)" in drawn.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    assert {"figures/kernels", "figures/predictions", "figures/neighbours"} <= images_in(tmp_path / "out").keys()
+    assert unchanged(run_dir, before) and not (run_dir / "figures").exists()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +226,7 @@ def test_every_preprocess_entry_is_checked(cifar_ckpt, paper):
                 else:
                     changed = {**preprocess, "pipeline": {**preprocess["pipeline"], key: value}}
                 problem = check_fields({"preprocess": changed})
-                assert problem is not None and problem.startswith("its preprocess "), (key, value, problem)
+                assert problem is not None and problem.startswith("its preprocess"), (key, value, problem)
 
 
 def test_predict_reads_images_upright_as_the_caches_do(tmp_path):
@@ -241,3 +244,115 @@ def test_predict_reads_images_upright_as_the_caches_do(tmp_path):
     image = read_image(path, 16)
     assert image[0, 3, 12] > 200 and image[0, 3, 3] < 50  # red top-right, where EXIF puts it
     assert torch.equal(image, decode_resized(path, 16))
+
+
+def test_stored_preprocessing_and_classes_must_fit_the_network(cifar_ckpt, paper):
+    """What a checkpoint stores is checked against the network its config names, before
+    anything is built: the pipeline's input size, a cifar pipeline that would shrink, a modern
+    crop larger than the images, a class list longer than fc8, an fc8 bias of another length."""
+    from training.checkpoint import network_problem
+
+    checkpoint = load_checkpoint(cifar_ckpt)  # CifarAlexNet (32-pixel inputs), 10 Shapes classes
+    saved = checkpoint["preprocess"]
+    assert network_problem(checkpoint) is None
+    modern = {"kind": "modern", "mean": torch.zeros(3), "std": torch.ones(3), "crop": 32}
+    bias = checkpoint["model"]["classifier.6.bias"]
+    crafted = [
+        ({"preprocess": {**saved, "image_size": 256}},
+         "its preprocess has a pipeline that enlarges images to 32 pixels, but its image_size is 256"),
+        ({"preprocess": {**saved, "pipeline": {**saved["pipeline"], "input_size": 224}}},
+         "its preprocess has a pipeline that makes 224-pixel inputs, but the network takes 32"),
+        ({"preprocess": {**saved, "pipeline": paper.pipeline.state(), "image_size": 256}},
+         "its preprocess has a pipeline that makes 224-pixel inputs, but the network takes 32"),
+        ({"preprocess": {**saved, "pipeline": modern, "image_size": 16}},
+         "its preprocess has a pipeline that crops 32 pixels, more than its image_size of 16"),
+        ({"classes": [*checkpoint["classes"], "extra"]},
+         "its classes are 11 names, but its CifarAlexNet's fc8 (classifier.6) has 10 outputs"),
+        ({"model": {**checkpoint["model"], "classifier.6.bias": bias[:7]}},
+         "its model's 'classifier.6.bias' is (7,), where a CifarAlexNet of 10 classes has (10,)"),
+    ]  # fmt: skip
+    for change, problem in crafted:
+        assert network_problem({**checkpoint, **change}) == problem
+    assert network_problem({**checkpoint, "preprocess": {**saved, "pipeline": modern}}) is None
+
+
+#: Runs the command after it and reports that command's peak resident memory on stderr.
+PEAK_SCRIPT = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print('peak rss', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'kB', file=sys.stderr); sys.exit(code)"
+)
+PEAK = [sys.executable, "-c", PEAK_SCRIPT]
+
+
+def peak_mb(result) -> float:
+    return int(re.search(r"peak rss (\d+) kB", result.stderr).group(1)) / 1024
+
+
+@pytest.fixture(scope="module")
+def skipping(cifar_ckpt, tmp_path_factory, run_main):
+    """``predict`` on a FIFO named like a photo, and on a folder holding a photo, another FIFO
+    and a subfolder this user cannot search (the command, measured with ``PEAK``, in its folder)."""
+    from test_faults import without_file_permission_override
+
+    prefix = without_file_permission_override()
+    root = tmp_path_factory.mktemp("skipping")
+    photos = root / "photos"
+    (photos / "locked").mkdir(parents=True)
+    photo(photos / "a.png", 20, 20, 0)
+    photo(photos / "locked" / "hidden.png", 20, 20, 1)
+    os.mkfifo(photos / "fifo.jpg")
+    os.mkfifo(root / "photo.jpg")
+    os.chmod(photos / "locked", 0)
+    try:
+        # The limit only ends a hang (opening a FIFO waits for a writer); the command takes seconds.
+        return run_main("predict", "--checkpoint", str(cifar_ckpt), "photo.jpg", "photos", "--json", cwd=root,
+                        prefix=[*prefix, *PEAK], timeout=300)  # fmt: skip
+    finally:
+        os.chmod(photos / "locked", 0o755)
+
+
+def test_only_regular_files_are_opened_and_every_skipped_path_is_named(skipping):
+    """A FIFO is never opened and a folder this user cannot search is not passed over in
+    silence: one sentence per kind, the readable images predicted, exit status 1 (some input
+    could not be read)."""
+    result = skipping
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == ["photos/a.png"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    special = ("error: 2 paths are not regular files and were skipped: 'photo.jpg' (a FIFO); 'photos/fifo.jpg' (a "
+               "FIFO); pass image files or folders.")  # fmt: skip
+    folder = ("error: 1 folder could not be searched and was skipped: 'photos/locked' (Permission denied); give this "
+              "user read access to it, or leave it out.")  # fmt: skip
+    assert errors == [special, folder]
+
+
+def test_crafted_sizes_and_class_lists_are_refused_before_anything_is_built(cifar_ckpt, skipping, tmp_path, run_main):
+    """A pipeline making 4096-pixel inputs for a 32-pixel network, and 100,000 class names on a
+    10-class one: one sentence each, and the command's peak memory within 500 MB of predicting
+    with the real checkpoint (``skipping``). Before, the first ran the network on 4096 x 4096
+    inputs and the second built a 100,000-way fc8 (2.6 GB against 1.0)."""
+    photo(tmp_path / "photo.png", 40, 30, 0)
+    checkpoint = load_checkpoint(cifar_ckpt)
+    pipeline = checkpoint["preprocess"]["pipeline"]
+    crafted = {
+        "big.pt": ({"preprocess": {**checkpoint["preprocess"], "pipeline": {**pipeline, "input_size": 4096}}},
+                   "its preprocess has a pipeline that makes 4096-pixel inputs, but the network takes 32"),
+        "many.pt": ({"classes": [f"class {i}" for i in range(100_000)]},
+                    "its classes are 100000 names, but its CifarAlexNet's fc8 (classifier.6) has 10 outputs"),
+    }  # fmt: skip
+    for name, (change, problem) in crafted.items():
+        torch.save({**checkpoint, **change}, tmp_path / name)
+        result = run_main("predict", "--checkpoint", name, "photo.png", cwd=tmp_path, prefix=PEAK)
+        assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == "", result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert line == (f"error: checkpoint {name} cannot be used: {problem}; it is damaged or was not written by "
+                        "this tool, so use another one (best.pt or last.pt of the run).")  # fmt: skip
+        assert peak_mb(result) < peak_mb(skipping) + 500, (name, peak_mb(result), peak_mb(skipping))
+
+
+def test_a_folder_or_a_fifo_as_checkpoint_is_named_for_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint .* is a folder; pass the path of a last.pt or best.pt in"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*last.pt is a FIFO, not a file; pass the path of a"):
+        load_checkpoint(tmp_path / "last.pt")

@@ -104,6 +104,32 @@ def test_files_that_do_not_fit_are_one_sentence_each(torchvision_file, imagenet_
         load_initial_weights(path, imagenet_model, "TorchAlexNet", ["a", "b"], paper_train=True)
 
 
+def test_fc8_bias_must_fit_its_weight_and_a_folder_is_named(tmp_path):
+    """fc8 may have another class count, but its weight and bias the same one: a state dict or a
+    checkpoint whose fc8 weight has 10 rows and bias 7 entries is one sentence, not a traceback
+    from ``load_state_dict``. A folder is named a folder."""
+    from dataclasses import asdict
+
+    from training.config import TrainConfig
+
+    state = CifarAlexNet(10).state_dict()
+    state["classifier.6.bias"] = state["classifier.6.bias"][:7].clone()
+    classes = [f"c{i}" for i in range(10)]
+    torch.save(state, tmp_path / "plain.pth")
+    with pytest.raises(WeightsError, match=r"weights file .*plain.pth does not fit CifarAlexNet: its 'classifier\.6\."
+                       r"bias' is \(7,\), where its 'classifier\.6\.weight' has 10 rows; pass weights"):  # fmt: skip
+        load_initial_weights(tmp_path / "plain.pth", CifarAlexNet(10), "CifarAlexNet", classes)
+    checkpoint = {"model": state, "config": asdict(TrainConfig(model="CifarAlexNet")), "epoch": 1, "classes": classes}
+    torch.save(checkpoint, tmp_path / "best.pt")
+    with pytest.raises(WeightsError, match=r"best.pt cannot be used as --weights: its model's 'classifier\.6\.bias' is "
+                       r"\(7,\), where a CifarAlexNet of 10 classes has \(10,\); it is damaged"):  # fmt: skip
+        load_initial_weights(tmp_path / "best.pt", CifarAlexNet(10), "CifarAlexNet", classes)
+    with pytest.raises(
+        WeightsError, match=r"weights file .* is a folder; pass the path of a file in it: torchvision's"
+    ):
+        load_initial_weights(tmp_path, CifarAlexNet(10), "CifarAlexNet", classes)
+
+
 def error_line(capsys) -> str:
     """The one error line an in-process ``main.main`` wrote to stderr (and no traceback)."""
     err = capsys.readouterr().err

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from data.core import DataOptions
+from data.registry import DATASETS
 from data.transforms import Pipeline, pipeline_from_state
-from network import MODELS
+from network import MODELS, make_model
 from training.config import TrainConfig
 from training.distributed import gather_objects, rank_and_world
 from training.fastpath import plain_state_dict
@@ -37,6 +40,11 @@ logger = logging.getLogger(__name__)
 MAX_CLASSES = 100_000
 MAX_TENSORS = 10_000
 MAX_RANKS = 65_536
+#: The sides a checkpoint's preprocessing may resize photos to: from the floor of
+#: ``DataOptions.image_size`` to the largest images any data set of this tool holds (256), so
+#: that a crafted size cannot make ``predict`` read each photo at gigabytes.
+SMALLEST_IMAGE = int(next(f for f in fields(DataOptions) if f.name == "image_size").metadata["check"].low)
+LARGEST_IMAGE = max(info.image_size for info in DATASETS.values())
 
 
 class CheckpointError(UserError):
@@ -81,11 +89,35 @@ def on_cpu(value: Any) -> Any:
     return value
 
 
+def not_regular(path: Path) -> str | None:
+    """What ``path`` is when it exists but is not a regular file ("a folder", "a FIFO", "a
+    socket", "a device"), else None. Only regular files are opened: opening a FIFO waits for a
+    writer that may never come."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing or out of reach: opening it says which
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file"
+
+
 def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
     """A checkpoint written by this tool, loaded with ``weights_only=True`` (tensors and plain
     values only, so a crafted file cannot run code), every field checked (``check_fields``;
     ``resume`` asks for everything a resumed run needs). Every failure is a ``CheckpointError``."""
     path = Path(path)
+    kind = not_regular(path)
+    if kind == "a folder":
+        raise CheckpointError(f"checkpoint {path} is a folder; pass the path of a last.pt or best.pt in it.")
+    if kind is not None:
+        raise CheckpointError(f"checkpoint {path} is {kind}, not a file; pass the path of a last.pt or best.pt.")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a last.pt or best.pt.")
     try:
@@ -107,7 +139,7 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
             f"checkpoint {path} holds no training state to resume (it lacks {', '.join(missing)}); evaluate it with "
             "--evaluate, or resume from a last.pt from checkpoints/."
         )
-    problem = check_fields(checkpoint)
+    problem = check_fields(checkpoint) or network_problem(checkpoint)
     if problem:
         raise CheckpointError(
             f"checkpoint {path} cannot be used: {problem}; it is damaged or was not written by this tool, so use "
@@ -271,11 +303,14 @@ def _preprocess(value: object) -> None:
         return
     if not isinstance(value, dict) or set(value) != {"pipeline", "image_size", "task"}:
         raise ValueError("is not a description of the evaluation preprocessing")
-    Check(int, 1, 4096)(value["image_size"])
+    try:
+        Check(int, SMALLEST_IMAGE, LARGEST_IMAGE)(value["image_size"])
+    except ValueError as error:
+        raise ValueError(f"its preprocess's image_size {error}") from None
     if value["task"] not in ("single-label", "multi-label"):
         raise ValueError("names a task other than single-label or multi-label")
     try:
-        pipeline_from_state(value["pipeline"])
+        pipeline_from_state(value["pipeline"], largest=LARGEST_IMAGE)
     except ValueError as error:
         raise ValueError(f"has a pipeline that {error}") from None
 
@@ -320,6 +355,42 @@ def check_fields(checkpoint: dict[str, Any]) -> str | None:
         except (ValueError, TypeError) as error:
             text = str(error)
             return text if text.startswith("its ") else f"its {key} {text}"
+    return None
+
+
+def network_problem(checkpoint: dict[str, Any]) -> str | None:
+    """What in a checkpoint does not fit the network its config names, in words that complete
+    "checkpoint X cannot be used: ...", or None; for a checkpoint whose fields passed
+    ``check_fields``. The class list must be as long as fc8 (the last ``Linear``) is wide, and
+    the stored preprocessing must make that network's inputs (``pipeline_from_state``).
+
+    Everything is read from the checkpoint and from the network built on the meta device
+    (shapes, no memory), before anything real is built: a crafted class list or input size
+    cannot allocate a 100,000-way layer or gigabytes of images, nor crash the network."""
+    config = TrainConfig.from_dict(checkpoint["config"])
+    classes = len(checkpoint["classes"])
+    with torch.device("meta"):
+        reference = make_model(config.model, classes, lrn=config.lrn, fidelity=config.fidelity)
+    fc8 = [name for name, module in reference.named_modules() if isinstance(module, nn.Linear)][-1]
+    ours = reference.state_dict()
+    for key in (f"{fc8}.weight", f"{fc8}.bias"):
+        theirs, shape = checkpoint["model"].get(key), ours[key].shape
+        if not isinstance(theirs, torch.Tensor) or theirs.shape == shape:
+            continue  # absent or not a tensor: load_weights says so
+        if key.endswith(".weight") and theirs.dim() and theirs.shape[0] != classes:
+            return (
+                f"its classes are {classes} names, but its {config.model}'s fc8 ({fc8}) has {theirs.shape[0]} outputs"
+            )
+        return (
+            f"its model's {quoted(key)} is {tuple(theirs.shape)}, where a {config.model} of {classes} classes has "
+            f"{tuple(shape)}"
+        )
+    saved = checkpoint.get("preprocess")
+    if saved is not None:
+        try:
+            pipeline_from_state(saved["pipeline"], MODELS[config.model].input_size, saved["image_size"], LARGEST_IMAGE)
+        except ValueError as error:
+            return f"its preprocess has a pipeline that {error}"
     return None
 
 

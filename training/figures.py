@@ -9,6 +9,7 @@ text next to bars and are a matplotlib figure of a fixed size (``predictions_siz
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from torch import nn
 
 
 def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
-    """The confusion matrix as CSV: a header of predicted classes, one row per true class."""
-    lines = ["true\\predicted," + ",".join(classes)]
-    lines += [name + "," + ",".join(str(int(v)) for v in row) for name, row in zip(classes, confusion.tolist())]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    """The confusion matrix as CSV: a header of predicted classes, one row per true class.
+    Written by the ``csv`` module, which quotes a class name holding a comma, a quote or a line
+    break (an ImageFolder's folder ``Ants, small``), so every row keeps its columns."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, lineterminator="\n")
+        writer.writerow(["true\\predicted", *classes])
+        writer.writerows([name, *(int(v) for v in row)] for name, row in zip(classes, confusion.tolist()))
 
 
 def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str) -> Any:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from network import TorchAlexNet
-from training.checkpoint import EVALUATE_FIELDS, check_fields
+from training.checkpoint import EVALUATE_FIELDS, check_fields, network_problem, not_regular
 from utils import UserError, quoted, short_reason
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ def hash_problem(path: Path) -> str | None:
 def read_weights(path: Path) -> dict:
     """The object in ``path``, loaded with ``weights_only=True`` (tensors and plain values only:
     the file may come from anywhere) after the hash check; every failure is a ``WeightsError``."""
+    kind = not_regular(path)
+    if kind is not None:
+        where = " in it" if kind == "a folder" else ""
+        raise WeightsError(f"weights file {path} is {kind}; pass the path of a file{where}: torchvision's "
+                           "alexnet-owt-*.pth or a checkpoint of this tool (last.pt, best.pt).")  # fmt: skip
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; pass torchvision's alexnet-owt-*.pth or a "
                            "checkpoint of this tool.")  # fmt: skip
@@ -102,11 +107,20 @@ def first_mismatch(state: Mapping[str, object], model: nn.Module, fc8: str) -> s
 
 
 def _shape_problem(state: Mapping[str, object], shapes: Mapping[str, torch.Size], fc8: str) -> str | None:
+    """Every tensor of the model in ``state`` in the model's shape, but fc8's count of classes:
+    fc8's weight may have any number of rows, and its bias exactly one entry per row."""
+    rows = state.get(f"{fc8}.weight")
+    rows = rows.shape[0] if isinstance(rows, torch.Tensor) and rows.dim() == 2 else None
     for key, shape in shapes.items():
         theirs = state.get(key)
         if not isinstance(theirs, torch.Tensor):
             return f"it has no tensor {quoted(key)}"
-        if (theirs.shape[1:] != shape[1:]) if key.startswith(fc8 + ".") else (theirs.shape != shape):
+        if key == f"{fc8}.bias" and rows is not None:
+            if theirs.shape != (rows,):
+                return (
+                    f"its {quoted(key)} is {tuple(theirs.shape)}, where its {quoted(f'{fc8}.weight')} has {rows} rows"
+                )
+        elif (theirs.shape[1:] != shape[1:]) if key.startswith(fc8 + ".") else (theirs.shape != shape):
             return f"its {quoted(key)} is {tuple(theirs.shape)}, where the model's is {tuple(shape)}"
     extra = next((key for key in state if key not in shapes), None)
     return None if extra is None else f"it has {quoted(str(extra))}, which the model has not"
@@ -156,7 +170,7 @@ def _checkpoint_state(checkpoint: dict, path: Path, model_name: str) -> tuple[di
     """A checkpoint's state dict, class names and description, after the checks
     ``training.checkpoint.load_checkpoint`` applies (the file is already loaded)."""
     missing = [key for key in EVALUATE_FIELDS if key not in checkpoint]
-    problem = f"it lacks {', '.join(missing)}" if missing else check_fields(checkpoint)
+    problem = f"it lacks {', '.join(missing)}" if missing else check_fields(checkpoint) or network_problem(checkpoint)
     if problem:
         raise WeightsError(f"checkpoint {path} cannot be used as --weights: {problem}; it is damaged or was not "
                            "written by this tool, so use another one (best.pt or last.pt of the run).")  # fmt: skip
