@@ -5,6 +5,7 @@ The helpers behind them are defined once, in ``main_cli.py``: module-level table
 parametrize lists (which no fixture reaches) import them from there.
 """
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,9 @@ import pytest
 from main_cli import ROOT, TINY, run
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# onnxruntime writes telemetry under HOME and TMPDIR as soon as it is imported, which the export
+# tests do in this process; inference/export.py turns it off the same way for the tool.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 @pytest.fixture(scope="session")
