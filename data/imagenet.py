@@ -38,6 +38,8 @@ from data.folders import (
     class_images,
     image_suffixes,
     lists_to_dataset,
+    refuse_cache_inside,
+    require_two_classes,
     take_subset,
     visible_files,
 )
@@ -177,11 +179,13 @@ def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tup
     return paths, labels, used.name
 
 
-def imagenet_lists(data_dir: Path) -> ImageLists:
+def imagenet_lists(data_dir: Path, cache_dir: Path | None = None) -> ImageLists:
     """The files, labels and classes of an ImageNet tree (no image is opened); classes are
-    names, in sorted-wnid order (wnids without a names file)."""
+    names, in sorted-wnid order (wnids without a names file). ``cache_dir`` (``--cache-dir``) may
+    not be inside ``train/`` or ``val/``."""
     root, folders = find_imagenet_root(data_dir)
     train_root, val = root / "train", root / "val"
+    refuse_cache_inside(cache_dir, [train_root, val])
     train_wnids = class_folders(train_root)
     mapping, meta = _find(SYNSET_MAPPING, folders), _find(DEVKIT_META, folders)
     if mapping is not None:
@@ -211,6 +215,7 @@ def imagenet_lists(data_dir: Path) -> ImageLists:
     else:
         test_paths, test_labels, label_file = label_flat_val(val, folders, index)
         source = f"val/ labelled by {label_file}"
+    require_two_classes(train_root, [names[w] for w in wnids])
     return ImageLists([names[w] for w in wnids], train_paths, train_labels, test_paths, test_labels, source)
 
 
@@ -218,7 +223,7 @@ def load_imagenet(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     """ILSVRC-2012 classification at 256x256 (the paper's preparation)."""
     if options.download:
         raise DataError(f"ImageNet cannot be downloaded by this tool (its licence): {WHERE.format(options.data_dir)}.")
-    lists = take_subset(imagenet_lists(options.data_path), options)
+    lists = take_subset(imagenet_lists(options.data_path, options.cache_path), options)
     root, _ = find_imagenet_root(options.data_path)
     logger.info("ImageNet %s: %d classes, %d training images in %d class folders, %d evaluation images (%s)", root,
                 len(lists.classes), len(lists.train_paths), len(set(lists.train_labels)), len(lists.test_paths),

@@ -109,6 +109,16 @@ def test_download_is_refused_with_where_to_get_it(tmp_path):
         load_imagenet(DataOptions(data_dir=str(tmp_path), download=True))
 
 
+def test_one_class_without_a_mapping_is_refused(tmp_path):
+    write_imagenet(tmp_path, {"n01": 2}, {"n01": 1})
+    with pytest.raises(
+        DataError, match=rf"^{tmp_path}/train has one class folder \(n01\); a classifier needs at least"
+    ):
+        imagenet_lists(tmp_path)
+    write_imagenet(tmp_path, {}, {}, mapping=["n01", "n02"])  # the class index of ILSVRC-2012, all of it
+    assert imagenet_lists(tmp_path).classes == ["class 01", "class 02"]
+
+
 def _imagenet_with_unknown_val_label(work, earlier):
     write_imagenet(work / "data", {"n01": 1}, {"n01": 1}, "kaggle")
     with open(work / "data" / "LOC_val_solution.csv", "a") as f:
