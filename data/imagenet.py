@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from data.archives import require_data_dir
@@ -73,9 +75,32 @@ def _find(name: str, folders: list[Path]) -> Path | None:
     return next((folder / name for folder in folders if (folder / name).is_file()), None)
 
 
-def _read_lines(path: Path) -> list[str]:
+#: The label files are read line by line within these bounds, far beyond the real files (the
+#: 50,000-line ``LOC_val_solution.csv`` is about 3 MB, its longest line under 1 KB; the mapping is
+#: 31 KB), so a crafted or damaged one (one line of a gigabyte) costs megabytes, not gigabytes.
+MAX_LABEL_FILE_BYTES = 64 << 20
+MAX_MAPPING_BYTES = 1 << 20
+MAX_LINE_CHARS = 64 << 10
+
+
+def _bounded_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) of a UTF-8 text file (a byte-order mark dropped),
+    refused in one sentence when the file or one of its lines is beyond the bounds."""
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DataError(
+                    f"{path} is {size:,} bytes, more than the {max_bytes:,} a label file of ILSVRC-2012 may have "
+                    "(the real one is a fraction of that); replace it with the original."
+                )
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), 1):
+                if len(line) > MAX_LINE_CHARS:
+                    raise DataError(
+                        f"{path} line {number} is longer than {MAX_LINE_CHARS:,} characters, which no line of the "
+                        "real file is; replace it with the original."
+                    )
+                yield number, line.rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read {path} ({short_reason(error)}); replace it with the original.") from None
 
@@ -84,7 +109,7 @@ def read_synset_mapping(path: Path) -> dict[str, str]:
     """wnid -> first name of each line ``n01440764 tench, Tinca tinca`` (names made unique: two
     ILSVRC classes are both called "crane", two "maillot")."""
     names: dict[str, str] = {}
-    for number, line in enumerate(_read_lines(path), 1):
+    for number, line in _bounded_lines(path, MAX_MAPPING_BYTES):
         wnid, _, rest = line.strip().partition(" ")
         if not wnid:
             continue
@@ -118,21 +143,45 @@ def read_devkit_meta(path: Path) -> tuple[dict[str, str], dict[int, str]]:
     return names, ids
 
 
-def read_val_solution(path: Path) -> dict[str, str]:
+def read_val_solution(path: Path, images: set[str]) -> dict[str, str]:
     """Image id -> wnid of Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the
-    string ``wnid xmin ymin xmax ymax`` per object; every object of an image has its class)."""
-    labels = {}
+    string ``wnid xmin ymin xmax ymax`` per object; every object of an image has its class), for
+    the ids in ``images`` (the files of ``val/``: what is kept is bounded by them, not by the file).
+
+    An image listed twice with different classes is refused, naming it: which label is right
+    cannot be guessed. Listed twice with the same class, it is one label, and the repeats are
+    counted in the log."""
+    labels: dict[str, tuple[str, int]] = {}
+    rows, repeats = 0, 0
+    lines = (line for _, line in _bounded_lines(path, MAX_LABEL_FILE_BYTES))
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
-                words = (row.get("PredictionString") or "").split()
-                if row.get("ImageId") and words:
-                    labels[row["ImageId"]] = words[0]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        reader = csv.reader(lines)
+        header = next(reader, [])
+        for row in reader if header[:2] == ["ImageId", "PredictionString"] else ():
+            words = row[1].split() if len(row) > 1 else []
+            if not row or not row[0] or not words:
+                continue
+            rows += 1
+            if row[0] not in images:
+                continue
+            seen = labels.get(row[0])
+            if seen is None:
+                labels[row[0]] = (words[0], reader.line_num)
+            elif seen[0] != words[0]:
+                raise DataError(
+                    f"{path} labels {printable(row[0])} twice, {printable(seen[0])} on line {seen[1]} and "
+                    f"{printable(words[0])} on line {reader.line_num}; keep the right line and remove the other."
+                )
+            else:
+                repeats += 1
+    except csv.Error as error:
         raise DataError(f"cannot read {path} ({short_reason(error)}); replace it with Kaggle's original.") from None
-    if not labels:
+    if not rows:
         raise DataError(f"{path} has no ImageId,PredictionString rows; replace it with Kaggle's original.")
-    return labels
+    if repeats:
+        logger.warning("%s lists %d images more than once, with the same class each time; each is labelled once", path,
+                       repeats)  # fmt: skip
+    return {image: wnid for image, (wnid, _) in labels.items()}
 
 
 def flat_val_images(val: Path) -> list[Path]:
@@ -147,8 +196,9 @@ def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tup
     if not paths:
         raise DataError(f"{val} holds no images; {WHERE.format(val.parent.parent)}.")
     solution = _find(VAL_SOLUTION, folders)
+    stems = {path.stem for path in paths}
     if solution is not None:
-        wnids = read_val_solution(solution)
+        wnids = read_val_solution(solution, stems)
         used = solution
     else:
         truth, meta = _find(DEVKIT_GROUND_TRUTH, folders), _find(DEVKIT_META, folders)
@@ -159,11 +209,13 @@ def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tup
             )
         _, id_wnid = read_devkit_meta(meta)
         wnids = {}
-        for number, line in enumerate(_read_lines(truth), 1):
+        for number, line in _bounded_lines(truth, MAX_LABEL_FILE_BYTES):
             if line.strip():
                 if not line.strip().isdigit() or int(line) not in id_wnid:
                     raise DataError(f"{truth} line {number} is not an ILSVRC2012_ID of {meta}; replace the file.")
-                wnids[f"ILSVRC2012_val_{number:08d}"] = id_wnid[int(line)]
+                stem = f"ILSVRC2012_val_{number:08d}"
+                if stem in stems:
+                    wnids[stem] = id_wnid[int(line)]
         used = truth
     labels = []
     for path in paths:

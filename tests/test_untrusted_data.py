@@ -477,21 +477,37 @@ def test_thin_images_decode_within_a_bounded_memory(tmp_path):
         assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
 
 
-def test_headers_beyond_the_bound_are_refused_within_a_bounded_memory(tmp_path):
+def test_headers_beyond_the_bound_and_huge_label_lines_are_refused_within_a_bounded_memory(tmp_path):
     """20 KB PNGs that claim 169 megapixels (decoded at 1.3 GB before) and 196 megapixels
     (beyond Pillow's own limit, which gives the same sentence), through the cache's reader and
-    predict's: one sentence each, with the peak memory growing by less than 32 MB."""
+    predict's; an ImageNet label file of one 60 MB line, and one of 100 MB: one sentence each,
+    with the peak memory growing by less than 32 MB."""
     bomb = png_claiming(tmp_path / "bomb.png", 13000, 13000)
     giant = png_claiming(tmp_path / "giant.png", 14000, 14000)
+    line = tmp_path / "line" / "LOC_val_solution.csv"
+    line.parent.mkdir()
+    with open(line, "w") as f:
+        f.write("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764")
+        f.write(" 0 0 9 9 n01440764" * (60_000_000 // 19))
+    large = tmp_path / "large" / "LOC_val_solution.csv"
+    large.parent.mkdir()
+    with open(large, "w") as f:
+        f.write("ImageId,PredictionString\n")
+        f.truncate(100 << 20)  # a sparse file: 100 MB that take no disk
+    solution = "__import__('data.imagenet', fromlist=['x']).read_val_solution(path, {'ILSVRC2012_val_00000001'})"
     calls = [
         (bomb, "datasets.decode_resized(path, 256)"),
         (giant, "datasets.decode_resized(path, 256)"),
         (bomb, "__import__('inference.checkpoint', fromlist=['x']).read_image(path, 224)"),
+        (line, solution),
+        (large, solution),
     ]
     expected = [
         f"DataError: {bomb} claims to be 13000x13000 pixels, more than 50 megapixels",
         f"DataError: {giant} claims to be 196,000,000 pixels, more than 50 megapixels",
         "DataError: claims to be 13000x13000 pixels, more than 50 megapixels",  # predict names the file itself
+        f"DataError: {line} line 2 is longer than 65,536 characters, which no line of the real file is",
+        f"DataError: {large} is 104,857,600 bytes, more than the 67,108,864 a label file of ILSVRC-2012 may have",
     ]
     for (path, call), (grew, outcome), start in zip(calls, peak_growth(calls), expected):
         assert outcome.startswith(start), (call, outcome)
