@@ -126,8 +126,9 @@ UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
 
 def _open_checked(file: object, path: Path) -> Image.Image:
     """``Image.open`` with the size checked from the header. Pillow's own check (a warning above
-    89 megapixels, an error above 179) is superseded by ``MAX_IMAGE_PIXELS``, which is lower, so
-    its error becomes the same sentence and its warning cannot be reached."""
+    89 megapixels, an error above 179) is superseded by ``MAX_IMAGE_PIXELS``, which is lower: its
+    error becomes the same sentence, and its warning, about images refused here anyway, is silenced
+    so that the user sees one sentence."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
