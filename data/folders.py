@@ -105,10 +105,10 @@ def _entries(folder: Path, role: str) -> list[os.DirEntry]:
 
 
 def _kind(entry: os.DirEntry) -> str:
-    """ "dir", "file" (a regular file) or "other", following links. ``os.scandir`` knows most entries'
-    kinds without a ``stat`` each: ImageNet's training set is 1.28 M files."""
+    """What an entry is, following links: "dir", "file" (a regular file) or "other". ``os.scandir``
+    knows most entries' kinds without a ``stat`` each: ImageNet's training set is 1.28 M files."""
     try:
-        return "dir" if entry.is_dir() else "file" if entry.is_file() else "other"
+        return "file" if entry.is_file() else "dir" if entry.is_dir() else "other"  # files first: most are
     except OSError as error:  # a link into a folder this user may not read
         raise DataError(
             f"cannot read {entry.path} ({short_reason(error.strerror or error)}); give this user read access to it, or "
@@ -139,11 +139,13 @@ def folders_above(root: Path) -> frozenset[tuple[int, int]]:
     return identities([root, *root.resolve().parents])
 
 
-def files_under(
-    folder: Path, name: str, skipped: Skipped, above: frozenset[tuple[int, int]] = frozenset()
+def images_under(
+    folder: Path, name: str, suffixes: frozenset[str], skipped: Skipped, above: frozenset[tuple[int, int]]
 ) -> list[Path]:
-    """The regular files under the class folder ``folder`` (of class ``name``), subfolders
-    included, sorted by their path in it; hidden entries left out, others counted in ``skipped``.
+    """The image files under the class folder ``folder`` (of class ``name``), subfolders included,
+    sorted by their path in it. Hidden entries are left out; files without one of ``suffixes``
+    (the name endings Pillow opens), entries that are not regular files, links not followed and
+    images in subfolders are counted in ``skipped``.
 
     Subfolders are read as torchvision's ImageFolder reads them (photos sorted into one folder
     per day or per camera stay in their class). Links are followed, but neither to a folder already
@@ -166,10 +168,13 @@ def files_under(
                 else:
                     seen.add(key)
                     pending.append((f"{prefix}{entry.name}/", Path(entry.path)))
-            elif kind == "file":
-                found.append(prefix + entry.name)
-            else:
+            elif kind == "other":
                 skipped.not_regular += 1
+            elif entry.name[entry.name.rfind(".") :].lower() not in suffixes:  # no dot: a last letter, never a suffix
+                skipped.not_images += 1
+            else:
+                found.append(prefix + entry.name)
+                skipped.nested += bool(prefix)
     return [folder / relative for relative in sorted(found)]  # sorted as text: comparing Paths is 10x slower
 
 
@@ -184,7 +189,7 @@ def class_folders(root: Path, leave_out: frozenset[tuple[int, int]] = frozenset(
 
 
 def class_images(root: Path, classes: list[str], index: dict[str, int]) -> tuple[list[Path], list[int]]:
-    """The image files under ``root/<class>/`` (subfolders included: ``files_under``) for each of
+    """The image files under ``root/<class>/`` (subfolders included: ``images_under``) for each of
     ``classes``, with the class index ``index`` gives them. Files Pillow has no format for, and
     entries that are not regular files, are skipped with a count; images in subfolders are
     counted in the log; a class folder without any image is one sentence naming it."""
@@ -195,10 +200,7 @@ def class_images(root: Path, classes: list[str], index: dict[str, int]) -> tuple
     above = folders_above(root)
     paths, labels, empty = [], [], []
     for name in classes:
-        files = files_under(root / name, name, skipped, above)
-        images = [p for p in files if p.suffix.lower() in suffixes]
-        skipped.not_images += len(files) - len(images)
-        skipped.nested += sum(len(p.parts) > len(root.parts) + 2 for p in images)
+        images = images_under(root / name, name, suffixes, skipped, above)
         if not images:
             empty.append(name)
         paths.extend(images)

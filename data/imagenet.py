@@ -35,6 +35,7 @@ from data.core import ALONE, DataError, DataOptions, DataSet, Peers
 from data.folders import (
     PAPER_SIZE,
     ImageLists,
+    Skipped,
     cache_dir_for,
     class_folders,
     class_images,
@@ -185,8 +186,14 @@ def read_val_solution(path: Path, images: set[str]) -> dict[str, str]:
 
 
 def flat_val_images(val: Path) -> list[Path]:
+    """The images of a flat ``val/``; what is left out is counted in the log."""
     suffixes = image_suffixes()
-    return [p for p in visible_files(val) if p.suffix.lower() in suffixes]
+    skipped = Skipped()
+    files = visible_files(val, skipped)
+    images = [p for p in files if p.suffix.lower() in suffixes]
+    skipped.not_images = len(files) - len(images)
+    skipped.log(val)
+    return images
 
 
 def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tuple[list[Path], list[int], str]:
