@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from data.archives import require_data_dir
@@ -33,11 +35,14 @@ from data.core import ALONE, DataError, DataOptions, DataSet, Peers
 from data.folders import (
     PAPER_SIZE,
     ImageLists,
+    Skipped,
     cache_dir_for,
     class_folders,
     class_images,
     image_suffixes,
     lists_to_dataset,
+    refuse_cache_inside,
+    require_two_classes,
     take_subset,
     visible_files,
 )
@@ -71,9 +76,32 @@ def _find(name: str, folders: list[Path]) -> Path | None:
     return next((folder / name for folder in folders if (folder / name).is_file()), None)
 
 
-def _read_lines(path: Path) -> list[str]:
+#: The label files are read line by line within these bounds, far beyond the real files (the
+#: 50,000-line ``LOC_val_solution.csv`` is about 3 MB, its longest line under 1 KB; the mapping is
+#: 31 KB), so a crafted or damaged one (one line of a gigabyte) costs megabytes, not gigabytes.
+MAX_LABEL_FILE_BYTES = 64 << 20
+MAX_MAPPING_BYTES = 1 << 20
+MAX_LINE_CHARS = 64 << 10
+
+
+def _bounded_lines(path: Path, max_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) of a UTF-8 text file (a byte-order mark dropped),
+    refused in one sentence when the file or one of its lines is beyond the bounds."""
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise DataError(
+                    f"{path} is {size:,} bytes, more than the {max_bytes:,} a label file of ILSVRC-2012 may have "
+                    "(the real one is a fraction of that); replace it with the original."
+                )
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_CHARS + 1), ""), 1):
+                if len(line) > MAX_LINE_CHARS:
+                    raise DataError(
+                        f"{path} line {number} is longer than {MAX_LINE_CHARS:,} characters, which no line of the "
+                        "real file is; replace it with the original."
+                    )
+                yield number, line.rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read {path} ({short_reason(error)}); replace it with the original.") from None
 
@@ -82,7 +110,7 @@ def read_synset_mapping(path: Path) -> dict[str, str]:
     """wnid -> first name of each line ``n01440764 tench, Tinca tinca`` (names made unique: two
     ILSVRC classes are both called "crane", two "maillot")."""
     names: dict[str, str] = {}
-    for number, line in enumerate(_read_lines(path), 1):
+    for number, line in _bounded_lines(path, MAX_MAPPING_BYTES):
         wnid, _, rest = line.strip().partition(" ")
         if not wnid:
             continue
@@ -116,26 +144,56 @@ def read_devkit_meta(path: Path) -> tuple[dict[str, str], dict[int, str]]:
     return names, ids
 
 
-def read_val_solution(path: Path) -> dict[str, str]:
+def read_val_solution(path: Path, images: set[str]) -> dict[str, str]:
     """Image id -> wnid of Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the
-    string ``wnid xmin ymin xmax ymax`` per object; every object of an image has its class)."""
-    labels = {}
+    string ``wnid xmin ymin xmax ymax`` per object; every object of an image has its class), for
+    the ids in ``images`` (the files of ``val/``: what is kept is bounded by them, not by the file).
+
+    An image listed twice with different classes is refused, naming it: which label is right
+    cannot be guessed. Listed twice with the same class, it is one label, and the repeats are
+    counted in the log."""
+    labels: dict[str, tuple[str, int]] = {}
+    rows, repeats = 0, 0
+    lines = (line for _, line in _bounded_lines(path, MAX_LABEL_FILE_BYTES))
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            for row in csv.DictReader(f):
-                words = (row.get("PredictionString") or "").split()
-                if row.get("ImageId") and words:
-                    labels[row["ImageId"]] = words[0]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        reader = csv.reader(lines)
+        header = next(reader, [])
+        for row in reader if header[:2] == ["ImageId", "PredictionString"] else ():
+            words = row[1].split() if len(row) > 1 else []
+            if not row or not row[0] or not words:
+                continue
+            rows += 1
+            if row[0] not in images:
+                continue
+            seen = labels.get(row[0])
+            if seen is None:
+                labels[row[0]] = (words[0], reader.line_num)
+            elif seen[0] != words[0]:
+                raise DataError(
+                    f"{path} labels {printable(row[0])} twice, {printable(seen[0])} on line {seen[1]} and "
+                    f"{printable(words[0])} on line {reader.line_num}; keep the right line and remove the other."
+                )
+            else:
+                repeats += 1
+    except csv.Error as error:
         raise DataError(f"cannot read {path} ({short_reason(error)}); replace it with Kaggle's original.") from None
-    if not labels:
+    if not rows:
         raise DataError(f"{path} has no ImageId,PredictionString rows; replace it with Kaggle's original.")
-    return labels
+    if repeats:
+        logger.warning("%s lists %d images more than once, with the same class each time; each is labelled once", path,
+                       repeats)  # fmt: skip
+    return {image: wnid for image, (wnid, _) in labels.items()}
 
 
 def flat_val_images(val: Path) -> list[Path]:
+    """The images of a flat ``val/``; what is left out is counted in the log."""
     suffixes = image_suffixes()
-    return [p for p in visible_files(val) if p.suffix.lower() in suffixes]
+    skipped = Skipped()
+    files = visible_files(val, skipped)
+    images = [p for p in files if p.suffix.lower() in suffixes]
+    skipped.not_images = len(files) - len(images)
+    skipped.log(val)
+    return images
 
 
 def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tuple[list[Path], list[int], str]:
@@ -145,8 +203,9 @@ def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tup
     if not paths:
         raise DataError(f"{val} holds no images; {WHERE.format(val.parent.parent)}.")
     solution = _find(VAL_SOLUTION, folders)
+    stems = {path.stem for path in paths}
     if solution is not None:
-        wnids = read_val_solution(solution)
+        wnids = read_val_solution(solution, stems)
         used = solution
     else:
         truth, meta = _find(DEVKIT_GROUND_TRUTH, folders), _find(DEVKIT_META, folders)
@@ -157,11 +216,13 @@ def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tup
             )
         _, id_wnid = read_devkit_meta(meta)
         wnids = {}
-        for number, line in enumerate(_read_lines(truth), 1):
+        for number, line in _bounded_lines(truth, MAX_LABEL_FILE_BYTES):
             if line.strip():
                 if not line.strip().isdigit() or int(line) not in id_wnid:
                     raise DataError(f"{truth} line {number} is not an ILSVRC2012_ID of {meta}; replace the file.")
-                wnids[f"ILSVRC2012_val_{number:08d}"] = id_wnid[int(line)]
+                stem = f"ILSVRC2012_val_{number:08d}"
+                if stem in stems:
+                    wnids[stem] = id_wnid[int(line)]
         used = truth
     labels = []
     for path in paths:
@@ -177,11 +238,13 @@ def label_flat_val(val: Path, folders: list[Path], index: dict[str, int]) -> tup
     return paths, labels, used.name
 
 
-def imagenet_lists(data_dir: Path) -> ImageLists:
+def imagenet_lists(data_dir: Path, cache_dir: Path | None = None) -> ImageLists:
     """The files, labels and classes of an ImageNet tree (no image is opened); classes are
-    names, in sorted-wnid order (wnids without a names file)."""
+    names, in sorted-wnid order (wnids without a names file). ``cache_dir`` (``--cache-dir``) may
+    not be inside ``train/`` or ``val/``."""
     root, folders = find_imagenet_root(data_dir)
     train_root, val = root / "train", root / "val"
+    refuse_cache_inside(cache_dir, [train_root, val])
     train_wnids = class_folders(train_root)
     mapping, meta = _find(SYNSET_MAPPING, folders), _find(DEVKIT_META, folders)
     if mapping is not None:
@@ -211,6 +274,7 @@ def imagenet_lists(data_dir: Path) -> ImageLists:
     else:
         test_paths, test_labels, label_file = label_flat_val(val, folders, index)
         source = f"val/ labelled by {label_file}"
+    require_two_classes(train_root, [names[w] for w in wnids])
     return ImageLists([names[w] for w in wnids], train_paths, train_labels, test_paths, test_labels, source)
 
 
@@ -218,7 +282,7 @@ def load_imagenet(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     """ILSVRC-2012 classification at 256x256 (the paper's preparation)."""
     if options.download:
         raise DataError(f"ImageNet cannot be downloaded by this tool (its licence): {WHERE.format(options.data_dir)}.")
-    lists = take_subset(imagenet_lists(options.data_path), options)
+    lists = take_subset(imagenet_lists(options.data_path, options.cache_path), options)
     root, _ = find_imagenet_root(options.data_path)
     logger.info("ImageNet %s: %d classes, %d training images in %d class folders, %d evaluation images (%s)", root,
                 len(lists.classes), len(lists.train_paths), len(set(lists.train_labels)), len(lists.test_paths),

@@ -1,11 +1,17 @@
 """Single images for the resize cache: any mode to 8-bit RGB, turned upright by its EXIF
 orientation (as viewers and phones show it), the short side resized and the
 centre square cropped without ever making the whole resized image (``decode_resized``).
-Decompression bombs are refused from the header, before anything is decoded."""
+Every image the tool reads (the resize caches of VOC, ImageNet and ImageFolder, which ``figures``
+reads too, and ``predict``'s files) is opened here: only regular files, and images of more than
+``MAX_IMAGE_PIXELS`` are refused from the header, before anything is decoded."""
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +21,41 @@ from PIL import Image, ImageOps
 from data.core import DataError
 from utils import short_reason
 
-#: 200 megapixels: a phone's largest photos (16320 x 12240) pass, decompression bombs do not.
-#: VOC images are at most 500x500, ImageNet's largest about 25 megapixels.
-MAX_IMAGE_PIXELS = 200_000_000
+#: 50 megapixels. Twice ImageNet's largest photos (about 25 megapixels; VOC's are at most 500 x
+#: 500), and every phone's and most cameras' full-resolution photos (a 50-megapixel sensor's 8160
+#: x 6120 pass). Decoding costs about 8 bytes a pixel at the peak (Pillow holds RGB in 4 bytes, and
+#: the conversion to RGB and the crop each copy it): 381 MB for a 49-megapixel PNG, measured, per
+#: resize worker, within the 500 MB the tool allows a bad input beyond an ordinary one. 200
+#: megapixels (a phone's largest mode, 16320 x 12240) would cost 1.6 GB per worker, and were refused
+#: all the same by Pillow's own limit of 179; such a photo is one downscale away
+#: (``magick in.jpg -resize 50000000@ out.jpg``).
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+def _too_large(path: Path, size: str) -> DataError:
+    return DataError(
+        f"{path} claims to be {size} pixels, more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels (a decompression "
+        "bomb, a damaged header, or a photo to downscale first); replace it with a smaller image or remove it."
+    )
 
 
 def _check_header(image: Image.Image, path: Path) -> None:
     width, height = image.size  # from the header; nothing decoded yet
     if width * height > MAX_IMAGE_PIXELS:
-        raise DataError(
-            f"{path} claims to be {width}x{height} pixels, more than {MAX_IMAGE_PIXELS // 1_000_000} megapixels (a "
-            "decompression bomb or a damaged header); replace it with a smaller image or remove it."
-        )
+        raise _too_large(path, f"{width}x{height}")
+
+
+def open_regular(path: Path) -> int:
+    """A read-only descriptor of ``path``, refused unless it is a regular file (after links). A
+    FIFO named ``photo.jpg`` would block ``open`` until something writes to it, and a device
+    would stream forever: the file is opened without blocking and checked before it is read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise DataError(f"{path} is {kind}, not a regular file; replace it with an image file or remove it.")
+    return fd
 
 
 def resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
@@ -51,7 +80,9 @@ def to_rgb(image: Image.Image, path: Path) -> Image.Image:
     # there I means 16 bits as surely as I;16 does.
     if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PNG"):
         values = np.asarray(image).astype(np.uint32)
-        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
+        values += 128  # in place: three 4-byte copies of a 50-megapixel image would be 600 MB
+        values //= 257
+        image = Image.fromarray(values.astype(np.uint8), "L")
     elif image.mode in ("I", "F") or image.mode.startswith(("I;", "F;")):
         raise DataError(
             f"{path} holds {image.mode} pixels (32-bit integers or floating point), which have no fixed white level; "
@@ -89,17 +120,36 @@ def resize_centre(image: Image.Image, size: int) -> Image.Image:
     return rows.resize((size, size), Image.BILINEAR, box=(0, y0 - r0, size, y1 - r0))
 
 
-#: What Pillow raises for a file it cannot read, or not within ``MAX_IMAGE_PIXELS``.
+#: What Pillow raises for a file it cannot read (a frame beyond its own bomb limits included).
 UNREADABLE = (OSError, ValueError, Image.DecompressionBombError)
+
+
+def _open_checked(file: object, path: Path) -> Image.Image:
+    """``Image.open`` with the size checked from the header. Pillow's own check (a warning above
+    89 megapixels, an error above 179) is superseded by ``MAX_IMAGE_PIXELS``, which is lower: its
+    error becomes the same sentence, and its warning, about images refused here anyway, is silenced
+    so that the user sees one sentence."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(file)
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise _too_large(path, f"{int(pixels.group(1)):,}" if pixels else "too many") from None
+    try:
+        _check_header(image, path)
+    except DataError:
+        image.close()
+        raise
+    return image
 
 
 def open_resized(path: Path, size: int) -> torch.Tensor:
     """An image file (a JPEG in VOC; any format PIL reads) as uint8 3 x size x size: upright as
     its EXIF orientation says, 8-bit RGB (``to_rgb``), its short side resized to ``size`` and the
     centre ``size x size`` crop (``resize_centre``). Raises ``UNREADABLE`` as Pillow does, or a
-    ``DataError`` naming the file (too many pixels, no fixed white level)."""
-    with Image.open(path) as image:
-        _check_header(image, path)
+    ``DataError`` naming the file (not a regular file, too many pixels, no fixed white level)."""
+    with os.fdopen(open_regular(path), "rb") as file, _open_checked(file, path) as image:
         ImageOps.exif_transpose(image, in_place=True)  # a phone's portrait photo is stored sideways
         image = to_rgb(image, path)
     image = resize_centre(image, size)

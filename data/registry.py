@@ -14,8 +14,10 @@ its task and the reader options it takes; ``load_dataset`` reads one by name.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from data.cifar import CIFAR10, CIFAR100, load_cifar
 from data.core import ALONE, DataError, DataOptions, DataSet, Peers
@@ -72,6 +74,12 @@ def load_dataset(name: str, options: DataOptions, peers: Peers = ALONE) -> DataS
         return DATASETS[name].load(options, peers)
     except OSError as error:  # permissions, I/O errors: whatever the readers did not foresee
         where = error.filename or options.data_dir
+        cache = options.cache_path
+        if cache is not None and error.filename and Path(os.path.abspath(where)).is_relative_to(cache.absolute()):
+            raise DataError(
+                f"cannot write the resize cache in {where} ({short_reason(error.strerror or error)}); give this user "
+                f"write access to --cache-dir {cache}, or pass another --cache-dir."
+            ) from None
         raise DataError(
             f"cannot read {where} ({short_reason(error.strerror or error)}); check that this user may read it, "
             "or pass another --data-dir."

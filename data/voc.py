@@ -17,6 +17,7 @@ from data.archives import (
     download_archive,
     extract_archive,
     is_writable_dir,
+    require_cache_dir,
     require_data_dir,
     short_hash,
     user_cache_dir,
@@ -174,9 +175,10 @@ def parse_voc_xml(path: Path) -> np.ndarray:
 
 
 def voc_cache_dir(folder: Path, options: DataOptions) -> Path:
-    """``--cache-dir``, else ``alexnet_cache/`` inside the VOC folder, else (read-only data) the
-    user's cache folder."""
+    """``--cache-dir`` (checked: ``require_cache_dir``), else ``alexnet_cache/`` inside the VOC
+    folder, else (read-only data) the user's cache folder."""
     if options.cache_path is not None:
+        require_cache_dir(options.cache_path)
         return options.cache_path
     beside = folder / "alexnet_cache"
     if is_writable_dir(beside):

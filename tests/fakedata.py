@@ -13,6 +13,7 @@ import io
 import pickle
 import struct
 import tarfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -429,3 +430,35 @@ def write_imagenet(root: Path, train: dict[str, int], val: dict[str, int], layou
         savemat(str(data / "meta.mat"), {"synsets": synsets})
         (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ids[w]}\n" for w in val_wnids.values()))
     return val_wnids
+
+
+# Crafted images and archives: what a header or an entry claims, not what it holds.
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A 1-bit greyscale PNG of ``width`` x ``height`` zero pixels, written row by row (never
+    the whole image in memory): 13000 x 13000 is 20 KB on disk and 169 megapixels decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # the filter byte, then the row's bits
+    packer = zlib.compressobj(9)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def add_tar_entry(tar: tarfile.TarFile, name: str, data: bytes = b"", link: str | None = None,
+                  kind: bytes = tarfile.SYMTYPE) -> None:  # fmt: skip
+    """An entry written as a crafted archive holds it: a file of ``data``, or with ``link`` a
+    link of ``kind`` (symbolic, or ``tarfile.LNKTYPE``: hard) to it; ``tarfile.FIFOTYPE`` a FIFO."""
+    info = tarfile.TarInfo(name)
+    if link is not None or kind == tarfile.FIFOTYPE:
+        info.type, info.linkname = kind, link or ""
+        tar.addfile(info)
+    else:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))

@@ -1,5 +1,5 @@
-"""Property tests: random and mutated bytes through the CIFAR and VOC readers and the checkpoint
-loader, crafted pickle programs and array fields through the restricted unpickler, and random
+"""Property tests: random and mutated bytes through the CIFAR, VOC and ImageNet readers and the
+checkpoint loader, crafted pickle programs and array fields through the restricted unpickler, and random
 text through the VOC image-id rule. Every outcome must be a correct load or the tool's own
 one-sentence error; any other exception, a hang (the deadline) or a crash fails the test.
 Bounded so the suite stays fast."""
@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from data.imagenet import read_val_solution
 from datasets import (
     PLAIN_DTYPES,
     DataError,
@@ -144,6 +145,40 @@ def check_jpeg(path: Path) -> None:
 @given(mutated(small_jpeg()))
 def test_voc_jpeg_mutated(data):
     with_file(data, ".jpg", check_jpeg)
+
+
+SOLUTION = (
+    "ImageId,PredictionString\r\n"
+    "ILSVRC2012_val_00000001,n01751748 0 0 249 203 \r\n"
+    "ILSVRC2012_val_00000002,n09193705 10 20 300 400 n09193705 5 5 9 9 \r\n"
+    "ILSVRC2012_val_00000003,n02105855 1 2 3 4 \r\n"
+    '"ILSVRC2012_val_00000004","n04263257 0 0 7 7"\r\n'
+).encode("utf-8-sig")
+VAL_IMAGES = {f"ILSVRC2012_val_{i:08d}" for i in range(1, 6)}
+SOLUTION_SENTENCE = re.compile(
+    r".*LOC_val_solution\.csv (has no ImageId,PredictionString rows; replace it with Kaggle's original"
+    r"|labels .* twice, .* on line \d+ and .* on line \d+; keep the right line and remove the other"
+    r"|line \d+ is longer than [\d,]+ characters, which no line of the real file is; replace it with the original)\."
+    r"|cannot read .*LOC_val_solution\.csv \(.*\); replace it with (Kaggle's )?(the )?original\.",
+    re.DOTALL,
+)
+
+
+def check_solution(path: Path) -> None:
+    """Kaggle's label file: labels for the images asked for, words of the file, or one sentence."""
+    csv_path = path.with_name("LOC_val_solution.csv")
+    path.rename(csv_path)
+    try:
+        labels = read_val_solution(csv_path, VAL_IMAGES)
+    except DataError as error:
+        assert SOLUTION_SENTENCE.fullmatch(str(error)), error
+        return
+    assert set(labels) <= VAL_IMAGES
+    assert all(isinstance(wnid, str) and wnid and not wnid.isspace() for wnid in labels.values())
+
+
+test_imagenet_solution_mutated, test_imagenet_solution_random = file_fuzz_tests("imagenet_solution", SOLUTION, ".csv",
+                                                                                check_solution)  # fmt: skip
 
 
 def small_checkpoint() -> bytes:

@@ -1,17 +1,23 @@
 """The ImageFolder reader: both layouts, the stratified split and subsets, the image modes and
 EXIF orientation, the 32x32 size for -c, and its errors through the command line."""
 
+import logging
+import os
+
 import numpy as np
 import pytest
 import torch
-from fakedata import class_colour, solid, write_class_folders, write_image
+from fakedata import class_colour, small_voc, solid, write_class_folders, write_image, write_imagenet
 from main_cli import Case, run_case
 from PIL import Image
+from test_faults import without_file_permission_override
+from test_untrusted_data import isolated
 
 import main
 from data import prepare
 from data.core import DataError, DataOptions
 from data.folders import image_folder_lists, stratified_split, stratified_subset
+from data.imagenet import imagenet_lists
 from data.images import decode_resized
 from data.registry import load_dataset
 
@@ -32,7 +38,7 @@ def test_train_and_val_folders(tmp_path, eval_folder):
 
 
 def test_a_val_fraction_beside_a_val_folder_is_said_to_be_unused(tmp_path, caplog):
-    write_class_folders(tmp_path / "train", {"a": 2})
+    write_class_folders(tmp_path / "train", {"a": 2, "b": 1})
     write_class_folders(tmp_path / "val", {"a": 1})
     image_folder_lists(tmp_path, DataOptions.val_fraction)
     assert "--val-fraction" not in caplog.text
@@ -131,6 +137,83 @@ def test_the_cache_beside_the_class_folders_is_not_a_class(tmp_path):
     assert torch.equal(again.train.images[:], first.train.images[:])
 
 
+def test_images_in_subfolders_are_taken_and_counted(tmp_path, caplog):
+    """As torchvision's ImageFolder: photos sorted into subfolders of their class stay in it,
+    listed in the order of their path in the class folder; the count is logged."""
+    caplog.set_level(logging.INFO)
+    write_class_folders(tmp_path / "train", {"a": 1, "b": 1})
+    write_class_folders(tmp_path / "train" / "a" / "2024", {"x": 2})
+    write_class_folders(tmp_path / "train" / "a" / "2024" / "deeper", {"y": 1})
+    write_class_folders(tmp_path / "val", {"a": 1, "b": 1})
+    lists = image_folder_lists(tmp_path, 0.1)
+    found = [str(p.relative_to(tmp_path / "train")) for p in lists.train_paths]
+    assert found == ["a/2024/deeper/y/y_0.jpg", "a/2024/x/x_0.jpg", "a/2024/x/x_1.jpg", "a/a_0.jpg", "b/b_0.jpg"]
+    assert lists.train_labels == [0, 0, 0, 0, 1]
+    assert f"{tmp_path / 'train'}: took 3 images from subfolders of class folders" in caplog.text
+
+
+def test_entries_that_are_not_regular_files_are_skipped_with_a_count(tmp_path, caplog):
+    """A FIFO named like an image is never opened (it would block the first read), a broken link
+    has nothing to read, and a link back up to the class folder is not followed round."""
+    write_class_folders(tmp_path / "train", {"a": 2, "b": 2})
+    write_class_folders(tmp_path / "val", {"a": 1, "b": 1})
+    os.mkfifo(tmp_path / "train" / "a" / "fifo.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "train" / "b" / "broken.jpg")
+    os.symlink("..", tmp_path / "train" / "b" / "up")
+    lists = image_folder_lists(tmp_path, 0.1)
+    assert [p.name for p in lists.train_paths] == ["a_0.jpg", "a_1.jpg", "b_0.jpg", "b_1.jpg"]
+    train = tmp_path / "train"
+    assert f"{train}: skipped 2 entries that are not regular files (FIFOs, sockets, devices or broken links)" in \
+        caplog.text  # fmt: skip
+    assert f"{train}: skipped 1 links to folders already read or holding their class folder (a loop)" in caplog.text
+
+
+def test_the_cache_is_left_out_by_its_identity_not_its_name(tmp_path):
+    """In train/, a folder called alexnet_cache is a class like any other; beside the class
+    folders of the single-folder layout, the default cache is left out, and --cache-dir may name
+    it; any other --cache-dir among the class folders is refused."""
+    write_class_folders(tmp_path / "split" / "train", {"a": 1, "alexnet_cache": 1})
+    write_class_folders(tmp_path / "split" / "val", {"a": 1})
+    assert image_folder_lists(tmp_path / "split", 0.1).classes == ["a", "alexnet_cache"]
+    flat = tmp_path / "flat"
+    write_class_folders(flat, {"a": 2, "b": 2})
+    (flat / "alexnet_cache" / "train_256").mkdir(parents=True)
+    assert image_folder_lists(flat, 0.5).classes == ["a", "b"]
+    assert image_folder_lists(flat, 0.5, flat / "alexnet_cache").classes == ["a", "b"]
+    with pytest.raises(DataError, match=rf"^--cache-dir {flat / 'mine'} is inside {flat}, whose subfolders are read"):
+        image_folder_lists(flat, 0.5, flat / "mine")
+    assert not (flat / "mine").exists()
+
+
+def test_imagenet_refuses_a_cache_inside_train_or_val(tmp_path):
+    write_imagenet(tmp_path, {"n01": 1, "n02": 1}, {"n01": 1}, "kaggle")
+    with pytest.raises(DataError, match=rf"^--cache-dir {tmp_path}/train/c is inside {tmp_path}/train, whose sub"):
+        imagenet_lists(tmp_path, tmp_path / "train" / "c")
+    with pytest.raises(DataError, match=rf"^--cache-dir {tmp_path}/val is inside {tmp_path}/val, whose subfolders"):
+        imagenet_lists(tmp_path, tmp_path / "val")
+    assert len(imagenet_lists(tmp_path, tmp_path / "cache").classes) == 2
+
+
+@pytest.mark.parametrize("dataset", ["ImageFolder", "ImageNet", "PascalVOC2012"])
+def test_a_cache_dir_that_is_a_file_is_named_as_such(tmp_path, dataset):
+    data = tmp_path / "data"
+    if dataset == "ImageFolder":
+        write_class_folders(data, {"a": 2, "b": 2})
+    elif dataset == "ImageNet":
+        write_imagenet(data, {"n01": 1, "n02": 1}, {"n01": 1})
+    else:
+        small_voc(data)
+    (tmp_path / "afile").write_text("a file")
+    options = DataOptions(data_dir=str(data), cache_dir=str(tmp_path / "afile" / "cache"))
+    with pytest.raises(
+        DataError, match=rf"^cannot create --cache-dir {tmp_path}/afile/cache \(Not a directory\); pass "
+    ):
+        load_dataset(dataset, options)
+    options = DataOptions(data_dir=str(data), cache_dir=str(tmp_path / "afile"))
+    with pytest.raises(DataError, match=rf"^--cache-dir {tmp_path}/afile is a file, not a folder; pass a folder for"):
+        load_dataset(dataset, options)
+
+
 def test_unreadable_files_are_named_together(tmp_path):
     write_class_folders(tmp_path / "data" / "train", {"a": 3, "b": 3})
     write_class_folders(tmp_path / "data" / "val", {"a": 1})
@@ -209,6 +292,33 @@ def _truncated(work, earlier):
     (work / "data" / "b" / "b_2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
 
 
+def _unreadable_subfolder(work, earlier):
+    write_class_folders(work / "data", {"a": 2, "b": 2})
+    write_class_folders(work / "data" / "a" / "2024", {"x": 1})
+    os.chmod(work / "data" / "a" / "2024", 0)
+
+
+def _one_class(work, earlier):
+    write_class_folders(work / "data" / "train", {"a": 3})
+    write_class_folders(work / "data" / "val", {"a": 1})
+
+
+def _two_classes_and(*paths):
+    def prepare(work, earlier):
+        write_class_folders(work / "data" / "train", {"a": 2, "b": 2})
+        write_class_folders(work / "data" / "val", {"a": 1, "b": 1})
+        for path in paths:
+            (work / path).mkdir(mode=0o555) if path == "readonly" else (work / path).write_text("a file")
+
+    return prepare
+
+
+def _no_cache_in_train(work, result):
+    assert sorted(p.name for p in (work / "data" / "train").iterdir()) == ["a", "b"]
+
+
+PREPARE = ["prepare", "-ds", "ImageFolder", "--data-dir", "data", "--workers", "1"]
+
 ERRORS = [
     Case("missing folder", ["-ds", "ImageFolder", "--data-dir", "nowhere", "-ne", "1"], 1,
          r"data folder nowhere does not exist; create it and put one folder of images per class in it"),
@@ -218,6 +328,28 @@ ERRORS = [
     Case("unreadable file", ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"], 1,
          r"data/b/b_2\.jpg cannot be decoded as an image \(.*\); replace it with a good copy .*or remove it\.$",
          _truncated),
+    isolated(Case("unreadable subfolder of a class", PREPARE, 1,
+         r"cannot read data/a/2024 \(Permission denied\), a subfolder of class a, whose images would be left out; give "
+         r"this user read access to it, or move it out of the data folder\.$", _unreadable_subfolder,
+         prefix=without_file_permission_override, restore=["data/a/2024"])),
+
+    isolated(Case("one class", ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"], 1,
+         r"data/train has one class folder \(a\); a classifier needs at least two classes, so add a folder of images "
+         r"for each other class\.$", _one_class)),
+
+    isolated(Case("--cache-dir that is a file", [*PREPARE, "--cache-dir", "afile"], 1,
+         r"--cache-dir afile is a file, not a folder; pass a folder for the resize cache \(it is created if missing\)\.$",
+         _two_classes_and("afile"))),
+
+    isolated(Case("read-only --cache-dir", [*PREPARE, "--cache-dir", "readonly"], 1,
+         r"cannot write the resize cache in readonly/train_256 \(Permission denied\); give this user write access to "
+         r"--cache-dir readonly, or pass another --cache-dir\.$", _two_classes_and("readonly"),
+         prefix=without_file_permission_override)),
+
+    isolated(Case("--cache-dir inside a split's folder", [*PREPARE, "--cache-dir", "data/train/cache"], 1,
+         r"--cache-dir data/train/cache is inside data/train, whose subfolders are read as classes, so the cache would "
+         r"become one; pass a --cache-dir outside data/train, or leave it out\.$", _two_classes_and(),
+         check=_no_cache_in_train)),
 ]  # fmt: skip
 
 

@@ -10,6 +10,7 @@ import torch
 from fakedata import solid, write_image, write_imagenet
 from main_cli import Case, run_case
 from PIL import Image
+from test_untrusted_data import isolated
 from torchvision.transforms import v2
 
 from data.core import DataError, DataOptions
@@ -109,11 +110,39 @@ def test_download_is_refused_with_where_to_get_it(tmp_path):
         load_imagenet(DataOptions(data_dir=str(tmp_path), download=True))
 
 
+def test_an_image_listed_twice_with_its_class_is_labelled_once(tmp_path, caplog):
+    write_imagenet(tmp_path, {"n01": 1, "n02": 1}, {"n01": 1, "n02": 1}, "kaggle")
+    with open(tmp_path / "LOC_val_solution.csv", "a") as f:
+        f.write("ILSVRC2012_val_00000002,n02 1 1 5 5\nILSVRC2012_val_00000099,n01 1 1 5 5\n")
+    assert imagenet_lists(tmp_path).test_labels == [0, 1]
+    assert "LOC_val_solution.csv lists 1 images more than once, with the same class each time; each is labelled " \
+        "once" in caplog.text  # fmt: skip
+
+
+def test_one_class_without_a_mapping_is_refused(tmp_path):
+    write_imagenet(tmp_path, {"n01": 2}, {"n01": 1})
+    with pytest.raises(
+        DataError, match=rf"^{tmp_path}/train has one class folder \(n01\); a classifier needs at least"
+    ):
+        imagenet_lists(tmp_path)
+    write_imagenet(tmp_path, {}, {}, mapping=["n01", "n02"])  # the class index of ILSVRC-2012, all of it
+    assert imagenet_lists(tmp_path).classes == ["class 01", "class 02"]
+
+
 def _imagenet_with_unknown_val_label(work, earlier):
     write_imagenet(work / "data", {"n01": 1}, {"n01": 1}, "kaggle")
     with open(work / "data" / "LOC_val_solution.csv", "a") as f:
         f.write("ILSVRC2012_val_00000009,n09 0 0 1 1\n")
     write_image(work / "data" / "val" / "ILSVRC2012_val_00000009.JPEG", solid((1, 2, 3)))
+
+
+def _solution_with(*rows):
+    def prepare(work, earlier):
+        write_imagenet(work / "data", {"n01": 1, "n02": 1}, {"n01": 1, "n02": 1}, "kaggle")
+        with open(work / "data" / "LOC_val_solution.csv", "a") as f:
+            f.write("".join(f"{row}\n" for row in rows))
+
+    return prepare
 
 
 ERRORS = [
@@ -123,6 +152,13 @@ ERRORS = [
     Case("val label not a class", ["prepare", "-ds", "ImageNet", "--data-dir", "data"], 1,
          r"LOC_val_solution\.csv labels ILSVRC2012_val_00000009\.JPEG n09, which is not a class of train/",
          _imagenet_with_unknown_val_label),
+    isolated(Case("one image with two classes", ["prepare", "-ds", "ImageNet", "--data-dir", "data"], 1,
+         r"data/LOC_val_solution\.csv labels ILSVRC2012_val_00000001 twice, n01 on line 2 and n02 on line 4; keep the "
+         r"right line and remove the other\.$", _solution_with("ILSVRC2012_val_00000001,n02 0 0 7 7"))),
+
+    isolated(Case("label line beyond the bound", ["prepare", "-ds", "ImageNet", "--data-dir", "data"], 1,
+         r"data/LOC_val_solution\.csv line 4 is longer than 65,536 characters, which no line of the real file is; "
+         r"replace it with the original\.$", _solution_with("ILSVRC2012_val_00000003,n01" + " 0 0 7 7 n01" * 6000))),
 ]  # fmt: skip
 
 

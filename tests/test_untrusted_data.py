@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,17 @@ import torch
 from fakedata import (
     CIFAR10_NAMES,
     Ops,
+    add_tar_entry,
     codec_chain,
     memo_reuse_batch,
+    png_claiming,
     python2_pickle,
     small_voc,
     stateless_batch,
     voc_xml,
     write_cifar10,
     write_cifar100,
+    write_class_folders,
     zero_stride_batch,
 )
 from main_cli import ROOT, VOC_DRY_RUN, Case, run_case, snapshot, unchanged
@@ -129,6 +133,90 @@ def float_image(work: Path) -> None:
     Image.fromarray(np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(30, 40), "F").save(path, format="TIFF")
 
 
+def isolated(case: Case) -> Case:
+    """``case`` run with HOME and TMPDIR in fresh folders of the work folder, checked empty after:
+    nothing is written outside the folders the command is given."""
+    prepare, prefix, check = case.prepare, case.prefix, case.check
+
+    def prepare_too(work: Path, earlier: Path) -> None:
+        (work / "home").mkdir()
+        (work / "tmpdir").mkdir()
+        prepare(work, earlier)
+
+    def check_too(work: Path, result: subprocess.CompletedProcess) -> None:
+        assert [*(work / "home").iterdir(), *(work / "tmpdir").iterdir()] == []
+        if check is not None:
+            check(work, result)
+
+    case.prepare, case.check = prepare_too, check_too
+    case.prefix = lambda: ["env", "HOME=home", "TMPDIR=tmpdir", *prefix()]
+    return case
+
+
+def cifar_archive_with(work: Path, entries: list[tuple]) -> None:
+    """``data/cifar-10-python.tar.gz``: the official folder, then ``entries`` (``add_tar_entry``'s
+    arguments), as a crafted archive holds them."""
+    build = work / ".build"
+    write_cifar10(build / "cifar-10-batches-py")
+    (work / "data").mkdir()
+    with tarfile.open(work / "data" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(build / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+        for entry in entries:
+            add_tar_entry(tar, *entry)
+    shutil.rmtree(build)
+
+
+def nothing_unpacked(work: Path, result: subprocess.CompletedProcess) -> None:
+    assert [p.name for p in (work / "data").iterdir()] == ["cifar-10-python.tar.gz"]
+    assert not (work / "x").exists() and not (work / "data" / "x").exists()
+
+
+#: What every command imports, before the baseline of the memory it grows by.
+CAPPED_MAIN = """
+import resource, sys
+sys.path.insert(0, {root!r})
+import numpy, torch, torchvision.io, PIL.Image, main, data.prepare, data.registry
+
+def vm_size():
+    return int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm_size() + (2 << 30), resource.RLIM_INFINITY))
+try:
+    code = main.main(sys.argv[3:])
+finally:
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(f"peak memory grew by {{grew}} bytes", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def capped_main() -> list[str]:
+    """A prefix that runs ``python main.py ARGS`` as ``main.main(ARGS)`` in a Python that has
+    already imported what every command imports, under an address-space cap of 2 GiB more (which
+    guards the machine), and prints by how much the peak resident memory grew after that."""
+    return [sys.executable, "-c", CAPPED_MAIN.format(root=str(ROOT))]
+
+
+def memory_grew_by(result: subprocess.CompletedProcess) -> int:
+    return int(re.search(r"peak memory grew by (\d+) bytes", result.stderr).group(1))
+
+
+def bomb_among_images(work: Path, earlier: Path) -> None:
+    write_class_folders(work / "data", {"a": 2, "b": 2})
+    png_claiming(work / "data" / "b" / "bomb.png", 13000, 13000)
+
+
+def within_500_mb(work: Path, result: subprocess.CompletedProcess) -> None:
+    """The issue's bound: within 500 MB of the same command on ordinary input, whose growth is
+    at least 0 (it is 30-60 MB here); the old code grew by 1.3 GB."""
+    assert memory_grew_by(result) < 500 * MB, result.stderr
+
+
+MB = 1 << 20
+PREPARE_FOLDER = ["prepare", "-ds", "ImageFolder", "--data-dir", "data", "--cache-dir", "cache", "--workers", "1"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The catalogue rows
 
@@ -181,6 +269,24 @@ CASES = [
     Case("floating-point image", VOC_DRY_RUN, 1,
          r"data/PascalVOC2012/JPEGImages/2010_000001.jpg holds F pixels \(32-bit integers or floating point\), which "
          r"have no fixed white level; save it as an 8-bit JPEG or PNG\.", prepare=lambda w, e: float_image(w)),
+    # 5. Issue 22: images beyond the bound are refused from their header, by every reader; archive
+    # entries that lead out of their folder refuse the archive.
+    isolated(Case("image claiming 169 megapixels", PREPARE_FOLDER, 1,
+         r"data/b/bomb\.png claims to be 13000x13000 pixels, more than 50 megapixels \(a decompression bomb, a damaged "
+         r"header, or a photo to downscale first\); replace it with a smaller image or remove it\.$",
+         prepare=bomb_among_images, prefix=capped_main, check=within_500_mb)),
+    isolated(Case("archive entry leading out of its folder", CIFAR, 1,
+         r"archive data/cifar-10-python\.tar\.gz was not unpacked: its entry 'cifar-10-batches-py/\.\./x' leads out of "
+         r"cifar-10-batches-py/ \(no official archive of CIFAR-10 holds such an entry: it may be crafted\); download "
+         r"it again\.$", prepare=lambda w, e: cifar_archive_with(w, [("cifar-10-batches-py/../x", b"escaped")]),
+         check=nothing_unpacked)),
+    isolated(Case("archive entry written through a link", CIFAR, 1,
+         r"archive data/cifar-10-python\.tar\.gz was not unpacked: its entry 'cifar-10-batches-py/up' is a link to "
+         r"'\.\.', out of cifar-10-batches-py/ \(no official archive of CIFAR-10 holds such an entry: it may be "
+         r"crafted\); download it again\.$",
+         prepare=lambda w, e: cifar_archive_with(w, [("cifar-10-batches-py/up", b"", ".."),
+                                                     ("cifar-10-batches-py/up/x", b"escaped")]),
+         check=nothing_unpacked)),
 ]  # fmt: skip
 
 
@@ -225,18 +331,39 @@ def test_extraction_leaves_no_trace_when_the_archive_is_refused(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz"]
 
 
-def test_an_archive_entry_cannot_climb_out_through_its_own_folder(tmp_path):
-    """``cifar-10-batches-py/../x`` starts with the right folder but leads beside it."""
-    build = tmp_path / "build"
-    write_cifar10(build / "cifar-10-batches-py")
-    (build / "x").write_text("escaped")
-    data = tmp_path / "data"
-    data.mkdir()
-    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
-        tar.add(build / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-        tar.add(build / "x", arcname="cifar-10-batches-py/../x")
-    assert len(load_dataset("Cifar10", DataOptions(data_dir=data)).train) == 15
-    assert sorted(p.name for p in data.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+@pytest.mark.parametrize("filtered", [True, False], ids=["data filter", "without it"])
+@pytest.mark.parametrize(
+    "entries, named, reason",
+    [
+        ([("cifar-10-batches-py/../x", b"escaped")], "cifar-10-batches-py/../x", "leads out of cifar-10-batches-py/"),
+        ([("../x", b"escaped")], "../x", "leads out of the folder it is unpacked into"),
+        ([("/cifar-10-batches-py/x", b"x")], "/cifar-10-batches-py/x", "has an absolute name"),
+        ([("cifar-10-batches-py/up", b"", "../..")], "cifar-10-batches-py/up",
+         "is a link to '../..', out of cifar-10-batches-py/"),
+        ([("cifar-10-batches-py/abs", b"", "/etc")], "cifar-10-batches-py/abs", "is a link to the absolute path /etc"),
+        ([("cifar-10-batches-py/h", b"", "x", tarfile.LNKTYPE), ("x", b"beside")], "cifar-10-batches-py/h",
+         "is a link to 'x', out of cifar-10-batches-py/"),
+        ([("cifar-10-batches-py/f", b"", None, tarfile.FIFOTYPE)], "cifar-10-batches-py/f", "is a device file or a FIFO"),
+        ([("runs", b"", "/etc")], "runs", "is a link to the absolute path /etc"),
+    ],
+)  # fmt: skip
+def test_an_archive_entry_that_leads_out_refuses_the_archive(tmp_path, monkeypatch, entries, named, reason, filtered):
+    """PEP 706's ``data`` filter's rules, with the data set's folder as the destination, on every
+    Python (the filter came with 3.11.4 and 3.12): the entry is named and nothing is left."""
+    if not filtered:
+        monkeypatch.delattr(tarfile, "data_filter")
+    cifar_archive_with(tmp_path, entries)
+    message = f"its entry {named!r} {reason} (no official archive of CIFAR-10 holds such an entry"
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_dataset("Cifar10", DataOptions(data_dir=tmp_path / "data"))
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar-10-python.tar.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_links_inside_the_folder_are_unpacked(tmp_path):
+    cifar_archive_with(tmp_path, [("cifar-10-batches-py/same", b"", "data_batch_1")])
+    assert len(load_dataset("Cifar10", DataOptions(data_dir=tmp_path / "data")).train) == 15
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "same").resolve().name == "data_batch_1"
 
 
 def test_an_existing_folder_that_holds_the_data_is_used_not_replaced(tmp_path, monkeypatch):
@@ -300,9 +427,6 @@ def peak_growth(calls: list[tuple[Path, str]]) -> list[tuple[int, str]]:
     return [tuple(r) for r in json.loads(result.stdout.strip().splitlines()[-1])]
 
 
-MB = 1 << 20
-
-
 CRAFTED = {
     "zero stride": (lambda: zero_stride_batch(100_000), "calls numpy.ndarray directly"),
     "no state": (lambda: stateless_batch(100_000), "calls numpy's _reconstruct with arguments numpy never writes"),
@@ -351,6 +475,85 @@ def test_thin_images_decode_within_a_bounded_memory(tmp_path):
     for (path, call), (grew, outcome) in zip(calls, peak_growth(calls)):
         assert outcome.startswith("loaded (") and outcome.endswith("256, 256)"), (path.name, call, outcome)
         assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
+
+
+def test_headers_beyond_the_bound_and_huge_label_lines_are_refused_within_a_bounded_memory(tmp_path):
+    """20 KB PNGs that claim 169 megapixels (decoded at 1.3 GB before) and 196 megapixels
+    (beyond Pillow's own limit, which gives the same sentence), through the cache's reader and
+    predict's; an ImageNet label file of one 60 MB line, and one of 100 MB: one sentence each,
+    with the peak memory growing by less than 32 MB."""
+    bomb = png_claiming(tmp_path / "bomb.png", 13000, 13000)
+    giant = png_claiming(tmp_path / "giant.png", 14000, 14000)
+    line = tmp_path / "line" / "LOC_val_solution.csv"
+    line.parent.mkdir()
+    with open(line, "w") as f:
+        f.write("ImageId,PredictionString\nILSVRC2012_val_00000001,n01440764")
+        f.write(" 0 0 9 9 n01440764" * (60_000_000 // 19))
+    large = tmp_path / "large" / "LOC_val_solution.csv"
+    large.parent.mkdir()
+    with open(large, "w") as f:
+        f.write("ImageId,PredictionString\n")
+        f.truncate(100 << 20)  # a sparse file: 100 MB that take no disk
+    solution = "__import__('data.imagenet', fromlist=['x']).read_val_solution(path, {'ILSVRC2012_val_00000001'})"
+    calls = [
+        (bomb, "datasets.decode_resized(path, 256)"),
+        (giant, "datasets.decode_resized(path, 256)"),
+        (bomb, "__import__('inference.checkpoint', fromlist=['x']).read_image(path, 224)"),
+        (line, solution),
+        (large, solution),
+    ]
+    expected = [
+        f"DataError: {bomb} claims to be 13000x13000 pixels, more than 50 megapixels",
+        f"DataError: {giant} claims to be 196,000,000 pixels, more than 50 megapixels",
+        "DataError: claims to be 13000x13000 pixels, more than 50 megapixels",  # predict names the file itself
+        f"DataError: {line} line 2 is longer than 65,536 characters, which no line of the real file is",
+        f"DataError: {large} is 104,857,600 bytes, more than the 67,108,864 a label file of ILSVRC-2012 may have",
+    ]
+    for (path, call), (grew, outcome), start in zip(calls, peak_growth(calls), expected):
+        assert outcome.startswith(start), (call, outcome)
+        assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
+
+
+def test_the_bound_is_50_megapixels_exactly(tmp_path):
+    """10000 x 5000 passes the header check (the truncated data then fails to decode); 10001 x
+    5000 does not."""
+    for width, problem in ((10000, "cannot be decoded as an image"), (10001, "claims to be 10001x5000 pixels")):
+        path = png_claiming(tmp_path / f"{width}.png", width, 5000)
+        path.write_bytes(path.read_bytes()[:200])  # the header and a little of the data
+        with pytest.raises(DataError, match=re.escape(f"{path} {problem}")):
+            datasets.decode_resized(path, 32)
+
+
+def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+    """Opening a FIFO for reading blocks until something writes to it. A writer stands by here
+    (it writes as soon as a reader waits, then closes), so that the old code, which opened the
+    FIFO plainly, failed instead of hanging."""
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def writer() -> None:
+        while not done.is_set():
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails while no reader has it open
+            except OSError:
+                done.wait(0.01)
+                continue
+            try:
+                os.write(fd, b"not an image")
+            except BrokenPipeError:  # the reader looked and closed it first
+                pass
+            os.close(fd)
+            return
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(DataError, match=re.escape(f"{fifo} is a FIFO, not a regular file; replace it")):
+            datasets.decode_resized(fifo, 32)
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_a_thin_image_is_its_centre_resized(tmp_path):
