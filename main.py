@@ -13,30 +13,37 @@ tensorboard --logdir runs
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import logging
-import math
-import os
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 
-def _stopped_while_starting(signum: int, frame: Any) -> None:
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    # Further stops are ignored from here on: one arriving while this exit unwinds would raise
+    # again (a traceback from threading's shutdown), and one arriving once the interpreter has put
+    # the default handlers back, on its way out, would kill the process (-2 instead of 130).
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
     sys.stderr.write(f"stopped by {signal.Signals(signum).name} while starting; nothing was written\n")
     sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
     # Loading torch takes a second or two: a stop during it ends quietly, not with a traceback.
+    # Installed before the other imports, so that the window without it is Python's own start.
     for _signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_signum, _stopped_while_starting)
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import torch
 

@@ -150,6 +150,34 @@ def test_a_stop_while_generating_the_data_is_one_sentence_and_writes_nothing(tmp
     assert list(tmp_path.iterdir()) == []  # the claimed run folders were empty and are gone
 
 
+def test_ctrl_c_again_and_again_while_torch_loads_exits_130_with_the_sentence(tmp_path):
+    """The first seconds of a command (here one that would generate a large Shapes set) are
+    Python loading torch, before ``main``'s handlers: the first SIGINT there ends the process with
+    one sentence. Further ones, sent from that sentence until the process is gone, find it
+    unwinding or shutting down, where one used to be a traceback from threading's shutdown or,
+    once the interpreter had put the default handlers back, a death by SIGINT (-2). The first is
+    sent while torch's library is being loaded: a state the test can see (/proc/PID/maps), not a
+    time it guesses; the others until the exit, so that every phase of it is met."""
+    process = start(["-c", "--shapes-train", "100000", "-d"], tmp_path, new_session=True)
+    try:
+        maps = Path(f"/proc/{process.pid}/maps")
+        while process.poll() is None and "libtorch" not in maps.read_text():
+            time.sleep(0.002)
+        process.send_signal(signal.SIGINT)
+        wait_for(process, "stopped by SIGINT while")  # "starting", or a phase of main's where torch loads fast
+        while process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.001)
+        rest = process.stderr.read()
+        assert process.wait(timeout=60) == 130, rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()
+    assert "Traceback" not in rest, rest
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stop_during_evaluate_is_one_sentence(tmp_path, cifar_run):
     last = copy_run(cifar_run, tmp_path / "work")
     before = snapshot(tmp_path / "work")
