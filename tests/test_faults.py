@@ -87,6 +87,11 @@ def locked_output(work: Path, earlier: Path) -> None:
     os.chmod(work / "readonly", 0o555)
 
 
+def locked_run_folder(top: str) -> Callable[[Path, Path], None]:
+    """The earlier run's folder under ``top`` (checkpoints or runs) made read-only."""
+    return lambda work, earlier: os.chmod(work / top / "Shapes" / earlier_checkpoint(work).parent.name, 0o555)
+
+
 CIFAR = ["-c", "-ds", "Cifar10", "--data-dir", "data", "-ne", "1"]
 VOC = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"]
 
@@ -162,6 +167,12 @@ CATALOGUE = [
     Case("output folder not writable", ["-ne", "1", *TINY, "--output-dir", "readonly"], 1,
          r"cannot write to readonly/checkpoints \(Permission denied\); pass a writable --output-dir\.",
          prepare=locked_output, prefix=without_file_permission_override),
+    Case("checkpoint folder not writable", ["--resume", "EARLIER", "-ne", "2"], 1,
+         r"cannot write to \S+/checkpoints/Shapes/[^/ ]+/\.lock \(Permission denied\); pass a writable --output-dir\.$",
+         prepare=locked_run_folder("checkpoints"), prefix=without_file_permission_override),
+    Case("run folder not writable", ["--resume", "EARLIER", "-ne", "2"], 1,
+         r"cannot write to \S+/runs/Shapes/[^/ ]+ \(Permission denied\); pass a writable --output-dir\.$",
+         prepare=locked_run_folder("runs"), prefix=without_file_permission_override),
     Case("run name already used", ["--run-name", "taken", "-ne", "1", *TINY], 1,
          r"--run-name taken: runs/Shapes/taken already exists; pick another name, or --resume the run from its "
          r"last.pt\.", prepare=lambda w, e: (w / "runs" / "Shapes" / "taken").mkdir()),
