@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -79,6 +80,8 @@ HEAD_BYTES = len(MAGIC) + 64  # MAGIC and the shard's fingerprint (SHA-256, hex)
 FAILURES_SHOWN = 3
 VERIFIED = "verified.json"  # the record of shards whose digest matched, in each cache folder
 RACY_NS = 2_000_000_000  # a shard modified this recently is not trusted by its (size, time) alone
+#: Room for one shard's entry in ``verified.json``, which takes about 50 bytes (``verified_limit``).
+VERIFIED_BYTES_PER_SHARD = 256
 
 #: A shard file's (size, mtime_ns): when both are what they were when its digest matched, the
 #: digest is not computed again.
@@ -349,23 +352,48 @@ def _read_shard(
     return offsets, stats, stamp
 
 
-def load_verified(folder: Path) -> dict[str, Stamp]:
-    """The folder's record of verified shards (file name -> stamp); empty when it is missing or
-    unreadable (every shard is then hashed, and the record written again)."""
+def verified_limit(shards: int) -> int:
+    """The most bytes the record of ``shards`` shards can take: each shard's line (its name, size
+    and time) is about 50 bytes, counted as ``VERIFIED_BYTES_PER_SHARD``."""
+    return 1024 + VERIFIED_BYTES_PER_SHARD * shards
+
+
+def load_verified(folder: Path, shards: int) -> dict[str, Stamp]:
+    """The folder's record of verified shards (file name -> stamp) for a cache of ``shards``
+    shards; empty when it is missing, and, with a warning, when it is damaged or larger than such
+    a record can be (``verified_limit``: it is not read whole). Every shard is then hashed, and the
+    record written again."""
+    record, problem = _read_verified(folder, shards)
+    if problem:
+        logger.warning("%s %s; every shard in %s is hashed again", folder / VERIFIED, problem, folder)
+    return record
+
+
+def _read_verified(folder: Path, shards: int) -> tuple[dict[str, Stamp], str | None]:
+    limit = verified_limit(shards)
     try:
-        record = json.loads((folder / VERIFIED).read_text())
-        return {name: (int(s[0]), int(s[1])) for name, s in record["shards"].items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return {}
+        with open(folder / VERIFIED, "rb") as f:
+            text = f.read(limit + 1)
+    except FileNotFoundError:
+        return {}, None
+    except OSError as error:
+        return {}, f"cannot be read ({short_reason(error)})"
+    if len(text) > limit:
+        return {}, f"is larger than the record of {shards} shards can be (over {limit:,} bytes), so it was not read"
+    try:
+        record = json.loads(text)
+        return {name: (int(s[0]), int(s[1])) for name, s in record["shards"].items()}, None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}, "is damaged"
 
 
-def save_verified(folder: Path, stamps: dict[str, Stamp]) -> None:
-    """Write the record (a temporary file renamed over it: a kill leaves the old one or the new
-    one); stamps modified less than ``RACY_NS`` ago are left out."""
+def save_verified(folder: Path, stamps: dict[str, Stamp], shards: int) -> None:
+    """Write the record of a cache of ``shards`` shards (a temporary file renamed over it: a kill
+    leaves the old one or the new one); stamps modified less than ``RACY_NS`` ago are left out."""
     now = time.time_ns()
     settled = {name: list(s) for name, s in sorted(stamps.items()) if s[1] <= now - RACY_NS}
-    if {name: tuple(s) for name, s in settled.items()} == load_verified(folder):
-        return  # unchanged: the file is left alone
+    if ({name: tuple(s) for name, s in settled.items()}, None) == _read_verified(folder, shards):
+        return  # unchanged: the file is left alone (a damaged one is replaced)
     text = json.dumps({"version": SHARD_VERSION, "shards": settled}, indent=0) + "\n"
     tmp = folder / f".{VERIFIED}.{os.getpid()}.tmp"
     try:
@@ -619,7 +647,8 @@ def shard_split(
     if len(paths) != len(labels):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
     folder = cache_dir / f"{name}_{size}"
-    verified = load_verified(folder)
+    count = math.ceil(len(paths) / shard_images)
+    verified = load_verified(folder, count)
     jobs = []
     for number, start in enumerate(range(0, len(paths), shard_images)):
         sources = paths[start : start + shard_images]
@@ -653,7 +682,8 @@ def shard_split(
     _remove_stale_shards(folder, len(jobs))
     if folder.is_dir():
         stamps = {r.number: r.stamp for r in reports} | {d.number: d.stamp for d in done}
-        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None})
+        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None},
+                      len(jobs))  # fmt: skip
     if failures:
         raise DataError(_failure_message(failures, len(paths), sum(r.stamp is not None for r in reports)))
     done.sort(key=lambda d: d.number)

@@ -4,8 +4,10 @@ Tiny smooth pictures written as real JPEG and PNG files (``fakedata.write_photos
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -230,7 +232,7 @@ def test_a_later_start_checks_unchanged_shards_without_hashing_them(photos, tmp_
     settle(folder)
     hashed.clear()
     build(photos, tmp_path)
-    assert len(hashed) == 5 and sorted(data.shards.load_verified(folder)) == sorted(mtimes(folder))
+    assert len(hashed) == 5 and sorted(data.shards.load_verified(folder, 5)) == sorted(mtimes(folder))
     hashed.clear()
     again = build(photos, tmp_path)
     assert hashed == [] and torch.equal(again.images.decode_all(), first)
@@ -262,3 +264,42 @@ def test_a_shard_changed_in_place_with_its_time_restored_is_not_hashed(photos, t
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     monkeypatch.setattr(data.shards, "_digest", lambda *args: pytest.fail("an unchanged stamp was hashed"))
     assert len(build(photos, tmp_path)) == 23
+
+
+#: ``python PEAK main.py ...``: the command, then its peak resident memory on stderr ("peak N").
+PEAK = """
+import resource, subprocess, sys
+code = subprocess.run(sys.argv[1:]).returncode
+print(f"peak {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def peak(result: subprocess.CompletedProcess) -> int:
+    return int(result.stderr.rsplit("peak ", 1)[1])
+
+
+def test_an_oversized_verified_json_is_not_read_and_the_shards_are_hashed_again(tmp_path, run_main):
+    """A record of verified shards of 1 GB (sparse: no disk) was read whole, 2.6 GB at its peak;
+    it is read only up to what a record of this many shards can be, and, like a damaged one,
+    warned about, every shard hashed again and the record written anew. The peak memory of
+    ``prepare`` stays within 500 MB of the same command without it."""
+    from fakedata import write_class_folders
+
+    write_class_folders(tmp_path / "data", {"a": 3, "b": 3}, size=40)
+    flags = ["prepare", "-ds", "ImageFolder", "--data-dir", "data", "--cache-dir", "cache", "-c", "--workers", "1"]
+    prefix = [sys.executable, "-c", PEAK]
+    first = run_main(*flags, cwd=tmp_path, prefix=prefix)
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / "cache" / "train_32"
+    settle(folder)  # recordable once hashed
+    with open(folder / "verified.json", "wb") as f:
+        f.truncate(1 << 30)
+    second = run_main(*flags, cwd=tmp_path, prefix=prefix)
+    assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr
+    assert re.search(r"cache/train_32/verified\.json is larger than the record of 1 shards can be \(over [\d,]+ bytes\), "
+                     r"so it was not read; every shard in cache/train_32 is hashed again", second.stderr)  # fmt: skip
+    record = json.loads((folder / "verified.json").read_text())  # written anew: what a start reads next time
+    assert sorted(record["shards"]) == ["00000.shard"] == sorted(mtimes(folder))
+    assert peak(second) < peak(first) + 500 * 2**20, (peak(first), peak(second))
+    print(f"peak of prepare: {peak(first) / 2**20:.0f} MB ordinary, {peak(second) / 2**20:.0f} MB with it")
