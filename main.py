@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from data.loaders import lost_worker
 from datasets import DATASETS, DataOptions, load_dataset
 from hardware.capabilities import Capabilities, capabilities
 from network import MODELS, SplitPaperAlexNet, make_model, model_name, split_devices
@@ -696,9 +697,11 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         config = replace(config, run_name=folders.name)
     try:
         return _build_and_go(args, config, checkpoint, checkpoint_path, hw, split, folders, stop)
-    except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
+    except RuntimeError as error:
+        # Under torchrun, a collective whose peer process is gone; anywhere, a DataLoader worker's death.
         saved = folders is not None and not config.dry_run
-        sentence = lost_process(error, folders.ckpt_dir / "last.pt" if saved else None)
+        last = folders.ckpt_dir / "last.pt" if saved else None
+        sentence = lost_process(error, last) or lost_worker_sentence(error, last, config.workers, folders is None)
         if sentence is None:
             raise
         raise UserError(sentence) from None
@@ -751,6 +754,24 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     stop.phase = "training"
     trainer.fit()
     return 0
+
+
+def lost_worker_sentence(error: RuntimeError, last: Path | None, workers: int, evaluating: bool) -> str | None:
+    """The sentence for a run whose DataLoader worker died (``data.loaders.lost_worker``): a worker
+    holds up to ``PREFETCH`` batches, so fewer workers or smaller batches need less memory; the
+    run's ``last`` checkpoint, when it has one, resumes with fewer workers (not with another
+    batch size, which is part of the run)."""
+    what = lost_worker(error)
+    if what is None:
+        return None
+    fewer = f"--workers {workers // 2}"
+    if evaluating:
+        return f"{what}; run again with fewer workers, e.g. {fewer}."
+    if last is not None and last.is_file():
+        return (
+            f"{what}; {last} is kept: resume with --resume {last} {fewer}, or start again with a smaller --batch-size."
+        )
+    return f"{what}; run again with fewer workers (e.g. {fewer}) or a smaller --batch-size (nothing was saved yet)."
 
 
 def towers(config: TrainConfig, device: torch.device, resumed: Path | None) -> tuple[torch.device, torch.device] | None:

@@ -30,9 +30,12 @@ is hashed only when it is new to this folder's record of verified shards (``veri
 shard's size and modification time when its digest last matched) or its size or time differ from
 it; otherwise only its structure is checked (head, tail, fingerprint: a few small reads). Damage
 that leaves both unchanged (bit rot under a restored mtime) is then caught only when the image
-fails to decode. A shard modified within ``RACY_NS`` of being recorded is not recorded (a file
-system's clock ticks coarsely, so a change right after the check can keep the same time), and is
-hashed again at the next start.
+fails to decode, as one sentence naming the shard (``ShardStore.decode_encoded``), or not at all
+where the damaged JPEG still decodes. A shard modified within ``RACY_NS`` of being recorded is
+not recorded (a file system's clock ticks coarsely, so a change right after the check can keep
+the same time), and is hashed again at the next start. The record is read only up to the size a
+record of the cache's shards can have (``verified_limit``); a larger or damaged one is replaced,
+every shard hashed again.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -248,7 +252,42 @@ class ShardStore:
         data, offsets = self.encoded(key)
         if len(offsets) == 1:
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8, device=device)
-        return torch.stack(decode_jpegs(split_jpegs(data, offsets), device))
+        return self.decode_encoded(data, offsets, key, device)
+
+    def decode_encoded(
+        self, data: torch.Tensor, offsets: torch.Tensor, key: int | slice | torch.Tensor | list[int],
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:  # fmt: skip
+        """The images ``encoded(key)`` gave as ``data`` and ``offsets``, decoded on ``device`` in one
+        call (nvJPEG on a GPU). A JPEG that does not decode is a ``DataError`` naming its shard:
+        damage that kept the shard's size and time (bit rot under a restored time), which a start
+        does not hash (``verified.json``), shows only here."""
+        try:
+            return torch.stack(decode_jpegs(split_jpegs(data, offsets), device))
+        except (RuntimeError, ValueError) as error:
+            raise self._damaged(key, error) from None
+
+    def _damaged(self, key: int | slice | torch.Tensor | list[int], error: Exception) -> DataError:
+        """The sentence for images of ``key`` that failed to decode together: the first that fails
+        alone on the CPU names its shard (the first image's, should none fail alone)."""
+        indices = [int(i) + len(self) if i < 0 else int(i) for i in self._indices(key)]
+        bad = indices[0]
+        for i in indices:
+            try:
+                decode_jpegs(split_jpegs(*self.encoded([i])))
+            except (RuntimeError, ValueError) as alone:
+                bad, error = i, alone
+                break
+        shard = int(np.searchsorted(self.starts, bad, side="right")) - 1
+        path, first = self.files[shard], int(self.starts[shard])
+        where = f"its image {bad - first + 1} of {int(self.starts[shard + 1]) - first}"
+        # Without torchvision's "decode_jpeg, <source file>:<line>, " in front of libjpeg's reason.
+        reason = short_reason(RuntimeError(re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip())))
+        return DataError(
+            f"cache shard {path} is damaged: {where} cannot be decoded ({reason}), "
+            "though its size and time are those recorded when its digest last matched; delete it and run again (or "
+            "run prepare), which rebuilds it from the images."
+        )
 
     def __getitem__(self, key: int | slice | torch.Tensor | list[int] | tuple) -> torch.Tensor:
         if isinstance(key, tuple):  # images[i, c]: the images decoded, then the rest of the index

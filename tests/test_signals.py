@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakedata import small_voc, voc_xml
-from main_cli import VOC_DRY_RUN, copy_run, only, snapshot, start, unchanged, wait_for
+from fakedata import small_voc, voc_xml, write_class_folders
+from main_cli import VOC_DRY_RUN, command, copy_run, only, snapshot, start, unchanged, wait_for
 
 import datasets
 import main
@@ -238,6 +238,66 @@ def test_sigterm_to_the_process_group_while_streaming_saves_and_stops(tmp_path):
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived the run"
+
+
+def test_a_streaming_worker_killed_by_sigkill_is_one_sentence_and_leaves_no_temporary_folder(tmp_path):
+    """The out-of-memory killer's way: SIGKILL to one DataLoader worker of an ImageFolder streamed
+    from its cache. One sentence names the worker and the signal, the usual cause and what to
+    change; the process exits 1; HOME stays empty and TMPDIR holds no ``pymp-*`` folder (the
+    killed worker's own, before). torch's import makes ``torchinductor_<user>`` there, whatever
+    the command: that is torch's, and left alone."""
+    write_class_folders(tmp_path / "data", {"a": 20, "b": 20}, size=40)
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    flags = ["-c", "-ds", "ImageFolder", "--data-dir", "data", "--cache-dir", "cache", "--loader", "stream", "--workers",
+             "2", "--batch-size", "1", "-ne", "5", "-d"]  # fmt: skip
+    process = subprocess.Popen(command(*flags), cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, start_new_session=True, env={**os.environ, "HOME": str(home),
+                               "TMPDIR": str(tmp)})  # fmt: skip
+    try:
+        seen = wait_for(process, "augmentation:")  # the training loop is next
+        while len(children(process.pid)) < 2 and process.poll() is None:  # its workers have started
+            time.sleep(0.01)
+        workers = children(process.pid)
+        assert len(workers) >= 2, seen
+        os.kill(workers[0], signal.SIGKILL)
+        rest = process.communicate(timeout=300)[1]  # a guard against a hang, not a time to meet
+        assert process.returncode == 1, rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()
+    assert "Traceback" not in rest, rest
+    errors = [line for line in rest.splitlines() if "error: " in line]
+    assert errors == [
+        (f"error: DataLoader worker (pid {workers[0]}) was killed by SIGKILL, most often by the kernel's out-of-memory "
+         "killer (dmesg names it); run again with fewer workers (e.g. --workers 1) or a smaller --batch-size (nothing "
+         "was saved yet).")
+    ], rest  # fmt: skip
+    assert list(home.iterdir()) == []
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_the_sentence_for_a_lost_worker_says_what_is_kept_and_how_to_resume(tmp_path):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"a checkpoint")
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+    assert main.lost_worker_sentence(killed, last, 4, False) == (
+        f"DataLoader worker (pid 4242) was killed by SIGKILL, most often by the kernel's out-of-memory killer (dmesg "
+        f"names it); {last} is kept: resume with --resume {last} --workers 2, or start again with a smaller "
+        "--batch-size."
+    )
+    gone = RuntimeError("DataLoader worker (pid(s) 4242, 4243) exited unexpectedly")
+    assert main.lost_worker_sentence(gone, None, 3, True) == (
+        "DataLoader workers (pid 4242, 4243) stopped unexpectedly; run again with fewer workers, e.g. --workers 1."
+    )
+    bus = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
+                       "workers are out of shared memory.")  # fmt: skip
+    assert main.lost_worker_sentence(bus, None, 2, True).startswith(
+        "DataLoader worker (pid 7) was killed by SIGBUS, most often for want of shared memory (/dev/shm); "
+    )
+    assert main.lost_worker_sentence(RuntimeError("CUDA out of memory"), last, 2, False) is None
 
 
 def test_workers_ignore_both_stop_signals(own_signals):
