@@ -336,7 +336,7 @@ def test_catalogue_is_the_readme_table(repo_root):
     assert len(names) == len(set(names))
     # Rows tested by their own tests: test_faults (divergence), test_signals (signals in training, a stop
     # while reading data or evaluating), test_cli (CUDA), test_checkpoints (two processes on one run),
-    # test_shards (several bad images, an oversized verified.json), test_weights, test_predict, test_export,
+    # test_shards (several bad images, an oversized verified.json, an image replaced with its stamp), test_weights, test_predict, test_export,
     # test_figures, test_signals (stops while torch loads, a DataLoader worker killed).
     assert rows == set(names) | {"training diverges (NaN or infinite loss)", "Ctrl-C / SIGTERM",
                                  "CUDA asked for, none present", "run in use by another process",
@@ -344,7 +344,8 @@ def test_catalogue_is_the_readme_table(repo_root):
                                  "--weights whose hash is not its name's", "--weights of another network",
                                  "--weights not an AlexNet", "predict: unreadable files", "export: OUT exists",
                                  "figures: checkpoint away from its run", "Ctrl-C again and again while starting",
-                                 "DataLoader worker killed", "oversized verified.json"}  # fmt: skip
+                                 "DataLoader worker killed", "oversized verified.json",
+                                 "image replaced with its size and time kept"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,3 +304,41 @@ def test_an_oversized_verified_json_is_not_read_and_the_shards_are_hashed_again(
     assert sorted(record["shards"]) == ["00000.shard"] == sorted(mtimes(folder))
     assert peak(second) < peak(first) + 500 * 2**20, (peak(first), peak(second))
     print(f"peak of prepare: {peak(first) / 2**20:.0f} MB ordinary, {peak(second) / 2**20:.0f} MB with it")
+
+
+def test_an_image_replaced_with_its_size_and_time_kept_needs_a_touch_as_the_readme_says(photos, tmp_path, repo_root):
+    """The fingerprint's documented limit (issue 22, item 11), and its documented way out. A
+    shard's fingerprint holds its images' names, sizes and modification times, not their bytes:
+    an image replaced by one of the same size with its time restored (``cp -p``, ``rsync -t``, a
+    restore from backup) keeps its old picture in the cache. Hashing even 64 KB at each end of
+    every image would read 86 % of ImageNet's bytes at every start (the photos of
+    ``shared/data/imagenet-sample`` are 106 KB on average), where the stamps cost one ``stat``
+    each. ``touch`` on the replaced image rebuilds its shard, as the README says beside
+    ``prepare``."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    photos = [Path(shutil.copy2(p, tmp_path / "photos")) for p in photos]
+    first = build(photos, tmp_path)
+    old = first.images[12].clone()
+    target = photos[12]  # in shard 2
+    stat = target.stat()
+    with Image.open(target) as image:
+        size, fmt = image.size, image.format
+    replacement = tmp_path / f"other{target.suffix}"
+    Image.new("RGB", size, (250, 10, 10)).save(replacement, format=fmt)
+    blob = replacement.read_bytes()
+    assert len(blob) <= stat.st_size
+    target.write_bytes(blob + bytes(stat.st_size - len(blob)))  # padded after its end, as a file of that size
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert target.stat().st_size == stat.st_size
+    kept = build(photos, tmp_path)
+    assert torch.equal(kept.images[12], old)  # the limit: the old picture
+    os.utime(target)  # touch
+    rebuilt = build(photos, tmp_path)
+    assert (rebuilt.images[12].int() - decode_resized(target, SIZE).int()).abs().float().mean() <= 2
+    assert not torch.equal(rebuilt.images[12], old)
+    readme = (repo_root / "README.md").read_text()
+    prepare = readme.index("python main.py prepare -ds ImageNet")
+    paragraph = readme[prepare : readme.index("\n### ", prepare)]
+    assert "cp -p" in paragraph and "touch" in paragraph and "same size" in paragraph
