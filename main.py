@@ -13,33 +13,41 @@ tensorboard --logdir runs
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import logging
-import math
-import os
 import signal
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict, fields, replace
-from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 
-def _stopped_while_starting(signum: int, frame: Any) -> None:
+def _stopped_while_starting(signum: int, frame: object) -> None:
+    # Further stops are ignored from here on: one arriving while this exit unwinds would raise
+    # again (a traceback from threading's shutdown), and one arriving once the interpreter has put
+    # the default handlers back, on its way out, would kill the process (-2 instead of 130).
+    for other in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(other, signal.SIG_IGN)
     sys.stderr.write(f"stopped by {signal.Signals(signum).name} while starting; nothing was written\n")
     sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
     # Loading torch takes a second or two: a stop during it ends quietly, not with a traceback.
+    # Installed before the other imports, so that the window without it is Python's own start.
     for _signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_signum, _stopped_while_starting)
 
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, fields, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
 import torch
 
+from data.loaders import lost_worker
 from datasets import DATASETS, DataOptions, load_dataset
 from hardware.capabilities import Capabilities, capabilities
 from network import MODELS, SplitPaperAlexNet, make_model, model_name, split_devices
@@ -689,9 +697,11 @@ def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         config = replace(config, run_name=folders.name)
     try:
         return _build_and_go(args, config, checkpoint, checkpoint_path, hw, split, folders, stop)
-    except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
+    except RuntimeError as error:
+        # Under torchrun, a collective whose peer process is gone; anywhere, a DataLoader worker's death.
         saved = folders is not None and not config.dry_run
-        sentence = lost_process(error, folders.ckpt_dir / "last.pt" if saved else None)
+        last = folders.ckpt_dir / "last.pt" if saved else None
+        sentence = lost_process(error, last) or lost_worker_sentence(error, last, config.workers, folders is None)
         if sentence is None:
             raise
         raise UserError(sentence) from None
@@ -744,6 +754,24 @@ def _build_and_go(args: argparse.Namespace, config: TrainConfig, checkpoint: dic
     stop.phase = "training"
     trainer.fit()
     return 0
+
+
+def lost_worker_sentence(error: RuntimeError, last: Path | None, workers: int, evaluating: bool) -> str | None:
+    """The sentence for a run whose DataLoader worker died (``data.loaders.lost_worker``): a worker
+    holds up to ``PREFETCH`` batches, so fewer workers or smaller batches need less memory; the
+    run's ``last`` checkpoint, when it has one, resumes with fewer workers (not with another
+    batch size, which is part of the run)."""
+    what = lost_worker(error)
+    if what is None:
+        return None
+    fewer = f"--workers {workers // 2}"
+    if evaluating:
+        return f"{what}; run again with fewer workers, e.g. {fewer}."
+    if last is not None and last.is_file():
+        return (
+            f"{what}; {last} is kept: resume with --resume {last} {fewer}, or start again with a smaller --batch-size."
+        )
+    return f"{what}; run again with fewer workers (e.g. {fewer}) or a smaller --batch-size (nothing was saved yet)."
 
 
 def towers(config: TrainConfig, device: torch.device, resumed: Path | None) -> tuple[torch.device, torch.device] | None:

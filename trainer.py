@@ -272,10 +272,12 @@ class Trainer:
     def _log_kernels(self) -> None:
         """conv1's kernels as a picture in TensorBoard (``kernels/conv1``) when the confusion
         matrix is logged: every ``-lce`` epochs and at the last."""
-        epoch, writer = self.progress.epoch, self.outputs.writer
-        if writer is not None and (epoch % self.config.log_confusion_epoch == 0 or epoch == self.config.n_epoch):
-            writer.add_image("kernels/conv1", model_kernel_grid(unwrap(self.model)), self.progress.global_step)
-            writer.flush()
+        epoch, step = self.progress.epoch, self.progress.global_step
+        if self.outputs.writer is None or (epoch % self.config.log_confusion_epoch and epoch != self.config.n_epoch):
+            return
+        grid = model_kernel_grid(unwrap(self.model))
+        self.outputs.tensorboard(lambda writer: writer.add_image("kernels/conv1", grid, step))
+        self.outputs.tensorboard(lambda writer: writer.flush())
 
     def _resumed_at(self) -> str | None:
         if self.resume is None:

@@ -9,8 +9,11 @@ run uses them.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import multiprocessing.util
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.core import DataSet, Split
-from data.shards import ShardStore, decode_jpegs, split_jpegs
+from data.core import DataError, DataSet, Split
+from data.shards import ShardStore
 from data.transforms import Pipeline, make_pipeline
 from hardware.capabilities import Capabilities, capabilities
 
@@ -43,6 +46,66 @@ def _ignore_stop_signals(worker_id: int) -> None:
     grace period."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+#: What torch raises in the training process when a DataLoader worker died: "DataLoader worker
+#: (pid 4242) is killed by signal: Killed." (its SIGCHLD handler, wherever the training process
+#: is), "... exited unexpectedly with exit code 1" (likewise), "DataLoader worker (pid(s) 4242)
+#: exited unexpectedly" (found gone while waiting for a batch: ``LostWorker`` adds the signal).
+LOST_WORKER = re.compile(
+    r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (?:is killed by signal: ([^.]+)\.|exited unexpectedly)"
+)
+
+
+class LostWorker(RuntimeError):
+    """DataLoader workers ``pids`` died; ``signal_name`` is the signal that killed the first, where
+    known."""
+
+    def __init__(self, pids: list[int], signal_name: str | None) -> None:
+        super().__init__(f"DataLoader worker (pid(s) {', '.join(map(str, pids))}) exited unexpectedly")
+        self.pids = pids
+        self.signal_name = signal_name
+
+
+def _lost_worker(error: BaseException, exit_codes: dict[int, int | None]) -> LostWorker | None:
+    """``error`` as a ``LostWorker`` when it says a worker died (``LOST_WORKER``), with the signal
+    from its message or from the workers' ``exit_codes`` (negative: killed by that signal)."""
+    if isinstance(error, LostWorker):
+        return error
+    found = LOST_WORKER.search(str(error)) if isinstance(error, RuntimeError) else None
+    if found is None:
+        return None
+    pids = [int(pid) for pid in found[1].split(",")]
+    if found[2] is not None:
+        name = next((s.name for s in signal.Signals if signal.strsignal(s) == found[2]), found[2])
+        return LostWorker(pids, name)
+    killed = [-code for pid in pids if (code := exit_codes.get(pid)) is not None and code < 0]
+    return LostWorker(pids, signal.Signals(killed[0]).name if killed else None)
+
+
+def lost_worker(error: BaseException) -> str | None:
+    """What happened, for an error that says a DataLoader worker died: which worker, by which
+    signal, and the usual cause; None for any other error."""
+    lost = _lost_worker(error, {})
+    if lost is None:
+        return None
+    who = f"DataLoader worker{'s' if len(lost.pids) > 1 else ''} (pid {', '.join(map(str, lost.pids))})"
+    if lost.signal_name is None:
+        return f"{who} stopped unexpectedly"
+    cause = {
+        "SIGKILL": ", most often by the kernel's out-of-memory killer (dmesg names it)",
+        "SIGBUS": ", most often for want of shared memory (/dev/shm)",
+    }.get(lost.signal_name, "")
+    return f"{who} was killed by {lost.signal_name}{cause}"
+
+
+def _share_the_temporary_folder() -> None:
+    """Make multiprocessing's temporary folder (``pymp-*`` in TMPDIR) before the workers start.
+    Each worker that hands a batch over makes one of its own otherwise, for the socket that passes
+    its shared memory, and removes it when it exits; a worker killed (by the out-of-memory
+    killer, say) leaves it behind. Made here, it is inherited by the forked workers (Linux's
+    way of starting them) and removed by this process when it exits, however they end."""
+    multiprocessing.util.get_temp_dir()
 
 
 class _CacheRows(torch.utils.data.Dataset):
@@ -83,13 +146,25 @@ class _StoreBatches(torch.utils.data.Dataset):
 
     def __getitem__(
         self, item: torch.Tensor | tuple[torch.Tensor, int]
-    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        if self.pipeline is not None:
-            index, seed = item
-            images = self.pipeline.train(self.store.decode(index), torch.Generator().manual_seed(seed))
-            return images, self.labels[index]
-        images = self.store.encoded(item) if self.encoded else self.store.decode(item)
+    ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor] | _Failed:
+        try:
+            if self.pipeline is not None:
+                index, seed = item
+                images = self.pipeline.train(self.store.decode(index), torch.Generator().manual_seed(seed))
+                return images, self.labels[index]
+            images = self.store.encoded(item) if self.encoded else self.store.decode(item)
+        except DataError as error:  # a damaged shard (``ShardStore.decode_encoded``)
+            return _Failed(error)
         return images, self.labels[item]
+
+
+@dataclass
+class _Failed:
+    """A user error met by a DataLoader worker, handed to the training process as a batch and
+    raised there (``BatchLoader``): raised in the worker, it would come back with the worker's
+    traceback in its message (the DataLoader's ``ExceptionWrapper``)."""
+
+    error: DataError
 
 
 def _batch_seed(generator: torch.Generator) -> int:
@@ -243,6 +318,8 @@ class BatchLoader:
             dataset = _StoreBatches(self.split.images, self.split.labels.cpu(), encoded=gpu_decode)
         else:
             dataset = _CacheRows(self.split.source, self.split.labels.cpu())
+        if self.workers:
+            _share_the_temporary_folder()
         loader = torch.utils.data.DataLoader(
             dataset,
             sampler=shares,
@@ -252,10 +329,34 @@ class BatchLoader:
             pin_memory=self.hw.pin_memory and not gpu_decode,
             worker_init_fn=_ignore_stop_signals,
         )
-        for images, labels in loader:
-            if gpu_decode:
-                images = torch.stack(decode_jpegs(split_jpegs(*images), self.device))
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        batches = iter(loader)
+        try:
+            # In order (the DataLoader's default): each batch comes with its indices, which name the
+            # shard of a JPEG that does not decode here (on CUDA).
+            for batch, indices in zip(batches, shares if gpu_decode else itertools.repeat(None)):
+                if isinstance(batch, _Failed):
+                    raise batch.error
+                images, labels = batch
+                if gpu_decode:
+                    images = self.split.images.decode_encoded(*images, indices, self.device)
+                yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        except RuntimeError as error:
+            # The worker processes, to tell the signal that killed one (private: no public way).
+            exit_codes = {w.pid: w.exitcode for w in getattr(batches, "_workers", [])}
+            lost = _lost_worker(error, exit_codes)
+            if lost is None:
+                raise
+            raise lost from error
+        finally:
+            # The workers stop now, however this ends. Left to the collection of the iterator, which
+            # the error's traceback keeps alive, they would outlive the process's last moments: at
+            # exit the DataLoader no longer stops them, and multiprocessing sends them SIGTERM, which
+            # they ignore (``_ignore_stop_signals``), then waits for them for ever. Its shutdown is
+            # private (``_shutdown_workers``, the one its own ``__del__`` calls): no public way.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del batches
 
     def _transformed(
         self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]

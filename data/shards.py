@@ -30,9 +30,12 @@ is hashed only when it is new to this folder's record of verified shards (``veri
 shard's size and modification time when its digest last matched) or its size or time differ from
 it; otherwise only its structure is checked (head, tail, fingerprint: a few small reads). Damage
 that leaves both unchanged (bit rot under a restored mtime) is then caught only when the image
-fails to decode. A shard modified within ``RACY_NS`` of being recorded is not recorded (a file
-system's clock ticks coarsely, so a change right after the check can keep the same time), and is
-hashed again at the next start.
+fails to decode, as one sentence naming the shard (``ShardStore.decode_encoded``), or not at all
+where the damaged JPEG still decodes. A shard modified within ``RACY_NS`` of being recorded is
+not recorded (a file system's clock ticks coarsely, so a change right after the check can keep
+the same time), and is hashed again at the next start. The record is read only up to the size a
+record of the cache's shards can have (``verified_limit``); a larger or damaged one is replaced,
+every shard hashed again.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -79,6 +84,8 @@ HEAD_BYTES = len(MAGIC) + 64  # MAGIC and the shard's fingerprint (SHA-256, hex)
 FAILURES_SHOWN = 3
 VERIFIED = "verified.json"  # the record of shards whose digest matched, in each cache folder
 RACY_NS = 2_000_000_000  # a shard modified this recently is not trusted by its (size, time) alone
+#: Room for one shard's entry in ``verified.json``, which takes about 50 bytes (``verified_limit``).
+VERIFIED_BYTES_PER_SHARD = 256
 
 #: A shard file's (size, mtime_ns): when both are what they were when its digest matched, the
 #: digest is not computed again.
@@ -245,7 +252,42 @@ class ShardStore:
         data, offsets = self.encoded(key)
         if len(offsets) == 1:
             return torch.empty(0, 3, self.size, self.size, dtype=torch.uint8, device=device)
-        return torch.stack(decode_jpegs(split_jpegs(data, offsets), device))
+        return self.decode_encoded(data, offsets, key, device)
+
+    def decode_encoded(
+        self, data: torch.Tensor, offsets: torch.Tensor, key: int | slice | torch.Tensor | list[int],
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:  # fmt: skip
+        """The images ``encoded(key)`` gave as ``data`` and ``offsets``, decoded on ``device`` in one
+        call (nvJPEG on a GPU). A JPEG that does not decode is a ``DataError`` naming its shard:
+        damage that kept the shard's size and time (bit rot under a restored time), which a start
+        does not hash (``verified.json``), shows only here."""
+        try:
+            return torch.stack(decode_jpegs(split_jpegs(data, offsets), device))
+        except (RuntimeError, ValueError) as error:
+            raise self._damaged(key, error) from None
+
+    def _damaged(self, key: int | slice | torch.Tensor | list[int], error: Exception) -> DataError:
+        """The sentence for images of ``key`` that failed to decode together: the first that fails
+        alone on the CPU names its shard (the first image's, should none fail alone)."""
+        indices = [int(i) + len(self) if i < 0 else int(i) for i in self._indices(key)]
+        bad = indices[0]
+        for i in indices:
+            try:
+                decode_jpegs(split_jpegs(*self.encoded([i])))
+            except (RuntimeError, ValueError) as alone:
+                bad, error = i, alone
+                break
+        shard = int(np.searchsorted(self.starts, bad, side="right")) - 1
+        path, first = self.files[shard], int(self.starts[shard])
+        where = f"its image {bad - first + 1} of {int(self.starts[shard + 1]) - first}"
+        # Without torchvision's "decode_jpeg, <source file>:<line>, " in front of libjpeg's reason.
+        reason = short_reason(RuntimeError(re.sub(r"^\w+, \S+:\d+, ", "", str(error).strip())))
+        return DataError(
+            f"cache shard {path} is damaged: {where} cannot be decoded ({reason}), "
+            "though its size and time are those recorded when its digest last matched; delete it and run again (or "
+            "run prepare), which rebuilds it from the images."
+        )
 
     def __getitem__(self, key: int | slice | torch.Tensor | list[int] | tuple) -> torch.Tensor:
         if isinstance(key, tuple):  # images[i, c]: the images decoded, then the rest of the index
@@ -349,23 +391,48 @@ def _read_shard(
     return offsets, stats, stamp
 
 
-def load_verified(folder: Path) -> dict[str, Stamp]:
-    """The folder's record of verified shards (file name -> stamp); empty when it is missing or
-    unreadable (every shard is then hashed, and the record written again)."""
+def verified_limit(shards: int) -> int:
+    """The most bytes the record of ``shards`` shards can take: each shard's line (its name, size
+    and time) is about 50 bytes, counted as ``VERIFIED_BYTES_PER_SHARD``."""
+    return 1024 + VERIFIED_BYTES_PER_SHARD * shards
+
+
+def load_verified(folder: Path, shards: int) -> dict[str, Stamp]:
+    """The folder's record of verified shards (file name -> stamp) for a cache of ``shards``
+    shards; empty when it is missing, and, with a warning, when it is damaged or larger than such
+    a record can be (``verified_limit``: it is not read whole). Every shard is then hashed, and the
+    record written again."""
+    record, problem = _read_verified(folder, shards)
+    if problem:
+        logger.warning("%s %s; every shard in %s is hashed again", folder / VERIFIED, problem, folder)
+    return record
+
+
+def _read_verified(folder: Path, shards: int) -> tuple[dict[str, Stamp], str | None]:
+    limit = verified_limit(shards)
     try:
-        record = json.loads((folder / VERIFIED).read_text())
-        return {name: (int(s[0]), int(s[1])) for name, s in record["shards"].items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-        return {}
+        with open(folder / VERIFIED, "rb") as f:
+            text = f.read(limit + 1)
+    except FileNotFoundError:
+        return {}, None
+    except OSError as error:
+        return {}, f"cannot be read ({short_reason(error)})"
+    if len(text) > limit:
+        return {}, f"is larger than the record of {shards} shards can be (over {limit:,} bytes), so it was not read"
+    try:
+        record = json.loads(text)
+        return {name: (int(s[0]), int(s[1])) for name, s in record["shards"].items()}, None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return {}, "is damaged"
 
 
-def save_verified(folder: Path, stamps: dict[str, Stamp]) -> None:
-    """Write the record (a temporary file renamed over it: a kill leaves the old one or the new
-    one); stamps modified less than ``RACY_NS`` ago are left out."""
+def save_verified(folder: Path, stamps: dict[str, Stamp], shards: int) -> None:
+    """Write the record of a cache of ``shards`` shards (a temporary file renamed over it: a kill
+    leaves the old one or the new one); stamps modified less than ``RACY_NS`` ago are left out."""
     now = time.time_ns()
     settled = {name: list(s) for name, s in sorted(stamps.items()) if s[1] <= now - RACY_NS}
-    if {name: tuple(s) for name, s in settled.items()} == load_verified(folder):
-        return  # unchanged: the file is left alone
+    if ({name: tuple(s) for name, s in settled.items()}, None) == _read_verified(folder, shards):
+        return  # unchanged: the file is left alone (a damaged one is replaced)
     text = json.dumps({"version": SHARD_VERSION, "shards": settled}, indent=0) + "\n"
     tmp = folder / f".{VERIFIED}.{os.getpid()}.tmp"
     try:
@@ -619,7 +686,8 @@ def shard_split(
     if len(paths) != len(labels):
         raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
     folder = cache_dir / f"{name}_{size}"
-    verified = load_verified(folder)
+    count = math.ceil(len(paths) / shard_images)
+    verified = load_verified(folder, count)
     jobs = []
     for number, start in enumerate(range(0, len(paths), shard_images)):
         sources = paths[start : start + shard_images]
@@ -653,7 +721,8 @@ def shard_split(
     _remove_stale_shards(folder, len(jobs))
     if folder.is_dir():
         stamps = {r.number: r.stamp for r in reports} | {d.number: d.stamp for d in done}
-        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None})
+        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None},
+                      len(jobs))  # fmt: skip
     if failures:
         raise DataError(_failure_message(failures, len(paths), sum(r.stamp is not None for r in reports)))
     done.sort(key=lambda d: d.number)

@@ -17,6 +17,7 @@ import pickle
 import re
 import resource
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,7 +90,45 @@ def locked_output(work: Path, earlier: Path) -> None:
     os.chmod(work / "readonly", 0o555)
 
 
+def locked_run_folder(top: str) -> Callable[[Path, Path], None]:
+    """The earlier run's folder under ``top`` (checkpoints or runs) made read-only."""
+    return lambda work, earlier: os.chmod(work / top / "Shapes" / earlier_checkpoint(work).parent.name, 0o555)
+
+
+def rotten_cache(work: Path, earlier: Path) -> None:
+    """An ImageFolder and its 32x32 cache, recorded as verified (``verified.json``), whose first
+    JPEG then lost its first byte with the shard's size and time kept: bit rot that a start does
+    not see, as the shard is not hashed again."""
+    from fakedata import write_class_folders
+
+    from data import prepare
+    from data.shards import HEAD_BYTES, save_verified
+
+    write_class_folders(work / "data", {"a": 6, "b": 6}, size=40)
+    assert prepare.main(["-ds", "ImageFolder", "--data-dir", str(work / "data"), "--cache-dir", str(work / "cache"),
+                         "-c", "--workers", "1"]) == 0  # fmt: skip
+    past = (time.time_ns() - 3600 * 10**9) // 10**9 * 10**9
+    for folder in (work / "cache").iterdir():
+        shards = sorted(folder.glob("*.shard"))
+        for path in shards:
+            os.utime(path, ns=(past, past))
+        save_verified(folder, {path.name: (path.stat().st_size, past) for path in shards}, len(shards))
+    shard = work / "cache" / "train_32" / "00000.shard"
+    blob = bytearray(shard.read_bytes())
+    blob[HEAD_BYTES] ^= 0xFF  # the first JPEG's first byte
+    shard.write_bytes(bytes(blob))
+    os.utime(shard, ns=(past, past))
+
+
 CIFAR = ["-c", "-ds", "Cifar10", "--data-dir", "data", "-ne", "1"]
+ROTTEN = ["-c", "-ds", "ImageFolder", "--data-dir", "data", "--cache-dir", "cache", "-ne", "1", "-d", "--loader",
+          "stream", "--workers", "2"]  # fmt: skip
+#: Decoded by the DataLoader workers (a CPU); on CUDA by the training process (test_streaming.py).
+ROTTEN_SENTENCE = (
+    r"cache shard cache/train_32/00000\.shard is damaged: its image 1 of 10 cannot be decoded \(Not a JPEG file: "
+    r"starts with 0x00 0xd8\), though its size and time are those recorded when its digest last matched; delete it and "
+    r"run again \(or run prepare\), which rebuilds it from the images\.$"
+)
 VOC = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"]
 
 CATALOGUE = [
@@ -164,9 +203,16 @@ CATALOGUE = [
     Case("output folder not writable", ["-ne", "1", *TINY, "--output-dir", "readonly"], 1,
          r"cannot write to readonly/checkpoints \(Permission denied\); pass a writable --output-dir\.",
          prepare=locked_output, prefix=without_file_permission_override),
+    Case("checkpoint folder not writable", ["--resume", "EARLIER", "-ne", "2"], 1,
+         r"cannot write to \S+/checkpoints/Shapes/[^/ ]+/\.lock \(Permission denied\); pass a writable --output-dir\.$",
+         prepare=locked_run_folder("checkpoints"), prefix=without_file_permission_override),
+    Case("run folder not writable", ["--resume", "EARLIER", "-ne", "2"], 1,
+         r"cannot write to \S+/runs/Shapes/[^/ ]+ \(Permission denied\); pass a writable --output-dir\.$",
+         prepare=locked_run_folder("runs"), prefix=without_file_permission_override),
     Case("run name already used", ["--run-name", "taken", "-ne", "1", *TINY], 1,
          r"--run-name taken: runs/Shapes/taken already exists; pick another name, or --resume the run from its "
          r"last.pt\.", prepare=lambda w, e: (w / "runs" / "Shapes" / "taken").mkdir()),
+    Case("cache shard damaged under its recorded time", ROTTEN, 1, ROTTEN_SENTENCE, prepare=rotten_cache),
     Case("disk full while saving", ["-c", "-ne", "1", *TINY], 1,
          r"could not save the checkpoint of epoch 1 in checkpoints/Shapes/.* \(File too large\); free some disk space "
          r"or pass another --output-dir \(the previous last.pt and best.pt are unchanged\)\.",
@@ -322,7 +368,9 @@ def test_catalogue_is_the_readme_table(repo_root):
     assert len(names) == len(set(names))
     # Rows tested by their own tests: test_faults (divergence), test_signals (signals in training, a stop
     # while reading data or evaluating), test_cli (CUDA), test_checkpoints (two processes on one run),
-    # test_shards (several bad images), test_weights, test_predict, test_export, test_figures.
+    # test_shards (several bad images, an oversized verified.json, an image replaced with its stamp),
+    # test_weights, test_predict, test_export, test_figures, test_signals (stops while torch loads, a
+    # DataLoader worker killed).
     assert rows == set(names) | {"training diverges (NaN or infinite loss)", "Ctrl-C / SIGTERM",
                                  "CUDA asked for, none present", "run in use by another process",
                                  "stop while reading data or evaluating", "several unreadable images",
@@ -330,7 +378,9 @@ def test_catalogue_is_the_readme_table(repo_root):
                                  "--weights not an AlexNet", "predict: unreadable files", "export: OUT exists",
                                  "figures: checkpoint away from its run", "figures: run folder not writable",
                                  "predict: a FIFO or an unreadable folder", "class name with a comma",
-                                 "export to ONNX", "checkpoint listing more classes than its network has"}  # fmt: skip
+                                 "export to ONNX", "checkpoint listing more classes than its network has",
+                                 "Ctrl-C again and again while starting", "DataLoader worker killed",
+                                 "oversized verified.json", "image replaced with its size and time kept"}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

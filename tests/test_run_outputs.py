@@ -136,3 +136,32 @@ def test_a_metrics_row_that_cannot_be_written_is_one_sentence(tmp_path):
     progress = SimpleNamespace(epoch=1, global_step=3, top1_max=50.0)
     with pytest.raises(UserError, match=r"^cannot write to .*metrics\.jsonl .*; pass a writable --output-dir\.$"):
         outputs.epoch(progress, EvalResult(0.5, 50.0, 100.0, 2), 0.7, 0.01, 100.0, 1.0)
+
+
+def test_a_tensorboard_write_that_fails_in_its_thread_is_one_sentence_and_no_thread_traceback(tmp_path, monkeypatch):
+    """TensorBoard writes its events in a thread of its own, which prints its exception itself
+    (``threading.excepthook``). With the run folder gone under it, the next epoch's writes are the
+    ``cannot write to ...`` sentence in the training process, and the thread's exception never
+    reaches the hook: nothing is printed beside the sentence; closing warns, and gives the hook back."""
+    import threading
+    from types import SimpleNamespace
+
+    from training.config import TrainConfig
+    from training.outputs import RunFolders, RunOutputs
+    from training.tasks import EvalResult
+    from utils import UserError
+
+    printed = []
+    hook = printed.append
+    monkeypatch.setattr(threading, "excepthook", hook)
+    run_dir = tmp_path / "run"
+    folders = RunFolders("run", run_dir, tmp_path / "ckpt", tmp_path / "run.log")
+    outputs = RunOutputs(TrainConfig(), folders, "Shapes", ["a", "b"], SINGLE)
+    outputs.open(lambda: torch.zeros(4, 3, 8, 8))
+    outputs.writer.flush()
+    shutil.rmtree(run_dir)
+    progress = SimpleNamespace(epoch=1, global_step=3, top1_max=50.0)
+    with pytest.raises(UserError, match=r"^cannot write to \S+run\S* \(.+\); pass a writable --output-dir\.$"):
+        outputs.epoch(progress, EvalResult(0.5, 50.0, 100.0, 2), 0.7, 0.01, 100.0, 1.0)
+    outputs.close()  # joins the writer's thread
+    assert printed == [] and threading.excepthook is hook

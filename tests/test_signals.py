@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakedata import small_voc, voc_xml
-from main_cli import VOC_DRY_RUN, copy_run, only, snapshot, start, unchanged, wait_for
+from fakedata import small_voc, voc_xml, write_class_folders
+from main_cli import VOC_DRY_RUN, command, copy_run, only, snapshot, start, unchanged, wait_for
 
 import datasets
 import main
@@ -150,6 +150,34 @@ def test_a_stop_while_generating_the_data_is_one_sentence_and_writes_nothing(tmp
     assert list(tmp_path.iterdir()) == []  # the claimed run folders were empty and are gone
 
 
+def test_ctrl_c_again_and_again_while_torch_loads_exits_130_with_the_sentence(tmp_path):
+    """The first seconds of a command (here one that would generate a large Shapes set) are
+    Python loading torch, before ``main``'s handlers: the first SIGINT there ends the process with
+    one sentence. Further ones, sent from that sentence until the process is gone, find it
+    unwinding or shutting down, where one used to be a traceback from threading's shutdown or,
+    once the interpreter had put the default handlers back, a death by SIGINT (-2). The first is
+    sent while torch's library is being loaded: a state the test can see (/proc/PID/maps), not a
+    time it guesses; the others until the exit, so that every phase of it is met."""
+    process = start(["-c", "--shapes-train", "100000", "-d"], tmp_path, new_session=True)
+    try:
+        maps = Path(f"/proc/{process.pid}/maps")
+        while process.poll() is None and "libtorch" not in maps.read_text():
+            time.sleep(0.002)
+        process.send_signal(signal.SIGINT)
+        wait_for(process, "stopped by SIGINT while")  # "starting", or a phase of main's where torch loads fast
+        while process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.001)
+        rest = process.stderr.read()
+        assert process.wait(timeout=60) == 130, rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()
+    assert "Traceback" not in rest, rest
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_stop_during_evaluate_is_one_sentence(tmp_path, cifar_run):
     last = copy_run(cifar_run, tmp_path / "work")
     before = snapshot(tmp_path / "work")
@@ -210,6 +238,66 @@ def test_sigterm_to_the_process_group_while_streaming_saves_and_stops(tmp_path):
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers), "workers outlived the run"
+
+
+def test_a_streaming_worker_killed_by_sigkill_is_one_sentence_and_leaves_no_temporary_folder(tmp_path):
+    """The out-of-memory killer's way: SIGKILL to one DataLoader worker of an ImageFolder streamed
+    from its cache. One sentence names the worker and the signal, the usual cause and what to
+    change; the process exits 1; HOME stays empty and TMPDIR holds no ``pymp-*`` folder (the
+    killed worker's own, before). torch's import makes ``torchinductor_<user>`` there, whatever
+    the command: that is torch's, and left alone."""
+    write_class_folders(tmp_path / "data", {"a": 20, "b": 20}, size=40)
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    flags = ["-c", "-ds", "ImageFolder", "--data-dir", "data", "--cache-dir", "cache", "--loader", "stream", "--workers",
+             "2", "--batch-size", "1", "-ne", "5", "-d"]  # fmt: skip
+    process = subprocess.Popen(command(*flags), cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               text=True, start_new_session=True, env={**os.environ, "HOME": str(home),
+                               "TMPDIR": str(tmp)})  # fmt: skip
+    try:
+        seen = wait_for(process, "augmentation:")  # the training loop is next
+        while len(children(process.pid)) < 2 and process.poll() is None:  # its workers have started
+            time.sleep(0.01)
+        workers = children(process.pid)
+        assert len(workers) >= 2, seen
+        os.kill(workers[0], signal.SIGKILL)
+        rest = process.communicate(timeout=300)[1]  # a guard against a hang, not a time to meet
+        assert process.returncode == 1, rest
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stderr.close()
+    assert "Traceback" not in rest, rest
+    errors = [line for line in rest.splitlines() if "error: " in line]
+    assert errors == [
+        (f"error: DataLoader worker (pid {workers[0]}) was killed by SIGKILL, most often by the kernel's out-of-memory "
+         "killer (dmesg names it); run again with fewer workers (e.g. --workers 1) or a smaller --batch-size (nothing "
+         "was saved yet).")
+    ], rest  # fmt: skip
+    assert list(home.iterdir()) == []
+    assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_the_sentence_for_a_lost_worker_says_what_is_kept_and_how_to_resume(tmp_path):
+    last = tmp_path / "last.pt"
+    last.write_bytes(b"a checkpoint")
+    killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
+    assert main.lost_worker_sentence(killed, last, 4, False) == (
+        f"DataLoader worker (pid 4242) was killed by SIGKILL, most often by the kernel's out-of-memory killer (dmesg "
+        f"names it); {last} is kept: resume with --resume {last} --workers 2, or start again with a smaller "
+        "--batch-size."
+    )
+    gone = RuntimeError("DataLoader worker (pid(s) 4242, 4243) exited unexpectedly")
+    assert main.lost_worker_sentence(gone, None, 3, True) == (
+        "DataLoader workers (pid 4242, 4243) stopped unexpectedly; run again with fewer workers, e.g. --workers 1."
+    )
+    bus = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
+                       "workers are out of shared memory.")  # fmt: skip
+    assert main.lost_worker_sentence(bus, None, 2, True).startswith(
+        "DataLoader worker (pid 7) was killed by SIGBUS, most often for want of shared memory (/dev/shm); "
+    )
+    assert main.lost_worker_sentence(RuntimeError("CUDA out of memory"), last, 2, False) is None
 
 
 def test_workers_ignore_both_stop_signals(own_signals):

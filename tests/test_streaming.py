@@ -5,6 +5,8 @@ batches bit for bit, and host memory that stays within the stated bound."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +232,43 @@ def test_decoding_in_process_streams_large_batches_from_8_workers_within_256_fil
                             text=True, timeout=120, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", str(count // batch)]
+
+
+@pytest.fixture
+def rotten(stored, tmp_path) -> Split:
+    """A copy of the cache whose shard 2 lost the first byte of its third JPEG (image 12): damage
+    that a start does not see when the shard's size and time are those recorded (bit rot)."""
+    from data.shards import ShardStore
+
+    files = []
+    for path in stored.images.files:
+        files.append(tmp_path / path.name)
+        shutil.copyfile(path, files[-1])
+    at = int(stored.images.offsets[2][2])
+    blob = bytearray(files[2].read_bytes())
+    blob[at] ^= 0xFF
+    files[2].write_bytes(bytes(blob))
+    store = stored.images
+    return Split(ShardStore(files, store.offsets, store.size, store.stats), stored.labels)
+
+
+@pytest.mark.parametrize("where, workers", [("cpu", 0), ("cuda", 0), ("cuda", 2), ("memory", 0)])
+def test_a_damaged_jpeg_is_one_sentence_naming_its_shard(rotten, where, workers):
+    """Wherever the JPEG is decoded: by the loader on a CPU, in the training process in one call
+    on CUDA (``decode_in_process``, the CPU standing in), after DataLoader workers passed its bytes,
+    or all at once into memory (``--loader memory``). The workers' own path (decoding and
+    augmenting there) goes through the command line in test_faults.py."""
+    from data.core import DataError
+    from hardware.capabilities import Capabilities
+
+    sentence = (
+        rf"^cache shard {re.escape(str(rotten.images.files[2]))} is damaged: its image 3 of 5 cannot be decoded \(Not "
+        r"a JPEG file: starts with 0x00 0xd8\), though its size and time are those recorded when its digest last "
+        r"matched; delete it and run again \(or run prepare\), which rebuilds it from the images\.$"
+    )
+    with pytest.raises(DataError, match=sentence):
+        if where == "memory":
+            place_split(rotten, torch.device("cpu"), "memory", 0)
+        else:
+            hw = Capabilities.stand_in() if where == "cuda" else "cpu"
+            list(BatchLoader(rotten, BATCH, Unchanged(), False, hw, workers=workers))

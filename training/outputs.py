@@ -21,6 +21,8 @@ import logging
 import math
 import os
 import socket
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -267,9 +269,10 @@ def _claim(config: TrainConfig, output: Path, resume_from: Path | None, resume_s
         raise UserError(f"cannot write to {error.filename or folders.ckpt_dir} ({error.strerror or error}); pass a "
                         "writable --output-dir.") from None  # fmt: skip
     try:
-        folders.lock = RunLock(folders.ckpt_dir, f"run {name}").acquire()
+        # A read-only checkpoint folder (a resumed run's) fails here, at its lock file.
+        folders.lock = writing(folders.ckpt_dir, lambda: RunLock(folders.ckpt_dir, f"run {name}").acquire())
         if resume_from is not None:
-            _check_rewind(folders, resume_from, resume_step, rewind)
+            writing(folders.ckpt_dir, lambda: _check_rewind(folders, resume_from, resume_step, rewind))
     except BaseException:
         folders.release()
         raise
@@ -328,14 +331,37 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 
 def writing(path: Path, action: Callable[[], Any]) -> Any:
-    """Run ``action``; a failure to write becomes one sentence naming the folder."""
+    """Run ``action``; a failure to write becomes one sentence naming the file or folder."""
     try:
         return action()
     except OSError as error:
+        where = os.fsdecode(error.filename) if error.filename else path  # TensorBoard's are bytes
         raise UserError(
-            f"cannot write to {error.filename or path} ({short_reason(error.strerror or error)}); "
-            "pass a writable --output-dir."
+            f"cannot write to {where} ({short_reason(error.strerror or error)}); pass a writable --output-dir."
         ) from None
+
+
+def check_writable(folder: Path) -> None:
+    """``OSError`` naming ``folder`` unless a file can be created in it (one is, then removed)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".writable.", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(folder)) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def _quiet_event_writer(hook: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``threading.excepthook`` that leaves out a write error of TensorBoard's writer thread: the
+    writer keeps it and raises it in the training process at its next call
+    (``EventFileWriter._check_worker_status``), where ``RunOutputs`` says it in one sentence;
+    printed by the thread as well, it would be a traceback beside that sentence."""
+
+    def excepthook(args: Any) -> None:
+        if not (type(args.thread).__module__.startswith("tensorboard.") and issubclass(args.exc_type, OSError)):
+            hook(args)
+
+    return excepthook
 
 
 #: One row per finished epoch, every scalar of that epoch (the TensorBoard tags without the data
@@ -370,17 +396,31 @@ class RunOutputs:
         self.log_file = folders.log_file if config.log and is_main() else None
         self.writer: SummaryWriter | None = None
         self._log_handler: logging.Handler | None = None
+        self._excepthook: Callable[[Any], Any] | None = None  # threading's, while the writer is open
 
     # -- opening and closing
 
     def open(self, augmented: Callable[[], torch.Tensor]) -> None:
         """Start the log file, create the run folder and write what a run starts with.
         ``augmented()`` gives a batch of augmented inputs for TensorBoard (a new run only)."""
+        resumed = self.resume_step is not None
+        if self.writes and resumed and self.run_dir.is_dir():
+            # Before the log and the TensorBoard writer, whose thread would be the first to find a
+            # read-only run folder (a traceback of its own); a refused resume then changes nothing.
+            writing(self.run_dir, lambda: check_writable(self.run_dir))
         if self.log_file is not None:
             log_file = self.log_file
             self._log_handler = writing(log_file, lambda: add_log_file(log_file))
         if self.writes:
+            self._excepthook, threading.excepthook = threading.excepthook, _quiet_event_writer(threading.excepthook)
             writing(self.run_dir, lambda: self._open_run_dir(augmented))
+
+    def tensorboard(self, action: Callable[[SummaryWriter], Any]) -> None:
+        """``action(writer)`` when there is one; its write error (or its thread's, raised by
+        its next call) is one sentence."""
+        writer = self.writer
+        if writer is not None:
+            writing(self.run_dir, lambda: action(writer))
 
     def _open_run_dir(self, augmented: Callable[[], torch.Tensor]) -> None:
         config, resumed = self.config, self.resume_step is not None
@@ -415,9 +455,16 @@ class RunOutputs:
         atomic_write_bytes(text.encode(), path)
 
     def close(self) -> None:
+        """Close the writer and the log (on every way out of a run: a write error here, after
+        whatever ended the run, is a warning)."""
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError as error:
+                logger.warning("the TensorBoard events in %s may be incomplete (%s)", self.run_dir, short_reason(error))
+        if self._excepthook is not None:
+            threading.excepthook, self._excepthook = self._excepthook, None
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
@@ -443,8 +490,7 @@ class RunOutputs:
 
     def train_loss(self, mean: float, step: int) -> None:
         """The mean training loss of the last ``-lls`` steps."""
-        if self.writer is not None:
-            self.writer.add_scalar(f"{self.data_name}/train/loss", mean, step)
+        self.tensorboard(lambda writer: writer.add_scalar(f"{self.data_name}/train/loss", mean, step))
 
     def epoch(self, progress: Any, result: Any, train_loss: float, lr: float, images_per_s: float,
               seconds: float) -> None:  # fmt: skip
@@ -470,16 +516,17 @@ class RunOutputs:
         }
         prefix, step = f"{self.data_name}/", progress.global_step
         for tag, value in scalars.items():
-            self.writer.add_scalar(prefix + tag, value, step)
+            self.tensorboard(lambda w, tag=tag, value=value: w.add_scalar(prefix + tag, value, step))
         row = {"step": step, "seconds": seconds, **scalars}
         row = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()}
         writing(self.run_dir, lambda: self._append_metrics(row))
         if (epoch % config.log_confusion_epoch == 0 or epoch == config.n_epoch) and result.confusion is not None:
-            write_confusion_csv(result.confusion, self.classes, self.run_dir / f"confusion_epoch{epoch:03d}.csv")
+            csv = self.run_dir / f"confusion_epoch{epoch:03d}.csv"
+            writing(self.run_dir, lambda: write_confusion_csv(result.confusion, self.classes, csv))
             title = f"{self.data_name} epoch {epoch}: top-1 {result.top1:.1f}%"
-            self.writer.add_figure(prefix + "val/confusion", confusion_figure(result.confusion, self.classes, title),
-                                   step)  # fmt: skip
-        self.writer.flush()
+            figure = confusion_figure(result.confusion, self.classes, title)
+            self.tensorboard(lambda w: w.add_figure(prefix + "val/confusion", figure, step))
+        self.tensorboard(lambda w: w.flush())
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
@@ -536,8 +583,8 @@ class RunOutputs:
             metrics = {"hparam/best_top1": best["top1"], "hparam/best_top5": best["top5"],
                        **self.task.hparam_metrics(best)}  # fmt: skip
             hparams = {k: v for k, v in asdict(self.config).items() if isinstance(v, (int, float, str, bool))}
-            self.writer.add_hparams(hparams, metrics, run_name=".")
-            atomic_write_json(summary, self.run_dir / "summary.json")
+            self.tensorboard(lambda w: w.add_hparams(hparams, metrics, run_name="."))
+            writing(self.run_dir, lambda: atomic_write_json(summary, self.run_dir / "summary.json"))
             logger.info("TensorBoard, summary.json and confusion CSVs: %s", self.run_dir)
             logger.info("checkpoints (best.pt, last.pt): %s", self.folders.ckpt_dir)
             logger.info("resume with: --resume %s", self.folders.ckpt_dir / "last.pt")
