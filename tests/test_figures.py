@@ -261,8 +261,10 @@ def test_trainer_logs_the_kernel_grid_every_lce_epochs_and_at_the_last():
             pass
 
     model = CifarAlexNet(10)
-    trainer = SimpleNamespace(config=SimpleNamespace(log_confusion_epoch=2, n_epoch=5), model=model,
-                              outputs=SimpleNamespace(writer=Writer()), progress=SimpleNamespace())  # fmt: skip
+    writer = Writer()
+    outputs = SimpleNamespace(writer=writer, tensorboard=lambda action: action(writer))  # as RunOutputs.tensorboard
+    trainer = SimpleNamespace(config=SimpleNamespace(log_confusion_epoch=2, n_epoch=5), model=model, outputs=outputs,
+                              progress=SimpleNamespace())  # fmt: skip
     for epoch in range(1, 6):
         trainer.progress.epoch, trainer.progress.global_step = epoch, 10 * epoch
         Trainer._log_kernels(trainer)
