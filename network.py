@@ -197,7 +197,7 @@ class ReleaseDropout(nn.Dropout):
 @dataclass(frozen=True)
 class NetworkFidelity:
     """What ``--fidelity`` changes in the paper's network: the 2012 release (``code``) or the
-    paper's text (``text``). README, "Fidelity", lists each with its place in the release."""
+    paper's text (``text``). docs/fidelity.md lists each with its place in the release."""
 
     lrn_summed: bool  # alpha multiplies the sum of squares (text) or their sum / n (code)
     norm_before_relu1: bool  # layer 1: conv, LRN, pool, ReLU (code) or conv, ReLU, LRN, pool (text)

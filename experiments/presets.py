@@ -5,7 +5,7 @@ scales swap in data a CPU can train on in minutes, changing only the data set, i
 epoch budget and the batch size, so a small run is the same comparison on less data:
 
 - ``small``: Shapes (and, where a finding is about a data set, the real CIFAR-100 / VOC samples
-  read from ``--data-dir``), a few epochs; the runs behind the README's "Findings" tables.
+  read from ``--data-dir``), a few epochs; the runs behind the tables of experiments/README.md.
 - ``tiny``: a few hundred Shapes images, one epoch; proves the path end to end (tests).
 
 Flags are kept as ordered ``{flag: value}`` maps so a scale can replace a value: ``True`` is a

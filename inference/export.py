@@ -52,8 +52,8 @@ EPILOG = """\
 the file holds the network alone: it takes float32 N x 3 x S x S batches already preprocessed
 (S = 32 for -c checkpoints, 224 otherwise) and returns N x classes logits. What preprocessing
 means, the class names and the task travel in the file: ONNX metadata_props key "alexnet",
-TorchScript extra file "alexnet.json", both one JSON object (see README, "Using a trained
-network"). OUT is never replaced unless --force is given (then atomically)."""
+TorchScript extra file "alexnet.json", both one JSON object (see docs/using-a-network.md,
+"export"). OUT is never replaced unless --force is given (then atomically)."""
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -92,7 +92,7 @@ def unchanged(root: Path, before: dict[Path, tuple[int, int, int]]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The bad-input catalogue: one row of the README's "When things go wrong" table per case
+# The bad-input catalogue: one row of the bad-input table (docs/troubleshooting.md) per case
 
 
 @dataclass

@@ -3,7 +3,7 @@ into the right folders, one live process per run, ``--rewind``), ``--evaluate``,
 files or none, and checkpoints refused in one sentence: damaged, foreign, of another model, with
 flags that change the run, or crafted (every field checked in process, over many values).
 
-A run stopped by a signal or ``kill -9`` and resumed is in test_signals.py; the README table's
+A run stopped by a signal or ``kill -9`` and resumed is in test_signals.py; the bad-input table's
 rows about checkpoints run in test_faults.py's catalogue.
 """
 

@@ -3,7 +3,7 @@
 summary, checkpoints, log), dry runs, every model, and a run that must learn.
 
 Real data sets through the command line are in test_cli_data.py; resume and --evaluate in
-test_checkpoints.py; the README's bad-input table in test_faults.py."""
+test_checkpoints.py; the bad-input table (docs/troubleshooting.md) in test_faults.py."""
 
 import argparse
 import json
@@ -201,8 +201,8 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tmp_path, run_main, tiny
 
 def test_cifar_alexnet_learns_shapes(tmp_path, run_main):
     """It must actually learn: six times the 10 % of chance after four short epochs (this run
-    reached 79 % and 84 % on the 2-core development machine; the README's full-size run of three
-    epochs on 8,000 images reaches 96.69 %).
+    reached 79 % and 84 % on the 2-core development machine; docs/speed.md's full-size run
+    of three epochs on 8,000 images reaches 96.69 %).
 
     No time limit: the run takes 82 s on those 2 cores lightly loaded and over ten minutes when
     they are busy. Less work does not learn reliably: the network stays near chance for its first

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing crashes: the README's "When things go wrong" table as a catalogue of bad
+"""Nothing lost, nothing crashes: the bad-input table of docs/troubleshooting.md as a catalogue of bad
 inputs (flags, data, checkpoints, output folders, run names), and a run that diverges.
 
 Every row of the catalogue goes through the real command line in a folder that already holds an
@@ -355,9 +355,9 @@ def test_untrusted_run_catalogue(tmp_path, earlier, case):
         assert not (tmp_path.parent / "escaped").exists() and not (tmp_path / "escaped").exists()
 
 
-def test_catalogue_is_the_readme_table(repo_root):
-    """Every row of the README's table is a case above, and every case a row."""
-    readme = (repo_root / "README.md").read_text()
+def test_catalogue_is_the_troubleshooting_table(repo_root):
+    """Every row of the bad-input table (docs/troubleshooting.md) is a case above, and every case a row."""
+    readme = (repo_root / "docs" / "troubleshooting.md").read_text()
     table = readme[readme.index("| bad input |") :].split("\n\n")[0].splitlines()[2:]
     rows = {line.split("|")[1].strip().strip("`") for line in table}
     from test_image_folder import ERRORS as FOLDER_CASES

@@ -336,11 +336,11 @@ def test_the_papers_network_and_setup_train_in_both_fidelities(fidelity, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# The README's table says what the tests above assert
+# The fidelity table (docs/fidelity.md) says what the tests above assert
 
 
-def test_readme_table_states_the_release_values(repo_root):
-    readme = (repo_root / "README.md").read_text()
+def test_fidelity_table_states_the_release_values(repo_root):
+    readme = (repo_root / "docs" / "fidelity.md").read_text()
     rows = {line.split(" | ")[0].lstrip("| "): line for line in readme.splitlines() if line.startswith("| ")}
     expected = {
         "LRN denominator (rnorm1, rnorm2)": ["(2 + 2e-5 Σ a²)^0.75", "(2 + 1e-4 Σ a²)^0.75", "layer.py:1183"],

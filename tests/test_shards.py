@@ -306,14 +306,14 @@ def test_an_oversized_verified_json_is_not_read_and_the_shards_are_hashed_again(
     print(f"peak of prepare: {peak(first) / 2**20:.0f} MB ordinary, {peak(second) / 2**20:.0f} MB with it")
 
 
-def test_an_image_replaced_with_its_size_and_time_kept_needs_a_touch_as_the_readme_says(photos, tmp_path, repo_root):
+def test_an_image_replaced_with_its_size_and_time_kept_needs_a_touch_as_the_docs_say(photos, tmp_path, repo_root):
     """The fingerprint's documented limit (issue 22, item 11), and its documented way out. A
     shard's fingerprint holds its images' names, sizes and modification times, not their bytes:
     an image replaced by one of the same size with its time restored (``cp -p``, ``rsync -t``, a
     restore from backup) keeps its old picture in the cache. Hashing even 64 KB at each end of
     every image would read 86 % of ImageNet's bytes at every start (the photos of
     ``shared/data/imagenet-sample`` are 106 KB on average), where the stamps cost one ``stat``
-    each. ``touch`` on the replaced image rebuilds its shard, as the README says beside
+    each. ``touch`` on the replaced image rebuilds its shard, as docs/data.md says beside
     ``prepare``."""
     from PIL import Image
 
@@ -338,7 +338,7 @@ def test_an_image_replaced_with_its_size_and_time_kept_needs_a_touch_as_the_read
     rebuilt = build(photos, tmp_path)
     assert (rebuilt.images[12].int() - decode_resized(target, SIZE).int()).abs().float().mean() <= 2
     assert not torch.equal(rebuilt.images[12], old)
-    readme = (repo_root / "README.md").read_text()
+    readme = (repo_root / "docs" / "data.md").read_text()
     prepare = readme.index("python main.py prepare -ds ImageNet")
     paragraph = readme[prepare : readme.index("\n### ", prepare)]
     assert "cp -p" in paragraph and "touch" in paragraph and "same size" in paragraph

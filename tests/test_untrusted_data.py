@@ -1,7 +1,7 @@
 """Trust nothing a data file says: archives, pickles, images, image lists, caches and meta files
 crafted to delete, exhaust memory or read outside the data folder (issue 12, the data half).
 
-``CASES`` are rows of the README's "When things go wrong" table: each runs the real command line
+``CASES`` are rows of the bad-input table (docs/troubleshooting.md): each runs the real command line
 in a folder holding an earlier run (``main_cli.run_case``). Where the right outcome is a run that
 succeeds with a warning, a plain command-line test checks the files and the warning. The memory
 bounds are measured in a fresh process (peak RSS before and after, under an address-space cap).

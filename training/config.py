@@ -60,7 +60,7 @@ class TrainConfig(DataOptions):
     paper_train: bool = setting(False, FLAG, evaluate=True)
     lrn: bool = setting(True, FLAG, evaluate=True)
     # The 2012 release's choices ("code") or the paper's text ("text") where they differ: the
-    # network, the paper pipeline and the paper's optimiser read it (README, "Fidelity").
+    # network, the paper pipeline and the paper's optimiser read it (docs/fidelity.md).
     fidelity: str = setting("code", Check(str, choices=FIDELITIES))
     setup: str = setting("modern", Check(str, choices=tuple(SETUPS)))
     optimizer: str = setting("adam", Check(str, choices=OPTIMIZERS))
