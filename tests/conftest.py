@@ -5,11 +5,15 @@ The helpers behind them are defined once, in ``main_cli.py``: module-level table
 parametrize lists (which no fixture reaches) import them from there.
 """
 
+import inspect
 import os
 import signal
+import subprocess
+import types
 from collections.abc import Callable
 from pathlib import Path
 
+import main_cli
 import pytest
 from main_cli import ROOT, TINY, run
 
@@ -30,6 +34,44 @@ def tiny_shapes() -> tuple[str, ...]:
     """Flags for a Shapes run small enough to take seconds (``main_cli.TINY``, as a tuple: one
     object for the whole session, which no test can change for the next)."""
     return tuple(TINY)
+
+
+#: What starts another process (``python main.py``, torchrun, the experiments' command line,
+#: tools/gpu_check.sh): a test whose code, or its fixtures' code, refers to one of these, itself
+#: or through functions of its module, is marked ``slow``.
+SPAWNERS = (subprocess, main_cli.run, main_cli.start, main_cli.run_case)
+
+
+def _spawns(function: Callable) -> bool:
+    """Whether ``function`` (a test or a fixture) starts another process, through the functions
+    of its own module that it calls (``SPAWNERS``)."""
+    module = inspect.getmodule(function)
+    todo, seen = [function.__code__], set()
+    while todo:
+        code = todo.pop()
+        if code in seen:
+            continue
+        seen.add(code)
+        todo += [const for const in code.co_consts if isinstance(const, types.CodeType)]
+        for name in code.co_names:
+            target = getattr(module, name, None)
+            if any(target is spawner for spawner in SPAWNERS):
+                return True
+            if inspect.isfunction(target) and target.__module__ == module.__name__:
+                todo.append(target.__code__)
+    return False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that starts another process: ``pytest -m "not slow"`` is the
+    everyday loop, in process only."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        functions = [getattr(item, "function", None)] + [
+            definition.func for defs in (fixtures.name2fixturedefs.values() if fixtures else ()) for definition in defs
+        ]
+        if any(function is not None and _spawns(function) for function in functions):
+            item.add_marker(pytest.mark.slow)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from main_cli import copy_run, only, start, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training.checkpoint import FIELD_RULES, check_fields, check_optimizer_state, check_partial_epoch
+from training.checkpoint import FIELDS, check_fields, check_optimizer_state, check_partial_epoch
 from training.config import TrainConfig
 from training.schedule import check_schedule_state
 from utils import atomic_torch_save, atomic_write_json, printable
@@ -315,7 +315,7 @@ def test_the_real_checkpoint_passes_every_rule(state):
     assert check_fields(state) is None and network_problem(state) is None
 
 
-@pytest.mark.parametrize("key", sorted(FIELD_RULES))
+@pytest.mark.parametrize("key", sorted(FIELDS))
 def test_every_field_refuses_values_of_the_wrong_kind(light, key):
     """Each field with each bad value: a problem in words naming the field, or (where the value
     happens to be valid for it, e.g. None for an optional field) acceptance; never an exception."""
@@ -347,7 +347,7 @@ VALUES = st.recursive(
 
 
 @FIELD_FUZZ
-@given(st.sampled_from(sorted(FIELD_RULES)), VALUES)
+@given(st.sampled_from(sorted(FIELDS)), VALUES)
 def test_fuzzed_fields_are_accepted_or_named(light, key, value):
     problem = check_fields({**light, key: value})
     assert problem is None or problem.startswith("its ")

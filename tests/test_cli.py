@@ -7,6 +7,7 @@ test_checkpoints.py; the bad-input table (docs/troubleshooting.md) in test_fault
 
 import argparse
 import json
+import re
 
 import pytest
 import torch
@@ -108,6 +109,9 @@ def test_tensorboard_holds_every_tag_and_checkpoints_hold_every_state(tmp_path, 
     assert message == "hello there"
     assert "_hparams_/session_end_info" in events.PluginTagToContent("hparams")
     assert {"hparam/best_top1", "hparam/best_top5"} <= set(tags["scalars"])
+    # the README's tag filters (the original v2 tool's regular expressions) select the curves it says
+    shown = sorted(t for t in tags["scalars"] if re.search(r"Shapes/.*/top\d", t))
+    assert shown == ["Shapes/val/top1", "Shapes/val/top1_max", "Shapes/val/top5"]
     steps = [e.step for e in events.Scalars("Shapes/val/top1")]
     assert steps == [3, 6]  # the training step at the end of each epoch: 120 images / 40
     assert [e.value for e in events.Scalars("Shapes/train/epoch")] == [1, 2]

@@ -1,5 +1,5 @@
-"""``make_loaders`` builds what the trainer built by hand: the same batches, random streams and
-evaluation batch sizes."""
+"""``make_loaders``: training batches that follow the seed, random streams that replay, and
+evaluation batch sizes counted in model inputs."""
 
 import itertools
 import logging
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import BatchLoader, DataOptions, Split, load_dataset, make_loaders, make_pipeline
+from datasets import BatchLoader, DataOptions, Split, load_dataset, make_loaders
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -22,34 +22,32 @@ def first_batches(loader: BatchLoader, count: int = 2) -> list[tuple[torch.Tenso
     return list(itertools.islice(iter(loader), count))
 
 
-def by_hand(data, input_size, paper, device, batch_size, seed, rank, world) -> BatchLoader:
-    """The training loader as ``Trainer.__init__`` built it before ``make_loaders``."""
-    train = data.train.to(device)
-    pipeline = make_pipeline(train, input_size, paper, device)
-    index_generator = torch.Generator().manual_seed(seed)
-    generator = torch.Generator(device).manual_seed(seed + rank)
-    return BatchLoader(train, batch_size, pipeline, True, device, generator=generator,
-                       index_generator=index_generator, rank=rank, world=world)  # fmt: skip
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "input_size, paper, rank, world",
     [(32, False, 0, 1), (224, True, 0, 1), (224, False, 0, 1), (32, False, 1, 2)],
 )
-def test_training_batches_are_those_of_the_hand_built_loader(shapes, device, input_size, paper, rank, world):
+def test_training_batches_follow_the_seed(shapes, device, input_size, paper, rank, world):
+    """The same seed gives the same batches (order and augmentation), another seed others, and
+    each process of a data-parallel run batches of its own."""
     device = torch.device(device)
-    loaders = make_loaders(shapes, input_size, paper, device, batch_size=8, eval_batch_size=20, seed=5, rank=rank,
-                           world=world)  # fmt: skip
-    expected = first_batches(by_hand(shapes, input_size, paper, device, 8, 5, rank, world))
-    got = first_batches(loaders.train)
-    assert len(got) == len(expected) == 2
-    for (x, y), (x0, y0) in zip(got, expected):
+
+    def loaders(seed: int, rank: int = rank):
+        return make_loaders(shapes, input_size, paper, device, batch_size=8, eval_batch_size=20, seed=seed, rank=rank,
+                            world=world)  # fmt: skip
+
+    made = loaders(5)
+    got, again, other = first_batches(made.train), first_batches(loaders(5).train), first_batches(loaders(6).train)
+    assert len(got) == len(again) == 2
+    for (x, y), (x0, y0) in zip(got, again):
         assert x.device.type == device.type and x.shape[-1] == input_size
         assert torch.equal(x, x0) and torch.equal(y, y0)
-    assert loaders.train.pipeline is loaders.eval.pipeline is loaders.pipeline
-    assert loaders.train.train and not loaders.eval.train
-    assert (loaders.train.batch_size, loaders.train.rank, loaders.train.world) == (8, rank, world)
+    assert not all(torch.equal(x, x1) for (x, _), (x1, _) in zip(got, other))
+    if world > 1:
+        assert not torch.equal(got[0][0], first_batches(loaders(5, rank=0).train)[0][0])
+    assert made.train.pipeline is made.eval.pipeline is made.pipeline
+    assert made.train.train and not made.eval.train
+    assert (made.train.batch_size, made.train.rank, made.train.world) == (8, rank, world)
 
 
 @pytest.mark.parametrize("input_size, paper, views", [(224, True, 10), (32, False, 1), (224, False, 1)])

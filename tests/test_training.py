@@ -1,6 +1,6 @@
 """The trainer in process: the paper's update rule, plateau decay, warm start and stopping (on
 scripted curves, alone and inside a Trainer), the confusion figure, run names, unwrapping
-compiled and DDP models, and the TensorBoard tag filters.
+compiled and DDP models.
 
 Checkpoints, resume and --evaluate are in test_checkpoints.py; the TensorBoard record of a real
 run in test_cli.py."""
@@ -171,7 +171,7 @@ def test_confusion_figure_is_labelled_up_to_20_classes_and_a_heat_map_beyond(cla
 
 
 # ---------------------------------------------------------------------------------------------
-# Run names, wrapped models and TensorBoard tags
+# Run names and wrapped models
 
 
 def test_a_new_run_name_is_free_under_runs_checkpoints_and_log(tmp_path):
@@ -199,13 +199,3 @@ def test_unwrap_strips_compile_and_ddp_wrappers():
     compiled = torch.compile(model)
     assert unwrap(compiled) is model
     assert list(unwrap(compiled).state_dict()) == ["weight", "bias"]
-
-
-def test_the_seeds_tag_filters_select_our_tags():
-    tags = [f"{ds}/{t}" for ds in ("Cifar10", "Cifar100", "PascalVOC2012")
-            for t in ("train/loss", "val/top1", "val/top5", "val/top1_max", "val/mAP")]  # fmt: skip
-    assert [t for t in tags if re.search(r"PascalVOC2012/.*/.*top", t)] == [
-        "PascalVOC2012/val/top1", "PascalVOC2012/val/top5", "PascalVOC2012/val/top1_max"]  # fmt: skip
-    assert [t for t in tags if re.search(r"Cifar10/.*/top\d", t)] == ["Cifar10/val/top1", "Cifar10/val/top5",
-                                                                       "Cifar10/val/top1_max"]  # fmt: skip
-    assert [t for t in tags if re.search(r"Cifar10/.*/.*max", t)] == ["Cifar10/val/top1_max"]

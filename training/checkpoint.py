@@ -149,10 +149,21 @@ def load_checkpoint(path: Path, resume: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fields: each rule returns the problem in a few words, or raises ValueError with it.
+# The fields: one table of rules, walked in order by ``check_fields``; the first problem is told.
 
 
-def _tensor_dict(value: object) -> None:
+def _keys(*names: str, at_least: bool = False, among: bool = False) -> Callable[[Any], bool]:
+    """A dict whose keys are ``names`` (or include them, or are among them)."""
+    compare = set.__ge__ if at_least else set.__le__ if among else set.__eq__
+    return lambda value: isinstance(value, dict) and compare(set(value), set(names))
+
+
+def _sized(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and low <= len(value) <= high
+
+
+def _state_dict(value: object) -> None:
+    """Named tensors, finite where floating point (the first that is not is named)."""
     if not isinstance(value, dict) or not value or len(value) > MAX_TENSORS:
         raise ValueError("is not a state dict")
     for key, tensor in value.items():
@@ -162,126 +173,159 @@ def _tensor_dict(value: object) -> None:
             raise ValueError(f"holds NaN or infinite values in {quoted(key)}")
 
 
-def _classes(value: object) -> None:
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CLASSES:
-        raise ValueError(f"must be a list of 1 to {MAX_CLASSES} class names")
-    for name in value:
-        Check(str)(name)
+def _byte_states(rng: dict) -> bool:
+    cuda = rng.get("cuda", [])
+    states = (rng["torch"], rng["index"], rng["augment"], *(cuda if isinstance(cuda, list) else [None]))
+    return all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 and s.dim() == 1 for s in states)
 
 
-def _config(value: object) -> None:
-    TrainConfig.from_dict(value)
+def _ap(value: object) -> bool:
+    """Per-class AP: percentages, or None / NaN for a class absent from the split."""
+    ok = lambda a: a is None or (type(a) is float and (0 <= a <= 100 or math.isnan(a)))
+    return isinstance(value, list) and len(value) <= MAX_CLASSES and all(map(ok, value))
 
 
-def _percent(value: object) -> float:
-    return Check(float, 0, 100)(value)
+PERCENT, COUNT, SECONDS, TEXT = Check(float, 0, 100), Check(int, 0), Check(float, 0), Check(str)
+CPU_RNG = torch.get_rng_state().numel()
+#: The random streams: CPU (``torch``, ``index``), augmentation (any device) and CUDA.
+RNG = [
+    ("", _keys("torch", "index", "augment", at_least=True), "is not a set of random-generator states"),
+    ("", _byte_states, "holds a random-generator state that is not a byte tensor"),
+    (
+        "",
+        lambda r: r["torch"].numel() == r["index"].numel() == CPU_RNG,
+        f"holds a CPU random-generator state that is not {CPU_RNG} bytes",
+    ),
+]
+#: ``EvalResult.metrics()``: loss, top-1/top-5 in percent, the image count, and for multi-label
+#: data mAP and the per-class AP.
+METRICS = [
+    ("", _keys("loss", "top1", "top5", "count", at_least=True), "is not a set of metrics"),
+    (".loss", lambda loss: type(loss) in (float, int), "has a loss that is not a number"),
+    *((f".{key}", PERCENT if key != "count" else COUNT, None) for key in ("top1", "top5", "count", "mAP")),
+    ("", lambda m: "mAP" not in m or _ap(m.get("ap")), "has per-class AP that are not percentages"),
+]
+#: The fields this tool reads, each with the rules of its entries: (field path, rule, problem).
+#: A path's parts after the field name an entry (absent: skipped), or "*" every item of a list or
+#: value of a dict. A rule with a problem is a test; one without raises its own words (ValueError),
+#: which a problem ending in a space comes before. Fields that may be None are ``OPTIONAL``.
+FIELD_RULES: list[tuple[str, Callable[[Any], Any], str | None]] = [
+    ("model", _state_dict, None),
+    ("config", TrainConfig.from_dict, None),
+    ("epoch", COUNT, None),
+    ("classes", _sized(1, MAX_CLASSES), f"must be a list of 1 to {MAX_CLASSES} class names"),
+    ("classes.*", TEXT, None),
+    ("global_step", COUNT, None),
+    ("optimizer", _keys("state", "param_groups"), "is not an optimiser state"),
+    (
+        "optimizer",
+        lambda o: type(o["state"]) is dict and type(o["param_groups"]) is list and o["param_groups"],
+        "is not an optimiser state",
+    ),
+    (
+        "optimizer.param_groups.*",
+        lambda g: isinstance(g, dict) and isinstance(g.get("params"), list),
+        "has a parameter group without its parameters",
+    ),
+    (
+        "optimizer.param_groups.*.params.*",
+        lambda i: type(i) is int,
+        "has a parameter group whose parameters are not indices",
+    ),
+    (
+        "optimizer.state",
+        lambda s: all(type(i) is int and isinstance(e, dict) for i, e in s.items()),
+        "has a state entry that is not indexed by parameter",
+    ),
+    (
+        "optimizer.state.*",
+        lambda e: all(
+            isinstance(k, str) and (v is None or isinstance(v, (torch.Tensor, int, float))) for k, v in e.items()
+        ),
+        "has a state entry that holds neither tensors nor numbers",
+    ),
+    ("scheduler", check_schedule_state, None),
+    ("best_metric", PERCENT, None),
+    *((f"best{path}", *rule) for path, *rule in METRICS),
+    ("best_epoch", COUNT, None),
+    *((f"last{path}", *rule) for path, *rule in METRICS),
+    ("top1_max", PERCENT, None),
+    ("train_images", COUNT, None),
+    ("train_seconds", SECONDS, None),
+    ("stop_reason", TEXT, None),
+    (
+        "partial",
+        _keys("order", "batches_done", "loss_sum", "seconds"),
+        "does not say where the interrupted epoch stopped",
+    ),
+    (
+        "partial.order",
+        lambda o: isinstance(o, torch.Tensor) and o.dtype == torch.int64 and o.dim() == 1,
+        "holds an image order that is not a list of indices",
+    ),
+    ("partial.batches_done", COUNT, None),
+    ("partial.loss_sum", SECONDS, None),
+    ("partial.seconds", SECONDS, None),
+    *((f"rng{path}", *rule) for path, *rule in RNG),
+    ("rng_ranks", _sized(1, MAX_RANKS), "is not a list of the processes' random streams"),
+    *((f"rng_ranks.*{path}", *rule) for path, *rule in RNG),
+    (
+        "scaler",
+        _keys("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker", among=True),
+        "is not a loss-scaler state",
+    ),
+    (
+        "scaler.*",
+        lambda x: type(x) in (int, float) and math.isfinite(x) and x >= 0,
+        "holds a loss-scaler value that is not a finite non-negative number",
+    ),
+    ("version", TEXT, None),
+    ("preprocess", _keys("pipeline", "image_size", "task"), "is not a description of the evaluation preprocessing"),
+    ("preprocess.image_size", Check(int, SMALLEST_IMAGE, LARGEST_IMAGE), "its preprocess's image_size "),
+    (
+        "preprocess.task",
+        lambda task: task in ("single-label", "multi-label"),
+        "names a task other than single-label or multi-label",
+    ),
+    ("preprocess.pipeline", lambda state: pipeline_from_state(state, largest=LARGEST_IMAGE), "has a pipeline that "),
+]
+OPTIONAL = {"best_metric", "best", "last", "partial", "rng_ranks", "scaler", "preprocess"}
+#: The fields this tool reads, in the order they are checked.
+FIELDS = tuple(dict.fromkeys(path.split(".")[0] for path, _, _ in FIELD_RULES))
+#: What ``--evaluate`` reads, and what ``--resume`` reads.
+EVALUATE_FIELDS = ("model", "config", "epoch", "classes")
+RESUME_FIELDS = (*EVALUATE_FIELDS, "global_step", "optimizer", "scheduler", "rng")
 
 
-def _metrics(value: object) -> None:
-    """None, or ``EvalResult.metrics()``: loss, top-1/top-5 in percent, the image count, and for
-    multi-label data mAP and the per-class AP (null for classes absent from the split)."""
-    if value is None:
-        return
-    if not isinstance(value, dict) or not {"loss", "top1", "top5", "count"} <= set(value):
-        raise ValueError("is not a set of metrics")
-    if type(value["loss"]) not in (float, int):
-        raise ValueError("has a loss that is not a number")
-    _percent(value["top1"])
-    _percent(value["top5"])
-    Check(int, 0)(value["count"])
-    if "mAP" in value:
-        _percent(value["mAP"])
-        ap = value.get("ap")
-        if not isinstance(ap, list) or len(ap) > MAX_CLASSES or not all(_ap_value(a) for a in ap):
-            raise ValueError("has per-class AP that are not percentages")
+def _entries(value: Any, parts: list[str]) -> list[Any]:
+    """The entries of ``value`` a path's ``parts`` name."""
+    for part in parts:
+        if part == "*":
+            value = [v for item in value for v in (item.values() if isinstance(item, dict) else item)]
+        else:
+            value = [item[part] for item in value if part in item]
+    return value
 
 
-def _ap_value(a: object) -> bool:
-    """One class's AP in a checkpoint: a percentage, or None / NaN for a class absent from the split."""
-    return a is None or (type(a) is float and (0 <= a <= 100 or math.isnan(a)))
-
-
-def _optional(check: Callable[[object], object]) -> Callable[[object], None]:
-    def rule(value: object) -> None:
-        if value is not None:
-            check(value)
-
-    return rule
-
-
-def _rng(value: object) -> None:
-    """The random streams: CPU (``torch``, ``index``), augmentation (any device) and CUDA."""
-    if not isinstance(value, dict) or not {"torch", "index", "augment"} <= set(value):
-        raise ValueError("is not a set of random-generator states")
-    states = [value["torch"], value["index"], value["augment"], *value.get("cuda", [])]
-    if not isinstance(value.get("cuda", []), list) or not all(_is_byte_state(s) for s in states):
-        raise ValueError("holds a random-generator state that is not a byte tensor")
-    cpu_size = torch.get_rng_state().numel()
-    if value["torch"].numel() != cpu_size or value["index"].numel() != cpu_size:
-        raise ValueError(f"holds a CPU random-generator state that is not {cpu_size} bytes")
-
-
-def _is_byte_state(state: object) -> bool:
-    return isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1
-
-
-def _rng_ranks(value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RANKS:
-        raise ValueError("is not a list of the processes' random streams")
-    for state in value:
-        _rng(state)
-
-
-def _partial(value: object) -> None:
-    """Where an interrupted epoch stopped (its order is checked against the data later)."""
-    if value is None:
-        return
-    if not isinstance(value, dict) or set(value) != {"order", "batches_done", "loss_sum", "seconds"}:
-        raise ValueError("does not say where the interrupted epoch stopped")
-    order = value["order"]
-    if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or order.dim() != 1:
-        raise ValueError("holds an image order that is not a list of indices")
-    Check(int, 0)(value["batches_done"])
-    Check(float, 0)(value["loss_sum"])
-    Check(float, 0)(value["seconds"])
-
-
-def _optimizer(value: object) -> None:
-    """The structure of ``Optimizer.state_dict()``; whether it fits the model is checked by
-    ``check_optimizer_state`` once the optimiser exists."""
-    if not isinstance(value, dict) or set(value) != {"state", "param_groups"}:
-        raise ValueError("is not an optimiser state")
-    state, groups = value["state"], value["param_groups"]
-    if not isinstance(state, dict) or not isinstance(groups, list) or not groups:
-        raise ValueError("is not an optimiser state")
-    for group in groups:
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-            raise TypeError("has a parameter group without its parameters")
-        if not all(type(i) is int for i in group["params"]):
-            raise ValueError("has a parameter group whose parameters are not indices")
-    for index, entry in state.items():
-        if type(index) is not int or not isinstance(entry, dict):
-            raise ValueError("has a state entry that is not indexed by parameter")
-        for key, item in entry.items():
-            if not isinstance(key, str) or not (item is None or isinstance(item, (torch.Tensor, int, float))):
-                raise ValueError("has a state entry that holds neither tensors nor numbers")
-
-
-def _scaler(value: object) -> None:
-    if value is None:
-        return
-    known = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
-    if not isinstance(value, dict) or not set(value) <= known:
-        raise ValueError("is not a loss-scaler state")
-    for item in value.values():
-        if type(item) not in (int, float) or not math.isfinite(item) or item < 0:
-            raise ValueError("holds a loss-scaler value that is not a finite non-negative number")
-
-
-def _schedule(value: object) -> None:
-    check_schedule_state(value)
+def check_fields(checkpoint: dict[str, Any]) -> str | None:
+    """The first problem among the fields this tool reads, as words that complete "checkpoint X
+    cannot be used: ...", or None. Keys it does not know are left alone (a newer version's)."""
+    for path, rule, problem in FIELD_RULES:
+        key, *parts = path.split(".")
+        if key not in checkpoint or (checkpoint[key] is None and key in OPTIONAL):
+            continue
+        try:
+            for value in _entries([checkpoint[key]], parts):
+                if problem is None or problem.endswith(" "):
+                    try:
+                        rule(value)
+                    except ValueError as error:
+                        raise ValueError(f"{problem or ''}{error}") from None
+                elif not rule(value):
+                    raise ValueError(problem)
+        except (ValueError, TypeError) as error:
+            return str(error) if str(error).startswith("its ") else f"its {key} {error}"
+    return None
 
 
 def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str, Any] | None:
@@ -290,72 +334,12 @@ def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str
     (``Pipeline.state``), the side of the square images the data set's cache holds (what a photo
     is resized and centre-cropped to before the pipeline: 32, or 256 for the 224-input models)
     and the task (``training.tasks``: softmax or per-class sigmoid scores). None for a pipeline
-    kind that cannot describe itself, as for checkpoints from before this entry."""
+    kind that cannot describe itself."""
     try:
         state = pipeline.state()
     except NotImplementedError:  # a pipeline kind without a state: predict rebuilds it from the data
         return None
     return {"pipeline": state, "image_size": int(image_size), "task": task}
-
-
-def _preprocess(value: object) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict) or set(value) != {"pipeline", "image_size", "task"}:
-        raise ValueError("is not a description of the evaluation preprocessing")
-    try:
-        Check(int, SMALLEST_IMAGE, LARGEST_IMAGE)(value["image_size"])
-    except ValueError as error:
-        raise ValueError(f"its preprocess's image_size {error}") from None
-    if value["task"] not in ("single-label", "multi-label"):
-        raise ValueError("names a task other than single-label or multi-label")
-    try:
-        pipeline_from_state(value["pipeline"], largest=LARGEST_IMAGE)
-    except ValueError as error:
-        raise ValueError(f"has a pipeline that {error}") from None
-
-
-FIELD_RULES: dict[str, Callable[[object], object]] = {
-    "model": _tensor_dict,
-    "config": _config,
-    "epoch": Check(int, 0),
-    "classes": _classes,
-    "global_step": Check(int, 0),
-    "optimizer": _optimizer,
-    "scheduler": _schedule,
-    "best_metric": _optional(_percent),
-    "best": _metrics,
-    "best_epoch": Check(int, 0),
-    "last": _metrics,
-    "top1_max": _percent,
-    "train_images": Check(int, 0),
-    "train_seconds": Check(float, 0),
-    "stop_reason": Check(str),
-    "partial": _partial,
-    "rng": _rng,
-    "rng_ranks": _rng_ranks,
-    "scaler": _scaler,
-    "version": Check(str),
-    "preprocess": _preprocess,
-}
-#: What ``--evaluate`` reads, and what ``--resume`` reads (every field checkpoints have held
-#: since version 0.1.0).
-EVALUATE_FIELDS = ("model", "config", "epoch", "classes")
-RESUME_FIELDS = (*EVALUATE_FIELDS, "global_step", "optimizer", "scheduler", "rng")
-
-
-def check_fields(checkpoint: dict[str, Any]) -> str | None:
-    """The first problem among the fields this tool reads, as words that complete "checkpoint X
-    cannot be used: ...", or None. Keys it does not know are left alone (a newer version's)."""
-    for key, rule in FIELD_RULES.items():
-        if key not in checkpoint:
-            continue
-        try:
-            rule(checkpoint[key])
-        except (ValueError, TypeError) as error:
-            text = str(error)
-            return text if text.startswith("its ") else f"its {key} {text}"
-    return None
 
 
 def network_problem(checkpoint: dict[str, Any]) -> str | None:
