@@ -84,9 +84,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The command line: the seed tool's flags with their meanings, plus conventional long ones.
     A flag that sets a ``TrainConfig`` field checks its value by that field's rule."""
     modern, paper = resolve("modern", {}), resolve("paper", {})
+    # The flags are a table, one call of two or three lines each: the formatter leaves it as written.
+    # fmt: off
     parser = argparse.ArgumentParser(prog="main.py", description="AlexNet (Krizhevsky, Sutskever & Hinton, 2012) "
         "training tool: the paper's network, torchvision's variant and a 32x32 variant on Shapes, CIFAR-10/100, "
-        "Pascal VOC 2012, ImageNet and your own class folders (ImageFolder).")  # fmt: skip
+        "Pascal VOC 2012, ImageNet and your own class folders (ImageFolder).")
 
     def field(group: Any, *names: str, **kwargs: Any) -> None:  # the field is the last name's
         group.add_argument(*names, type=setting_type(names[-1].lstrip("-").replace("-", "_")), **kwargs)
@@ -105,9 +107,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     switch(parser, "-pt", "--paper_train", help=f"train with the paper's setup: SGD with the paper's update rule, "
            f"batch {paper.batch_size}, lr {paper.lr}, momentum {paper.momentum}, weight decay {paper.weight_decay}, "
            f"lr/10 on plateau at most {paper.max_lr_drops} times, stop at the next plateau or after {paper.n_epoch} "
-           "epochs, 10-crop evaluation at 224 (default: off, the modern setup with Adam)")  # fmt: skip
+           "epochs, 10-crop evaluation at 224 (default: off, the modern setup with Adam)")
     switch(parser, "-pm", "--paper_model", help="use the paper's network: PaperAlexNet, or with -c CifarAlexNet with "
-           "the paper's features (LRN, two-GPU grouping, paper init) (default: off)")  # fmt: skip
+           "the paper's features (LRN, two-GPU grouping, paper init) (default: off)")
     field(parser, "-ne", "--n_epoch", help=f"maximum number of training epochs {setup_default('n_epoch')}")
     field(parser, "-es", "--early_stop", help="stop after this many epochs without a better top-1 / mAP, 0 never "
           f"(default: {modern.early_stop}; with -pt off: the run stops at the plateau after the last lr drop)")
@@ -122,73 +124,73 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     paths = parser.add_argument_group("data and outputs")
     paths.add_argument("--data-dir", type=path_type, default=Path("dataset"),
-                       help="folder holding the data sets (default: %(default)s)")  # fmt: skip
+                       help="folder holding the data sets (default: %(default)s)")
     paths.add_argument("--output-dir", type=path_type, default=Path("."),
                        help="folder under which runs/, checkpoints/ and log/ are written (default: current folder)")
     paths.add_argument("--run-name", type=run_name_type, help="name of the run's folders under runs/, checkpoints/ "
-                       "and log/; must be new (default: <date>_<time>_<dataset>_<model>_<setup>)")  # fmt: skip
+                       "and log/; must be new (default: <date>_<time>_<dataset>_<model>_<setup>)")
     switch(paths, "--download", help="fetch the official CIFAR / VOC archive into --data-dir when it is not there "
-           "(default: off)")  # fmt: skip
+           "(default: off)")
     switch(paths, "--coarse-labels", help="train CIFAR-100 on its 20 coarse classes instead of the 100 fine ones "
-           "(default: off)")  # fmt: skip
+           "(default: off)")
     paths.add_argument("--cache-dir", type=path_type, help="folder for the resize cache of VOC, ImageNet and "
                        "ImageFolder (default: alexnet_cache/ in the data set's folder, or ~/.cache/alexnet when that "
-                       "is read-only)")  # fmt: skip
+                       "is read-only)")
     field(paths, "--val-fraction", help="ImageFolder without val/: the share of each class held out for evaluation "
-          f"(default: {DataOptions.val_fraction})")  # fmt: skip
+          f"(default: {DataOptions.val_fraction})")
     subset = paths.add_mutually_exclusive_group()
     field(subset, "--train-fraction", help="train on this class-stratified share of the training split, the same "
-          "images whatever --seed (ImageNet, ImageFolder) (default: all)")  # fmt: skip
+          "images whatever --seed (ImageNet, ImageFolder) (default: all)")
     field(subset, "--train-size", help="train on this many training images, class-stratified, the same whatever "
-          "--seed (ImageNet, ImageFolder) (default: all)")  # fmt: skip
+          "--seed (ImageNet, ImageFolder) (default: all)")
     paths.add_argument("--loader", choices=LOADERS, default="auto", help="memory: whole data set on the training "
                        "device; stream: read the VOC cache with DataLoader workers; auto: memory when it fits "
-                       "(default: %(default)s)")  # fmt: skip
+                       "(default: %(default)s)")
     field(paths, "--workers", default=2, help="DataLoader worker processes when streaming (default: %(default)s)")
 
     opt = parser.add_argument_group("optimisation (defaults follow the setup: modern, or the paper's with -pt)")
     opt.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (the paper's update rule under -pt, PyTorch's "
-                     f"otherwise) or adam {setup_default('optimizer')}")  # fmt: skip
+                     f"otherwise) or adam {setup_default('optimizer')}")
     for flag, what in (("--lr", "initial learning rate"), ("--batch-size", "training batch size"),
                        ("--weight-decay", "weight decay"), ("--momentum", "SGD momentum"),
                        ("--plateau-patience", "epochs without a better top-1 / mAP that make a plateau"),
                        ("--lr-factor", "learning-rate multiplier at a plateau"),
-                       ("--max-lr-drops", "most learning-rate drops")):  # fmt: skip
+                       ("--max-lr-drops", "most learning-rate drops")):
         field(opt, flag, help=f"{what} {setup_default(flag[2:].replace('-', '_'))}")
     field(opt, "--lr-milestones", default="", metavar="EPOCHS", help="also multiply the learning rate by "
           "--lr-factor after these epochs, e.g. 25,51,79 (the drops the 2012 log records); each counts toward "
-          "--max-lr-drops (default: none)")  # fmt: skip
+          "--max-lr-drops (default: none)")
     field(opt, "--warm-start", default=1.0, metavar="FACTOR", help="start at FACTOR x --lr and let plateaus bring it "
           "back down before the counted drops (the seed's finding: a large initial learning rate helps) "
-          "(default: 1, off)")  # fmt: skip
+          "(default: 1, off)")
     field(opt, "--seed", default=0,
           help="random seed for weights, shuffling and augmentation, 0 to 2^32-1 (default: %(default)s)")
     opt.add_argument("--device", help="device to train on, e.g. cpu, cuda, cuda:1 (default: cuda when present, "
-                     "else cpu)")  # fmt: skip
+                     "else cpu)")
     opt.add_argument("--dist-timeout", type=number_type(float, 0, 10080, low_open=True), default=DIST_TIMEOUT_MINUTES,
                      metavar="MINUTES", help="under torchrun, how long a process waits for the others before the "
                      "run stops (rank 0 downloading, a machine building its own resize cache) (default: %(default)s)")
     switch(opt, "--deterministic", help="deterministic kernels only, so a run (and a resumed run) repeats bit for bit "
-           "on the same machine; slower on GPUs (default: off)")  # fmt: skip
+           "on the same machine; slower on GPUs (default: off)")
 
     fast = parser.add_argument_group("speed")
     fast.add_argument("--amp", choices=sorted(AMP_CHOICES), help="autocast precision of the forward and backward "
                       "passes; fp16 adds loss scaling (default: bf16 on GPUs of compute capability 8.0 and newer and "
-                      "on CPUs with native bf16 (AVX512-BF16, AMX), fp16 on 7.x, else off)")  # fmt: skip
+                      "on CPUs with native bf16 (AVX512-BF16, AMX), fp16 on 7.x, else off)")
     both_ways = argparse.BooleanOptionalAction
     fast.add_argument("--channels-last", action=both_ways, help="keep images and convolution weights in NHWC, the "
                       "layout tensor-core and oneDNN bf16 convolutions read (default: on where --amp defaults to "
-                      "bf16)")  # fmt: skip
+                      "bf16)")
     fast.add_argument("--split-gpus", action=both_ways, help="-pm only: run the paper's two towers on two GPUs "
                       "(--device and the next one) as in 2012, or both on --device cpu; --evaluate runs a split run "
                       "as the grouped model unless given this, --no-split-gpus resumes one as the grouped model "
-                      "(default: off, the grouped model on one device)")  # fmt: skip
+                      "(default: off, the grouped model on one device)")
     fast.add_argument("--compile", action=both_ways, default=False, help="torch.compile the model (a minute of "
                       "compiling first; falls back to eager with a warning where unavailable) (default: off)")
     opt.add_argument("--fidelity", choices=FIDELITIES, help="-pm / -pt only: where the paper's text is silent or "
                      "ambiguous, follow the 2012 code release (code: LRN scale, normalisation order and cnorm2, "
                      "init, dropout, conv1 padding, bias rate and decay, PCA noise) or the text as written (text) "
-                     "(default: code)")  # fmt: skip
+                     "(default: code)")
     opt.add_argument("--no-lrn", dest="lrn", action="store_false",
                      help="drop local response normalisation from the paper's features, -pm only (default: keep)")
 
@@ -196,7 +198,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     ckpt = checkpoints.add_mutually_exclusive_group()
     ckpt.add_argument("--resume", type=path_type, metavar="PATH", help="continue the run of this last.pt where it "
                       "stopped: same run folder, epoch, learning rate, counters and random streams; -ne may extend "
-                      "it (default: none)")  # fmt: skip
+                      "it (default: none)")
     ckpt.add_argument("--evaluate", type=path_type, metavar="PATH", help="evaluate this checkpoint on the evaluation "
                       "split (10-crop if it was trained with -pt), print the metrics as JSON and exit (default: none)")
     switch(checkpoints, "--rewind", help="with --resume: allow going back to a checkpoint older than the run's "
@@ -206,9 +208,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     tune.add_argument("--weights", type=path_type, metavar="PATH", help="start a new run from these weights: "
                       "torchvision's alexnet-owt-7be5be79.pth (TorchAlexNet) or a checkpoint of this tool of the "
                       "same network, from any data set; fc8 is re-initialised when the classes differ (default: "
-                      "none, random initialisation)")  # fmt: skip
+                      "none, random initialisation)")
     switch(tune, "--freeze-features", help="with --weights: train only the classifier, the convolutions keep their "
-           "weights (default: off)")  # fmt: skip
+           "weights (default: off)")
 
     shapes = parser.add_argument_group("Shapes data set")
     field(shapes, "--shapes-train", default=DataOptions.shapes_train,
@@ -217,6 +219,7 @@ def get_args_parser() -> argparse.ArgumentParser:
           help="number of generated test images (default: %(default)s)")
     field(shapes, "--shapes-seed", default=DataOptions.shapes_seed,
           help="seed the images are generated from (default: %(default)s)")
+    # fmt: on
     return parser
 
 
