@@ -1,4 +1,5 @@
-"""AlexNet training tool: parse the command line, build data and model, hand over to the trainer.
+"""AlexNet training tool: parse the command line and hand over, to ``training.run`` (train, resume,
+evaluate) or to a subcommand (``COMMANDS``).
 
 python main.py -c                                   # CifarAlexNet on the built-in Shapes data
 python main.py -c -ds Cifar10 --data-dir dataset    # CIFAR-10
