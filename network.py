@@ -214,6 +214,10 @@ FIDELITY: dict[str, NetworkFidelity] = {
                             dropout=nn.Dropout, ceil_conv1=False),
 }  # fmt: skip
 
+#: What ``--fidelity`` chooses between where the paper's text is silent or ambiguous: ``code``
+#: reproduces the 2012 release (what was trained), ``text`` the paper as written.
+FIDELITIES = tuple(FIDELITY)
+
 
 def paper_norm(fidelity: NetworkFidelity, lrn: bool) -> Callable[[int], nn.Module]:
     """The normalisation slot after conv1 and conv2 of the paper's features (``alexnet_features``'s

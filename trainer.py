@@ -120,7 +120,8 @@ class Trainer:
 
     With ``resume`` (a checkpoint from ``load_checkpoint``) it continues that run: same run
     folder, epoch, learning rate, counters and random streams. ``folders`` are the run's claimed
-    folders (``training.outputs.claim_run``); ``fit`` releases their lock when it ends.
+    folders (``training.outputs.claim_run``), which their claimer releases; without them the
+    Trainer claims its own, and ``fit`` releases those when it ends.
     ``device`` may be a ``Capabilities`` (a test's CPU standing in for a GPU).
     """
 
@@ -173,7 +174,9 @@ class Trainer:
         )
 
         # The run's folders: named, checked and locked before anything is written (main.py
-        # claims them before reading the data; a Trainer built directly claims them here).
+        # claims them before reading the data; a Trainer built directly claims them here). Who
+        # claims them releases them, once.
+        self.owns_folders = folders is None
         if folders is None:
             folders = claim_run(config)
             self.config = config = replace(config, run_name=folders.name)
@@ -266,7 +269,8 @@ class Trainer:
                     logger.info("stopping after epoch %d: %s", p.epoch, p.stop_reason)
                 return self._finish()
         finally:
-            self.folders.release()
+            if self.owns_folders:
+                self.folders.release()
             self.outputs.close()
 
     def _log_kernels(self) -> None:

@@ -19,10 +19,6 @@ import torch
 
 __version__ = "0.2.0"
 
-#: What ``--fidelity`` chooses between where the paper's text is silent or ambiguous: ``code``
-#: reproduces the 2012 release (what was trained), ``text`` the paper as written.
-FIDELITIES = ("code", "text")
-
 
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing data, damaged file).

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from data.core import DataError, DataSet
-from datasets import DATASETS, Loaders, Pipeline, Split, load_dataset, make_loaders
+from datasets import Loaders, Pipeline, Split, load_dataset, make_loaders
 from network import make_model
 from training.checkpoint import load_checkpoint, load_weights
 from training.config import TrainConfig
@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     loaders = make_loaders(data, model.input_size, config.paper_train, device, batch_size=config.batch_size,
                            eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
                            seed=config.seed, fidelity=config.fidelity)  # fmt: skip
-    pictures = draw(model, loaders, data.classes, DATASETS[config.dataset].task == "multi-label", args, device)
+    pictures = draw(model, loaders, data.classes, data.multilabel, args, device)
     written = [write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
                for name, image in pictures.items()]  # fmt: skip
     log_to_tensorboard(events, pictures, step)

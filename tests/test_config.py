@@ -44,8 +44,8 @@ RECORDED_NOW = {"download", "resize_workers", "code_version"}
 
 
 def test_what_may_change_is_read_from_the_fields():
-    assert main.RESUME_MAY_CHANGE == RESUME_MAY_CHANGE
-    assert main.EVALUATE_MAY_CHANGE == EVALUATE_MAY_CHANGE
+    assert config_module.RESUME_MAY_CHANGE == RESUME_MAY_CHANGE
+    assert config_module.EVALUATE_MAY_CHANGE == EVALUATE_MAY_CHANGE
     assert NOT_THE_EXPERIMENT == NOT_THE_EXPERIMENT_FIELDS
 
 
@@ -95,7 +95,7 @@ PAPER_SETUP = {"setup": "paper", "paper_train": True, "optimizer": "sgd", "paper
     ],
 )  # fmt: skip
 def test_setups_and_flags_resolve_as_before(flags, old_changes):
-    config = main.config_from_args(main.get_args_parser().parse_args(flags), CPU)
+    config = config_module.config_from_args(main.get_args_parser().parse_args(flags), CPU)
     old = {**OLD_DEFAULT, **old_changes}
     # -c and -pm are no longer recorded, only the model's name.
     expected = {k: v for k, v in old.items() if k not in ("cifar", "paper_model")}
@@ -111,7 +111,7 @@ def test_setups_and_flags_resolve_as_before(flags, old_changes):
 
 
 def test_minus_c_minus_pm_is_one_name_and_the_setup_is_applied_once():
-    config = main.config_from_args(main.get_args_parser().parse_args(["-c", "-pm", "-pt", "--download"]), CPU)
+    config = config_module.config_from_args(main.get_args_parser().parse_args(["-c", "-pm", "-pt", "--download"]), CPU)
     assert config.model == "PaperCifarAlexNet" and config.download
     assert config_module.SETUPS["modern"] == {}  # the defaults are the modern setup
     assert config_module.resolve("paper", {"lr": 0.5}).lr == 0.5
@@ -150,9 +150,9 @@ def test_the_old_model_flags_of_a_config_are_still_checked():
 
 def from_checkpoint(old: dict, flags: list[str], mode: str) -> TrainConfig:
     args = main.get_args_parser().parse_args([mode, "last.pt", *flags])
-    may_change = main.RESUME_MAY_CHANGE if mode == "--resume" else main.EVALUATE_MAY_CHANGE
-    return main.config_from_checkpoint({"config": old}, args.resume or args.evaluate, args,
-                                       main.explicit_flags([mode, "last.pt", *flags]), CPU, may_change)  # fmt: skip
+    may_change = config_module.RESUME_MAY_CHANGE if mode == "--resume" else config_module.EVALUATE_MAY_CHANGE
+    return config_module.config_from_checkpoint({"config": old}, args.resume or args.evaluate, args,
+                                       config_module.explicit_flags(main.get_args_parser(), [mode, "last.pt", *flags]), CPU, may_change)  # fmt: skip
 
 
 def test_evaluate_may_change_the_model_through_its_flags():
@@ -264,4 +264,4 @@ def test_flags_that_do_not_go_together_exit_2_with_the_old_sentences(capsys, own
 )
 def test_flags_that_go_together_pass_the_checks(flags):
     parser = main.get_args_parser()
-    assert main.combination_problem(parser, parser.parse_args(flags)) is None
+    assert config_module.combination_problem(parser, parser.parse_args(flags)) is None

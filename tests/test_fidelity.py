@@ -22,14 +22,23 @@ from network import (
     make_model,
 )
 from training.checkpoint import check_optimizer_state
-from training.config import TrainConfig, may_change, resolve
+from training.config import (
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    config_from_args,
+    config_from_checkpoint,
+    explicit_flags,
+    may_change,
+    resolve,
+)
 from training.optim import build_optimizer, set_lr
+from utils import UserError
 
 CPU = torch.device("cpu")
 
 
 def config_of(*flags: str) -> TrainConfig:
-    return main.config_from_args(main.get_args_parser().parse_args(list(flags)), CPU)
+    return config_from_args(main.get_args_parser().parse_args(list(flags)), CPU)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,12 +73,12 @@ def test_fidelity_without_the_papers_network_or_setup_is_refused(flags, capsys):
 def test_resume_refuses_another_fidelity():
     checkpoint = {"config": {"model": "PaperAlexNet", "paper_train": True, "setup": "paper"}}  # 0.2: text
     args = main.get_args_parser().parse_args(["-pm", "-pt", "--fidelity", "code"])
-    with pytest.raises(main.UserError, match="fidelity"):
-        main.config_from_checkpoint(checkpoint, "last.pt", args, main.explicit_flags(["-pm", "-pt", "--fidelity",
-                                    "code"]), CPU, main.RESUME_MAY_CHANGE)  # fmt: skip
+    with pytest.raises(UserError, match="fidelity"):
+        config_from_checkpoint(checkpoint, "last.pt", args, explicit_flags(main.get_args_parser(), ["-pm", "-pt", "--fidelity",
+                                    "code"]), CPU, RESUME_MAY_CHANGE)  # fmt: skip
     args = main.get_args_parser().parse_args(["-pm", "-pt"])
-    resumed = main.config_from_checkpoint(checkpoint, "last.pt", args, main.explicit_flags(["-pm", "-pt"]), CPU,
-                                          main.RESUME_MAY_CHANGE)  # fmt: skip
+    resumed = config_from_checkpoint(checkpoint, "last.pt", args, explicit_flags(main.get_args_parser(), ["-pm", "-pt"]), CPU,
+                                          RESUME_MAY_CHANGE)  # fmt: skip
     assert resumed.fidelity == "text"
 
 
@@ -392,7 +401,7 @@ def test_milestones_drop_the_rate_after_those_epochs_and_count_as_drops():
 
 
 def test_lr_milestones_flag_reaches_the_config_and_is_checked():
-    config = main.config_from_args(main.get_args_parser().parse_args(["--lr-milestones", "25,51,79"]),
+    config = config_from_args(main.get_args_parser().parse_args(["--lr-milestones", "25,51,79"]),
                                    torch.device("cpu"))  # fmt: skip
     assert config.lr_milestones == "25,51,79"
     with pytest.raises(SystemExit):

@@ -21,7 +21,7 @@ from hardware.capabilities import Capabilities
 from network import CifarAlexNet
 from trainer import Trainer
 from training.checkpoint import load_checkpoint, load_weights, on_cpu, with_machine_flags
-from training.config import TrainConfig
+from training.config import TrainConfig, config_from_args
 from training.outputs import claim_run
 
 CPU = torch.device("cpu")
@@ -57,7 +57,7 @@ def patch_gpu(monkeypatch, name: str, capability: tuple[int, int], count: int = 
 )  # fmt: skip
 def test_a_new_runs_autocast_is_chosen_by_the_cards_capability(monkeypatch, name, capability, amp):
     patch_gpu(monkeypatch, name, capability)
-    config = main.config_from_args(main.get_args_parser().parse_args([]), torch.device("cuda"))
+    config = config_from_args(main.get_args_parser().parse_args([]), torch.device("cuda"))
     assert (config.amp, config.channels_last) == (amp, amp != "off")
     assert Capabilities.of("cuda").describe() == f"cuda ({name}, compute capability {capability[0]}.{capability[1]})"
 

@@ -20,6 +20,7 @@ from data.folders import image_folder_lists, stratified_split, stratified_subset
 from data.imagenet import imagenet_lists
 from data.images import decode_resized
 from data.registry import load_dataset
+from training.config import combination_problem, config_from_args, data_image_size
 
 COUNTS = {"cat": 10, "dog": 20, "emu": 3}
 
@@ -248,7 +249,7 @@ def test_a_phone_photo_for_the_32x32_network_on_cuda_is_cached_as_the_cpu_resize
     cut.write_bytes(phone.read_bytes()[: phone.stat().st_size // 3])
     args = main.get_args_parser().parse_args(["-c", "-ds", "ImageFolder", "--data-dir", str(data_dir), "--cache-dir",
                                               str(tmp_path / "cache")])  # fmt: skip
-    config = main.config_from_args(args, Capabilities.stand_in())
+    config = config_from_args(args, Capabilities.stand_in())
     with pytest.raises(DataError, match=r"^\S+/b/phone_cut\.jpg cannot be decoded as an image \(.+\); replace it "):
         load_dataset("ImageFolder", config)
     cut.unlink()
@@ -274,12 +275,12 @@ def test_prepare_builds_both_splits_and_says_where(tmp_path, capsys):
 
 def combination(*flags):
     parser = main.get_args_parser()
-    return main.combination_problem(parser, parser.parse_args(list(flags)))
+    return combination_problem(parser, parser.parse_args(list(flags)))
 
 
 def test_flag_combinations():
     assert combination("-c", "-ds", "ImageFolder") is None
-    assert main.data_image_size(True) == 32 and main.data_image_size(False) == 256
+    assert data_image_size(True) == 32 and data_image_size(False) == 256
     assert "cannot train on ImageNet's 256x256 images" in combination("-c", "-ds", "ImageNet")
     assert combination("-ds", "Shapes", "--val-fraction", "0.2") == "--val-fraction only applies to -ds ImageFolder"
     assert combination("-ds", "Shapes", "--train-size", "5") == "--train-size only applies to -ds ImageNet or -ds " \

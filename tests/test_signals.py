@@ -27,6 +27,7 @@ from main_cli import VOC_DRY_RUN, command, copy_run, only, snapshot, start, unch
 import datasets
 import main
 from datasets import DataError
+from training.run import lost_worker_sentence
 
 # ---------------------------------------------------------------------------------------------
 # Training: saved where it stopped, resumed bit-identically
@@ -283,21 +284,21 @@ def test_the_sentence_for_a_lost_worker_says_what_is_kept_and_how_to_resume(tmp_
     last = tmp_path / "last.pt"
     last.write_bytes(b"a checkpoint")
     killed = RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed. ")
-    assert main.lost_worker_sentence(killed, last, 4, False) == (
+    assert lost_worker_sentence(killed, last, 4, False) == (
         f"DataLoader worker (pid 4242) was killed by SIGKILL, most often by the kernel's out-of-memory killer (dmesg "
         f"names it); {last} is kept: resume with --resume {last} --workers 2, or start again with a smaller "
         "--batch-size."
     )
     gone = RuntimeError("DataLoader worker (pid(s) 4242, 4243) exited unexpectedly")
-    assert main.lost_worker_sentence(gone, None, 3, True) == (
+    assert lost_worker_sentence(gone, None, 3, True) == (
         "DataLoader workers (pid 4242, 4243) stopped unexpectedly; run again with fewer workers, e.g. --workers 1."
     )
     bus = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
                        "workers are out of shared memory.")  # fmt: skip
-    assert main.lost_worker_sentence(bus, None, 2, True).startswith(
+    assert lost_worker_sentence(bus, None, 2, True).startswith(
         "DataLoader worker (pid 7) was killed by SIGBUS, most often for want of shared memory (/dev/shm); "
     )
-    assert main.lost_worker_sentence(RuntimeError("CUDA out of memory"), last, 2, False) is None
+    assert lost_worker_sentence(RuntimeError("CUDA out of memory"), last, 2, False) is None
 
 
 def test_workers_ignore_both_stop_signals(own_signals):

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 import main
+import training.run
 from inference.checkpoint import load_trained, read_image
 from network import (
     CifarAlexNet,
@@ -28,6 +29,7 @@ from network import (
 from training.checkpoint import check_optimizer_state
 from training.config import TrainConfig
 from training.optim import build_optimizer, grouped_optimizer_state
+from training.run import towers
 from training.weights import freeze_features
 from utils import UserError
 
@@ -254,21 +256,21 @@ def one_gpu(monkeypatch):
     (``network.split_devices`` answering for ``cuda`` there); the networks themselves run on the
     CPU, which cannot hold CUDA tensors."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(main, "split_devices", lambda device: split_devices(torch.device("cuda")))
+    monkeypatch.setattr(training.run, "split_devices", lambda device: split_devices(torch.device("cuda")))
 
 
 def test_towers_keep_the_split_where_two_devices_exist_and_name_no_split_gpus_where_not(monkeypatch):
     split, grouped = TrainConfig(model="PaperAlexNet", split_gpus=True), TrainConfig(model="PaperAlexNet")
     cuda, last = torch.device("cuda"), Path("run/last.pt")
-    assert main.towers(grouped, cuda, last) is None
-    assert main.towers(split, torch.device("cpu"), last) == (torch.device("cpu"), torch.device("cpu"))
+    assert towers(grouped, cuda, last) is None
+    assert towers(split, torch.device("cpu"), last) == (torch.device("cpu"), torch.device("cpu"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert main.towers(split, cuda, last) == (torch.device("cuda", 0), torch.device("cuda", 1))
+    assert towers(split, cuda, last) == (torch.device("cuda", 0), torch.device("cuda", 1))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match="drop --split-gpus to train the grouped model on one device"):
-        main.towers(split, cuda, None)  # a new run asked for the split: it can drop the flag
+        towers(split, cuda, None)  # a new run asked for the split: it can drop the flag
     with pytest.raises(UserError) as error:
-        main.towers(split, cuda, last)  # a resumed one has it from its checkpoint
+        towers(split, cuda, last)  # a resumed one has it from its checkpoint
     assert str(error.value) == (
         "run/last.pt was trained with --split-gpus, and its two towers need cuda and the CUDA device after it, which "
         "this machine does not have; add --no-split-gpus to resume it as the grouped model on cuda (the same "
@@ -278,7 +280,7 @@ def test_towers_keep_the_split_where_two_devices_exist_and_name_no_split_gpus_wh
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match=r"^run/last.pt was trained with --split-gpus, which runs one model over two GPUs "
                                         r"in one process, not under torchrun; add --no-split-gpus"):  # fmt: skip
-        main.towers(split, cuda, last)
+        towers(split, cuda, last)
 
 
 def round_trip(state: dict) -> dict:

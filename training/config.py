@@ -9,16 +9,22 @@ batch size. The rest of its metadata (``training.fields.setting``) says whether 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datasets import DATASETS, DataOptions
-from network import MODELS
+from hardware.capabilities import Capabilities, capabilities
+from network import FIDELITIES, MODELS, model_name
+from training.distributed import launched_by_torchrun
 from training.fields import COUNT, FLAG, PATH, POSITIVE, names_where, setting
 from training.schedule import milestones_problem
-from utils import FIDELITIES, Check, __version__, device_problem
+from utils import Check, UserError, __version__, device_problem, quoted
 
 #: Autocast precisions (``trainer.AMP_DTYPES`` maps them to dtypes).
 AMP_CHOICES = ("bf16", "fp16", "off")
@@ -182,3 +188,140 @@ def _git(*args: str) -> str:
     done = subprocess.run(["git", "-C", str(CODE_ROOT), *args], capture_output=True, text=True, timeout=GIT_SECONDS,
                           check=True)  # fmt: skip
     return done.stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# This run's configuration, from the command line and, on --resume / --evaluate, the checkpoint
+
+#: The config's fields: a flag whose destination is one of these sets it.
+SETTINGS = frozenset(f.name for f in fields(TrainConfig))
+#: -c and -pm together name the model (``network.model_name``); a config records only the name.
+MODEL_FLAGS = ("cifar", "paper_model")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The destinations the user actually gave on the command line (not defaults): argparse
+    fills in a default only where the namespace has no value yet, so each starts as a marker
+    that only a given flag replaces."""
+    unset = object()
+    start = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args([])), unset))
+    return {name for name, value in vars(parser.parse_args(argv, start)).items() if value is not unset}
+
+
+def config_from_args(args: argparse.Namespace, hw: torch.device | Capabilities) -> TrainConfig:
+    """Resolve the flags into one ``TrainConfig`` (a new run): the defaults, the changes of the
+    chosen setup (the paper's with -pt), then every flag that sets a field and was given a
+    value; the model's name from -c / -pm, the device (``hw``) and what follows it, the code's
+    version."""
+    hw = capabilities(hw)
+    flags = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
+             if name in SETTINGS and value is not None}  # fmt: skip
+    overrides = {
+        "amp": hw.amp,
+        "channels_last": hw.channels_last,
+        **flags,
+        "model": model_name(args.cifar, args.paper_model),
+        "device": str(hw.device),
+        "image_size": data_image_size(args.cifar),
+        "code_version": code_version(),
+    }
+    return resolve("paper" if args.paper_train else "modern", overrides)
+
+
+def data_image_size(cifar: bool) -> int:
+    """The side a resizable data set (ImageFolder) is resized to: 32 for the 32x32 network,
+    else the paper's 256 that the 224-input networks crop."""
+    return 32 if cifar else DataOptions.image_size
+
+
+def model_flags(name: str) -> dict[str, bool]:
+    """The -c / -pm values that name model ``name`` (``network.model_name`` read backwards)."""
+    for cifar in (False, True):
+        for paper_model in (False, True):
+            if model_name(cifar, paper_model) == name:
+                return {"cifar": cifar, "paper_model": paper_model}
+    raise ValueError(f"no -c / -pm combination names {name}")
+
+
+def changeable(when: str) -> frozenset[str]:
+    """What the command line may change on ``"resume"`` or ``"evaluate"``: the fields whose
+    setting says so, and -c / -pm where that includes the model."""
+    names = may_change(when)
+    return names | frozenset(MODEL_FLAGS) if "model" in names else names
+
+
+# Where the data and outputs are, how long to go on, how to log, and on what hardware may differ
+# from the checkpoint on --resume; everything else defines the run being continued.
+RESUME_MAY_CHANGE = changeable("resume")
+EVALUATE_MAY_CHANGE = changeable("evaluate")
+
+
+def config_from_checkpoint(
+    checkpoint: dict[str, Any], path: Path, args: argparse.Namespace, given: set[str],
+    hw: torch.device | Capabilities, may_change: frozenset[str],
+) -> TrainConfig:  # fmt: skip
+    """The checkpoint's config with the flags the user gave on top, where they may change it."""
+    base = TrainConfig.from_dict(checkpoint["config"])
+    new = config_from_args(args, hw)
+    # -c and -pm are compared as the flags they are: the recorded model name gives their values.
+    recorded = {**asdict(base), **model_flags(base.model)}
+    fresh = {**asdict(new), **model_flags(new.model)}
+    named = {f for f in given if f in fresh}
+    refused = sorted(f for f in named - may_change if fresh[f] != recorded[f])
+    if refused:
+        what = ", ".join(f"{f} ({_shown(fresh[f])}; the checkpoint has {_shown(recorded[f])})" for f in refused)
+        raise UserError(f"{path} fixes these settings, which the command line changes: {what}; drop those flags.")
+    changes = {f: fresh[f] for f in named & may_change}
+    # Where and how this process runs comes from the command line, never from the file (the
+    # cache folder, the device and what follows it); the recorded data folder is used only
+    # when it exists here.
+    changes.update({f: fresh[f] for f in PER_PROCESS - named})
+    if "data_dir" not in named and not Path(base.data_dir).is_dir():
+        changes["data_dir"] = fresh["data_dir"]
+    if changes.keys() & set(MODEL_FLAGS):
+        flags = {f: changes.pop(f, recorded[f]) for f in MODEL_FLAGS}
+        changes["model"] = model_name(**flags)
+    return replace(base, **changes)
+
+
+def _shown(value: Any) -> str:
+    """A setting's value in a message: text quoted and printable, numbers and flags as written."""
+    return quoted(value) if isinstance(value, str) else repr(value)
+
+
+def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """Why the flags do not go together, or None: what the model and the data set take is read
+    from their registries (``network.MODELS``, ``datasets.DATASETS``)."""
+    name = model_name(args.cifar, args.paper_model)
+    model, data = MODELS[name], DATASETS[args.dataset]
+    if not args.lrn and not model.paper_features:
+        return "--no-lrn only applies to the paper's features; add -pm"
+    if args.fidelity is not None and not model.paper_features and not args.paper_train:
+        return "--fidelity only applies to the paper's network or setup; add -pm or -pt"
+    # A 32-input network takes the images at their own size; the 224-input ones crop or
+    # upsample any size (datasets.make_pipeline).
+    if model.input_size == 32 and data.image_size != model.input_size and not data.resizable:
+        size, side = data.image_size, model.input_size
+        return f"-c ({name}, {side}x{side} inputs) cannot train on {args.dataset}'s {size}x{size} images; drop -c"
+    for option in (f.name for f in fields(DataOptions)):
+        # A switch the data set has no use for is a mistaken command; a value such as
+        # --shapes-train has its default anyway, and data sets without it leave it unused.
+        # A value flag without a default (--val-fraction, --train-size) counts when it is given.
+        value = getattr(args, option, None)
+        given = value is True or (value is not None and value is not False and parser.get_default(option) is None)
+        if given and not data.accepts(option):
+            flag = "--" + option.replace("_", "-")  # every data option's flag is its field's name
+            takers = " or ".join(f"-ds {n}" for n, d in DATASETS.items() if d.accepts(option))
+            return f"{flag} only applies to {takers}"
+    if args.split_gpus and not model.splittable:
+        return "--split-gpus splits the paper's network: add -pm (and drop -c)"
+    if args.split_gpus and launched_by_torchrun():
+        return "--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun"
+    if args.rewind and not args.resume:
+        return "--rewind only applies to --resume"
+    if args.weights and (args.resume or args.evaluate):
+        # A checkpoint's own weights are what --resume continues and --evaluate measures.
+        return "--weights starts a new run; drop it with --resume or --evaluate, which use the checkpoint's weights"
+    if args.freeze_features and not (args.weights or args.resume or args.evaluate):
+        return "--freeze-features keeps the starting weights' features, so it needs --weights PATH"
+    return None

@@ -13,7 +13,7 @@ and the checkpoints never ask which one they have:
 Each has ``loss`` (training), ``accumulate`` and ``finalise`` (evaluation, exact over the whole
 split and over all processes), ``score`` (the number the schedule watches), and the extra
 fields the summary, the log and TensorBoard show. ``task_for(data)`` picks one, once, from the
-data set's registry entry.
+data set's labels (``DataSet.multilabel``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from data.core import DataSet
-from data.registry import DATASETS, MULTI_LABEL
+from data.registry import MULTI_LABEL
 from training.distributed import all_sum, gather_objects
 
 
@@ -239,9 +239,7 @@ TASKS: dict[str, Task] = {SINGLE.name: SINGLE, MULTI.name: MULTI}
 
 
 def task_for(data: DataSet | bool) -> Task:
-    """The task of a data set: its registry entry's, or (a data set built in code, or the
-    ``multilabel`` flag of ``evaluate``) the one its labels' shape implies."""
-    if isinstance(data, bool):
-        return MULTI if data else SINGLE
-    entry = DATASETS.get(data.name)
-    return TASKS[entry.task] if entry is not None else task_for(data.multilabel)
+    """The task of a data set, as its labels say (``DataSet.multilabel``: a row of labels per
+    image), whatever its name; or of the ``multilabel`` flag of ``evaluate``."""
+    multilabel = data if isinstance(data, bool) else data.multilabel
+    return MULTI if multilabel else SINGLE

@@ -1,0 +1,228 @@
+"""A training command line carried out: the run built from the parsed flags, then trained,
+resumed or evaluated.
+
+``main.py`` parses the flags and hands them over to ``run``; a ``UserError`` raised here is
+the one sentence the user sees. That includes the two ways a run loses a process it relies on
+(a torchrun peer, a DataLoader worker): each is a sentence naming what was lost and how to go
+on, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.loaders import lost_worker
+from data.registry import load_dataset
+from hardware.capabilities import Capabilities
+from network import MODELS, SplitPaperAlexNet, make_model, split_devices
+from trainer import Trainer, evaluate_checkpoint
+from training.checkpoint import load_checkpoint, load_weights
+from training.config import (
+    EVALUATE_MAY_CHANGE,
+    RESUME_MAY_CHANGE,
+    TrainConfig,
+    config_from_args,
+    config_from_checkpoint,
+)
+from training.distributed import (
+    StopSignals,
+    data_peers,
+    init_distributed,
+    launched_by_torchrun,
+    lost_process,
+    rank_and_world,
+)
+from training.optim import grouped_optimizer_state
+from training.outputs import RunFolders, claim_run, output_dir_of
+from training.tasks import format_metrics
+from training.weights import load_initial_weights
+from utils import UserError, resolve_device
+
+logger = logging.getLogger("alexnet")
+
+
+def run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
+    """Build what the arguments ask for and train, resume or evaluate; ``stop.phase`` says what
+    is under way. ``given`` holds the flags the user gave (``training.config.explicit_flags``)."""
+    try:
+        return _run(args, given, stop)
+    except RuntimeError as error:  # under torchrun, a collective whose peer process is gone
+        sentence = lost_process(error, None)
+        if sentence is None:
+            raise
+        raise UserError(sentence) from None
+
+
+def _run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
+    device = resolve_device(args.device)
+    if launched_by_torchrun():
+        if args.evaluate:
+            raise UserError("--evaluate runs in one process; start it with python, not torchrun.")
+        stop.phase = "joining the other processes"
+        device = init_distributed(device, timedelta(minutes=args.dist_timeout))
+        if rank_and_world()[0] != 0:  # one voice: the other processes only speak up about problems
+            logging.getLogger().setLevel(logging.WARNING)
+    hw = Capabilities.of(device)
+    if launched_by_torchrun():
+        logger.info(
+            "data parallel: %d processes (%s), global batch split between them", rank_and_world()[1], hw.backend
+        )
+    checkpoint_path = args.resume or args.evaluate
+    stop.phase = "reading the checkpoint"
+    checkpoint = load_checkpoint(checkpoint_path, resume=bool(args.resume)) if checkpoint_path else None
+    if checkpoint is None:
+        config = config_from_args(args, hw)
+    else:
+        may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
+        if args.resume and args.split_gpus is False:
+            may_change |= {"split_gpus"}  # a split run goes on as the grouped model (_build_and_go)
+        config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, hw, may_change)
+        if args.evaluate and args.split_gpus is None:
+            # The checkpoint holds the grouped model's weights, which evaluate the same on one device.
+            config = replace(config, split_gpus=False)
+        if args.resume and "output_dir" not in given:
+            config = replace(config, output_dir=output_dir_of(checkpoint_path, config) or config.output_dir)
+    split = towers(config, hw.device, checkpoint_path if args.resume else None)
+    if config.deterministic:
+        make_deterministic()
+    elif hw.autotune:
+        # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
+        torch.backends.cudnn.benchmark = True
+    folders: RunFolders | None = None
+    if not args.evaluate:
+        # Named, checked and locked before the data are read: a second process on the same run,
+        # or a name that is taken, is told at once. Released here, the one owner, however it ends.
+        stop.phase = "preparing the run's folders"
+        resume_step = checkpoint.get("global_step", 0) if checkpoint is not None and args.resume else 0
+        folders = claim_run(config, checkpoint_path if args.resume else None, resume_step, args.rewind)
+        # From here on the run's settings are fixed: name and output folder included.
+        config = replace(config, run_name=folders.name)
+    try:
+        return _build_and_go(args, config, checkpoint, checkpoint_path, hw, split, folders, stop)
+    except RuntimeError as error:
+        # Under torchrun, a collective whose peer process is gone; anywhere, a DataLoader worker's death.
+        saved = folders is not None and not config.dry_run
+        last = folders.ckpt_dir / "last.pt" if saved else None
+        sentence = lost_process(error, last) or lost_worker_sentence(error, last, config.workers, folders is None)
+        if sentence is None:
+            raise
+        raise UserError(sentence) from None
+    finally:
+        if folders is not None:
+            folders.release()
+
+
+def _build_and_go(
+    args: argparse.Namespace,
+    config: TrainConfig,
+    checkpoint: dict[str, Any] | None,
+    checkpoint_path: Path | None,
+    hw: Capabilities,
+    split: tuple[torch.device, torch.device] | None,
+    folders: RunFolders | None,
+    stop: StopSignals,
+) -> int:
+    device = hw.device
+    stop.phase = "reading the data"
+    # The config holds the data options; under torchrun the processes build any cache together.
+    data = load_dataset(config.dataset, config, data_peers())
+    stop.phase = "building the model"
+    torch.manual_seed(config.seed)
+    model = make_model(config.model, data.num_classes, lrn=config.lrn, fidelity=config.fidelity)
+    if checkpoint is not None:
+        load_weights(checkpoint, checkpoint_path, model, data.num_classes, data.name)
+    elif config.weights:
+        stop.phase = "reading the initial weights"
+        load_initial_weights(Path(config.weights), model, config.model, data.classes, config.paper_train)
+    if split is not None:
+        model = SplitPaperAlexNet(model, split)
+        logger.info("the two towers run on %s and %s", *model.devices)
+    elif args.resume and checkpoint["config"].get("split_gpus"):
+        checkpoint = {**checkpoint, "optimizer": grouped_optimizer_state(checkpoint["optimizer"], model, config)}
+        logger.info(
+            "%s was trained split over two devices; it goes on as the grouped model on %s (the same "
+            "weights; dropout now draws one mask per layer instead of one per tower)",
+            checkpoint_path,
+            device,
+        )
+    if args.evaluate:
+        stop.phase = "evaluating"
+        result = evaluate_checkpoint(config, model, data, hw)
+        # The 32-input networks see the centre view under -pt too (datasets.make_pipeline).
+        views = " (10-crop)" if config.paper_train and MODELS[config.model].input_size != 32 else ""
+        logger.info(
+            "%s on %s, %d images%s: %s", checkpoint_path, data.name, result.count, views, format_metrics(result)
+        )
+        recorded = checkpoint.get("last") or {}
+        if recorded and config.dataset == checkpoint["config"].get("dataset"):
+            metric = "mAP" if "mAP" in recorded else "top1"
+            logger.info("recorded at epoch %d: %s %.2f%%", checkpoint["epoch"], metric, recorded[metric])
+        # Strict JSON: a loss that overflowed is null, not NaN (which JSON does not have).
+        metrics = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.metrics().items()}
+        print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **metrics}, allow_nan=False))
+        return 0
+    stop.phase = "preparing training"
+    trainer = Trainer(config, model, data, hw, resume=checkpoint if args.resume else None, folders=folders)
+    stop.phase = "training"
+    trainer.fit()
+    return 0
+
+
+def lost_worker_sentence(error: RuntimeError, last: Path | None, workers: int, evaluating: bool) -> str | None:
+    """The sentence for a run whose DataLoader worker died (``data.loaders.lost_worker``): a worker
+    holds up to ``PREFETCH`` batches, so fewer workers or smaller batches need less memory; the
+    run's ``last`` checkpoint, when it has one, resumes with fewer workers (not with another
+    batch size, which is part of the run)."""
+    what = lost_worker(error)
+    if what is None:
+        return None
+    fewer = f"--workers {workers // 2}"
+    if evaluating:
+        return f"{what}; run again with fewer workers, e.g. {fewer}."
+    if last is not None and last.is_file():
+        return (
+            f"{what}; {last} is kept: resume with --resume {last} {fewer}, or start again with a smaller --batch-size."
+        )
+    return f"{what}; run again with fewer workers (e.g. {fewer}) or a smaller --batch-size (nothing was saved yet)."
+
+
+def towers(config: TrainConfig, device: torch.device, resumed: Path | None) -> tuple[torch.device, torch.device] | None:
+    """The devices of the two towers of ``--split-gpus`` (``network.split_devices``), or None for
+    the grouped model on one device. ``resumed`` is the checkpoint of a resumed run, which keeps
+    its split: where this machine cannot hold the towers, the sentence names ``--no-split-gpus``,
+    which resumes it as the grouped model."""
+    if not config.split_gpus:
+        return None
+    if resumed is not None and launched_by_torchrun():
+        raise UserError(
+            f"{resumed} was trained with --split-gpus, which runs one model over two GPUs in one process, not under "
+            "torchrun; add --no-split-gpus to resume it as the grouped model in each process."
+        )
+    try:
+        return split_devices(device)
+    except UserError:
+        if resumed is None:
+            raise
+        raise UserError(
+            f"{resumed} was trained with --split-gpus, and its two towers need {device} and the CUDA device after "
+            f"it, which this machine does not have; add --no-split-gpus to resume it as the grouped model on {device} "
+            "(the same weights; dropout then draws one mask per layer instead of one per tower)."
+        ) from None
+
+
+def make_deterministic() -> None:
+    """Bit-for-bit repeatable runs (``--deterministic``): deterministic kernels only, no cuDNN
+    autotuning, and the cuBLAS workspace setting that deterministic CUDA matmuls need."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
