@@ -37,9 +37,9 @@ from torch import nn
 from data.core import DataError, DataSet
 from datasets import DATASETS, Loaders, Pipeline, Split, load_dataset, make_loaders
 from network import make_model
+from settings.rules import POSITIVE
 from training.checkpoint import load_checkpoint, load_weights
 from training.config import TrainConfig
-from training.fields import POSITIVE
 from training.figures import (
     figure_image,
     model_kernel_grid,

@@ -16,9 +16,9 @@ from typing import Any
 
 from datasets import DATASETS, DataOptions
 from network import MODELS
-from training.fields import COUNT, FLAG, PATH, POSITIVE, names_where, setting
+from settings.rules import COUNT, FLAG, PATH, POSITIVE, Check, names_where, setting
 from training.schedule import milestones_problem
-from utils import FIDELITIES, Check, __version__, device_problem
+from utils import FIDELITIES, __version__, device_problem
 
 #: Autocast precisions (``trainer.AMP_DTYPES`` maps them to dtypes).
 AMP_CHOICES = ("bf16", "fp16", "off")
