@@ -49,7 +49,7 @@ import torch
 
 from data.loaders import lost_worker
 from datasets import DATASETS, DataOptions, load_dataset
-from hardware.capabilities import Capabilities, capabilities
+from hardware.capabilities import Capabilities, capabilities, resolve_device
 from network import MODELS, SplitPaperAlexNet, make_model, model_name, split_devices
 from settings.rules import Check
 from trainer import (
@@ -75,7 +75,7 @@ from training.distributed import (
 from training.optim import grouped_optimizer_state
 from training.outputs import RunFolders, claim_run, output_dir_of
 from training.weights import load_initial_weights
-from utils import FIDELITIES, UserError, __version__, name_problem, quoted, resolve_device, setup_logging
+from utils import FIDELITIES, UserError, __version__, name_problem, quoted, setup_logging
 
 logger = logging.getLogger("alexnet")
 

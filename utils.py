@@ -1,4 +1,6 @@
-"""Small helpers shared by the other modules: errors, atomic writes, run folders, logging."""
+"""Small helpers that every layer shares: user errors, names that become paths, text safe for the
+terminal, atomic writes and logging. The setting rules live in ``settings.rules``, the device in
+``hardware.capabilities``."""
 
 from __future__ import annotations
 
@@ -11,8 +13,6 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
-
-import torch
 
 __version__ = "0.2.0"
 
@@ -139,41 +139,10 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` that never leaves a partly written file at ``path``."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     _atomic_write(path, lambda f: f.write(data))
-
-
-def device_problem(name: str) -> str | None:
-    """Why ``name`` is not a device this tool trains on (cpu, cuda, cuda:N), or None."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        return f"{quoted(name)} is not a device name; use cpu, cuda or cuda:N"
-    if device.type not in ("cpu", "cuda"):
-        return f"{quoted(name)} is a {device.type} device; this tool trains on cpu, cuda or cuda:N"
-    return None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The device for ``--device``: CUDA when present unless told otherwise."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    problem = device_problem(name)
-    if problem:
-        raise UserError(f"--device {problem}.")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asks for CUDA, but this machine has no usable CUDA GPU; use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has only {torch.cuda.device_count()} CUDA device(s).")
-    return device
 
 
 class PrintableFormatter(logging.Formatter):

@@ -18,7 +18,10 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 import datasets
-from datasets import VOC_CLASSES, DataError, DataOptions, load_dataset, parse_voc_xml, safe_unpickle
+from data.core import DataError, DataOptions
+from data.pickles import safe_unpickle
+from data.registry import load_dataset
+from data.voc import VOC_CLASSES, parse_voc_xml
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR

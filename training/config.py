@@ -14,11 +14,13 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from datasets import DATASETS, DataOptions
+from data.core import DataOptions
+from data.registry import DATASETS
+from hardware.capabilities import device_problem
 from network import MODELS
 from settings.rules import COUNT, FLAG, PATH, POSITIVE, Check, names_where, setting
 from training.schedule import milestones_problem
-from utils import FIDELITIES, __version__, device_problem
+from utils import FIDELITIES, __version__
 
 #: Autocast precisions (``trainer.AMP_DTYPES`` maps them to dtypes).
 AMP_CHOICES = ("bf16", "fp16", "off")
