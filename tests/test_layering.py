@@ -121,3 +121,30 @@ def test_data_does_not_import_training() -> None:
 def test_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def defined_in(path: Path) -> set[str]:
+    """The names a module defines at its top level (not the ones it imports)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_tests_import_each_name_from_its_own_module() -> None:
+    """The facades (``datasets``, ``trainer``) serve the command line and the benchmarks; a test
+    imports what it checks from the module that defines it."""
+    facades = {name: defined_in(ROOT / f"{name}.py") for name in ("datasets", "trainer")}
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found += [f"{path.name}: import {a.name}" for a in node.names if a.name == "datasets"]
+            elif isinstance(node, ast.ImportFrom) and node.module in facades:
+                own = facades[node.module]
+                found += [f"{path.name}: {a.name} from {node.module}" for a in node.names if a.name not in own]
+    assert not found, "imported through a facade: " + "; ".join(found)
