@@ -5,6 +5,7 @@ channels-last, the fused optimiser, where streamed JPEGs are decoded (nvJPEG, in
 process, instead of in the DataLoader workers), where the training augmentation runs, pinned
 memory, the process group's backend and cuDNN's autotuner. Each is a property of
 ``Capabilities``, read from the machine once (``Capabilities.of``) and handed to whatever decides.
+Which device a command runs on at all is decided here too: ``resolve_device`` reads ``--device``.
 
 No machine that runs this project's tests has a GPU, so the tests build
 ``Capabilities.stand_in()``: the CPU taking every CUDA branch that can run on a CPU (fp16 loss
