@@ -47,10 +47,11 @@ from data.core import DataOptions
 from data.registry import DATASETS
 from inference import export, figures, predict
 from network import FIDELITIES
+from settings.rules import Check
 from training.config import AMP_CHOICES, LOADERS, OPTIMIZERS, TrainConfig, combination_problem, explicit_flags, resolve
 from training.distributed import DIST_TIMEOUT_MINUTES, Interrupted, StopSignals
 from training.run import run
-from utils import Check, UserError, __version__, name_problem, quoted, setup_logging
+from utils import UserError, __version__, name_problem, quoted, setup_logging
 
 logger = logging.getLogger("alexnet")
 

@@ -17,7 +17,8 @@ All TensorBoard scalars use the training step as their x-axis (``<ds>/train/epoc
 to epochs), so that a resumed run can purge whatever the interrupted one logged after its last
 checkpoint.
 
-Each job has its room in ``training/``; this module is the public face and re-exports them:
+Each job has its room in ``training/``; this module is the public face, and re-exports the few
+names the command line and the benchmarks use (``__all__``):
 
 - ``training.loop``: ``train_one_epoch`` and ``evaluate``, the loop itself;
 - ``training.tasks``: single- versus multi-label (loss, metrics, what "better" means);
@@ -43,49 +44,39 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from datasets import BatchLoader, DataSet, Pipeline, Split, make_loaders
-from datasets import eval_loader as data_eval_loader
+from data.core import DataSet
+from data.loaders import Loaders, make_loaders
 from hardware.capabilities import Capabilities, capabilities
-from training.checkpoint import (  # noqa: F401 (re-exported)
-    Checkpointer,
-    CheckpointError,
-    Progress,
-    check_compatible,
-    load_checkpoint,
-    load_weights,
-)
+from training.checkpoint import Checkpointer, Progress, load_checkpoint, load_weights
 from training.config import TrainConfig
 from training.distributed import Interrupted, StopRequest, agree_stop, barrier, rank_and_world
-from training.fastpath import (  # noqa: F401 (re-exported)
-    AMP_DTYPES,
-    TrainStep,
-    autocast,
-    compile_model,
-    model_input,
-    plain_state_dict,
-    prepare_model,
-    training_loss,
-    unwrap,
-)
-from training.figures import (  # noqa: F401 (re-exported)
-    confusion_figure,
-    image_grid,
-    model_kernel_grid,
-    write_confusion_csv,
-)
+from training.fastpath import AMP_DTYPES, TrainStep, compile_model, prepare_model, training_loss, unwrap
+from training.figures import model_kernel_grid
 from training.loop import LossNotFinite, evaluate, train_one_epoch
-from training.optim import PaperSGD, build_optimizer, set_lr  # noqa: F401 (re-exported)
+from training.optim import build_optimizer, set_lr
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
 from training.schedule import PlateauSchedule, parse_milestones
-from training.tasks import (  # noqa: F401 (re-exported)
-    EvalResult,
-    format_metrics,
-    multilabel_loss,
-    task_for,
-    voc_average_precision,
-)
+from training.tasks import EvalResult, format_metrics, task_for
 from training.weights import freeze_features
 from utils import UserError
+
+#: What the command line and the benchmarks take from here: the ``Trainer`` and its neighbours,
+#: and the few names of ``training/`` they use. Everything else is imported from its own module.
+__all__ = [
+    "AMP_DTYPES",
+    "TrainConfig",
+    "TrainStep",
+    "Trainer",
+    "TrainingDiverged",
+    "compile_model",
+    "evaluate_checkpoint",
+    "format_metrics",
+    "load_checkpoint",
+    "load_weights",
+    "prepare_model",
+    "run_loaders",
+    "training_loss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +85,13 @@ class TrainingDiverged(UserError):
     """The training loss became NaN or infinite."""
 
 
-def eval_loader(split: Split, pipeline: Pipeline, config: TrainConfig, device: torch.device) -> BatchLoader:
-    """The evaluation loader of ``split`` as ``config`` sets it (``eval_batch_size`` model
-    inputs per process, ``workers``), for this process."""
+def run_loaders(config: TrainConfig, data: DataSet, input_size: int, device: torch.device | Capabilities) -> Loaders:
+    """The loaders and pipeline of a run on ``data`` for a model of ``input_size``, as ``config``
+    sets them, for this process (its rank among the processes of a distributed run)."""
     rank, world = rank_and_world()
-    return data_eval_loader(split, pipeline, device, batch_size=config.eval_batch_size, workers=config.workers,
-                            rank=rank, world=world)  # fmt: skip
+    return make_loaders(data, input_size, config.paper_train, device, batch_size=config.batch_size,
+                        eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
+                        seed=config.seed, rank=rank, world=world, fidelity=config.fidelity)  # fmt: skip
 
 
 def evaluate_checkpoint(
@@ -108,10 +100,7 @@ def evaluate_checkpoint(
     """``--evaluate``: the metrics of ``model`` (weights already loaded) on the evaluation split,
     with the run's pipeline (10-crop under the paper setup)."""
     model = prepare_model(model, capabilities(device).device, config.channels_last)
-    rank, world = rank_and_world()
-    loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, device, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
-                           seed=config.seed, rank=rank, world=world, fidelity=config.fidelity)  # fmt: skip
+    loaders = run_loaders(config, data, unwrap(model).input_size, device)
     return evaluate(model, loaders.eval, data.num_classes, task_for(data).multilabel, config.amp, config.channels_last)
 
 
@@ -143,10 +132,7 @@ class Trainer:
         self.model = prepare_model(model, device, config.channels_last)
         # The order of images (CPU) and the augmentation (on the device), both seeded. Under DDP
         # every process draws the same order and its own augmentation and dropout.
-        loaders = make_loaders(data, unwrap(model).input_size, config.paper_train, self.hw,
-                               batch_size=config.batch_size, eval_batch_size=config.eval_batch_size,
-                               loader=config.loader, workers=config.workers, seed=config.seed, rank=self.rank,
-                               world=self.world, fidelity=config.fidelity)  # fmt: skip
+        loaders = run_loaders(config, data, unwrap(model).input_size, self.hw)
         if self.world > 1:
             torch.manual_seed(config.seed + self.rank)
         self.train_loader, self.eval_loader, self.pipeline = loaders.train, loaders.eval, loaders.pipeline

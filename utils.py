@@ -1,21 +1,18 @@
-"""Small helpers shared by the other modules: errors, atomic writes, run folders, logging."""
+"""Small helpers that every layer shares: user errors, names that become paths, text safe for the
+terminal, atomic writes and logging. The setting rules live in ``settings.rules``, the device in
+``hardware.capabilities``."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-import torch
 
 __version__ = "0.2.0"
 
@@ -100,92 +97,6 @@ def printable(text: str) -> str:
     return "".join(show(c) for c in str(text))
 
 
-# ---------------------------------------------------------------------------------------------
-# Checked values: the same rule for a flag the user types and a field a checkpoint holds
-
-#: The longest free text (``-m``) and path a run records.
-MAX_TEXT = 10_000
-MAX_PATH = 4096
-
-
-@dataclass(frozen=True)
-class Check:
-    """What one setting may hold: its type, range or choices, or that it is a name or a path.
-
-    ``check(value)`` validates a value that already has a type (a checkpoint's field) and
-    ``parse(text)`` a command-line string (an argparse ``type``); both raise ``ValueError`` with
-    the reason in a few words, so every caller can build its own sentence around it.
-    """
-
-    kind: type
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple[Any, ...] | None = None
-    name: bool = False  # one file or folder name (name_problem); "" allowed for "not chosen yet"
-    path: bool = False  # a path the user gave: text without NUL, valid UTF-8, at most MAX_PATH
-    rule: Callable[[Any], str | None] | None = None  # any further rule: the problem, or None
-
-    def __call__(self, value: Any) -> Any:
-        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not self.kind:
-            raise ValueError(f"must be a {self.kind.__name__}, not a {type(value).__name__}")
-        if self.kind is float and not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value}")
-        if self.choices is not None and value not in self.choices:
-            raise ValueError(f"must be one of {', '.join(map(str, self.choices))}, got {quoted(str(value))}")
-        if isinstance(value, str):
-            self._check_text(value)
-        problem = self.rule(value) if self.rule is not None else None
-        if problem:
-            raise ValueError(problem)
-        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
-        if too_low or too_high:
-            lo = "" if self.low is None else f"{'above' if self.low_open else 'at least'} {_number(self.low)}"
-            hi = "" if self.high is None else f"{'below' if self.high_open else 'at most'} {_number(self.high)}"
-            raise ValueError(f"must be {' and '.join(p for p in (lo, hi) if p)}, got {value}")
-        return value
-
-    def _check_text(self, value: str) -> None:
-        if self.name:
-            problem = name_problem(value) if value else None
-            if problem:
-                raise ValueError(f"{quoted(value)} cannot be a folder name: it {problem}")
-            return
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{quoted(value)} is not valid UTF-8 text") from None
-        limit = MAX_PATH if self.path else MAX_TEXT
-        if len(value) > limit:
-            raise ValueError(f"is {len(value)} characters long, more than {limit}")
-        if self.path and "\0" in value:
-            raise ValueError("holds a NUL character")
-
-    def parse(self, text: str) -> Any:
-        """The value of a command-line string (for argparse: errors become ``ArgumentTypeError``)."""
-        if self.kind in (int, float):
-            try:
-                value = self.kind(text)
-            except ValueError:
-                noun = "whole number" if self.kind is int else "number"
-                raise argparse.ArgumentTypeError(f"{quoted(text)} is not a {noun}") from None
-        else:
-            value = text
-        try:
-            return self(value)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _number(x: float) -> str:
-    """A bound as people write it: 4294967295 rather than 4294967295.0, 1e-09 as is."""
-    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else str(x)
-
-
 def quoted(text: str, limit: int = 60) -> str:
     """``text`` in quotes for a one-line message: printable, and cut to ``limit`` characters."""
     text = printable(text)
@@ -224,41 +135,10 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` that never leaves a partly written file at ``path``."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
 def atomic_write_json(obj: Any, path: Path) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
     _atomic_write(path, lambda f: f.write(data))
-
-
-def device_problem(name: str) -> str | None:
-    """Why ``name`` is not a device this tool trains on (cpu, cuda, cuda:N), or None."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        return f"{quoted(name)} is not a device name; use cpu, cuda or cuda:N"
-    if device.type not in ("cpu", "cuda"):
-        return f"{quoted(name)} is a {device.type} device; this tool trains on cpu, cuda or cuda:N"
-    return None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """The device for ``--device``: CUDA when present unless told otherwise."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    problem = device_problem(name)
-    if problem:
-        raise UserError(f"--device {problem}.")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asks for CUDA, but this machine has no usable CUDA GPU; use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has only {torch.cuda.device_count()} CUDA device(s).")
-    return device
 
 
 class PrintableFormatter(logging.Formatter):

@@ -13,19 +13,37 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-from training.fields import FLAG, PATH, setting
-from utils import Check, UserError
-
-if TYPE_CHECKING:
-    from data.shards import ShardStore
+from settings.rules import FLAG, PATH, Check, setting
+from utils import UserError
 
 
 class DataError(UserError):
     """A problem with the user's data (missing, corrupt, wrong layout): shown as one sentence."""
+
+
+class Images(Protocol):
+    """What a split's images offer wherever they are held: a uint8 tensor N x 3 x H x W has it,
+    and so has the sharded cache (``data.shards.ShardStore``), which decodes on access. Declared
+    here so that ``Split`` names what it needs without importing the cache, which imports it."""
+
+    @property
+    def shape(self) -> torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def numel(self) -> int: ...
+
+    def element_size(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> torch.Tensor: ...
 
 
 @dataclass
@@ -38,7 +56,7 @@ class Split:
     memory-mapped from, if any, so a streaming loader can reopen it in its worker processes.
     """
 
-    images: torch.Tensor | ShardStore
+    images: Images
     labels: torch.Tensor
     source: Path | None = None
 
@@ -57,7 +75,7 @@ class Split:
 
     def to(self, device: torch.device | str) -> Split:
         """A copy in ``device`` memory (a memory-mapped split is read, a sharded one decoded, into RAM)."""
-        if self.stored:
+        if self.stored:  # a ShardStore: the one kind of images that is not a tensor
             return Split(self.images.decode_all().to(device), self.labels.to(device, copy=True))
         copy = self.source is not None
         return Split(self.images.to(device, copy=copy), self.labels.to(device, copy=copy))

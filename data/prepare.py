@@ -17,7 +17,7 @@ from data.folders import cache_dir_for
 from data.imagenet import find_imagenet_root
 from data.registry import load_dataset
 from data.voc import find_voc_folder, voc_cache_dir
-from utils import Check
+from settings.rules import Check
 
 logger = logging.getLogger(__name__)
 

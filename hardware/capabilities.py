@@ -5,6 +5,7 @@ channels-last, the fused optimiser, where streamed JPEGs are decoded (nvJPEG, in
 process, instead of in the DataLoader workers), where the training augmentation runs, pinned
 memory, the process group's backend and cuDNN's autotuner. Each is a property of
 ``Capabilities``, read from the machine once (``Capabilities.of``) and handed to whatever decides.
+Which device a command runs on at all is decided here too: ``resolve_device`` reads ``--device``.
 
 No machine that runs this project's tests has a GPU, so the tests build
 ``Capabilities.stand_in()``: the CPU taking every CUDA branch that can run on a CPU (fp16 loss
@@ -22,6 +23,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from utils import UserError, quoted
 
 
 def cpu_has_native_bf16() -> bool:
@@ -68,7 +71,7 @@ class Capabilities:
 
     @classmethod
     def of(cls, device: torch.device | str) -> Capabilities:
-        """What ``device`` of this machine can do (it must exist: ``utils.resolve_device``)."""
+        """What ``device`` of this machine can do (it must exist: ``resolve_device``)."""
         device = torch.device(device)
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
@@ -180,3 +183,29 @@ class Capabilities:
 def capabilities(device: torch.device | str | Capabilities) -> Capabilities:
     """``device``'s capabilities; a ``Capabilities`` is taken as it is (a test's stand-in)."""
     return device if isinstance(device, Capabilities) else Capabilities.of(device)
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` is not a device this tool trains on (cpu, cuda, cuda:N), or None."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return f"{quoted(name)} is not a device name; use cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"{quoted(name)} is a {device.type} device; this tool trains on cpu, cuda or cuda:N"
+    return None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device for ``--device``: CUDA when present unless told otherwise."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    problem = device_problem(name)
+    if problem:
+        raise UserError(f"--device {problem}.")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asks for CUDA, but this machine has no usable CUDA GPU; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has only {torch.cuda.device_count()} CUDA device(s).")
+    return device

@@ -81,7 +81,7 @@ def _preprocessing(checkpoint: dict[str, Any], config: TrainConfig, path: Path, 
             if isinstance(value, torch.Tensor):
                 setattr(pipeline, name, value.to(device))
         return pipeline, saved["image_size"], saved["task"] == MULTI.name
-    from datasets import load_dataset  # only old checkpoints need the data set
+    from data.registry import load_dataset  # only old checkpoints need the data set
 
     try:
         data = load_dataset(config.dataset, config)

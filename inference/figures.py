@@ -34,12 +34,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.core import DataError, DataSet
-from datasets import Loaders, Pipeline, Split, load_dataset, make_loaders
+from data.core import DataError, DataSet, Split
+from data.loaders import Loaders
+from data.registry import load_dataset
+from data.transforms import Pipeline
+from hardware.capabilities import resolve_device
 from network import make_model
+from settings.rules import POSITIVE
+from trainer import run_loaders
 from training.checkpoint import load_checkpoint, load_weights
 from training.config import TrainConfig
-from training.fields import POSITIVE
 from training.figures import (
     figure_image,
     model_kernel_grid,
@@ -49,7 +53,7 @@ from training.figures import (
     true_classes,
 )
 from training.outputs import output_dir_of, run_paths
-from utils import UserError, resolve_device, short_reason, temp_file_beside
+from utils import UserError, short_reason, temp_file_beside
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +123,7 @@ def main(argv: list[str]) -> int:
     stem, step = f"{args.checkpoint.stem}_epoch{int(checkpoint['epoch']):03d}", int(checkpoint["global_step"])
     del checkpoint  # the weights are in the model now; the optimiser's state is not needed
     model = model.to(device).eval()
-    loaders = make_loaders(data, model.input_size, config.paper_train, device, batch_size=config.batch_size,
-                           eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
-                           seed=config.seed, fidelity=config.fidelity)  # fmt: skip
+    loaders = run_loaders(config, data, model.input_size, device)
     pictures = draw(model, loaders, data.classes, data.multilabel, args, device)
     written = [write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
                for name, image in pictures.items()]  # fmt: skip

@@ -20,9 +20,11 @@ import torch
 from PIL import Image
 
 from data.core import DataError
+from hardware.capabilities import resolve_device
 from inference.checkpoint import Trained, load_trained, read_image
+from settings.rules import Check
 from training.checkpoint import not_regular
-from utils import Check, UserError, printable, quoted, resolve_device, short_reason
+from utils import UserError, printable, quoted, short_reason
 
 logger = logging.getLogger("alexnet")
 

@@ -26,7 +26,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from training.checkpoint import FIELDS, check_fields, check_optimizer_state, check_partial_epoch
 from training.config import TrainConfig
 from training.schedule import check_schedule_state
-from utils import atomic_torch_save, atomic_write_json, printable
+from utils import _atomic_write, atomic_write_json, printable
 
 # ---------------------------------------------------------------------------------------------
 # Resume and --evaluate
@@ -262,6 +262,9 @@ def test_printable_escapes_control_characters_and_stray_bytes():
 
 
 def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
+    def atomic_torch_save(obj, path):
+        _atomic_write(path, lambda f: torch.save(obj, f))
+
     path = tmp_path / "ckpt" / "last.pt"
     atomic_torch_save({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
     atomic_torch_save({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)

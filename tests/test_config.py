@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import main
-from datasets import DataOptions
+from data.core import DataOptions
 from hardware.capabilities import Capabilities
 from network import make_model
 from training import config as config_module

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from fakedata import write_photos
 
+from data.core import DataOptions
+from data.registry import load_dataset
 from data.shards import decode_jpegs, shard_split
-from datasets import DataOptions, load_dataset
 from hardware.capabilities import Capabilities
 from network import CifarAlexNet, PaperLRN, SameMapNorm
 from trainer import Trainer

@@ -23,10 +23,14 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from main_cli import ROOT
 
-from datasets import BatchLoader, CifarPipeline, Pipeline, Split
+from data.core import Split
+from data.loaders import BatchLoader, eval_loader
+from data.transforms import CifarPipeline, Pipeline
 from network import CifarAlexNet
-from trainer import TrainConfig, TrainStep, eval_loader, evaluate
-from training.distributed import lost_process
+from training.config import TrainConfig
+from training.distributed import lost_process, rank_and_world
+from training.fastpath import TrainStep
+from training.loop import evaluate
 
 TORCHRUN = shutil.which("torchrun")
 
@@ -35,10 +39,11 @@ WORKER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 import main, trainer
+from training.fastpath import plain_state_dict
 finish = trainer.Trainer._finish
 def dump(self):
     out = finish(self)
-    torch.save(trainer.plain_state_dict(self.model), f"{out}/rank{{self.rank}}.pt")
+    torch.save(plain_state_dict(self.model), f"{out}/rank{{self.rank}}.pt")
     return out
 trainer.Trainer._finish = dump
 {extra}
@@ -167,7 +172,10 @@ def _eval(multilabel: bool) -> dict:
     torch.manual_seed(0)
     model = CifarAlexNet(classes)
     config = TrainConfig(eval_batch_size=8)
-    result = evaluate(model, eval_loader(split, _Plain(), config, torch.device("cpu")), classes, multilabel)
+    rank, world = rank_and_world()
+    cpu = torch.device("cpu")
+    loader = eval_loader(split, _Plain(), cpu, batch_size=config.eval_batch_size, rank=rank, world=world)
+    result = evaluate(model, loader, classes, multilabel)
     return {**result.metrics(), "confusion": result.confusion}
 
 
@@ -549,10 +557,10 @@ def _cache_worker(rank: int, port: int, case: str, folder: Path) -> None:
     a 5-second timeout), reading the cache of ``folder`` as ``case`` says; it saves what came of
     it (the images, or the error's text) and the names of the files it resized itself."""
     import data.shards
-    from data.core import ALONE
+    from data.core import ALONE, DataOptions
+    from data.images import decode_resized
     from data.registry import load_dataset
     from data.shards import shard_split
-    from datasets import DataOptions, decode_resized
     from training.distributed import data_peers, init_distributed
 
     torch.set_num_threads(1)  # a forked child must not join the parent's OpenMP threads (it would hang)

@@ -18,17 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from data.cifar import read_cifar_batch
+from data.core import DataError
 from data.imagenet import read_val_solution
-from datasets import (
-    PLAIN_DTYPES,
-    DataError,
-    decode_resized,
-    parse_voc_xml,
-    read_cifar_batch,
-    read_image_list,
-    safe_unpickle,
-)
-from trainer import CheckpointError, load_checkpoint
+from data.images import decode_resized
+from data.pickles import PLAIN_DTYPES, safe_unpickle
+from data.voc import parse_voc_xml, read_image_list
+from training.checkpoint import CheckpointError, load_checkpoint
 from utils import safe_child
 
 FUZZ = settings(max_examples=300, deadline=3000, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

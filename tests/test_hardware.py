@@ -13,10 +13,10 @@ import torch
 from fakedata import write_photos
 
 import main
-from data.core import DataSet, Split
+from data.core import DataOptions, DataSet, Split
 from data.loaders import BatchLoader
+from data.registry import load_dataset
 from data.shards import shard_split
-from datasets import DataOptions, load_dataset
 from hardware.capabilities import Capabilities
 from network import CifarAlexNet
 from trainer import Trainer

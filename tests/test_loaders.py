@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import BatchLoader, DataOptions, Split, load_dataset, make_loaders
+from data.core import DataOptions, Split
+from data.loaders import BatchLoader, make_loaders
+from data.registry import load_dataset
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 

@@ -8,9 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from datasets import BatchLoader, Pipeline, Split
-from trainer import evaluate, multilabel_loss, voc_average_precision, write_confusion_csv
-from training.tasks import MULTI
+from data.core import Split
+from data.loaders import BatchLoader
+from data.transforms import Pipeline
+from training.figures import write_confusion_csv
+from training.loop import evaluate
+from training.tasks import MULTI, multilabel_loss, voc_average_precision
 
 
 class Identity(Pipeline):

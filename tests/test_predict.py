@@ -19,8 +19,8 @@ from PIL import Image
 
 from data.core import Split
 from data.loaders import eval_loader
+from data.registry import load_dataset
 from data.transforms import make_pipeline, pipeline_from_state
-from datasets import load_dataset
 from inference.checkpoint import load_trained, read_image
 from inference.predict import image_files, predict_files
 from network import MODELS, make_model

@@ -17,8 +17,12 @@ from fakedata import python2_pickle, tar_gz, voc_xml, write_cifar10, write_cifar
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-import datasets
-from datasets import VOC_CLASSES, DataError, DataOptions, load_dataset, parse_voc_xml, safe_unpickle
+from data.archives import is_writable_dir
+from data.core import DataError, DataOptions
+from data.images import decode_resized
+from data.pickles import CifarUnpickler, safe_unpickle
+from data.registry import load_dataset
+from data.voc import VOC_CLASSES, VOC_MD5, VOC_URL, parse_voc_xml
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR
@@ -221,7 +225,7 @@ def test_voc_download_goes_through_the_same_extraction(tmp_path, monkeypatch):
     (build / "stray.txt").write_text("beside the devkit")
 
     def fake(url, root, filename=None, md5=None, **kwargs):
-        assert (url, md5) == (datasets.VOC_URL, datasets.VOC_MD5)
+        assert (url, md5) == (VOC_URL, VOC_MD5)
         with tarfile.open(Path(root) / filename, "w") as tar:  # the VOC archive is a plain .tar
             tar.add(build / "VOCdevkit", arcname="VOCdevkit")
             tar.add(build / "stray.txt", arcname="stray.txt")
@@ -347,7 +351,7 @@ def test_shared_voc_images_are_within_one_grey_level_of_resize_then_crop(shared_
     for path in paths:
         image = Image.open(path).convert("RGB")
         expected = TF.pil_to_tensor(TF.center_crop(TF.resize(image, [256]), [256, 256]))
-        diff = (datasets.decode_resized(path, 256).int() - expected.int()).abs()
+        diff = (decode_resized(path, 256).int() - expected.int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.005, path.name
 
 
@@ -360,7 +364,7 @@ def test_voc_cache_defaults_to_a_folder_inside_the_data(tmp_path):
 def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
     folder = make_voc(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    real = datasets.is_writable_dir
+    real = is_writable_dir
     monkeypatch.setattr("data.voc.is_writable_dir", lambda p: False if folder in p.parents or p == folder else real(p))
     load_dataset("PascalVOC2012", DataOptions(data_dir=tmp_path))
     assert len(list((tmp_path / "xdg" / "alexnet").glob("voc2012-*/train_256/00000.shard"))) == 1
@@ -424,7 +428,7 @@ def test_voc_xml_name_of_owner_or_part_is_not_a_class(tmp_path):
 
 
 def test_unpickler_allows_only_the_official_globals():
-    assert set(datasets.CifarUnpickler.ALLOWED) == {
+    assert set(CifarUnpickler.ALLOWED) == {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -16,7 +16,7 @@ import pytest
 import torch
 from main_cli import only
 
-from datasets import DataSet, Split
+from data.core import DataSet, Split
 from experiments.report import read_curves
 from network import CifarAlexNet, TorchAlexNet
 from training.checkpoint import CHECKPOINT_FORMAT, Progress, check_compatible, load_weights

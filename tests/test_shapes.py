@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import SHAPES_CLASSES, DataError, DataOptions, load_dataset, make_shapes
+from data.core import DataError, DataOptions
+from data.registry import load_dataset
+from data.shapes import SHAPES_CLASSES, make_shapes
 
 
 def test_shapes_is_deterministic_for_a_seed():

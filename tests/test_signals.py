@@ -24,9 +24,10 @@ import torch
 from fakedata import small_voc, voc_xml, write_class_folders
 from main_cli import VOC_DRY_RUN, command, copy_run, only, snapshot, start, unchanged, wait_for
 
-import datasets
 import main
-from datasets import DataError
+from data.core import DataError
+from data.loaders import _ignore_stop_signals
+from data.shards import shard_split
 from training.run import lost_worker_sentence
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def test_the_sentence_for_a_lost_worker_says_what_is_kept_and_how_to_resume(tmp_
 
 
 def test_workers_ignore_both_stop_signals(own_signals):
-    datasets._ignore_stop_signals(0)
+    _ignore_stop_signals(0)
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
 
 
@@ -337,7 +338,7 @@ def test_the_cache_build_stops_promptly_on_ctrl_c_and_keeps_only_complete_shards
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            datasets.shard_split(paths, torch.zeros(300), tmp_path / "cache", "train", 16, workers=1, shard_images=4)
+            shard_split(paths, torch.zeros(300), tmp_path / "cache", "train", 16, workers=1, shard_images=4)
     finally:
         timer.cancel()
     # Promptly: counted in images decoded, not in seconds (which a loaded machine stretches).
@@ -358,7 +359,7 @@ def test_a_bad_image_is_reported_after_the_rest_and_the_good_shards_are_kept(tmp
     for path in paths:
         path.write_bytes(b"x")
     with pytest.raises(DataError, match=r"5.jpg cannot be decoded"):
-        datasets.shard_split(paths, torch.zeros(40), tmp_path / "cache", "train", 16, workers=1, shard_images=10)
+        shard_split(paths, torch.zeros(40), tmp_path / "cache", "train", 16, workers=1, shard_images=10)
     # 5.jpg is in the first shard of ten: the other three were built, for the rerun.
     assert only_complete_shards(tmp_path / "cache" / "train_16") == ["00001.shard", "00002.shard", "00003.shard"]
 

@@ -25,14 +25,8 @@ from benchmarks.speed import (
 )
 from hardware.capabilities import Capabilities
 from network import CifarAlexNet, TorchAlexNet
-from trainer import (
-    TrainStep,
-    autocast,
-    compile_model,
-    evaluate,
-    model_input,
-    prepare_model,
-)
+from training.fastpath import TrainStep, autocast, compile_model, model_input, prepare_model
+from training.loop import evaluate
 
 # Documented bound: over the first steps of training, a bf16-autocast loss stays within 2 % of
 # the fp32 loss (bf16 keeps 8 significant bits, ~0.4 % per rounding; the errors average out over
@@ -90,7 +84,9 @@ def test_model_input_layout():
 
 
 def test_evaluation_metrics_agree_between_fp32_and_bf16():
-    from datasets import BatchLoader, CifarPipeline, Split
+    from data.core import Split
+    from data.loaders import BatchLoader
+    from data.transforms import CifarPipeline
 
     g = torch.Generator().manual_seed(1)
     split = Split(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(64) % 10)
@@ -149,7 +145,7 @@ def test_compiled_model_gives_the_eager_outputs():
 
 
 def test_checkpoint_of_a_compiled_model_has_plain_keys():
-    from trainer import unwrap
+    from training.fastpath import unwrap
 
     model = TorchAlexNet(10)
     wrapped = torch.compile(model)  # wrapping alone compiles nothing

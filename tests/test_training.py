@@ -12,10 +12,17 @@ import torch
 from torch import nn
 
 import trainer as trainer_module
-from datasets import DataOptions, load_dataset
+from data.core import DataOptions
+from data.registry import load_dataset
 from network import CifarAlexNet
-from trainer import EvalResult, PaperSGD, PlateauSchedule, TrainConfig, Trainer, confusion_figure, unwrap
+from trainer import Trainer
+from training.config import TrainConfig
+from training.fastpath import unwrap
+from training.figures import confusion_figure
+from training.optim import PaperSGD
 from training.outputs import new_run_name, taken
+from training.schedule import PlateauSchedule
+from training.tasks import EvalResult
 
 # ---------------------------------------------------------------------------------------------
 # The paper's update rule

@@ -8,18 +8,17 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from datasets import (
-    BatchLoader,
+from data.core import DataError, Split
+from data.loaders import BatchLoader
+from data.shapes import make_shapes
+from data.transforms import (
     CifarPipeline,
-    DataError,
     ModernPipeline,
     PaperPipeline,
     Pipeline,
-    Split,
     channel_stats,
     crop_flip,
     make_pipeline,
-    make_shapes,
     mean_image,
     pca_shift,
     random_crop_flip,

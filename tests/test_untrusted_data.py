@@ -44,8 +44,12 @@ from fakedata import (
 from main_cli import ROOT, VOC_DRY_RUN, Case, run_case, snapshot, unchanged
 from PIL import Image
 
-import datasets
-from datasets import DataError, DataOptions, load_dataset
+from data.archives import is_writable_dir
+from data.core import DataError, DataOptions
+from data.images import decode_resized, to_rgb
+from data.pickles import safe_unpickle
+from data.registry import load_dataset
+from data.voc import VOC_CLASSES, parse_voc_xml, read_image_list
 
 CIFAR = ["-c", "-ds", "Cifar10", "--data-dir", "data", "-ne", "1", "-d"]
 CIFAR_HERE = ["-c", "-ds", "Cifar10", "--data-dir", ".", "-ne", "1", "-d"]
@@ -372,7 +376,7 @@ def test_an_existing_folder_that_holds_the_data_is_used_not_replaced(tmp_path, m
     data = tmp_path / "data"
     data.mkdir()
     cifar_archive(data / "cifar-10-python.tar.gz")
-    real = datasets.is_writable_dir
+    real = is_writable_dir
     monkeypatch.setattr("data.archives.is_writable_dir", lambda p: False if p == data else real(p))
     options = DataOptions(data_dir=data, cache_dir=tmp_path / "cache")
     load_dataset("Cifar10", options)
@@ -391,7 +395,7 @@ PROBE = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
 import numpy as np, torch, torchvision.io, torchvision.transforms.v2, PIL.Image
-import datasets
+import data.cifar, data.core, data.images
 from pathlib import Path
 
 def vm_size():
@@ -407,7 +411,7 @@ for path, call in {calls!r}:
     try:
         value = eval(call)
         outcome = "loaded " + str(tuple(getattr(value, "shape", ())))
-    except datasets.DataError as error:
+    except data.core.DataError as error:
         outcome = "DataError: " + str(error)
     except MemoryError:
         outcome = "MemoryError"
@@ -418,7 +422,7 @@ print(json.dumps(reports))
 
 
 def peak_growth(calls: list[tuple[Path, str]]) -> list[tuple[int, str]]:
-    """Run each ``call`` (an expression over ``path`` and ``datasets``) in turn in one fresh
+    """Run each ``call`` (an expression over ``path`` and the ``data`` package) in turn in one fresh
     Python, and return after each how much the process's peak resident memory has grown since
     the start, and what happened. One process for all: starting Python with torch costs seconds."""
     script = PROBE.format(root=str(ROOT), calls=[(str(path), call) for path, call in calls])
@@ -443,7 +447,7 @@ def test_crafted_pickles_are_refused_within_a_bounded_memory(tmp_path):
         path = tmp_path / name.replace(" ", "_") / "data_batch_1"
         path.parent.mkdir()
         path.write_bytes(data())
-        calls.append((path, "datasets.read_cifar_batch(path, b'labels', 10)"))
+        calls.append((path, "data.cifar.read_cifar_batch(path, b'labels', 10)"))
     for (name, (_, phrase)), (path, _), (grew, outcome) in zip(CRAFTED.items(), calls, peak_growth(calls)):
         assert outcome.startswith(f"DataError: {path} was not loaded: it {phrase}"), outcome
         assert grew < 32 * MB, f"{name}: peak memory grew by {grew / MB:.0f} MB"
@@ -454,12 +458,12 @@ def test_the_byte_budget_is_a_multiple_of_the_file_size(tmp_path):
     arrays, not hundreds (4 x file + 1 MiB); the official files spend about 1x."""
     few = tmp_path / "few"
     few.write_bytes(memo_reuse_batch(4))
-    assert len(datasets.safe_unpickle(few)[b"labels"]) == 4
+    assert len(safe_unpickle(few)[b"labels"]) == 4
     many = tmp_path / "many"
     many.write_bytes(memo_reuse_batch(12))
     size = many.stat().st_size
     with pytest.raises(DataError, match=rf"needs more than {4 * size + (1 << 20):,} bytes of memory for its {size:,}"):
-        datasets.safe_unpickle(many)
+        safe_unpickle(many)
 
 
 def test_thin_images_decode_within_a_bounded_memory(tmp_path):
@@ -471,7 +475,7 @@ def test_thin_images_decode_within_a_bounded_memory(tmp_path):
         column = (np.arange(height) % 256).astype(np.uint8)[:, None]
         Image.fromarray(np.tile(column, (1, width))).convert("RGB").save(path)
         assert path.stat().st_size < 64_000
-        calls.append((path, "datasets.decode_resized(path, 256)"))
+        calls.append((path, "data.images.decode_resized(path, 256)"))
     for (path, call), (grew, outcome) in zip(calls, peak_growth(calls)):
         assert outcome.startswith("loaded (") and outcome.endswith("256, 256)"), (path.name, call, outcome)
         assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
@@ -496,8 +500,8 @@ def test_headers_beyond_the_bound_and_huge_label_lines_are_refused_within_a_boun
         f.truncate(100 << 20)  # a sparse file: 100 MB that take no disk
     solution = "__import__('data.imagenet', fromlist=['x']).read_val_solution(path, {'ILSVRC2012_val_00000001'})"
     calls = [
-        (bomb, "datasets.decode_resized(path, 256)"),
-        (giant, "datasets.decode_resized(path, 256)"),
+        (bomb, "data.images.decode_resized(path, 256)"),
+        (giant, "data.images.decode_resized(path, 256)"),
         (bomb, "__import__('inference.checkpoint', fromlist=['x']).read_image(path, 224)"),
         (line, solution),
         (large, solution),
@@ -521,7 +525,7 @@ def test_the_bound_is_50_megapixels_exactly(tmp_path):
         path = png_claiming(tmp_path / f"{width}.png", width, 5000)
         path.write_bytes(path.read_bytes()[:200])  # the header and a little of the data
         with pytest.raises(DataError, match=re.escape(f"{path} {problem}")):
-            datasets.decode_resized(path, 32)
+            decode_resized(path, 32)
 
 
 def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
@@ -550,7 +554,7 @@ def test_a_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
     thread.start()
     try:
         with pytest.raises(DataError, match=re.escape(f"{fifo} is a FIFO, not a regular file; replace it")):
-            datasets.decode_resized(fifo, 32)
+            decode_resized(fifo, 32)
     finally:
         done.set()
         thread.join()
@@ -560,7 +564,7 @@ def test_a_thin_image_is_its_centre_resized(tmp_path):
     """A vertical ramp 1 pixel wide: the output is the middle of the ramp, stretched across."""
     path = tmp_path / "thin.png"
     Image.fromarray((np.arange(1000) // 4).astype(np.uint8)[:, None]).save(path)
-    image = datasets.decode_resized(path, 256)
+    image = decode_resized(path, 256)
     assert image.shape == (3, 256, 256)
     assert torch.equal(image[:, :, 0:1].expand(3, 256, 256), image)  # every column the same
     assert abs(image[0, 128, 0].item() - 125) <= 1  # the centre of the ramp
@@ -588,7 +592,7 @@ def test_arrays_only_from_their_own_bytes(tmp_path, build, phrase):
     ops = Ops()
     path.write_bytes(build(ops).done())
     with pytest.raises(DataError, match=re.escape(f"was not loaded: it {phrase}, which no CIFAR file does")):
-        datasets.safe_unpickle(path)
+        safe_unpickle(path)
 
 
 def test_dtypes_are_never_numpy_shared_ones_changed(tmp_path):
@@ -599,7 +603,7 @@ def test_dtypes_are_never_numpy_shared_ones_changed(tmp_path):
     before = np.dtype("i8").str
     path = tmp_path / "batch"
     path.write_bytes(data)
-    array = datasets.safe_unpickle(path)
+    array = safe_unpickle(path)
     assert array.tolist() == [1, 2] and array.dtype.str == ">i8"
     assert np.dtype("i8").str == before and np.array([1]).dtype.str == before
 
@@ -619,7 +623,7 @@ def test_official_and_python3_arrays_still_load_exactly(tmp_path):
     for data, written in ((pickle.dumps(arrays, protocol=2), arrays), (python2_pickle(empty), empty)):
         path = tmp_path / "arrays"
         path.write_bytes(data)
-        loaded = datasets.safe_unpickle(path)
+        loaded = safe_unpickle(path)
         for key, array in written.items():
             assert loaded[key].dtype == array.dtype and np.array_equal(loaded[key], array), key
 
@@ -646,13 +650,13 @@ def test_image_ids_must_be_names_inside_the_folder(tmp_path, line, problem):
     message = rf"train\.txt line 3: the image id .*{re.escape(problem)}, so it cannot name a file in the VOC folder; " \
         r"fix the line or remove it\."  # fmt: skip
     with pytest.raises(DataError, match=message):
-        datasets.read_image_list(path)
+        read_image_list(path)
 
 
 def test_an_image_list_with_a_bom_and_crlf_reads_as_the_ids(tmp_path):
     path = tmp_path / "train.txt"
     path.write_bytes("2008_000001\r\n2008_000002  1\r\n\r\n".encode("utf-8-sig"))
-    assert datasets.read_image_list(path) == ["2008_000001", "2008_000002"]
+    assert read_image_list(path) == ["2008_000001", "2008_000002"]
 
 
 def test_a_bom_list_trains_through_the_command_line(tmp_path, run_main):
@@ -772,7 +776,7 @@ def test_image_modes_become_the_right_rgb(tmp_path, mode, write, tolerance):
     write(path)
     # Pillow before 10 opens a 16-bit PNG as I rather than I;16: the same 16-bit values.
     assert Image.open(path).mode in ((mode, "I") if mode == "I;16" else (mode,))
-    image = datasets.decode_resized(path, 256).int()
+    image = decode_resized(path, 256).int()
     reference = torch.from_numpy(np.asarray(Image.fromarray(ramp8()).resize((256, 256), Image.BILINEAR)).astype(int))
     assert (image - reference[None]).abs().max() <= tolerance
     assert image[:, :, 0].max() < 10 and image[:, :, -1].min() > 245  # black to white, not clipped
@@ -796,15 +800,15 @@ def palette_image() -> Image.Image:
 def test_transparent_pixels_are_white(tmp_path, write):
     path = tmp_path / "image.jpg"
     write(path)
-    assert (datasets.decode_resized(path, 256) == 255).all()
+    assert (decode_resized(path, 256) == 255).all()
 
 
 def test_sixteen_bit_big_endian_and_32_bit_modes(tmp_path):
     path = tmp_path / "a.png"
     big = Image.frombytes("I;16B", (4, 1), np.array([0, 257, 32896, 65535], dtype=">u2").tobytes())
-    assert datasets.to_rgb(big, path).getpixel((2, 0)) == (128, 128, 128)
+    assert to_rgb(big, path).getpixel((2, 0)) == (128, 128, 128)
     with pytest.raises(DataError, match=r"a.png holds I pixels \(32-bit integers or floating point\)"):
-        datasets.to_rgb(Image.new("I", (4, 4)), path)
+        to_rgb(Image.new("I", (4, 4)), path)
 
 
 @pytest.mark.parametrize(
@@ -818,17 +822,17 @@ def test_a_doctype_is_found_whatever_the_encoding(tmp_path, codec, declared):
     path = tmp_path / "a.xml"
     path.write_bytes(text.encode(codec))
     with pytest.raises(DataError, match=r"declares a DOCTYPE or entities, which VOC annotations never do"):
-        datasets.parse_voc_xml(path)
+        parse_voc_xml(path)
 
 
 def test_an_encoding_the_parser_cannot_read_is_refused_too(tmp_path):
     path = tmp_path / "a.xml"
     path.write_bytes('<?xml version="1.0" encoding="UTF-32"?><!DOCTYPE a><annotation/>'.encode("utf-32"))
     with pytest.raises(DataError, match=r"a.xml (declares a DOCTYPE|is not well-formed XML)"):
-        datasets.parse_voc_xml(path)
+        parse_voc_xml(path)
 
 
 def test_an_annotation_in_utf16_without_a_doctype_still_parses(tmp_path):
     path = tmp_path / "a.xml"
     path.write_bytes(voc_xml("a.jpg", 9, 9, [("dog", False)]).encode("utf-16"))
-    assert datasets.parse_voc_xml(path)[datasets.VOC_CLASSES.index("dog")] == 1
+    assert parse_voc_xml(path)[VOC_CLASSES.index("dog")] == 1

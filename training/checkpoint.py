@@ -28,11 +28,12 @@ from data.core import DataOptions
 from data.registry import DATASETS
 from data.transforms import Pipeline, pipeline_from_state
 from network import MODELS, make_model
+from settings.rules import Check
 from training.config import TrainConfig
 from training.distributed import gather_objects, rank_and_world
 from training.fastpath import plain_state_dict
 from training.schedule import check_schedule_state
-from utils import Check, UserError, __version__, printable, quoted, short_reason, temp_file_beside
+from utils import UserError, __version__, printable, quoted, short_reason, temp_file_beside
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A field's rule (``utils.Check`` in the field's metadata) is applied to the command line's
 flags and to the config a checkpoint carries alike, so a checkpoint cannot hold a value the
 command line would refuse: a run name that leaves its folder, an unknown optimiser, a negative
-batch size. The rest of its metadata (``training.fields.setting``) says whether ``--resume`` and
+batch size. The rest of its metadata (``settings.rules.setting``) says whether ``--resume`` and
 ``--evaluate`` may change it and whether it is part of what an experiment compares.
 """
 
@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from datasets import DATASETS, DataOptions
-from hardware.capabilities import Capabilities, capabilities
+from data.core import DataOptions
+from data.registry import DATASETS
+from hardware.capabilities import Capabilities, capabilities, device_problem
 from network import FIDELITIES, MODELS, model_name
+from settings.rules import COUNT, FLAG, PATH, POSITIVE, Check, names_where, setting
 from training.distributed import launched_by_torchrun
-from training.fields import COUNT, FLAG, PATH, POSITIVE, names_where, setting
 from training.schedule import milestones_problem
-from utils import Check, UserError, __version__, device_problem, quoted
+from utils import UserError, __version__, quoted
 
 #: Autocast precisions (``trainer.AMP_DTYPES`` maps them to dtypes).
 AMP_CHOICES = ("bf16", "fp16", "off")

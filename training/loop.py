@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets import BatchLoader
+from data.loaders import BatchLoader
 from training.distributed import StopRequest, agree_stop, all_max, all_sum, rank_and_world
 from training.fastpath import TrainStep, autocast, model_input
 from training.tasks import EvalResult, task_for

@@ -23,7 +23,7 @@ import torch
 
 from data.loaders import lost_worker
 from data.registry import load_dataset
-from hardware.capabilities import Capabilities
+from hardware.capabilities import Capabilities, resolve_device
 from network import MODELS, SplitPaperAlexNet, make_model, split_devices
 from trainer import Trainer, evaluate_checkpoint
 from training.checkpoint import load_checkpoint, load_weights
@@ -46,7 +46,7 @@ from training.optim import grouped_optimizer_state
 from training.outputs import RunFolders, claim_run, output_dir_of
 from training.tasks import format_metrics
 from training.weights import load_initial_weights
-from utils import UserError, resolve_device
+from utils import UserError
 
 logger = logging.getLogger("alexnet")
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
-from utils import Check
+from settings.rules import Check
 
 
 @dataclass
