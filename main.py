@@ -56,8 +56,9 @@ from utils import UserError, __version__, name_problem, quoted, setup_logging
 logger = logging.getLogger("alexnet")
 
 
-def number_type(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
-                high_open: bool = False) -> Any:  # fmt: skip
+def number_type(
+    kind: type, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Any:
     """An argparse type: ``kind`` within [low, high] (open ends where asked), with the reason
     in one sentence when not (``utils.Check``, the rule checkpoints are held to as well)."""
     return Check(kind, low, high, low_open, high_open).parse
@@ -72,8 +73,9 @@ def run_name_type(text: str) -> str:
     """A run name usable as one folder name (the rule every name that becomes a path follows)."""
     problem = name_problem(text)
     if problem:
-        raise argparse.ArgumentTypeError(f"{quoted(text)} cannot be a folder name: it {problem}; use letters, digits, "
-                                         "- _ .")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"{quoted(text)} cannot be a folder name: it {problem}; use letters, digits, - _ ."
+        )
     return text
 
 
@@ -83,7 +85,7 @@ def path_type(text: str) -> Path:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """The command line: the seed tool's flags with their meanings, plus conventional long ones.
+    """The command line: the original v2 tool's flags with their meanings, plus conventional long ones.
     A flag that sets a ``TrainConfig`` field checks its value by that field's rule."""
     modern, paper = resolve("modern", {}), resolve("paper", {})
     # The flags are a table, one call of two or three lines each: the formatter leaves it as written.
@@ -118,7 +120,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     field(parser, "-lls", "--log_loss_step", default=100,
           help="log the training loss every this many steps (default: %(default)s)")
     field(parser, "-lce", "--log_confusion_epoch", default=10,
-          help="save the confusion matrix (figure and CSV) every this many epochs and at the end (default: %(default)s)")
+          help="save the confusion matrix (figure and CSV) every this many epochs and at the end "
+               "(default: %(default)s)")
     add("-ds", "--dataset", default="Shapes", choices=list(DATASETS), metavar="DATASET",
         help=f"data set to train on: {', '.join(DATASETS)} (default: %(default)s, generated, no download)")
     field(parser, "-m", "--message", default="",
@@ -163,7 +166,7 @@ def get_args_parser() -> argparse.ArgumentParser:
           "--lr-factor after these epochs, e.g. 25,51,79 (the drops the 2012 log records); each counts toward "
           "--max-lr-drops (default: none)")
     field(opt, "--warm-start", default=1.0, metavar="FACTOR", help="start at FACTOR x --lr and let plateaus bring it "
-          "back down before the counted drops (the seed's finding: a large initial learning rate helps) "
+          "back down before the counted drops (the original v2 tool's finding: a large initial learning rate helps) "
           "(default: 1, off)")
     field(opt, "--seed", default=0,
           help="random seed for weights, shuffling and augmentation, 0 to 2^32-1 (default: %(default)s)")

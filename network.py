@@ -97,8 +97,15 @@ class PaperLRN(nn.LocalResponseNorm):
     and TF32 keeps fp32's range, which is what the fp32 is for: it is left on.
     """
 
-    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0, groups: int = 1,
-                 summed: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        size: int = 5,
+        alpha: float = 1e-4,
+        beta: float = 0.75,
+        k: float = 2.0,
+        groups: int = 1,
+        summed: bool = True,
+    ) -> None:
         super().__init__(size=size, alpha=alpha * size if summed else alpha, beta=beta, k=k)
         self.paper_alpha = alpha
         self.groups = groups
@@ -175,8 +182,10 @@ class CeilConv2d(nn.Conv2d):
     if the input were padded by (0, 3, 0, 3), which is where the "227" comes from."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra = [(-(size + 2 * pad - k)) % s for size, pad, k, s in
-                 zip(x.shape[-2:], self.padding, self.kernel_size, self.stride)]  # fmt: skip
+        extra = [
+            (-(size + 2 * pad - k)) % s
+            for size, pad, k, s in zip(x.shape[-2:], self.padding, self.kernel_size, self.stride, strict=False)
+        ]
         return super().forward(F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x)
 
 
@@ -208,11 +217,23 @@ class NetworkFidelity:
 
 
 FIDELITY: dict[str, NetworkFidelity] = {
-    "code": NetworkFidelity(lrn_summed=False, norm_before_relu1=True, same_map_norm=True, deep_init_std=0.03,
-                            dropout=ReleaseDropout, ceil_conv1=True),
-    "text": NetworkFidelity(lrn_summed=True, norm_before_relu1=False, same_map_norm=False, deep_init_std=0.01,
-                            dropout=nn.Dropout, ceil_conv1=False),
-}  # fmt: skip
+    "code": NetworkFidelity(
+        lrn_summed=False,
+        norm_before_relu1=True,
+        same_map_norm=True,
+        deep_init_std=0.03,
+        dropout=ReleaseDropout,
+        ceil_conv1=True,
+    ),
+    "text": NetworkFidelity(
+        lrn_summed=True,
+        norm_before_relu1=False,
+        same_map_norm=False,
+        deep_init_std=0.01,
+        dropout=nn.Dropout,
+        ceil_conv1=False,
+    ),
+}
 
 #: What ``--fidelity`` chooses between where the paper's text is silent or ambiguous: ``code``
 #: reproduces the 2012 release (what was trained), ``text`` the paper as written.
@@ -298,8 +319,9 @@ def torchvision_classifier(in_features: int, num_classes: int, dropout: float) -
     )
 
 
-def paper_classifier(in_features: int, num_classes: int, dropout: float,
-                     dropout_type: type[nn.Dropout] = nn.Dropout) -> nn.Sequential:  # fmt: skip
+def paper_classifier(
+    in_features: int, num_classes: int, dropout: float, dropout_type: type[nn.Dropout] = nn.Dropout
+) -> nn.Sequential:
     """The paper's head: dropout zeroes the *outputs* of the hidden fc6 and fc7 neurons (§4.2)."""
     return nn.Sequential(
         nn.Linear(in_features, FC_WIDTH),
@@ -369,8 +391,14 @@ class PaperAlexNet(nn.Module):
         fidelity: "code" (the 2012 release) or "text" (the paper as printed), see above.
     """
 
-    def __init__(self, num_classes: int = 1000, dropout: float = 0.5, lrn: bool = True, input_size: int = 224,
-                 fidelity: str = "code") -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        dropout: float = 0.5,
+        lrn: bool = True,
+        input_size: int = 224,
+        fidelity: str = "code",
+    ) -> None:
         super().__init__()
         if input_size not in (224, 227):
             raise ValueError(f"PaperAlexNet takes 224 or 227 pixel inputs, not {input_size}")
@@ -649,8 +677,9 @@ class CifarAlexNet(nn.Module):
 
     input_size = 32
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5, paper: bool = False, lrn: bool = True,
-                 fidelity: str = "code") -> None:  # fmt: skip
+    def __init__(
+        self, num_classes: int = 10, dropout: float = 0.5, paper: bool = False, lrn: bool = True, fidelity: str = "code"
+    ) -> None:
         super().__init__()
         self.paper = paper
         how = FIDELITY[fidelity]
@@ -691,17 +720,25 @@ class ModelInfo:
 
 MODELS: dict[str, ModelInfo] = {
     "TorchAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: TorchAlexNet(n, dropout), TorchAlexNet, 224),
-    "PaperAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: PaperAlexNet(n, dropout, lrn=lrn, fidelity=fidelity),
-                              PaperAlexNet, 224, splittable=True, paper_features=True),
+    "PaperAlexNet": ModelInfo(
+        lambda n, dropout, lrn, fidelity: PaperAlexNet(n, dropout, lrn=lrn, fidelity=fidelity),
+        PaperAlexNet,
+        224,
+        splittable=True,
+        paper_features=True,
+    ),
     "CifarAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: CifarAlexNet(n, dropout), CifarAlexNet, 32),
-    "PaperCifarAlexNet": ModelInfo(lambda n, dropout, lrn, fidelity: CifarAlexNet(n, dropout, paper=True, lrn=lrn,
-                                                                                  fidelity=fidelity),
-                                   CifarAlexNet, 32, paper_features=True),
-}  # fmt: skip
+    "PaperCifarAlexNet": ModelInfo(
+        lambda n, dropout, lrn, fidelity: CifarAlexNet(n, dropout, paper=True, lrn=lrn, fidelity=fidelity),
+        CifarAlexNet,
+        32,
+        paper_features=True,
+    ),
+}
 
 
 def model_name(cifar: bool, paper_model: bool) -> str:
-    """The seed's flags as a registered name: ``-c`` -> CifarAlexNet (PaperCifarAlexNet, the
+    """The original v2 tool's flags as a registered name: ``-c`` -> CifarAlexNet (PaperCifarAlexNet, the
     paper's features on 32x32 images, with ``-pm``), ``-pm`` -> PaperAlexNet, neither ->
     TorchAlexNet. The one place these flags are read."""
     if cifar:
@@ -717,7 +754,8 @@ def make_model(
     return MODELS[name].build(num_classes, dropout, lrn, fidelity)
 
 
-def build_model(cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True,
-                fidelity: str = "code") -> nn.Module:  # fmt: skip
-    """The network the seed's flags ``-c`` / ``-pm`` choose (see ``model_name``)."""
+def build_model(
+    cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True, fidelity: str = "code"
+) -> nn.Module:
+    """The network the original v2 tool's flags ``-c`` / ``-pm`` choose (see ``model_name``)."""
     return make_model(model_name(cifar, paper_model), num_classes, dropout, lrn, fidelity)

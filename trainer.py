@@ -89,9 +89,20 @@ def run_loaders(config: TrainConfig, data: DataSet, input_size: int, device: tor
     """The loaders and pipeline of a run on ``data`` for a model of ``input_size``, as ``config``
     sets them, for this process (its rank among the processes of a distributed run)."""
     rank, world = rank_and_world()
-    return make_loaders(data, input_size, config.paper_train, device, batch_size=config.batch_size,
-                        eval_batch_size=config.eval_batch_size, loader=config.loader, workers=config.workers,
-                        seed=config.seed, rank=rank, world=world, fidelity=config.fidelity)  # fmt: skip
+    return make_loaders(
+        data,
+        input_size,
+        config.paper_train,
+        device,
+        batch_size=config.batch_size,
+        eval_batch_size=config.eval_batch_size,
+        loader=config.loader,
+        workers=config.workers,
+        seed=config.seed,
+        rank=rank,
+        world=world,
+        fidelity=config.fidelity,
+    )
 
 
 def evaluate_checkpoint(
@@ -138,11 +149,15 @@ class Trainer:
         self.train_loader, self.eval_loader, self.pipeline = loaders.train, loaders.eval, loaders.pipeline
 
         self.schedule = PlateauSchedule(
-            base_lr=config.lr, factor=config.lr_factor, patience=config.plateau_patience,
-            max_drops=config.max_lr_drops, early_stop=config.early_stop,
-            stop_after_last_drop=config.stop_after_last_drop, warm_start=config.warm_start,
+            base_lr=config.lr,
+            factor=config.lr_factor,
+            patience=config.plateau_patience,
+            max_drops=config.max_lr_drops,
+            early_stop=config.early_stop,
+            stop_after_last_drop=config.stop_after_last_drop,
+            warm_start=config.warm_start,
             milestones=parse_milestones(config.lr_milestones),
-        )  # fmt: skip
+        )
         if config.freeze_features:
             trainable, total = freeze_features(model)
             logger.info("features frozen: %s of %s parameters train (the classifier)", f"{trainable:,}", f"{total:,}")
@@ -168,16 +183,26 @@ class Trainer:
             self.config = config = replace(config, run_name=folders.name)
         self.folders = folders
         self.checkpointer = Checkpointer(
-            self.folders.ckpt_dir, self.model, self.optimizer, self.schedule, self.train_step.scaler,
+            self.folders.ckpt_dir,
+            self.model,
+            self.optimizer,
+            self.schedule,
+            self.train_step.scaler,
             {"index": self.train_loader.index_generator, "augment": self.train_loader.generator},
-        )  # fmt: skip
+        )
         self.progress = Progress()
         self.stop = StopRequest()
         self.resume = resume
         if resume is not None:
             self._restore(resume)
-        self.outputs = RunOutputs(config, self.folders, data.name, data.classes, self.task,
-                                  self.progress.global_step if resume is not None else None)  # fmt: skip
+        self.outputs = RunOutputs(
+            config,
+            self.folders,
+            data.name,
+            data.classes,
+            self.task,
+            self.progress.global_step if resume is not None else None,
+        )
         if config.amp != "off" or config.channels_last:
             logger.info("fast path: autocast %s, channels-last %s", config.amp, "on" if config.channels_last else "off")
         slow = self.hw.amp_warning(config.amp)
@@ -187,8 +212,9 @@ class Trainer:
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint (weights already loaded, fields checked)."""
         config = self.config
-        self.progress = self.checkpointer.restore(checkpoint, config.run_name, len(self.train_loader.split),
-                                                  len(self.train_loader))  # fmt: skip
+        self.progress = self.checkpointer.restore(
+            checkpoint, config.run_name, len(self.train_loader.split), len(self.train_loader)
+        )
         self._set_lr(self.schedule.lr)
         recorded_lr = checkpoint["config"].get("lr")
         if recorded_lr is not None and not math.isclose(config.lr, recorded_lr):
@@ -222,18 +248,29 @@ class Trainer:
         try:
             with self.stop:
                 self.outputs.open(lambda: self.train_loader.first(64, config.seed + 1)[0])
-                self.outputs.start(config.model + (" split over two devices" if config.split_gpus else ""),
-                                   len(self.train_loader.split), len(self.eval_loader.split),
-                                   config.lr * config.warm_start, self.device, self.pipeline.describe(),
-                                   self._resumed_at())  # fmt: skip
+                self.outputs.start(
+                    config.model + (" split over two devices" if config.split_gpus else ""),
+                    len(self.train_loader.split),
+                    len(self.eval_loader.split),
+                    config.lr * config.warm_start,
+                    self.device,
+                    self.pipeline.describe(),
+                    self._resumed_at(),
+                )
                 while p.epoch < config.n_epoch and not p.stop_reason:
                     start = time.perf_counter()
                     train_loss, train_seconds = self._train_epoch(p.epoch + 1)
                     p.epoch += 1
                     p.train_images += len(self.train_loader.split)
                     p.train_seconds += train_seconds
-                    result = evaluate(self.model, self.eval_loader, self.data.num_classes, self.task.multilabel,
-                                      config.amp, config.channels_last)  # fmt: skip
+                    result = evaluate(
+                        self.model,
+                        self.eval_loader,
+                        self.data.num_classes,
+                        self.task.multilabel,
+                        config.amp,
+                        config.channels_last,
+                    )
                     lr = self.schedule.lr
                     decision = self.schedule.step(self.task.score(result), p.epoch)
                     self._set_lr(decision.lr)
@@ -281,17 +318,27 @@ class Trainer:
         p = self.progress
         partial, p.partial = p.partial, None
         try:
-            end = train_one_epoch(self.train_step, self.train_loader, epoch, p, self.stop,
-                                  log_every=self.config.log_loss_step, lr=self.schedule.lr,
-                                  on_loss=self.outputs.train_loss, partial=partial)  # fmt: skip
+            end = train_one_epoch(
+                self.train_step,
+                self.train_loader,
+                epoch,
+                p,
+                self.stop,
+                log_every=self.config.log_loss_step,
+                lr=self.schedule.lr,
+                on_loss=self.outputs.train_loss,
+                partial=partial,
+            )
         except LossNotFinite as bad:
             self._diverged(bad.step, bad.epoch)
         if end.partial is not None:
             p.partial = end.partial
             if not self.config.dry_run:
                 self._save(best=False)
-            self._interrupted(f"at step {p.global_step} (epoch {epoch}, batch {end.partial['batches_done']} of "
-                              f"{len(self.train_loader)})")  # fmt: skip
+            self._interrupted(
+                f"at step {p.global_step} (epoch {epoch}, batch {end.partial['batches_done']} of "
+                f"{len(self.train_loader)})"
+            )
         return end.loss, end.seconds
 
     def _diverged(self, first_bad_step: int, epoch: int) -> None:
@@ -302,8 +349,10 @@ class Trainer:
         if not self.config.dry_run and p.epoch > 0 and (not self.is_main or last.exists()):
             if p.best is not None and self.is_main:
                 self._write_summary("diverged")
-            advice = (f"{last} from epoch {p.epoch} is kept: resume from it with a smaller learning rate, "
-                      f"e.g. --resume {last} --lr {lr / 10:.1e}.")  # fmt: skip
+            advice = (
+                f"{last} from epoch {p.epoch} is kept: resume from it with a smaller learning rate, "
+                f"e.g. --resume {last} --lr {lr / 10:.1e}."
+            )
         else:
             advice = f"nothing was saved: start again with a smaller learning rate, e.g. --lr {lr / 10:.1e}."
         raise TrainingDiverged(
@@ -341,8 +390,9 @@ class Trainer:
             self._write_summary("running")
 
     def _summary(self, status: str) -> dict[str, Any]:
-        return self.outputs.summary(status, self.progress, self.schedule, len(self.train_loader.split),
-                                    len(self.eval_loader.split))  # fmt: skip
+        return self.outputs.summary(
+            status, self.progress, self.schedule, len(self.train_loader.split), len(self.eval_loader.split)
+        )
 
     def _write_summary(self, status: str) -> None:
         writing(self.outputs.run_dir, lambda: self.outputs.write_summary(self._summary(status)))

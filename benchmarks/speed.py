@@ -124,10 +124,14 @@ class Case:
 def cifar_case() -> Case:
     def usual(split: Split):
         mean, std = channel_stats(split.images)
-        return transforms.Compose([
-            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            transforms.Normalize(mean.tolist(), std.tolist()),
-        ])  # fmt: skip
+        return transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean.tolist(), std.tolist()),
+            ]
+        )
 
     return Case("CifarAlexNet", lambda: CifarAlexNet(10), 32, 32, False, usual)
 
@@ -135,10 +139,14 @@ def cifar_case() -> Case:
 def torch_case() -> Case:
     def usual(split: Split):
         mean, std = channel_stats(split.images)
-        return transforms.Compose([
-            transforms.RandomResizedCrop(224, scale=(0.25, 1.0)), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(mean.tolist(), std.tolist()),
-        ])  # fmt: skip
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224, scale=(0.25, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean.tolist(), std.tolist()),
+            ]
+        )
 
     return Case("TorchAlexNet", lambda: TorchAlexNet(1000), 256, 224, False, usual)
 
@@ -147,10 +155,15 @@ def paper_case() -> Case:
     def usual(split: Split):
         values, vectors = rgb_eigen(split.images)
         mean = (mean_image(split.images) / 255).mean((1, 2))
-        return transforms.Compose([
-            transforms.RandomCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            Lighting(values.float(), vectors.float()), transforms.Normalize(mean.tolist(), [1 / 255] * 3),
-        ])  # fmt: skip
+        return transforms.Compose(
+            [
+                transforms.RandomCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                Lighting(values.float(), vectors.float()),
+                transforms.Normalize(mean.tolist(), [1 / 255] * 3),
+            ]
+        )
 
     # The text's network and pipeline (--fidelity text): the torchvision transforms above are its
     # order, and the timings stay comparable with those recorded before --fidelity existed.
@@ -192,9 +205,15 @@ def to_device(device: torch.device) -> Callable:
 
 def usual_loader(split: Split, case: Case, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
     dataset = PILImages(split.images.permute(0, 2, 3, 1).numpy(), split.labels.numpy(), case.usual(split))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       drop_last=True, persistent_workers=workers > 0,
-                                       pin_memory=torch.cuda.is_available())  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def forward_flops(model: torch.nn.Module, size: int) -> float:
@@ -310,8 +329,9 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
     )
     # Ours: the trainer's training loader (the split on the device, seeds 0); nothing is evaluated.
     data = DataSet(case.name, [str(c) for c in range(10)], split, Split(split.images[:1], split.labels[:1]))
-    ours_loader = make_loaders(data, size, case.paper, device, batch_size=batch, eval_batch_size=batch,
-                               loader="memory", fidelity="text").train  # fmt: skip
+    ours_loader = make_loaders(
+        data, size, case.paper, device, batch_size=batch, eval_batch_size=batch, loader="memory", fidelity="text"
+    ).train
     # Drop each epoch's last partial batch so every timed batch is full on both sides.
     full = len(split) // batch
 
@@ -378,8 +398,9 @@ def measure(case: Case, args: argparse.Namespace, device: torch.device, peaks: d
 IMAGENET_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
-def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, device: torch.device,
-                  repeat: int = 4) -> dict[str, object]:  # fmt: skip
+def imagenet_case(
+    folder: Path, workers: int, batch_size: int, epochs: int, device: torch.device, repeat: int = 4
+) -> dict[str, object]:
     """Preparation throughput and training-pipeline throughput, ours against the usual, on the
     class folders of ``folder/train`` (see the module docstring, part (c)), each photo taken
     ``repeat`` times so that an epoch outlasts the DataLoader workers' start (both sides)."""
@@ -391,9 +412,17 @@ def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, devi
     from data.loaders import BatchLoader
     from data.shards import shard_split
 
-    usual_set = ImageFolder(str(folder / "train"), transform=transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))  # fmt: skip
+    usual_set = ImageFolder(
+        str(folder / "train"),
+        transform=transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        ),
+    )
     usual_set.samples = usual_set.samples * repeat
     paths = [Path(path) for path, _ in usual_set.samples]
     labels = torch.tensor([label for _, label in usual_set.samples])
@@ -407,8 +436,16 @@ def imagenet_case(folder: Path, workers: int, batch_size: int, epochs: int, devi
         figures["prepare.ran_on"] = preparation_label(workers)
         figures["cache.jpeg_bytes_per_image"] = sum(int(o[-1] - o[0]) for o in split.images.offsets) / len(paths)
         pipeline = make_pipeline(split, 224, False, device)
-        ours = BatchLoader(split, batch_size, pipeline, True, device, generator=torch.Generator(device).manual_seed(0),
-                           index_generator=torch.Generator().manual_seed(0), workers=workers)  # fmt: skip
+        ours = BatchLoader(
+            split,
+            batch_size,
+            pipeline,
+            True,
+            device,
+            generator=torch.Generator(device).manual_seed(0),
+            index_generator=torch.Generator().manual_seed(0),
+            workers=workers,
+        )
         usual = torch.utils.data.DataLoader(usual_set, batch_size=batch_size, shuffle=True, num_workers=workers)
         for name, loader in (("ours", ours), ("usual", usual)):
             for _ in loader:  # warm-up epoch: page cache, first allocations
@@ -442,20 +479,40 @@ def hardware(device: torch.device) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps per measurement, < 1 min on 2 CPU cores "
-                        "(default: off)")  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps per measurement, < 1 min on 2 CPU cores (default: off)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here (default: none)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--models", nargs="*", choices=list(CASES), default=list(CASES),
-                        help="models to measure; none: only the ImageNet case (default: all three)")  # fmt: skip
-    parser.add_argument("--imagenet", type=Path, default=IMAGENET_SAMPLE, help="ImageNet-style photos in "
-                        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=0,
-                        help="batch size (default: 128; 16 for the 224 models on a CPU)")  # fmt: skip
-    parser.add_argument("--images", type=int, default=0, help="images in the synthetic training set "
-                        "(default: 50,000 at 32x32, 2,048 at 256x256; a tenth with --quick)")  # fmt: skip
-    parser.add_argument("--train-steps", type=int, default=0, help="timed training steps per side (default: "
-                        "50; 10 for the 224 models on a CPU; 4 / 2 with --quick)")  # fmt: skip
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        choices=list(CASES),
+        default=list(CASES),
+        help="models to measure; none: only the ImageNet case (default: all three)",
+    )
+    parser.add_argument(
+        "--imagenet",
+        type=Path,
+        default=IMAGENET_SAMPLE,
+        help="ImageNet-style photos in "
+        "train/<class>/ for part (c); 'none' skips it (default: shared/data/imagenet-sample)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="batch size (default: 128; 16 for the 224 models on a CPU)"
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="images in the synthetic training set (default: 50,000 at 32x32, 2,048 at 256x256; a tenth with --quick)",
+    )
+    parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="timed training steps per side (default: 50; 10 for the 224 models on a CPU; 4 / 2 with --quick)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the usual side (default: 2)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our side (default: off)")
     args = parser.parse_args()
@@ -478,9 +535,11 @@ def main() -> None:
         "compile": args.compile,
         "peaks": {path: asdict(peak) for path, peak in peaks.items()},
     }
-    print(f"{figures['hardware']}, torch {torch.__version__}; peaks: "
-          + ", ".join(f"{path} {p.precision} {p.flops / 1e12:.3g} TFLOP/s" for path, p in peaks.items())
-          + " (measured in this run)")  # fmt: skip
+    print(
+        f"{figures['hardware']}, torch {torch.__version__}; peaks: "
+        + ", ".join(f"{path} {p.precision} {p.flops / 1e12:.3g} TFLOP/s" for path, p in peaks.items())
+        + " (measured in this run)"
+    )
     reference = datasheet_peak(card, capability, precisions["ours"])
     if reference is not None:  # beside the measured peak, which the MFU is against
         figures["datasheet_peak"] = asdict(reference)
@@ -491,8 +550,10 @@ def main() -> None:
         figures.update({f"{name}.{key}": value for key, value in result.items()})
         for part in ("pipeline", "train"):
             mfu = f"{100 * result['train.ours_mfu']:.1f}%" if part == "train" else ""
-            print(f"{name:<14}{part:<10}{result[part + '.ours_img_s']:>12,.0f}{result[part + '.usual_img_s']:>13,.0f}"
-                  f"{result[part + '.ratio']:>7.1f}x{mfu:>10}{result['batch_size']:>7}")  # fmt: skip
+            print(
+                f"{name:<14}{part:<10}{result[part + '.ours_img_s']:>12,.0f}{result[part + '.usual_img_s']:>13,.0f}"
+                f"{result[part + '.ratio']:>7.1f}x{mfu:>10}{result['batch_size']:>7}"
+            )
     if str(args.imagenet) != "none":
         figures.update(report_imagenet(args, device))
     if args.json:
@@ -507,14 +568,20 @@ def report_imagenet(args: argparse.Namespace, device: torch.device) -> dict[str,
     batch = args.batch_size or 16
     result = imagenet_case(args.imagenet, args.workers, batch, 2 if args.quick else 5, device)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
-    print(f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, "
-          f"batch {batch} (load average now {load}: the ratio is meaningful only on a quiet machine):")  # fmt: skip
-    print(f"  preparation (decode, resize 256, JPEG q95 shards) on the {result['prepare.ran_on']}: "
-          f"{result['prepare.img_s_per_core']:,.1f} images/s per core, "
-          f"{result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image")  # fmt: skip
-    print(f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual "
-          f"(ImageFolder + PIL RandomResizedCrop) {result['pipeline.usual_img_s']:,.0f} img/s, "
-          f"{result['pipeline.ratio']:.1f}x")  # fmt: skip
+    print(
+        f"ImageNet-style, {result['images']} real photos (each taken 4 times), {args.workers} workers, "
+        f"batch {batch} (load average now {load}: the ratio is meaningful only on a quiet machine):"
+    )
+    print(
+        f"  preparation (decode, resize 256, JPEG q95 shards) on the {result['prepare.ran_on']}: "
+        f"{result['prepare.img_s_per_core']:,.1f} images/s per core, "
+        f"{result['cache.jpeg_bytes_per_image'] / 1e3:.1f} KB of JPEG per image"
+    )
+    print(
+        f"  training pipeline on {device.type}: ours {result['pipeline.ours_img_s']:,.0f} img/s, usual "
+        f"(ImageFolder + PIL RandomResizedCrop) {result['pipeline.usual_img_s']:,.0f} img/s, "
+        f"{result['pipeline.ratio']:.1f}x"
+    )
     if device.type != "cuda":
         print("  GPU (nvJPEG decode + batched augmentation): not yet measured")
     return {f"ImageNet.{key}": value for key, value in result.items()}

@@ -61,7 +61,8 @@ def require_cache_dir(cache: Path) -> None:
         return
     if cache.exists() or cache.is_symlink():
         raise DataError(
-            f"--cache-dir {cache} is a file, not a folder; pass a folder for the resize cache (it is created if missing)."
+            f"--cache-dir {cache} is a file, not a folder; pass a "
+            "folder for the resize cache (it is created if missing)."
         )
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -187,15 +188,23 @@ def extract_archive(
         except (tarfile.TarError, EOFError, OSError, ValueError) as error:
             raise DataError(f"archive {archive} is damaged ({short_reason(error)}); download it again.") from None
         if skipped:
-            logger.warning("%s: left out %d entries outside %s/ (an archive of %s may create only that folder)",
-                           archive, skipped, folder, what)  # fmt: skip
+            logger.warning(
+                "%s: left out %d entries outside %s/ (an archive of %s may create only that folder)",
+                archive,
+                skipped,
+                folder,
+                what,
+            )
         unpacked = Path(tmp) / folder
         if unpacked.is_symlink() or not holds(unpacked):
-            raise DataError(f"{archive} holds no {what} in a {folder}/ folder, so it is not the official archive; "
-                            "download it again.")  # fmt: skip
+            raise DataError(
+                f"{archive} holds no {what} in a {folder}/ folder, so it is not the official archive; "
+                "download it again."
+            )
         # Checked again just before the rename, which would silently replace an empty folder.
         if destination.exists() or destination.is_symlink():
-            raise DataError(f"{destination} appeared while {archive.name} was unpacked; remove or rename it and run "
-                            "this again.")  # fmt: skip
+            raise DataError(
+                f"{destination} appeared while {archive.name} was unpacked; remove or rename it and run this again."
+            )
         os.rename(unpacked, destination)
     return destination

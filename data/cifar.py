@@ -25,7 +25,7 @@ class CifarSpec:
     ``coarse_labels`` are (meta key of the class names, batch key of the labels, class count)."""
 
     title: str
-    seed_name: str  # the seed tool's folder name under --data-dir
+    seed_name: str  # the original v2 tool's folder name under --data-dir
     folder: str  # the official folder name inside the archive
     archive: str
     url: str
@@ -38,17 +38,30 @@ class CifarSpec:
 
 
 CIFAR10 = CifarSpec(
-    "CIFAR-10", "cifar-10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
-    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-    tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
+    "CIFAR-10",
+    "cifar-10",
+    "cifar-10-batches-py",
+    "cifar-10-python.tar.gz",
+    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    "c58f30108f718f92721af3b95e74349a",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    ("test_batch",),
+    "batches.meta",
     (b"label_names", b"labels", 10),
-)  # fmt: skip
+)
 CIFAR100 = CifarSpec(
-    "CIFAR-100", "cifar-100", "cifar-100-python", "cifar-100-python.tar.gz",
-    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-    ("train",), ("test",), "meta",
-    (b"fine_label_names", b"fine_labels", 100), (b"coarse_label_names", b"coarse_labels", 20),
-)  # fmt: skip
+    "CIFAR-100",
+    "cifar-100",
+    "cifar-100-python",
+    "cifar-100-python.tar.gz",
+    "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    "eb9058c3a382ffc7106e4002c42a8d85",
+    ("train",),
+    ("test",),
+    "meta",
+    (b"fine_label_names", b"fine_labels", 100),
+    (b"coarse_label_names", b"coarse_labels", 20),
+)
 
 
 def _looks_like_cifar(folder: Path, spec: CifarSpec) -> bool:
@@ -74,8 +87,9 @@ def find_cifar_folder(spec: CifarSpec, options: DataOptions) -> Path:
     if not archives and options.download:
         archives = [download_archive(spec.url, spec.md5, data_dir, spec.title)]
     if archives:
-        return extract_archive(archives[0], spec.folder, lambda f: _looks_like_cifar(f, spec), spec.title,
-                               options.cache_path)  # fmt: skip
+        return extract_archive(
+            archives[0], spec.folder, lambda f: _looks_like_cifar(f, spec), spec.title, options.cache_path
+        )
     raise DataError(
         f"found no {spec.title} in {data_dir}: put the official python version there as {spec.seed_name}/, "
         f"{spec.folder}/ or {spec.archive}, or pass --download."
@@ -105,12 +119,16 @@ def class_names(meta: object, key: bytes, count: int, path: Path, title: str) ->
             text, problem = name.decode("utf-8", "replace"), "not UTF-8 text"
         else:
             problem = (
-                "empty" if not text
-                else f"longer than {MAX_CLASS_NAME} characters" if len(text) > MAX_CLASS_NAME
-                else "not printable text" if not text.isprintable()
-                else f"the same as name {seen[text] + 1}" if text in seen
+                "empty"
+                if not text
+                else f"longer than {MAX_CLASS_NAME} characters"
+                if len(text) > MAX_CLASS_NAME
+                else "not printable text"
+                if not text.isprintable()
+                else f"the same as name {seen[text] + 1}"
+                if text in seen
                 else None
-            )  # fmt: skip
+            )
         if problem:
             raise DataError(
                 f"{path}: class name {i + 1} under {key!r} ({printable(repr(text[:40]))}) is {problem}; replace it "
@@ -171,6 +189,12 @@ def load_cifar(spec: CifarSpec, options: DataOptions, name: str, peers: Peers = 
     for split, files in ((train, spec.train_files), (test, spec.test_files)):
         if len(split) == 0:
             raise DataError(f"{folder / files[0]} holds no images; replace it with the file from the official archive.")
-    logger.info("%s from %s: %d training and %d test images, %d classes", spec.title, folder, len(train), len(test),
-                len(classes))  # fmt: skip
+    logger.info(
+        "%s from %s: %d training and %d test images, %d classes",
+        spec.title,
+        folder,
+        len(train),
+        len(test),
+        len(classes),
+    )
     return DataSet(name=name, classes=classes, train=train, test=test)

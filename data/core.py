@@ -171,8 +171,7 @@ class DataOptions:
     # (main.config_from_args sets it from the model).
     image_size: int = setting(256, Check(int, 8, 4096))
     # Processes that build the resize cache (0: one per core).
-    resize_workers: int = setting(0, Check(int, 0, 1024), resume=True, evaluate=True, identity=False,
-                                  per_process=True)  # fmt: skip
+    resize_workers: int = setting(0, Check(int, 0, 1024), resume=True, evaluate=True, identity=False, per_process=True)
 
     @property
     def data_path(self) -> Path:

@@ -52,8 +52,14 @@ class ImageLists:
 
     def subset(self, keep: np.ndarray) -> ImageLists:
         """The same lists with only the training images at indices ``keep``."""
-        return ImageLists(self.classes, [self.train_paths[i] for i in keep], [self.train_labels[i] for i in keep],
-                          self.test_paths, self.test_labels, self.test_source)  # fmt: skip
+        return ImageLists(
+            self.classes,
+            [self.train_paths[i] for i in keep],
+            [self.train_labels[i] for i in keep],
+            self.test_paths,
+            self.test_labels,
+            self.test_source,
+        )
 
 
 def image_suffixes() -> frozenset[str]:
@@ -80,14 +86,24 @@ class Skipped:
         if self.not_images:
             logger.warning("%s: skipped %d files that are not images (by their name endings)", root, self.not_images)
         if self.not_regular:
-            logger.warning("%s: skipped %d entries that are not regular files (FIFOs, sockets, devices or broken links), "
-                           "which are never opened", root, self.not_regular)  # fmt: skip
+            logger.warning(
+                "%s: skipped %d entries that are not regular files (FIFOs, sockets, devices or broken links), "
+                "which are never opened",
+                root,
+                self.not_regular,
+            )
         if self.revisited:
-            logger.warning("%s: skipped %d links to folders already read or holding their class folder (a loop)", root,
-                           self.revisited)  # fmt: skip
+            logger.warning(
+                "%s: skipped %d links to folders already read or holding their class folder (a loop)",
+                root,
+                self.revisited,
+            )
         if self.nested:
-            logger.info("%s: took %d images from subfolders of class folders (as torchvision's ImageFolder does)", root,
-                        self.nested)  # fmt: skip
+            logger.info(
+                "%s: took %d images from subfolders of class folders (as torchvision's ImageFolder does)",
+                root,
+                self.nested,
+            )
 
 
 def _entries(folder: Path, role: str) -> list[os.DirEntry]:
@@ -157,8 +173,11 @@ def images_under(
     pending = [("", folder)]
     while pending:
         prefix, current = pending.pop()
-        role = (f"a subfolder of class {name}, whose images would be left out" if prefix
-                else f"the folder of class {name}, which would be left out")  # fmt: skip
+        role = (
+            f"a subfolder of class {name}, whose images would be left out"
+            if prefix
+            else f"the folder of class {name}, which would be left out"
+        )
         for entry in _entries(current, role):
             kind = _kind(entry)
             if kind == "dir":
@@ -254,7 +273,7 @@ def class_members(labels: np.ndarray) -> list[tuple[int, np.ndarray]]:
     one pass over the labels per class (1,000 passes over 1.28 M labels for ImageNet)."""
     order = np.argsort(labels, kind="stable")
     classes, starts = np.unique(labels[order], return_index=True)
-    return [(int(c), members) for c, members in zip(classes, np.split(order, starts[1:]))]
+    return [(int(c), members) for c, members in zip(classes, np.split(order, starts[1:]), strict=False)]
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
@@ -291,7 +310,7 @@ def stratified_subset(labels: list[int], fraction: float = 1.0, size: int = 0, s
         quota[np.argsort(-(exact - quota), kind="stable")[:left]] += 1
     quota = np.clip(quota, 1, counts)
     keep = []
-    for (c, members), k in zip(groups, quota):
+    for (c, members), k in zip(groups, quota, strict=False):
         keep.extend(members[np.random.default_rng([seed, c]).permutation(len(members))[:k]].tolist())
     return np.sort(np.asarray(keep, dtype=np.int64))
 
@@ -308,8 +327,12 @@ def take_subset(lists: ImageLists, options: DataOptions) -> ImageLists:
     if not subset_tag(options):
         return lists
     keep = stratified_subset(lists.train_labels, options.train_fraction, options.train_size)
-    logger.info("training on a class-stratified subset: %d of %d images (fixed seed %d)", len(keep),
-                len(lists.train_labels), SPLIT_SEED)  # fmt: skip
+    logger.info(
+        "training on a class-stratified subset: %d of %d images (fixed seed %d)",
+        len(keep),
+        len(lists.train_labels),
+        SPLIT_SEED,
+    )
     return lists.subset(keep)
 
 
@@ -344,8 +367,12 @@ def image_folder_lists(data_dir: Path, val_fraction: float, cache_dir: Path | No
         test_paths, test_labels = class_images(found, eval_classes, index)
         require_two_classes(train_root, classes)
         if val_fraction != DataOptions.val_fraction:
-            logger.warning("--val-fraction %g is unused: %s has its own %s/, which is the evaluation split", val_fraction,
-                           data_dir, found.name)  # fmt: skip
+            logger.warning(
+                "--val-fraction %g is unused: %s has its own %s/, which is the evaluation split",
+                val_fraction,
+                data_dir,
+                found.name,
+            )
         return ImageLists(classes, train_paths, train_labels, test_paths, test_labels, f"{found.name}/")
     default = data_dir / CACHE_FOLDER
     if cache_dir is None or cache_dir.resolve() != default.resolve():
@@ -357,8 +384,14 @@ def image_folder_lists(data_dir: Path, val_fraction: float, cache_dir: Path | No
     train, val = stratified_split(labels, val_fraction)
     if len(val) == 0:
         raise DataError(f"{data_dir} has too few images to hold out a validation split; add images to each class.")
-    return ImageLists(classes, [paths[i] for i in train], [labels[i] for i in train], [paths[i] for i in val],
-                      [labels[i] for i in val], f"{val_fraction:g} of each class, held out")  # fmt: skip
+    return ImageLists(
+        classes,
+        [paths[i] for i in train],
+        [labels[i] for i in train],
+        [paths[i] for i in val],
+        [labels[i] for i in val],
+        f"{val_fraction:g} of each class, held out",
+    )
 
 
 def cache_dir_for(root: Path, options: DataOptions, tag: str) -> Path:
@@ -392,7 +425,14 @@ def lists_to_dataset(
 def load_image_folder(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     """The user's class folders, images at ``options.image_size`` (256, or 32 for -c)."""
     lists = take_subset(image_folder_lists(options.data_path, options.val_fraction, options.cache_path), options)
-    logger.info("ImageFolder %s: %d classes, %d training images, %d evaluation images (%s)", options.data_path,
-                len(lists.classes), len(lists.train_paths), len(lists.test_paths), lists.test_source)  # fmt: skip
-    return lists_to_dataset("ImageFolder", lists, cache_dir_for(options.data_path, options, "folder"), options,
-                            options.image_size, peers)  # fmt: skip
+    logger.info(
+        "ImageFolder %s: %d classes, %d training images, %d evaluation images (%s)",
+        options.data_path,
+        len(lists.classes),
+        len(lists.train_paths),
+        len(lists.test_paths),
+        lists.test_source,
+    )
+    return lists_to_dataset(
+        "ImageFolder", lists, cache_dir_for(options.data_path, options, "folder"), options, options.image_size, peers
+    )

@@ -180,8 +180,9 @@ def read_val_solution(path: Path, images: set[str]) -> dict[str, str]:
     if not rows:
         raise DataError(f"{path} has no ImageId,PredictionString rows; replace it with Kaggle's original.")
     if repeats:
-        logger.warning("%s lists %d images more than once, with the same class each time; each is labelled once", path,
-                       repeats)  # fmt: skip
+        logger.warning(
+            "%s lists %d images more than once, with the same class each time; each is labelled once", path, repeats
+        )
     return {image: wnid for image, (wnid, _) in labels.items()}
 
 
@@ -284,7 +285,13 @@ def load_imagenet(options: DataOptions, peers: Peers = ALONE) -> DataSet:
         raise DataError(f"ImageNet cannot be downloaded by this tool (its licence): {WHERE.format(options.data_dir)}.")
     lists = take_subset(imagenet_lists(options.data_path, options.cache_path), options)
     root, _ = find_imagenet_root(options.data_path)
-    logger.info("ImageNet %s: %d classes, %d training images in %d class folders, %d evaluation images (%s)", root,
-                len(lists.classes), len(lists.train_paths), len(set(lists.train_labels)), len(lists.test_paths),
-                lists.test_source)  # fmt: skip
+    logger.info(
+        "ImageNet %s: %d classes, %d training images in %d class folders, %d evaluation images (%s)",
+        root,
+        len(lists.classes),
+        len(lists.train_paths),
+        len(set(lists.train_labels)),
+        len(lists.test_paths),
+        lists.test_source,
+    )
     return lists_to_dataset("ImageNet", lists, cache_dir_for(root, options, "imagenet"), options, PAPER_SIZE, peers)

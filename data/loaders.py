@@ -207,9 +207,10 @@ class BatchLoader:
 
     A split whose images are a sharded cache (``ShardStore``) is streamed: the workers read and
     decode each batch (on a CUDA ``device`` they pass the JPEG bytes and this process decodes the
-    batch with nvJPEG: ``Capabilities.decode_in_process``; ``device`` may be a ``Capabilities``). Host memory then holds at most ``stream_bound``: (workers x ``PREFETCH``
-    + 1) batches of decoded images (on CUDA, of JPEG bytes, about 12x less; on a CPU when training,
-    of augmented float inputs, about 3x more). On a CPU the workers also augment the training
+    batch with nvJPEG: ``Capabilities.decode_in_process``; ``device`` may be a ``Capabilities``).
+    Host memory then holds at most ``stream_bound``: (workers x ``PREFETCH`` + 1) batches of
+    decoded images (on CUDA, of JPEG bytes, about 12x less; on a CPU when training, of augmented
+    float inputs, about 3x more). On a CPU the workers also augment the training
     batches (``augment_in_workers``): each batch with a generator of its own, seeded by one draw of
     ``generator``, whatever the number of workers (0 included).
     """
@@ -253,10 +254,16 @@ class BatchLoader:
             logger.info(
                 "streaming %s batches of %d from %d shards: host memory for batches at most %.0f MB "
                 "((%d workers x %d prefetched + 1) x %d images x %d KB %s)",
-                "training" if train else "evaluation", share, len(split.images.files),
-                stream_bound(share, image_bytes, workers) / 1e6, max(1, workers), PREFETCH, share, image_bytes // 1000,
+                "training" if train else "evaluation",
+                share,
+                len(split.images.files),
+                stream_bound(share, image_bytes, workers) / 1e6,
+                max(1, workers),
+                PREFETCH,
+                share,
+                image_bytes // 1000,
                 "augmented" if self.augment_in_workers else "decoded",
-            )  # fmt: skip
+            )
 
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
@@ -333,7 +340,7 @@ class BatchLoader:
         try:
             # In order (the DataLoader's default): each batch comes with its indices, which name the
             # shard of a JPEG that does not decode here (on CUDA).
-            for batch, indices in zip(batches, shares if gpu_decode else itertools.repeat(None)):
+            for batch, indices in zip(batches, shares if gpu_decode else itertools.repeat(None), strict=False):
                 if isinstance(batch, _Failed):
                     raise batch.error
                 images, labels = batch
@@ -384,8 +391,11 @@ def place_split(split: Split, device: torch.device | Capabilities, loader: str, 
     where = split.images.files[0].parent if split.stored else split.source
     logger.info(
         "%d images (%.2f GB) stay on disk in %s: streaming them with a DataLoader of %d workers",
-        len(split), split.nbytes / 1e9, where, workers,
-    )  # fmt: skip
+        len(split),
+        split.nbytes / 1e9,
+        where,
+        workers,
+    )
     return split
 
 
@@ -435,9 +445,9 @@ def make_loaders(
     the paper's setup, as the 2012 code or the text does it: ``fidelity``), as the trainer
     builds them, in the same order so that the random streams are the same: both splits placed
     (``place_split``: on ``device`` or streamed, as ``loader`` says), the pipeline from the
-    placed training split's statistics, then the two generators (the order seeded with ``seed``, the same in every process; the augmentation with
-    ``seed + rank``), the training loader (``batch_size``: the global batch) and the evaluation
-    loader (``eval_batch_size`` model inputs per process).
+    placed training split's statistics, then the two generators (the order seeded with ``seed``,
+    the same in every process; the augmentation with ``seed + rank``), the training loader
+    (``batch_size``: the global batch) and the evaluation loader (``eval_batch_size`` model inputs per process).
 
     Under data parallelism the trainer also seeds torch's global generator with ``seed + rank``
     (dropout), after the generators and before the first batch; that is left to it. Evaluation
@@ -449,9 +459,16 @@ def make_loaders(
     index_generator = torch.Generator().manual_seed(seed)
     generator = torch.Generator(hw.device).manual_seed(seed + rank)
     train_loader = BatchLoader(
-        train, batch_size, pipeline, True, hw, generator=generator, index_generator=index_generator,
-        workers=workers, rank=rank, world=world,
-    )  # fmt: skip
-    test_loader = eval_loader(test, pipeline, hw, batch_size=eval_batch_size, workers=workers, rank=rank,
-                              world=world)  # fmt: skip
+        train,
+        batch_size,
+        pipeline,
+        True,
+        hw,
+        generator=generator,
+        index_generator=index_generator,
+        workers=workers,
+        rank=rank,
+        world=world,
+    )
+    test_loader = eval_loader(test, pipeline, hw, batch_size=eval_batch_size, workers=workers, rank=rank, world=world)
     return Loaders(train_loader, test_loader, pipeline)

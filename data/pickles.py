@@ -230,7 +230,7 @@ class CifarUnpickler(pickle._Unpickler):
                 obj[key] = self._resolve(value, seen)
         elif isinstance(obj, tuple):
             items = [self._resolve(item, seen) for item in obj]
-            if any(a is not b for a, b in zip(items, obj)):
+            if any(a is not b for a, b in zip(items, obj, strict=False)):
                 seen[id(obj)] = tuple(items)
         elif any(self._resolve(item, seen) is not item for item in obj):
             raise CraftedPickle("puts an array in a set")

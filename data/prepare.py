@@ -104,13 +104,19 @@ def main(argv: Sequence[str]) -> int:
     if args.dataset != "ImageFolder" and (args.cifar or "--val-fraction" in argv):
         parser.error(f"-c and --val-fraction only apply to -ds ImageFolder; {args.dataset} has its own size and split")
     options = DataOptions(
-        data_dir=args.data_dir, cache_dir=args.cache_dir, resize_workers=args.workers,
-        image_size=32 if args.cifar else 256, val_fraction=args.val_fraction, train_fraction=args.train_fraction,
+        data_dir=args.data_dir,
+        cache_dir=args.cache_dir,
+        resize_workers=args.workers,
+        image_size=32 if args.cifar else 256,
+        val_fraction=args.val_fraction,
+        train_fraction=args.train_fraction,
         train_size=args.train_size,
-    )  # fmt: skip
+    )
     data = load_dataset(args.dataset, options)
     cache = CACHE_DIRS[args.dataset](options)
     size = folder_bytes(cache)
-    print(f"{args.dataset}: {len(data.train)} training and {len(data.test)} evaluation images, "
-          f"{data.image_size}x{data.image_size}, cached in {cache} ({size / 1e6:.1f} MB in all)")  # fmt: skip
+    print(
+        f"{args.dataset}: {len(data.train)} training and {len(data.test)} evaluation images, "
+        f"{data.image_size}x{data.image_size}, cached in {cache} ({size / 1e6:.1f} MB in all)"
+    )
     return 0

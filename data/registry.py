@@ -54,15 +54,21 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "Shapes": DatasetInfo(lambda options, peers: load_shapes(options), 32,
-                          options=frozenset({"shapes_train", "shapes_test", "shapes_seed"})),
+    "Shapes": DatasetInfo(
+        lambda options, peers: load_shapes(options),
+        32,
+        options=frozenset({"shapes_train", "shapes_test", "shapes_seed"}),
+    ),
     "Cifar10": DatasetInfo(lambda options, peers: load_cifar(CIFAR10, options, "Cifar10", peers), 32),
-    "Cifar100": DatasetInfo(lambda options, peers: load_cifar(CIFAR100, options, "Cifar100", peers), 32,
-                            options=frozenset({"coarse_labels"})),
+    "Cifar100": DatasetInfo(
+        lambda options, peers: load_cifar(CIFAR100, options, "Cifar100", peers),
+        32,
+        options=frozenset({"coarse_labels"}),
+    ),
     "PascalVOC2012": DatasetInfo(load_voc2012, VOC_CACHE_SIZE, task=MULTI_LABEL),
     "ImageNet": DatasetInfo(load_imagenet, PAPER_SIZE, options=SUBSET),
     "ImageFolder": DatasetInfo(load_image_folder, PAPER_SIZE, options=SUBSET | {"val_fraction"}, resizable=True),
-}  # fmt: skip
+}
 
 
 def load_dataset(name: str, options: DataOptions, peers: Peers = ALONE) -> DataSet:

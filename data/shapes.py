@@ -16,9 +16,17 @@ logger = logging.getLogger(__name__)
 
 
 SHAPES_CLASSES = [
-    "disc", "square", "triangle", "diamond", "plus",
-    "cross", "ring", "frame", "hbar", "vbar",
-]  # fmt: skip
+    "disc",
+    "square",
+    "triangle",
+    "diamond",
+    "plus",
+    "cross",
+    "ring",
+    "frame",
+    "hbar",
+    "vbar",
+]
 
 
 def _shape_mask(label: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -83,8 +91,9 @@ def make_shapes(n: int, seed: int, size: int = 32) -> Split:
     background = rng.uniform(0, 96, (n, 3, 1, 1))
     shape_colour = background + rng.uniform(96, 160, (n, 3, 1, 1))
     angle = rng.uniform(0, 2 * math.pi, n)
-    ramp = (np.cos(angle)[:, None, None] * (np.arange(size)[None, None, :] / size - 0.5)
-            + np.sin(angle)[:, None, None] * (np.arange(size)[None, :, None] / size - 0.5))  # fmt: skip
+    ramp = np.cos(angle)[:, None, None] * (np.arange(size)[None, None, :] / size - 0.5) + np.sin(angle)[
+        :, None, None
+    ] * (np.arange(size)[None, :, None] / size - 0.5)
     background = background + 32 * ramp[:, None]
     alpha = coverage[:, None]
     image = alpha * shape_colour + (1 - alpha) * background
@@ -123,8 +132,12 @@ def load_shapes(options: DataOptions) -> DataSet:
             f"generating {largest} Shapes images needs about {need / 1e9:.1f} GB of memory and this machine has "
             f"{have / 1e9:.1f} GB available; pass a smaller --shapes-train / --shapes-test."
         )
-    logger.info("generating %d training and %d test images of Shapes (seed %d)", options.shapes_train,
-                options.shapes_test, options.shapes_seed)  # fmt: skip
+    logger.info(
+        "generating %d training and %d test images of Shapes (seed %d)",
+        options.shapes_train,
+        options.shapes_test,
+        options.shapes_seed,
+    )
     return DataSet(
         name="Shapes",
         classes=list(SHAPES_CLASSES),

@@ -240,7 +240,7 @@ class ShardStore:
         offsets = np.concatenate([[0], np.cumsum([end - start for _, start, end in spans])]).astype(np.int64)
         data = bytearray(int(offsets[-1]))
         view = memoryview(data)
-        for (shard, start, end), at in zip(spans, offsets.tolist()):
+        for (shard, start, end), at in zip(spans, offsets.tolist(), strict=False):
             if shard not in self._fds:
                 self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
             os.preadv(self._fds[shard], [view[at : at + end - start]], start)  # a short read leaves a bad JPEG
@@ -255,9 +255,12 @@ class ShardStore:
         return self.decode_encoded(data, offsets, key, device)
 
     def decode_encoded(
-        self, data: torch.Tensor, offsets: torch.Tensor, key: int | slice | torch.Tensor | list[int],
+        self,
+        data: torch.Tensor,
+        offsets: torch.Tensor,
+        key: int | slice | torch.Tensor | list[int],
         device: torch.device | str = "cpu",
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """The images ``encoded(key)`` gave as ``data`` and ``offsets``, decoded on ``device`` in one
         call (nvJPEG on a GPU). A JPEG that does not decode is a ``DataError`` naming its shard:
         damage that kept the shard's size and time (bit rot under a restored time), which a start
@@ -440,8 +443,11 @@ def save_verified(folder: Path, stamps: dict[str, Stamp], shards: int) -> None:
         os.replace(tmp, folder / VERIFIED)
     except OSError as error:  # a read-only cache still works, it is only hashed at every start
         tmp.unlink(missing_ok=True)
-        logger.warning("cannot record the verified shards in %s (%s); they will be hashed again next time",
-                       folder, short_reason(error))  # fmt: skip
+        logger.warning(
+            "cannot record the verified shards in %s (%s); they will be hashed again next time",
+            folder,
+            short_reason(error),
+        )
 
 
 @contextmanager
@@ -486,8 +492,14 @@ def _write(path: Path, blobs: list[bytes], stats: ShardStats, print_: str, numbe
     offsets = np.concatenate([[HEAD_BYTES], HEAD_BYTES + np.cumsum([len(b) for b in blobs])]).astype(np.int64)
     data = MAGIC + print_.encode() + b"".join(blobs)
     tail = io.BytesIO()
-    np.savez(tail, offsets=offsets, image_sum=stats.image_sum, outer=stats.outer, count=np.array(stats.count),
-             digest=np.array(_digest(data, offsets, stats, number)))  # fmt: skip
+    np.savez(
+        tail,
+        offsets=offsets,
+        image_sum=stats.image_sum,
+        outer=stats.outer,
+        count=np.array(stats.count),
+        digest=np.array(_digest(data, offsets, stats, number)),
+    )
     tail_bytes = tail.getvalue()
     # Named with this process's id, so that a later run can tell a dead preparation's file.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -536,8 +548,9 @@ def _ensure_shard(job: _Job) -> _Done:
     warning = None
     if job.path.exists():
         try:
-            offsets, stats, stamp = _read_shard(job.path, job.fingerprint, job.number, len(job.sources), job.size,
-                                                job.verified)  # fmt: skip
+            offsets, stats, stamp = _read_shard(
+                job.path, job.fingerprint, job.number, len(job.sources), job.size, job.verified
+            )
             return _Done(job.number, offsets, stats, [], stamp=stamp)
         except ValueError as error:
             if "another version" not in str(error):
@@ -598,8 +611,9 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool = True) -> list[_Do
                 bar.update(len(job.sources))
             return done
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(jobs)), multiprocessing.get_context(method),
-                                                      _worker_init)  # fmt: skip
+        pool = concurrent.futures.ProcessPoolExecutor(
+            min(workers, len(jobs)), multiprocessing.get_context(method), _worker_init
+        )
         try:
             futures = {pool.submit(_ensure_shard, job): job for job in jobs}
             for future in concurrent.futures.as_completed(futures):
@@ -646,8 +660,13 @@ def _check_theirs(jobs: list[_Job], workers: int, rank: int) -> list[_Done]:
     done = _run_jobs(jobs, workers, progress=False)
     rebuilt = [d for d in done if d.built or d.failures]
     if rebuilt:
-        logger.warning("process %d found %d shards that the others built missing or different in %s (a cache folder "
-                       "of its own?) and built them again", rank, len(rebuilt), jobs[0].path.parent)  # fmt: skip
+        logger.warning(
+            "process %d found %d shards that the others built missing or different in %s (a cache folder "
+            "of its own?) and built them again",
+            rank,
+            len(rebuilt),
+            jobs[0].path.parent,
+        )
     failures = [f for d in done for f in d.failures]
     if failures:
         kept = sum(d.stamp is not None for d in done)
@@ -691,17 +710,33 @@ def shard_split(
     jobs = []
     for number, start in enumerate(range(0, len(paths), shard_images)):
         sources = paths[start : start + shard_images]
-        jobs.append(_Job(folder / f"{number:05d}.shard", sources, fingerprint(sources, size, number), number, size,
-                         verified.get(f"{number:05d}.shard")))  # fmt: skip
+        jobs.append(
+            _Job(
+                folder / f"{number:05d}.shard",
+                sources,
+                fingerprint(sources, size, number),
+                number,
+                size,
+                verified.get(f"{number:05d}.shard"),
+            )
+        )
     present = [job for job in jobs if job.path.exists()]
     changed = sum(shard_fingerprint(job.path) not in (job.fingerprint, None) for job in present)
     if changed:
-        logger.info("%d shards in %s were built from other images or by another recipe; rebuilding them", changed,
-                    folder)  # fmt: skip
+        logger.info(
+            "%d shards in %s were built from other images or by another recipe; rebuilding them", changed, folder
+        )
     if len(present) - changed < len(jobs):
-        logger.info("building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there%s)",
-                    size, size, len(paths), folder, len(present), len(jobs),
-                    f"; {peers.world} processes share the work" if peers.world > 1 else "")  # fmt: skip
+        logger.info(
+            "building the %dx%d cache of %d images in %s as JPEG shards (once; %d of %d shards there%s)",
+            size,
+            size,
+            len(paths),
+            folder,
+            len(present),
+            len(jobs),
+            f"; {peers.world} processes share the work" if peers.world > 1 else "",
+        )
     if workers is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         workers = max(1, cores // peers.local)
@@ -721,8 +756,7 @@ def shard_split(
     _remove_stale_shards(folder, len(jobs))
     if folder.is_dir():
         stamps = {r.number: r.stamp for r in reports} | {d.number: d.stamp for d in done}
-        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None},
-                      len(jobs))  # fmt: skip
+        save_verified(folder, {jobs[n].path.name: stamp for n, stamp in stamps.items() if stamp is not None}, len(jobs))
     if failures:
         raise DataError(_failure_message(failures, len(paths), sum(r.stamp is not None for r in reports)))
     done.sort(key=lambda d: d.number)

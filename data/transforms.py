@@ -97,7 +97,7 @@ def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     ``ten_crop``."""
     h, w = x.shape[-2:]
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
-    crops = [img[..., t : t + size, l : l + size] for img in (x, x.flip(-1)) for t, l in corners]
+    crops = [img[..., top : top + size, left : left + size] for img in (x, x.flip(-1)) for top, left in corners]
     return torch.stack(crops, dim=1)
 
 
@@ -144,8 +144,9 @@ def resized_crops(x: torch.Tensor, box: torch.Tensor, size: int) -> torch.Tensor
     blended first, then columns: on one core of the 2-core CPU, 0.47 ms per 224 crop of a 256 uint8
     image against 1.0-1.2 ms for ``grid_sample`` of the float image (batches of 16)."""
     if x.device.type == "cpu" and x.shape[0] > CHUNK:  # intermediates that stay in the CPU's caches
-        return torch.cat([resized_crops(x[i : i + CHUNK], box[i : i + CHUNK], size)
-                          for i in range(0, x.shape[0], CHUNK)])  # fmt: skip
+        return torch.cat(
+            [resized_crops(x[i : i + CHUNK], box[i : i + CHUNK], size) for i in range(0, x.shape[0], CHUNK)]
+        )
     n, _, h, w = x.shape
     top, bottom, wy = _taps(box[:, 1], box[:, 3], size, h)
     left, right, wx = _taps(box[:, 0], box[:, 2], size, w)
@@ -219,8 +220,9 @@ def _size(state: dict[str, Any], key: str, low: int = 1, high: int = 4096) -> in
     return value
 
 
-def pipeline_from_state(state: object, input_size: int | None = None, image_size: int | None = None,
-                        largest: int = 4096) -> Pipeline:  # fmt: skip
+def pipeline_from_state(
+    state: object, input_size: int | None = None, image_size: int | None = None, largest: int = 4096
+) -> Pipeline:
     """The pipeline a ``Pipeline.state()`` describes, every entry checked (``ValueError`` with
     the problem in words that complete "the pipeline ..."); the paper pipeline's ``base`` (the
     side of its mean image, to which every image is resized) at most ``largest``.
@@ -257,9 +259,15 @@ def pipeline_from_state(state: object, input_size: int | None = None, image_size
     if crop > base or type(sigma) is not float or not 0 <= sigma <= 1 or state.get("fidelity") not in ("code", "text"):
         raise ValueError("has a crop larger than its images, a sigma that is not a number, or an unknown fidelity")
     _fits(crop, input_size)
-    return PaperPipeline(_stat(state, "mean_image", (3, base, base)), _stat(state, "eigenvalues", (3,)),
-                         _stat(state, "eigenvectors", (3, 3)), crop=crop, base=base, sigma=sigma,
-                         fidelity=state["fidelity"])  # fmt: skip
+    return PaperPipeline(
+        _stat(state, "mean_image", (3, base, base)),
+        _stat(state, "eigenvalues", (3,)),
+        _stat(state, "eigenvectors", (3, 3)),
+        crop=crop,
+        base=base,
+        sigma=sigma,
+        fidelity=state["fidelity"],
+    )
 
 
 def _fits(size: int, input_size: int | None) -> None:
@@ -270,7 +278,7 @@ def _fits(size: int, input_size: int | None) -> None:
 class CifarPipeline(Pipeline):
     """32x32 data: random crop of the 4-pixel zero-padded image and mirror; normalise by the
     training set's channel mean and std; for a 224-input model the batch is then upsampled
-    bilinearly (the seed's other way of feeding CIFAR to AlexNet)."""
+    bilinearly (the original v2 tool's other way of feeding CIFAR to AlexNet)."""
 
     name = "cifar"
 
@@ -302,8 +310,13 @@ class CifarPipeline(Pipeline):
         return f"random crop (pad {self.padding}) + mirror{resize}, channel-normalised"
 
     def state(self) -> dict[str, Any]:
-        return {"kind": self.name, "mean": self.mean.cpu(), "std": self.std.cpu(), "input_size": self.input_size,
-                "padding": self.padding}  # fmt: skip
+        return {
+            "kind": self.name,
+            "mean": self.mean.cpu(),
+            "std": self.std.cpu(),
+            "input_size": self.input_size,
+            "padding": self.padding,
+        }
 
 
 class PaperPipeline(Pipeline):
@@ -387,14 +400,23 @@ class PaperPipeline(Pipeline):
 
     def describe(self) -> str:
         if self.fidelity == "code":
-            return (f"paper (2012 code): random {self.crop} crops + mirror, centre mean crop, PCA colour "
-                    f"({self.sigma} x stdev) then / {1 + self.sigma:g}; 10-crop test")  # fmt: skip
+            return (
+                f"paper (2012 code): random {self.crop} crops + mirror, centre mean crop, PCA colour "
+                f"({self.sigma} x stdev) then / {1 + self.sigma:g}; 10-crop test"
+            )
         return f"paper: mean image, PCA colour (sigma {self.sigma}), random {self.crop} crops + mirror; 10-crop test"
 
     def state(self) -> dict[str, Any]:
-        return {"kind": self.name, "mean_image": self.mean_image.cpu(), "eigenvalues": self.eigenvalues.cpu(),
-                "eigenvectors": self.eigenvectors.cpu(), "crop": self.crop, "base": self.base,
-                "sigma": float(self.sigma), "fidelity": self.fidelity}  # fmt: skip
+        return {
+            "kind": self.name,
+            "mean_image": self.mean_image.cpu(),
+            "eigenvalues": self.eigenvalues.cpu(),
+            "eigenvectors": self.eigenvectors.cpu(),
+            "crop": self.crop,
+            "base": self.base,
+            "sigma": float(self.sigma),
+            "fidelity": self.fidelity,
+        }
 
 
 class ModernPipeline(Pipeline):

@@ -30,9 +30,27 @@ logger = logging.getLogger(__name__)
 
 
 VOC_CLASSES = [
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-]  # fmt: skip
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+]
 VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
 VOC_MD5 = "6cd6e144f989b92b3379bac3b3de84fd"
 VOC_CACHE_SIZE = 256
@@ -43,7 +61,7 @@ def _is_voc_folder(path: Path) -> bool:
 
 
 def find_voc_folder(options: DataOptions) -> Path:
-    """The ``VOC2012`` folder: ``<data-dir>/PascalVOC2012`` (the seed's layout, itself VOC2012 or a
+    """The ``VOC2012`` folder: ``<data-dir>/PascalVOC2012`` (the original v2 tool's layout, itself VOC2012 or a
     VOCdevkit root), ``<data-dir>/VOCdevkit/VOC2012``, or ``--data-dir`` being either; failing
     those, the official archive in ``--data-dir``, unpacked once. ``--download`` fetches it."""
     data_dir = options.data_path
@@ -52,8 +70,14 @@ def find_voc_folder(options: DataOptions) -> Path:
     else:
         require_data_dir(data_dir, "Pascal VOC 2012 (PascalVOC2012/ or VOCdevkit/)")
     seed = data_dir / "PascalVOC2012"
-    candidates = [seed, seed / "VOC2012", seed / "VOCdevkit" / "VOC2012", data_dir / "VOCdevkit" / "VOC2012",
-                  data_dir / "VOC2012", data_dir]  # fmt: skip
+    candidates = [
+        seed,
+        seed / "VOC2012",
+        seed / "VOCdevkit" / "VOC2012",
+        data_dir / "VOCdevkit" / "VOC2012",
+        data_dir / "VOC2012",
+        data_dir,
+    ]
     for folder in candidates:
         if _is_voc_folder(folder):
             return folder
@@ -61,8 +85,9 @@ def find_voc_folder(options: DataOptions) -> Path:
     if not archive.is_file() and options.download:
         archive = download_archive(VOC_URL, VOC_MD5, data_dir, "Pascal VOC 2012")
     if archive.is_file():
-        devkit = extract_archive(archive, "VOCdevkit", lambda f: _is_voc_folder(f / "VOC2012"), "Pascal VOC 2012",
-                                 options.cache_path)  # fmt: skip
+        devkit = extract_archive(
+            archive, "VOCdevkit", lambda f: _is_voc_folder(f / "VOC2012"), "Pascal VOC 2012", options.cache_path
+        )
         return devkit / "VOC2012"
     raise DataError(
         f"found no Pascal VOC 2012 in {data_dir}: put the VOCdevkit/VOC2012 folder there as PascalVOC2012/ "
@@ -202,7 +227,8 @@ def load_voc_split(
             xml = safe_child(folder / "Annotations", f"{image_id}.xml")
         except UnsafeName as error:
             raise DataError(
-                f"{list_path}: the image id {printable(image_id)!r} cannot name a file in the VOC folder ({error}); fix "
+                f"{list_path}: the image id {printable(image_id)!r} "
+                f"cannot name a file in the VOC folder ({error}); fix "
                 "its line or remove it."
             ) from None
         for path in (jpeg, xml):
@@ -214,8 +240,11 @@ def load_voc_split(
         labels.append(parse_voc_xml(xml))
     old = cache_dir / f"{name}_{VOC_CACHE_SIZE}.npy"
     if old.is_file():
-        logger.info("%s (the resize cache of earlier versions) is no longer used; delete it to free %.1f GB", old,
-                    old.stat().st_size / 1e9)  # fmt: skip
+        logger.info(
+            "%s (the resize cache of earlier versions) is no longer used; delete it to free %.1f GB",
+            old,
+            old.stat().st_size / 1e9,
+        )
     return shard_split(jpegs, torch.from_numpy(np.stack(labels)), cache_dir, name, VOC_CACHE_SIZE, workers, peers=peers)
 
 
@@ -227,6 +256,12 @@ def load_voc2012(options: DataOptions, peers: Peers = ALONE) -> DataSet:
     cache_dir = voc_cache_dir(folder, options)
     train = load_voc_split(folder, train_name, train_ids, cache_dir, options.resize_workers or None, peers)
     test = load_voc_split(folder, test_name, test_ids, cache_dir, options.resize_workers or None, peers)
-    logger.info("Pascal VOC 2012 from %s: %d images in %s.txt, %d in %s.txt", folder, len(train), train_name,
-                len(test), test_name)  # fmt: skip
+    logger.info(
+        "Pascal VOC 2012 from %s: %d images in %s.txt, %d in %s.txt",
+        folder,
+        len(train),
+        train_name,
+        len(test),
+        test_name,
+    )
     return DataSet(name="PascalVOC2012", classes=list(VOC_CLASSES), train=train, test=test)

@@ -1,4 +1,4 @@
-"""The seed's findings as reproducible experiments: presets, a resumable runner and a report.
+"""The original v2 tool's findings as reproducible experiments: presets, a resumable runner and a report.
 
 python -m experiments list                                      # the presets and what each tests
 python -m experiments run warm_start --seeds 3                  # CIFAR-10, three seeds, resumable

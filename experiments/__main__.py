@@ -29,7 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     """``list``, ``run`` and ``report``."""
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
-        description="Re-run the seed tool's findings (presets of main.py runs over seeds) and report the results.",
+        description="Re-run the original v2 tool's findings (presets of main.py runs over seeds) and report the "
+        "results.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{list,run,report}")
 
@@ -156,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("error: %s", error)
         return 1
     except OSError as error:  # writing the report: the folder exists but cannot take the files
-        logger.error("error: cannot write the report into %s (%s); pass another --out.", args.out,
-                     error.strerror or error)  # fmt: skip
+        logger.error(
+            "error: cannot write the report into %s (%s); pass another --out.", args.out, error.strerror or error
+        )
         return 1
     except KeyboardInterrupt as stop:
         logger.error("stopped: %s", stop or "interrupted")

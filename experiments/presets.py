@@ -1,4 +1,4 @@
-"""One preset per finding of the seed tool: the runs it compares, with every flag spelled out.
+"""One preset per finding of the original v2 tool: the runs it compares, with every flag spelled out.
 
 A preset's variants are written for the full data sets (``--scale full``). The two smaller
 scales swap in data a CPU can train on in minutes, changing only the data set, its size, the
@@ -49,8 +49,13 @@ SMALL_SHAPES: dict[str, str | bool | None] = {
     "-lce": "3",
 }
 # A 224-input network costs two to four times as much per training image on a CPU.
-SMALL_SHAPES_224: dict[str, str | bool | None] = {**SMALL_SHAPES, "--shapes-train": "300", "--shapes-test": "150",
-                                                  "-ne": "2", "-lce": "2"}  # fmt: skip
+SMALL_SHAPES_224: dict[str, str | bool | None] = {
+    **SMALL_SHAPES,
+    "--shapes-train": "300",
+    "--shapes-test": "150",
+    "-ne": "2",
+    "-lce": "2",
+}
 
 TINY: dict[str, str | bool | None] = {
     "-ds": "Shapes",
@@ -75,10 +80,10 @@ class Variant:
 
 @dataclass(frozen=True)
 class Preset:
-    """A finding of the seed tool and the runs that test it."""
+    """A finding of the original v2 tool and the runs that test it."""
 
     name: str
-    finding: str  # the seed's claim, in its words where it had some
+    finding: str  # the original v2 tool's claim, in its words where it had some
     tests: str  # what the comparison measures and how to read it
     variants: tuple[Variant, ...]
     scales: Mapping[str, Flags] = field(default_factory=dict)  # replacements for every variant

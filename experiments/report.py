@@ -38,8 +38,20 @@ logger = logging.getLogger(__name__)
 
 GROUP_BY = ("auto", "name", "config", "run")
 SEED_SUFFIX = re.compile(r"^(?P<variant>.+)-s(?P<seed>\d+)$")
-COLUMNS = ("variant", "data set", "model", "runs", "train images", "best top-1 (%)", "best top-5 (%)",
-           "best mAP (%)", "epochs to best", "epochs", "images/s", "train time (s)")  # fmt: skip
+COLUMNS = (
+    "variant",
+    "data set",
+    "model",
+    "runs",
+    "train images",
+    "best top-1 (%)",
+    "best top-5 (%)",
+    "best mAP (%)",
+    "epochs to best",
+    "epochs",
+    "images/s",
+    "train time (s)",
+)
 MISSING = "—"
 
 
@@ -97,8 +109,10 @@ def find_runs(roots: Sequence[Path], group_by: str = "auto") -> list[Run]:
                 summaries[path.parent.resolve()] = summary
     if not summaries:
         where = ", ".join(str(r) for r in roots)
-        raise ExperimentError(f"found no runs (no summary.json) under {where}; train some first, e.g. "
-                              "python -m experiments run warm_start.")  # fmt: skip
+        raise ExperimentError(
+            f"found no runs (no summary.json) under {where}; train some first, e.g. "
+            "python -m experiments run warm_start."
+        )
 
     runs, loose = [], []
     manifests: dict[Path, dict[str, Any]] = {}
@@ -182,7 +196,7 @@ def _name_variants(runs: list[Run], group_by: str) -> None:
     settings = [_experiment_settings(r) for r in runs]
     keys = sorted({k for s in settings for k in s})
     differing = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings}) > 1]
-    for run, setting in zip(runs, settings):
+    for run, setting in zip(runs, settings, strict=False):
         label = ", ".join(f"{k}={setting.get(k)}" for k in differing)
         run.variant = label or str(run.summary.get("model", "run"))
 
@@ -363,8 +377,14 @@ def plot_section(section: Section, curves: dict[Path, dict[str, dict[int, float]
             label = f"{variant} (n={len(series)})"
             axes.plot(epochs, mean, marker="o", markersize=3, color=colour, linestyle=style, label=label)
             if len(series) > 1:
-                axes.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                  color=colour, alpha=0.2, linewidth=0)  # fmt: skip
+                axes.fill_between(
+                    epochs,
+                    [m - s for m, s in zip(mean, std, strict=False)],
+                    [m + s for m, s in zip(mean, std, strict=False)],
+                    color=colour,
+                    alpha=0.2,
+                    linewidth=0,
+                )
             drawn = True
     if not drawn:
         return False
@@ -433,8 +453,14 @@ def write_report(roots: Sequence[Path], out: Path, group_by: str = "auto") -> tu
         manifest = section.manifest or {}
         lines += [f"## {section.name}", ""]
         if manifest:
-            lines += [f"**Finding.** {manifest.get('finding', '')}", "", f"**Test.** {manifest.get('tests', '')}",
-                      "", _scale_note(manifest.get("scale", "?")), ""]  # fmt: skip
+            lines += [
+                f"**Finding.** {manifest.get('finding', '')}",
+                "",
+                f"**Test.** {manifest.get('tests', '')}",
+                "",
+                _scale_note(manifest.get("scale", "?")),
+                "",
+            ]
         table = markdown_table([row_of(name, runs) for name, runs in section.variants.items()])
         tables.append(f"{section.name}\n{table}")
         lines += [table, ""]

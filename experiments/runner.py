@@ -83,8 +83,9 @@ def run_state(folder: Path) -> tuple[str, Path | None, str]:
     return "start", None, "new"
 
 
-def plan(preset: Preset, scale: str, seeds: Sequence[int], output_dir: Path,
-         variants: Sequence[str] = ()) -> list[PlannedRun]:  # fmt: skip
+def plan(
+    preset: Preset, scale: str, seeds: Sequence[int], output_dir: Path, variants: Sequence[str] = ()
+) -> list[PlannedRun]:
     """What running ``preset`` at ``scale`` for ``seeds`` needs, run by run."""
     chosen = [preset.variant(name) for name in variants] if variants else list(preset.variants)
     runs = []
@@ -162,8 +163,9 @@ def launch(command: Sequence[str]) -> int:
             logger.warning("waiting for %s to save its checkpoint", command[1])
 
 
-def extra_args(preset: Preset, run: PlannedRun, data_dir: Path | None, device: str | None, run_name: bool,
-               download: bool = False) -> list[str]:  # fmt: skip
+def extra_args(
+    preset: Preset, run: PlannedRun, data_dir: Path | None, device: str | None, run_name: bool, download: bool = False
+) -> list[str]:
     """Arguments that say where and how to run, not what: data folder (and whether to fetch the
     data set into it), device, and for a new run a note for TensorBoard and (``run_name``) its id
     as the run name."""
@@ -181,8 +183,14 @@ def extra_args(preset: Preset, run: PlannedRun, data_dir: Path | None, device: s
     return extra
 
 
-def execute(preset: Preset, runs: Sequence[PlannedRun], data_dir: Path | None = None, device: str | None = None,
-            run_name: bool = False, download: bool = False) -> list[PlannedRun]:  # fmt: skip
+def execute(
+    preset: Preset,
+    runs: Sequence[PlannedRun],
+    data_dir: Path | None = None,
+    device: str | None = None,
+    run_name: bool = False,
+    download: bool = False,
+) -> list[PlannedRun]:
     """Carry out ``runs`` one after another (``run_name``: pass each its id as ``--run-name``);
     returns the runs that failed. Stops the sweep (``KeyboardInterrupt``) when a run was stopped
     by SIGINT / SIGTERM."""

@@ -91,8 +91,13 @@ class Capabilities:
     def stand_in(cls, capability: tuple[int, int] = (9, 0), cuda_devices: int = 1) -> Capabilities:
         """The CPU taking the CUDA branches of a GPU of ``capability`` (default: an H100's),
         for tests."""
-        return cls(torch.device("cpu"), cuda=True, capability=capability, name="CPU standing in for CUDA",
-                   cuda_devices=cuda_devices)  # fmt: skip
+        return cls(
+            torch.device("cpu"),
+            cuda=True,
+            capability=capability,
+            name="CPU standing in for CUDA",
+            cuda_devices=cuda_devices,
+        )
 
     # --- precision and layout -----------------------------------------------------------------
 

@@ -71,8 +71,9 @@ class Trained:
         return (torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(views)).exp()
 
 
-def _preprocessing(checkpoint: dict[str, Any], config: TrainConfig, path: Path, device: torch.device
-                   ) -> tuple[Pipeline, int, bool]:  # fmt: skip
+def _preprocessing(
+    checkpoint: dict[str, Any], config: TrainConfig, path: Path, device: torch.device
+) -> tuple[Pipeline, int, bool]:
     """The pipeline, image size and task: the checkpoint's own, or rebuilt from its data set."""
     saved = checkpoint.get("preprocess")
     if saved is not None:

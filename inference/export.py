@@ -84,18 +84,25 @@ def export_metadata(trained: Trained) -> dict[str, Any]:
     return {
         "tool": f"alexnet {__version__}",
         "model": trained.config.model,
-        "input": {"shape": ["N", 3, trained.input_size, trained.input_size], "dtype": "float32", "layout": "NCHW",
-                  "what": "preprocessed views (see preprocessing)"},
+        "input": {
+            "shape": ["N", 3, trained.input_size, trained.input_size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "what": "preprocessed views (see preprocessing)",
+        },
         "output": "logits N x classes",
         "classes": list(trained.classes),
         "task": "multi-label" if trained.multilabel else "single-label",
         "scores": "sigmoid per class" if trained.multilabel else "softmax",
         "image_size": trained.image_size,
         "views": views,
-        "views_note": ("10-crop: the four corner crops, the centre crop and their mirrors; average the views' scores"
-                       if views > 1 else "one view per image"),
+        "views_note": (
+            "10-crop: the four corner crops, the centre crop and their mirrors; average the views' scores"
+            if views > 1
+            else "one view per image"
+        ),
         "preprocessing": _jsonable(trained.pipeline.state()),
-    }  # fmt: skip
+    }
 
 
 def _test_batch(trained: Trained, n: int, seed: int) -> torch.Tensor:
@@ -144,9 +151,18 @@ def to_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -
         warnings.simplefilter("ignore")
         path = Path(folder) / "model.onnx"
         batch = torch.export.Dim("batch", min=1, max=65_536)
-        torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=OPSET, input_names=["input"],
-                          output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
-                          verbose=False)  # fmt: skip
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            external_data=False,
+            verbose=False,
+        )
         proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
@@ -229,21 +245,34 @@ def main(argv: Sequence[str]) -> int:
     if out.exists() and not args.force:
         raise UserError(f"{quoted(str(out))} already exists; pass another path, or --force to replace it.")
     if fmt_missing := _missing_packages(args.format):
-        raise UserError(f"exporting to {args.format} needs {fmt_missing}; install it with "
-                        "python -m pip install -r requirements.txt.")  # fmt: skip
+        raise UserError(
+            f"exporting to {args.format} needs {fmt_missing}; install it with "
+            "python -m pip install -r requirements.txt."
+        )
     trained = load_trained(args.checkpoint, "cpu")
     data, difference = export(trained, args.format)
     if not difference <= TOLERANCE:
-        raise UserError(f"the exported {args.format} model differs from PyTorch by {difference:.3g} (more than "
-                        f"{TOLERANCE:g}); nothing was written, try the other --format.")  # fmt: skip
+        raise UserError(
+            f"the exported {args.format} model differs from PyTorch by {difference:.3g} (more than "
+            f"{TOLERANCE:g}); nothing was written, try the other --format."
+        )
     try:
         atomic_write_bytes(data, out)
     except OSError as error:
-        raise UserError(f"could not write {quoted(str(out))} ({error.strerror or short_reason(error)}); pass "
-                        "another path.") from None  # fmt: skip
-    logger.info("wrote %s (%s, %.1f MB): %s, input float32 N x 3 x %d x %d; largest difference from PyTorch on a "
-                "test batch %.2e", out, args.format, len(data) / 1e6, trained.config.model, trained.input_size,
-                trained.input_size, difference)  # fmt: skip
+        raise UserError(
+            f"could not write {quoted(str(out))} ({error.strerror or short_reason(error)}); pass another path."
+        ) from None
+    logger.info(
+        "wrote %s (%s, %.1f MB): %s, input float32 N x 3 x %d x %d; largest difference from PyTorch on a "
+        "test batch %.2e",
+        out,
+        args.format,
+        len(data) / 1e6,
+        trained.config.model,
+        trained.input_size,
+        trained.input_size,
+        difference,
+    )
     return 0
 
 

@@ -68,11 +68,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Draw the paper's figures for a checkpoint: conv1's kernels, top-5 predictions and fc7 nearest "
         "neighbours, as PNGs and in the run's TensorBoard.",
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT",
-                        help="a best.pt or last.pt written by this tool (required)")  # fmt: skip
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="folder holding the data set (default: the one the checkpoint recorded, when it exists "
-                        "here, else dataset)")  # fmt: skip
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        metavar="CKPT",
+        help="a best.pt or last.pt written by this tool (required)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="folder holding the data set (default: the one the checkpoint recorded, when it exists "
+        "here, else dataset)",
+    )
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -125,8 +134,10 @@ def main(argv: list[str]) -> int:
     model = model.to(device).eval()
     loaders = run_loaders(config, data, model.input_size, device)
     pictures = draw(model, loaders, data.classes, data.multilabel, args, device)
-    written = [write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
-               for name, image in pictures.items()]  # fmt: skip
+    written = [
+        write_new(png_bytes(image), args.out or run_dir / "figures", f"{name}_{stem}")
+        for name, image in pictures.items()
+    ]
     log_to_tensorboard(events, pictures, step)
     for path in written:
         logger.info("wrote %s", path)
@@ -144,8 +155,9 @@ def events_folder(checkpoint: Path, run_dir: Path, out: Path | None) -> Path:
         problem = problem if problem == "does not exist here" else f"cannot be written ({problem})"
         raise UserError(f"the run folder of {checkpoint}, {run_dir}, {problem}; pass --out DIR for the figures.")
     if run_dir.is_dir():
-        logger.warning("the run folder %s cannot be written (%s): the figures' TensorBoard images go to %s",
-                       run_dir, problem, out)  # fmt: skip
+        logger.warning(
+            "the run folder %s cannot be written (%s): the figures' TensorBoard images go to %s", run_dir, problem, out
+        )
     return out
 
 
@@ -167,20 +179,29 @@ def figures_data(args: argparse.Namespace, config: TrainConfig, device: torch.de
     recorded = Path(config.data_dir)
     data_dir = args.data_dir or (recorded if recorded.is_dir() else Path("dataset"))
     # Where and how this process reads the data is its own business, as for --evaluate.
-    config = replace(config, data_dir=str(data_dir), download=False, cache_dir=str(args.cache_dir or ""),
-                     device=str(device))  # fmt: skip
+    config = replace(
+        config, data_dir=str(data_dir), download=False, cache_dir=str(args.cache_dir or ""), device=str(device)
+    )
     try:
         return load_dataset(config.dataset, config)
     except DataError:
         if args.data_dir is not None or recorded.is_dir():
             raise
-    raise UserError(f"checkpoint {args.checkpoint} was trained on {config.dataset} in {recorded}, which does not "
-                    f"exist here (nor is it in {data_dir}); pass --data-dir DIR, the folder that holds "
-                    f"{config.dataset} now.")  # fmt: skip
+    raise UserError(
+        f"checkpoint {args.checkpoint} was trained on {config.dataset} in {recorded}, which does not "
+        f"exist here (nor is it in {data_dir}); pass --data-dir DIR, the folder that holds "
+        f"{config.dataset} now."
+    )
 
 
-def draw(model: nn.Module, loaders: Loaders, classes: list[str], multilabel: bool, args: argparse.Namespace,
-         device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
+def draw(
+    model: nn.Module,
+    loaders: Loaders,
+    classes: list[str],
+    multilabel: bool,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
     """The three pictures (uint8 3 x H x W) of ``model`` on the run's data (``loaders``: the
     placed splits and the evaluation pipeline)."""
     train, test, pipeline = loaders.train.split, loaders.eval.split, loaders.pipeline
@@ -243,8 +264,9 @@ def fc7_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
-def nearest_neighbours(queries: torch.Tensor, batches: Iterable[torch.Tensor], k: int = NEIGHBOURS
-                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def nearest_neighbours(
+    queries: torch.Tensor, batches: Iterable[torch.Tensor], k: int = NEIGHBOURS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` rows nearest to each query (Euclidean), over rows that arrive in ``batches``:
     (distances, indices), Q x k each (fewer columns when there are fewer rows), nearest first,
     indices counted over all batches.
@@ -265,8 +287,9 @@ def nearest_neighbours(queries: torch.Tensor, batches: Iterable[torch.Tensor], k
     return best, where
 
 
-def training_features(model: nn.Module, pipeline: Pipeline, images: torch.Tensor, batch_size: int,
-                      device: torch.device) -> Iterator[torch.Tensor]:  # fmt: skip
+def training_features(
+    model: nn.Module, pipeline: Pipeline, images: torch.Tensor, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
     """fc7 features of ``images`` (uint8, anywhere: a memory-mapped cache too) batch by batch,
     each from its centre view; ``batch_size`` counts model inputs, as for evaluation."""
     view = centre_view(pipeline.views)
@@ -276,8 +299,15 @@ def training_features(model: nn.Module, pipeline: Pipeline, images: torch.Tensor
         yield fc7_features(model, inputs)
 
 
-def draw_neighbours(model: nn.Module, pipeline: Pipeline, train: Split, test: Split, queries: torch.Tensor,
-                    batch_size: int, device: torch.device) -> torch.Tensor:  # fmt: skip
+def draw_neighbours(
+    model: nn.Module,
+    pipeline: Pipeline,
+    train: Split,
+    test: Split,
+    queries: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
     """The neighbours picture for evaluation images ``queries`` (indices into ``test``)."""
     query_images = test.images[queries]
     inputs = pipeline.evaluate(query_images.to(device))[:, centre_view(pipeline.views)]
@@ -285,11 +315,19 @@ def draw_neighbours(model: nn.Module, pipeline: Pipeline, train: Split, test: Sp
     _, nearest = nearest_neighbours(features, training_features(model, pipeline, train.images, batch_size, device))
     nearest = nearest.cpu()
     if nearest.shape[1] < NEIGHBOURS:
-        logger.warning("the training set has %d images: showing %d neighbours per query instead of %d", len(train),
-                       nearest.shape[1], NEIGHBOURS)  # fmt: skip
+        logger.warning(
+            "the training set has %d images: showing %d neighbours per query instead of %d",
+            len(train),
+            nearest.shape[1],
+            NEIGHBOURS,
+        )
     found = train.images[nearest.flatten()].cpu().view(*nearest.shape, *train.images.shape[1:])
-    same = torch.tensor([[bool(set(true_classes(test.labels[q].cpu())) & set(true_classes(train.labels[i].cpu())))
-                          for i in row] for q, row in zip(queries.tolist(), nearest)])  # fmt: skip
+    same = torch.tensor(
+        [
+            [bool(set(true_classes(test.labels[q].cpu())) & set(true_classes(train.labels[i].cpu()))) for i in row]
+            for q, row in zip(queries.tolist(), nearest, strict=False)
+        ]
+    )
     return neighbours_grid(query_images.cpu(), found, same)
 
 
@@ -300,8 +338,9 @@ def write_new(data: bytes, folder: Path, stem: str) -> Path:
     try:
         return _write_new(data, folder, stem)
     except OSError as error:
-        raise UserError(f"cannot write the figures to {folder} ({short_reason(error.strerror or error)}); pass a "
-                        "writable --out.") from None  # fmt: skip
+        raise UserError(
+            f"cannot write the figures to {folder} ({short_reason(error.strerror or error)}); pass a writable --out."
+        ) from None
 
 
 def _write_new(data: bytes, folder: Path, stem: str) -> Path:

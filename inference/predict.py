@@ -45,9 +45,11 @@ sentence), or nothing could run."""
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="main.py predict", description="Classify image files with a trained checkpoint.", epilog=EPILOG,
+        prog="main.py predict",
+        description="Classify image files with a trained checkpoint.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     parser.add_argument(
         "paths",
         nargs="+",
@@ -65,7 +67,7 @@ def get_parser() -> argparse.ArgumentParser:
         help="images per forward pass (32; x10 views under -pt)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (CUDA when present)")
-    return parser  # fmt: skip
+    return parser
 
 
 @dataclass
@@ -146,8 +148,9 @@ def _search(folder: Path, known: set[str], skipped: Skipped) -> list[Path]:
     return sorted(found)
 
 
-def batches(files: list[Path], size: int, image_size: int, failed: list[tuple[Path, str]]
-            ) -> Iterator[tuple[list[Path], torch.Tensor]]:  # fmt: skip
+def batches(
+    files: list[Path], size: int, image_size: int, failed: list[tuple[Path, str]]
+) -> Iterator[tuple[list[Path], torch.Tensor]]:
     """Batches of up to ``size`` decoded images and their paths; the files that cannot be read
     go to ``failed`` with the reason."""
     for start in range(0, len(files), size):
@@ -167,22 +170,28 @@ def batches(files: list[Path], size: int, image_size: int, failed: list[tuple[Pa
 def top_predictions(probabilities: torch.Tensor, classes: list[str], k: int) -> list[list[dict[str, Any]]]:
     """The ``k`` best classes of each row: [{"class", "index", "probability"}], best first."""
     values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
-    return [[{"class": classes[i], "index": i, "probability": v} for v, i in zip(vs, ix)]
-            for vs, ix in zip(values.tolist(), indices.tolist())]  # fmt: skip
+    return [
+        [{"class": classes[i], "index": i, "probability": v} for v, i in zip(vs, ix, strict=False)]
+        for vs, ix in zip(values.tolist(), indices.tolist(), strict=False)
+    ]
 
 
-def predictions(trained: Trained, files: list[Path], batch_size: int, k: int, failed: list[tuple[Path, str]]
-                ) -> Iterator[dict[str, Any]]:  # fmt: skip
+def predictions(
+    trained: Trained, files: list[Path], batch_size: int, k: int, failed: list[tuple[Path, str]]
+) -> Iterator[dict[str, Any]]:
     """The top-``k`` predictions of each readable file as {"path", "predictions"} records, a batch
     of ``batch_size`` images at a time (so output starts at once and memory stays bounded);
     the files that cannot be read go to ``failed`` with the reason."""
     for paths, images in batches(files, batch_size, trained.image_size, failed):
-        for path, top in zip(paths, top_predictions(trained.probabilities(images).cpu(), trained.classes, k)):
+        for path, top in zip(
+            paths, top_predictions(trained.probabilities(images).cpu(), trained.classes, k), strict=False
+        ):
             yield {"path": str(path), "predictions": top}
 
 
-def predict_files(trained: Trained, files: list[Path], batch_size: int, k: int
-                  ) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:  # fmt: skip
+def predict_files(
+    trained: Trained, files: list[Path], batch_size: int, k: int
+) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
     """``predictions`` as a list, and the files that could not be read with the reason."""
     failed: list[tuple[Path, str]] = []
     return list(predictions(trained, files, batch_size, k, failed)), failed
@@ -194,8 +203,9 @@ def failure_sentence(failed: list[tuple[Path, str]], total: int) -> str:
     named = "; ".join(f"{quoted(str(p))} ({printable(reason)})" for p, reason in failed[:NAMED_FAILURES])
     more = f" and {len(failed) - NAMED_FAILURES} more" if len(failed) > NAMED_FAILURES else ""
     skipped = " and were skipped" if len(failed) < total else ""
-    return (f"{len(failed)} of {total} files could not be read as images{skipped}: {named}{more}; "
-            "convert or remove them.")  # fmt: skip
+    return (
+        f"{len(failed)} of {total} files could not be read as images{skipped}: {named}{more}; convert or remove them."
+    )
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -217,11 +227,19 @@ def main(argv: Sequence[str]) -> int:
     if not files and notes:
         return 1
     if not files:
-        raise UserError(f"no image files found in {', '.join(quoted(str(p)) for p in args.paths)}; pass image "
-                        "files or folders holding them.")  # fmt: skip
+        raise UserError(
+            f"no image files found in {', '.join(quoted(str(p)) for p in args.paths)}; pass image "
+            "files or folders holding them."
+        )
     views = trained.pipeline.views
-    logger.info("%s: %s on %d image(s), %s scores%s", args.checkpoint, trained.config.model, len(files),
-                "sigmoid" if trained.multilabel else "softmax", f", {views}-crop" if views > 1 else "")  # fmt: skip
+    logger.info(
+        "%s: %s on %d image(s), %s scores%s",
+        args.checkpoint,
+        trained.config.model,
+        len(files),
+        "sigmoid" if trained.multilabel else "softmax",
+        f", {views}-crop" if views > 1 else "",
+    )
     failed: list[tuple[Path, str]] = []
     predicted = 0
     for result in predictions(trained, files, args.batch_size, args.topk, failed):

@@ -89,8 +89,9 @@ def no_leaked_signal_handlers():
     for signum in leaked:
         signal.signal(signum, before[signum])
     if leaked:
-        what = "; ".join(f"{signal.Signals(s).name} handled by {handler!r} instead of {before[s]!r}"
-                         for s, handler in leaked.items())  # fmt: skip
+        what = "; ".join(
+            f"{signal.Signals(s).name} handled by {handler!r} instead of {before[s]!r}" for s, handler in leaked.items()
+        )
         pytest.fail(f"the test left {what}; put back the handlers it installs (own_signals)")
 
 

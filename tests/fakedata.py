@@ -80,15 +80,21 @@ def write_cifar10(folder: Path, per_batch: int = 3, n_test: int = 4, seed: int =
         train_labels += labels
     test_images = random_images(n_test, seed + 99)
     test_labels = rng.integers(0, 10, n_test).tolist()
-    test = {b"batch_label": b"testing batch 1 of 1", b"labels": test_labels,
-            b"data": test_images.reshape(n_test, 3072), b"filenames": [b"t.png"] * n_test}  # fmt: skip
+    test = {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": test_labels,
+        b"data": test_images.reshape(n_test, 3072),
+        b"filenames": [b"t.png"] * n_test,
+    }
     (folder / "test_batch").write_bytes(python2_pickle(test))
     meta = {b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_cases_per_batch": per_batch, b"num_vis": 3072}
     (folder / "batches.meta").write_bytes(python2_pickle(meta))
     return {
-        "train_images": np.concatenate(train_images), "train_labels": train_labels,
-        "test_images": test_images, "test_labels": test_labels,
-    }  # fmt: skip
+        "train_images": np.concatenate(train_images),
+        "train_labels": train_labels,
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
 
 
 def write_cifar100(folder: Path, n_train: int = 7, n_test: int = 5, seed: int = 0) -> dict:
@@ -100,12 +106,19 @@ def write_cifar100(folder: Path, n_train: int = 7, n_test: int = 5, seed: int = 
         images = random_images(n, seed + len(name))
         fine = rng.integers(0, 100, n).tolist()
         coarse = [f // 5 for f in fine]
-        batch = {b"filenames": [b"x.png"] * n, b"batch_label": name.encode(), b"fine_labels": fine,
-                 b"coarse_labels": coarse, b"data": images.reshape(n, 3072)}  # fmt: skip
+        batch = {
+            b"filenames": [b"x.png"] * n,
+            b"batch_label": name.encode(),
+            b"fine_labels": fine,
+            b"coarse_labels": coarse,
+            b"data": images.reshape(n, 3072),
+        }
         (folder / name).write_bytes(python2_pickle(batch))
         written[name] = (images, fine, coarse)
-    meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}  # fmt: skip
+    meta = {
+        b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+    }
     (folder / "meta").write_bytes(python2_pickle(meta))
     return written
 
@@ -140,8 +153,9 @@ def voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, boo
     return "".join(parts)
 
 
-def write_voc(root: Path, annotations: dict[str, list[tuple[str, bool]]], lists: dict[str, list[str]],
-              seed: int = 0) -> Path:  # fmt: skip
+def write_voc(
+    root: Path, annotations: dict[str, list[tuple[str, bool]]], lists: dict[str, list[str]], seed: int = 0
+) -> Path:
     """A ``VOC2012`` folder at ``root`` with one JPEG and XML per image id and the given
     ``ImageSets/Main/<name>.txt`` lists."""
     rng = np.random.default_rng(seed)
@@ -392,8 +406,13 @@ def write_class_folders(root: Path, counts: dict[str, int], suffix: str = ".jpg"
     return paths
 
 
-def write_imagenet(root: Path, train: dict[str, int], val: dict[str, int], layout: str = "folders",
-                   mapping: Sequence[str] | None = None) -> dict[str, str]:
+def write_imagenet(
+    root: Path,
+    train: dict[str, int],
+    val: dict[str, int],
+    layout: str = "folders",
+    mapping: Sequence[str] | None = None,
+) -> dict[str, str]:
     """A tiny ILSVRC-2012 tree in ``root``: ``train/<wnid>/<wnid>_<i>.JPEG`` and ``val/`` as
     ``layout`` says: ``folders`` (``val/<wnid>/``), ``kaggle`` (flat, ``LOC_val_solution.csv``) or
     ``devkit`` (flat, ``ILSVRC2012_validation_ground_truth.txt`` + ``meta.mat``, needs scipy).
@@ -451,8 +470,9 @@ def png_claiming(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def add_tar_entry(tar: tarfile.TarFile, name: str, data: bytes = b"", link: str | None = None,
-                  kind: bytes = tarfile.SYMTYPE) -> None:  # fmt: skip
+def add_tar_entry(
+    tar: tarfile.TarFile, name: str, data: bytes = b"", link: str | None = None, kind: bytes = tarfile.SYMTYPE
+) -> None:
     """An entry written as a crafted archive holds it: a file of ``data``, or with ``link`` a
     link of ``kind`` (symbolic, or ``tarfile.LNKTYPE``: hard) to it; ``tarfile.FIFOTYPE`` a FIFO."""
     info = tarfile.TarInfo(name)

@@ -20,8 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Flags for a Shapes run small enough to take seconds.
 TINY = ["--shapes-train", "120", "--shapes-test", "40", "--batch-size", "40"]
 #: Flags for a one-epoch dry run on the small VOC folder ``data/PascalVOC2012`` (``fakedata.small_voc``).
-VOC_DRY_RUN = ["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "-d", "--cache-dir", "cache", "--batch-size",
-               "2"]  # fmt: skip
+VOC_DRY_RUN = [
+    "-ds",
+    "PascalVOC2012",
+    "--data-dir",
+    "data",
+    "-ne",
+    "1",
+    "-d",
+    "--cache-dir",
+    "cache",
+    "--batch-size",
+    "2",
+]
 
 
 def command(*args: str) -> list[str]:
@@ -40,16 +51,28 @@ def run(
     """``python main.py *args`` in ``cwd`` (behind ``prefix``, e.g. setpriv; in ``env``, else
     this process's environment), output captured."""
     return subprocess.run(
-        [*(prefix or []), *command(*args)], check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-        preexec_fn=preexec, env=env,
-    )  # fmt: skip
+        [*(prefix or []), *command(*args)],
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+        env=env,
+    )
 
 
 def start(flags: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
     """``python main.py *flags`` started in ``cwd``, its stderr a text pipe (``wait_for``), its
     stdout discarded; with ``new_session``, in a process group of its own (``os.killpg``)."""
-    return subprocess.Popen(command(*flags), cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            start_new_session=new_session)  # fmt: skip
+    return subprocess.Popen(
+        command(*flags),
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def wait_for(process: subprocess.Popen, text: str) -> str:

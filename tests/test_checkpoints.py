@@ -172,9 +172,13 @@ def test_a_checkpoint_decides_neither_where_the_run_writes_nor_what_the_terminal
     last = copy_run(cifar_run, tmp_path / "work")
     checkpoint = torch.load(last, weights_only=True)
     elsewhere = tmp_path / "other-machine" / "outputs"
-    checkpoint["config"] = {**checkpoint["config"], "output_dir": str(elsewhere), "run_name": "moved",
-                            "cache_dir": str(tmp_path / "other-machine" / "cache"),
-                            "message": "note \x1b]0;owned\x07\x1b[2J\r"}  # fmt: skip
+    checkpoint["config"] = {
+        **checkpoint["config"],
+        "output_dir": str(elsewhere),
+        "run_name": "moved",
+        "cache_dir": str(tmp_path / "other-machine" / "cache"),
+        "message": "note \x1b]0;owned\x07\x1b[2J\r",
+    }
     torch.save(checkpoint, tmp_path / "work" / "moved.pt")
     result = run_main("--resume", "moved.pt", "-ne", "3", cwd=tmp_path / "work")
     assert result.returncode == 0, result.stderr
@@ -200,8 +204,10 @@ def test_rewind_only_when_asked_and_the_newer_last_pt_is_kept(tmp_path, cifar_ru
     assert last.read_bytes() == before
     rewound = run_main("--resume", str(last.parent / "epoch1.pt"), "-ne", "2", "--rewind", cwd=tmp_path / "work")
     assert rewound.returncode == 0, rewound.stderr
-    assert re.search(r"rewinding run .* to step \d+; its last.pt \(at epoch 2 \(step 6\)\) is kept as .*last.epoch2.pt",
-                     rewound.stderr), rewound.stderr  # fmt: skip
+    assert re.search(
+        r"rewinding run .* to step \d+; its last.pt \(at epoch 2 \(step 6\)\) is kept as .*last.epoch2.pt",
+        rewound.stderr,
+    ), rewound.stderr
     assert (last.parent / "last.epoch2.pt").read_bytes() == before
     assert torch.load(last, weights_only=True)["epoch"] == 2
 
@@ -217,8 +223,11 @@ def test_two_resumes_of_one_run_the_second_is_refused_and_kill_9_leaves_no_stale
         wait_for(first, "resumed after epoch 2")
         second = run_main("--resume", str(last), "-ne", "4", cwd=tmp_path / "work")
         assert second.returncode == 1 and "Traceback" not in second.stderr
-        assert re.search(rf"error: run {last.parent.name} is in use by process {first.pid} on .* \(since .*\); wait for "
-                         r"it to finish or stop it, then run this again\.", second.stderr), second.stderr  # fmt: skip
+        assert re.search(
+            rf"error: run {last.parent.name} is in use by process {first.pid} on .* \(since .*\); wait for "
+            r"it to finish or stop it, then run this again\.",
+            second.stderr,
+        ), second.stderr
         os.killpg(first.pid, signal.SIGKILL)  # no handler runs: the lock file stays behind
         first.wait(timeout=60)
     finally:
@@ -308,8 +317,23 @@ def light(state) -> dict:
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-BAD_VALUES = [None, True, -1, 2**70, -1.5, float("nan"), float("inf"), "x", "../x", [], {}, [None], {"a": 1},
-              torch.zeros(3), torch.full((2,), float("nan"))]  # fmt: skip
+BAD_VALUES = [
+    None,
+    True,
+    -1,
+    2**70,
+    -1.5,
+    float("nan"),
+    float("inf"),
+    "x",
+    "../x",
+    [],
+    {},
+    [None],
+    {"a": 1},
+    torch.zeros(3),
+    torch.full((2,), float("nan")),
+]
 
 
 def test_the_real_checkpoint_passes_every_rule(state):
@@ -369,19 +393,55 @@ def test_fuzzed_schedule_states_are_accepted_or_refused_in_words(light, changes)
 #: pipeline on 32-pixel images) and, for TorchAlexNet, a modern and a paper one on 256-pixel images.
 PIPELINES = {
     "modern": {"kind": "modern", "mean": torch.full((3,), 0.5), "std": torch.full((3,), 0.25), "crop": 224},
-    "paper": {"kind": "paper", "mean_image": torch.full((3, 256, 256), 120.0), "eigenvalues": torch.ones(3) / 100,
-              "eigenvectors": torch.eye(3), "crop": 224, "base": 256, "sigma": 0.1, "fidelity": "code"},
-}  # fmt: skip
+    "paper": {
+        "kind": "paper",
+        "mean_image": torch.full((3, 256, 256), 120.0),
+        "eigenvalues": torch.ones(3) / 100,
+        "eigenvectors": torch.eye(3),
+        "crop": 224,
+        "base": 256,
+        "sigma": 0.1,
+        "fidelity": "code",
+    },
+}
 SIZES = st.integers(-2, 300) | st.sampled_from([0, 1, 7, 8, 31, 32, 33, 223, 224, 225, 256, 257, 4096, 2**40])
 ENTRIES = (
     SIZES
     | VALUES
-    | st.sampled_from([torch.zeros(3), torch.ones(3), -torch.ones(3), torch.full((3,), float("nan")), torch.eye(3),
-                       torch.ones(2), torch.zeros(3, 8, 8), torch.ones(3, 256, 256), torch.ones(3, dtype=torch.long),
-                       "cifar", "paper", "modern", "text", 0.5, 1.5])
-)  # fmt: skip
-PIPELINE_KEYS = ["kind", "mean", "std", "input_size", "padding", "crop", "mean_image", "eigenvalues", "eigenvectors",
-                 "base", "sigma", "fidelity"]  # fmt: skip
+    | st.sampled_from(
+        [
+            torch.zeros(3),
+            torch.ones(3),
+            -torch.ones(3),
+            torch.full((3,), float("nan")),
+            torch.eye(3),
+            torch.ones(2),
+            torch.zeros(3, 8, 8),
+            torch.ones(3, 256, 256),
+            torch.ones(3, dtype=torch.long),
+            "cifar",
+            "paper",
+            "modern",
+            "text",
+            0.5,
+            1.5,
+        ]
+    )
+)
+PIPELINE_KEYS = [
+    "kind",
+    "mean",
+    "std",
+    "input_size",
+    "padding",
+    "crop",
+    "mean_image",
+    "eigenvalues",
+    "eigenvectors",
+    "base",
+    "sigma",
+    "fidelity",
+]
 
 
 @FIELD_FUZZ
@@ -437,6 +497,7 @@ def test_an_optimizer_state_must_fit_the_model(state):
 def test_an_interrupted_epoch_must_be_an_order_of_the_training_images():
     partial = {"order": torch.randperm(10), "batches_done": 2, "loss_sum": 1.0, "seconds": 1.0}
     assert check_partial_epoch(partial, 10, 3) is None
-    assert "not an order of the 10 training images" in check_partial_epoch({**partial, "order": torch.zeros(10,
-                                                                                          dtype=torch.long)}, 10, 3)  # fmt: skip
+    assert "not an order of the 10 training images" in check_partial_epoch(
+        {**partial, "order": torch.zeros(10, dtype=torch.long)}, 10, 3
+    )
     assert "more than the 1 an epoch has" in check_partial_epoch(partial, 10, 1)

@@ -35,9 +35,34 @@ def test_every_help_line_states_its_default():
 
 def test_seed_flags_keep_their_short_and_long_names():
     options = {s for a in get_args_parser()._actions for s in a.option_strings}
-    seed = ["-h", "--help", "-v", "--version", "-d", "--dry_run", "-l", "--log", "-c", "--cifar", "-pt",
-            "--paper_train", "-pm", "--paper_model", "-ne", "--n_epoch", "-es", "--early_stop", "-lls",
-            "--log_loss_step", "-lce", "--log_confusion_epoch", "-ds", "--dataset", "-m", "--message"]  # fmt: skip
+    seed = [
+        "-h",
+        "--help",
+        "-v",
+        "--version",
+        "-d",
+        "--dry_run",
+        "-l",
+        "--log",
+        "-c",
+        "--cifar",
+        "-pt",
+        "--paper_train",
+        "-pm",
+        "--paper_model",
+        "-ne",
+        "--n_epoch",
+        "-es",
+        "--early_stop",
+        "-lls",
+        "--log_loss_step",
+        "-lce",
+        "--log_confusion_epoch",
+        "-ds",
+        "--dataset",
+        "-m",
+        "--message",
+    ]
     new = ["--data-dir", "--batch-size", "--lr", "--seed", "--device", "--output-dir"]
     assert set(seed + new) <= options
 
@@ -66,8 +91,14 @@ def test_training_run_writes_tensorboard_summary_checkpoints_and_log(tmp_path, r
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"Shapes/train/loss", "Shapes/train/lr", "Shapes/val/loss", "Shapes/val/top1", "Shapes/val/top5",
-            "Shapes/val/top1_max"} <= tags  # fmt: skip
+    assert {
+        "Shapes/train/loss",
+        "Shapes/train/lr",
+        "Shapes/val/loss",
+        "Shapes/val/top1",
+        "Shapes/val/top5",
+        "Shapes/val/top1_max",
+    } <= tags
     top1 = [e.value for e in events.Scalars("Shapes/val/top1")]
     assert len(top1) == 2 and max(top1) == pytest.approx(summary["best_top1"])
     assert len(events.Scalars("Shapes/train/loss")) == 2 * 3  # -lls 1: every one of 3 steps per epoch
@@ -117,8 +148,23 @@ def test_tensorboard_holds_every_tag_and_checkpoints_hold_every_state(tmp_path, 
     assert [e.value for e in events.Scalars("Shapes/train/epoch")] == [1, 2]
 
     checkpoint = torch.load(only(tmp_path / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "global_step", "best_metric", "best", "best_epoch", "rng",
-            "config", "version", "classes", "top1_max", "train_images", "train_seconds"} <= set(checkpoint)  # fmt: skip
+    assert {
+        "model",
+        "optimizer",
+        "scheduler",
+        "epoch",
+        "global_step",
+        "best_metric",
+        "best",
+        "best_epoch",
+        "rng",
+        "config",
+        "version",
+        "classes",
+        "top1_max",
+        "train_images",
+        "train_seconds",
+    } <= set(checkpoint)
     assert {"torch", "index", "augment"} <= set(checkpoint["rng"])
     assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 6
     assert checkpoint["config"] == json.loads((run_dir / "config.json").read_text())
@@ -143,8 +189,9 @@ def test_dry_run_writes_nothing_under_runs_or_checkpoints(tmp_path, run_main, ti
     [(["-pm", "-pt"], "PaperAlexNet"), ([], "TorchAlexNet"), (["-c", "-pm", "--no-lrn"], "CifarAlexNet")],
 )
 def test_every_model_trains_on_shapes(tmp_path, flags, model, run_main):
-    result = run_main(*flags, "-d", "-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "8",
-                 cwd=tmp_path)  # fmt: skip
+    result = run_main(
+        *flags, "-d", "-ne", "1", "--shapes-train", "16", "--shapes-test", "8", "--batch-size", "8", cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert f"{model} on Shapes" in result.stderr and "epoch 1/1" in result.stderr
     if "-pt" in flags:
@@ -212,8 +259,21 @@ def test_cifar_alexnet_learns_shapes(tmp_path, run_main):
     they are busy. Less work does not learn reliably: the network stays near chance for its first
     1,000 to 2,000 images at any batch size or rate tried (batch 8 to 50, Adam at 1e-4 to 3e-4),
     and three epochs end at 68 %, too close to the bound for CPUs that train in fp32, not bf16."""
-    result = run_main("-c", "-ne", "4", "--shapes-train", "2500", "--shapes-test", "500", "--batch-size", "50",
-                      "--output-dir", "out", cwd=tmp_path, timeout=None)  # fmt: skip
+    result = run_main(
+        "-c",
+        "-ne",
+        "4",
+        "--shapes-train",
+        "2500",
+        "--shapes-test",
+        "500",
+        "--batch-size",
+        "50",
+        "--output-dir",
+        "out",
+        cwd=tmp_path,
+        timeout=None,
+    )
     assert result.returncode == 0, result.stderr
     (summary,) = (tmp_path / "out" / "runs" / "Shapes").glob("*/summary.json")
     best = json.loads(summary.read_text())["best_top1"]

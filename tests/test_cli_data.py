@@ -30,8 +30,19 @@ def test_cifar100_shared_sample_trains(shared_data, tmp_path, run_main):
 
 
 def test_paper_setup_on_the_shared_voc_sample_reports_map(shared_data, tmp_path, run_main):
-    result = run_main("-pm", "-pt", "-ds", "PascalVOC2012", "--data-dir", str(shared_data), "-ne", "1",
-                 "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)  # fmt: skip
+    result = run_main(
+        "-pm",
+        "-pt",
+        "-ds",
+        "PascalVOC2012",
+        "--data-dir",
+        str(shared_data),
+        "-ne",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "10-crop test" in result.stderr and " mAP " in result.stderr
     s = summary(tmp_path, "PascalVOC2012")
@@ -48,8 +59,22 @@ def voc(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("loader", ["memory", "stream"])
 def test_modern_setup_on_voc_in_memory_and_streamed(tmp_path, loader, run_main):
     voc(tmp_path)
-    result = run_main("-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "1", "-d", "--batch-size", "2",
-                 "--loader", loader, "--workers", "2", cwd=tmp_path)  # fmt: skip
+    result = run_main(
+        "-ds",
+        "PascalVOC2012",
+        "--data-dir",
+        "data",
+        "-ne",
+        "1",
+        "-d",
+        "--batch-size",
+        "2",
+        "--loader",
+        loader,
+        "--workers",
+        "2",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "random-resized crop 224" in result.stderr and "TorchAlexNet on PascalVOC2012" in result.stderr
     assert ("streaming them with a DataLoader of 2 workers" in result.stderr) == (loader == "stream")

@@ -62,8 +62,9 @@ DETERMINISTIC = textwrap.dedent("""
 def test_every_model_trains_under_deterministic_algorithms():
     # A process of its own: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it first starts.
     env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-    result = subprocess.run([sys.executable, "-c", DETERMINISTIC, ROOT], capture_output=True, text=True, env=env,
-                            check=False, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", DETERMINISTIC, ROOT], capture_output=True, text=True, env=env, check=False, timeout=600
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
@@ -115,11 +116,14 @@ def test_a_gpu_checkpoint_loads_where_there_is_no_gpu(tmp_path):
     config = TrainConfig(model="CifarAlexNet", batch_size=32, n_epoch=1, output_dir=str(tmp_path))
     summary = Trainer(config, CifarAlexNet(10), shapes, torch.device("cuda")).fit()
     last = tmp_path / "checkpoints" / "Shapes" / summary["run_name"] / "last.pt"
-    script = ("import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
-              "print(all(t.device.type == 'cpu' for t in c['model'].values()))")  # fmt: skip
+    script = (
+        "import sys, torch; c = torch.load(sys.argv[1], weights_only=True); "
+        "print(all(t.device.type == 'cpu' for t in c['model'].values()))"
+    )
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run([sys.executable, "-c", script, str(last)], capture_output=True, text=True, env=env,
-                            check=False, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(last)], capture_output=True, text=True, env=env, check=False, timeout=300
+    )
     assert result.stdout.strip() == "True", result.stderr[-2000:]
 
 

@@ -257,7 +257,7 @@ class AtenOps(TorchDispatchMode):
         kwargs = kwargs or {}
         self.ran.add(str(func))
         name = func.overloadpacket.__name__
-        arguments = {**dict(zip((a.name for a in func._schema.arguments), args)), **kwargs}
+        arguments = {**dict(zip((a.name for a in func._schema.arguments), args, strict=False)), **kwargs}
         self.throwing |= {f"{func} ({op.documented})" for op in THROWING if op.aten == name and op.when(arguments)}
         return func(*args, **kwargs)
 

@@ -55,9 +55,24 @@ def _torchrun(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), out=str(tmp_path), extra=""))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), "-c", "--shapes-train", "192",
-               "--shapes-test", "75", "--batch-size", "64", "--seed", "3", "--output-dir", str(tmp_path / "out"),
-               *flags]  # fmt: skip
+    command = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        "-c",
+        "--shapes-train",
+        "192",
+        "--shapes-test",
+        "75",
+        "--batch-size",
+        "64",
+        "--seed",
+        "3",
+        "--output-dir",
+        str(tmp_path / "out"),
+        *flags,
+    ]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -89,8 +104,10 @@ def test_torchrun_trains_writes_one_run_and_keeps_the_ranks_identical(tmp_path):
 # TF32 (CUDA only) would round the DDP and the one-process step differently. Set through
 # fp32_precision, the API of every torch we support: reading the deprecated allow_tf32 raises
 # once anything in the process has used the new one.
-EXACT_FLOAT32 = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
-                 (torch.backends.cuda.matmul, "fp32_precision", "ieee")]  # fmt: skip
+EXACT_FLOAT32 = [
+    (torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+    (torch.backends.cuda.matmul, "fp32_precision", "ieee"),
+]
 
 
 def _init(rank: int, world: int, store: str, device: str = "cpu") -> None:
@@ -130,9 +147,13 @@ def _ddp_step_worker(rank: int, world: int, store: str, out: str, device: str) -
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA "
-                                                          "devices for NCCL"))],
-)  # fmt: skip
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices for NCCL")
+        ),
+    ],
+)
 def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path, device, monkeypatch):
     out = tmp_path / "ddp.pt"
     mp.spawn(_ddp_step_worker, args=(2, str(tmp_path / "store"), str(out), device), nprocs=2)
@@ -208,8 +229,9 @@ def test_training_shares_cover_each_global_batch_once():
     pipeline = CifarPipeline(torch.zeros(3), torch.ones(3), 4, padding=0)
 
     def seen(rank: int) -> list[list[int]]:
-        loader = BatchLoader(split, 4, pipeline, train=True, index_generator=torch.Generator().manual_seed(0),
-                             rank=rank, world=3)  # fmt: skip
+        loader = BatchLoader(
+            split, 4, pipeline, train=True, index_generator=torch.Generator().manual_seed(0), rank=rank, world=3
+        )
         return [labels.tolist() for _, labels in loader]
 
     order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
@@ -248,12 +270,32 @@ def test_split_gpus_on_cpu_trains_and_saves_the_grouped_weights(tmp_path, run_ma
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path, repo_root):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = ["-c", "-ne", "2", "--shapes-train", "512", "--shapes-test", "32", "--batch-size", "32", "-lls", "1",
-             "--output-dir", "out", "--run-name", "ddp"]  # fmt: skip
+    flags = [
+        "-c",
+        "-ne",
+        "2",
+        "--shapes-train",
+        "512",
+        "--shapes-test",
+        "32",
+        "--batch-size",
+        "32",
+        "-lls",
+        "1",
+        "--output-dir",
+        "out",
+        "--run-name",
+        "ddp",
+    ]
     log = tmp_path / "log.txt"
     with log.open("w") as out:
-        job = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", str(repo_root / "main.py"), *flags],
-                               cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        job = subprocess.Popen(
+            [TORCHRUN, "--standalone", "--nproc_per_node=2", str(repo_root / "main.py"), *flags],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 300
         while "epoch 1/2" not in log.read_text() and time.monotonic() < deadline and job.poll() is None:
             time.sleep(0.5)
@@ -263,16 +305,32 @@ def test_sigterm_under_torchrun_saves_mid_epoch_and_resume_finishes(tmp_path, re
     text = log.read_text()
     assert job.returncode != 0
     # Mid-epoch as a rule; at the epoch's end if the signal came while epoch 1 was being saved.
-    assert re.search(r"stopped by SIGTERM (at step \d+ \(epoch 2, batch \d+ of 16\)|after epoch 1); saved "
-                     r"out/checkpoints/Shapes/ddp/last.pt", text), text[-3000:]  # fmt: skip
+    assert re.search(
+        r"stopped by SIGTERM (at step \d+ \(epoch 2, batch \d+ of 16\)|after epoch 1); saved "
+        r"out/checkpoints/Shapes/ddp/last.pt",
+        text,
+    ), text[-3000:]
     assert "resume with: torchrun ... main.py --resume out/checkpoints/Shapes/ddp/last.pt" in text
     saved = torch.load(tmp_path / "out/checkpoints/Shapes/ddp/last.pt", weights_only=True)
     assert saved["epoch"] == 1
     where = f"batch {saved['partial']['batches_done']} of epoch 2" if saved["partial"] else "epoch 1"
 
-    resumed = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(repo_root / "main.py"), "--resume",
-                              "out/checkpoints/Shapes/ddp/last.pt"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=600, check=False)  # fmt: skip
+    resumed = subprocess.run(
+        [
+            TORCHRUN,
+            "--standalone",
+            "--nproc_per_node=2",
+            str(repo_root / "main.py"),
+            "--resume",
+            "out/checkpoints/Shapes/ddp/last.pt",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed after {where}" in resumed.stderr
     summary = json.loads((tmp_path / "out/runs/Shapes/ddp/summary.json").read_text())
@@ -303,8 +361,24 @@ trainer.Trainer.__init__ = exact
 # a rate where training is stable, so rounding differences stay as small as they start: Adam
 # divides by the root of the squared gradients, which blows the rounding of a near-zero gradient
 # up to a whole step, and SGD at 0.1 already amplifies it a thousandfold in six steps.
-EXACT_FLAGS = ["-c", "--shapes-train", "192", "--shapes-test", "32", "--batch-size", "64", "--seed", "3",
-               "--amp", "off", "--no-channels-last", "--optimizer", "sgd", "--lr", "0.01"]  # fmt: skip
+EXACT_FLAGS = [
+    "-c",
+    "--shapes-train",
+    "192",
+    "--shapes-test",
+    "32",
+    "--batch-size",
+    "64",
+    "--seed",
+    "3",
+    "--amp",
+    "off",
+    "--no-channels-last",
+    "--optimizer",
+    "sgd",
+    "--lr",
+    "0.01",
+]
 
 
 def _worker_script(folder: Path) -> Path:
@@ -332,13 +406,27 @@ def _two_agents(folder: Path, *flags: str) -> list[subprocess.Popen]:
     port, run_id = _free_port(), f"test-{os.getpid()}-{time.monotonic_ns()}"
     agents = []
     for node in (0, 1):
-        command = [TORCHRUN, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-                   f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={1 - node}",
-                   "--local-addr=127.0.0.1", "--max-restarts=0", f"--log-dir={folder / f'logs{node}'}",
-                   "--redirects=3", str(script), *flags]  # fmt: skip
+        command = [
+            TORCHRUN,
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={run_id}",
+            f"--rdzv-conf=is_host={1 - node}",
+            "--local-addr=127.0.0.1",
+            "--max-restarts=0",
+            f"--log-dir={folder / f'logs{node}'}",
+            "--redirects=3",
+            str(script),
+            *flags,
+        ]
         with (folder / f"agent{node}.txt").open("w") as log:
-            agents.append(subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True))  # fmt: skip
+            agents.append(
+                subprocess.Popen(
+                    command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
     return agents
 
 
@@ -366,8 +454,13 @@ def _one_process(folder: Path, threads: int, *flags: str) -> subprocess.Popen:
     ``threads`` threads, its output in ``folder/output.txt``."""
     script = _worker_script(folder)
     with (folder / "output.txt").open("w") as log:
-        return subprocess.Popen([sys.executable, str(script), *flags], cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, str(script), *flags],
+            cwd=folder,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )
 
 
 # How far the two nodes may end from one process, in multiples of the noise floor: the difference
@@ -456,7 +549,7 @@ def test_a_lost_node_stops_both_with_one_sentence_and_a_whole_last_checkpoint(tm
         r"machine, so process 0 stops too; resume from the last checkpoint with the same torchrun command plus "
         r"--resume out/checkpoints/Shapes/lost/last.pt",
         line,
-    ), line  # fmt: skip
+    ), line
     saved = torch.load(last, weights_only=True)
     assert saved["epoch"] >= 1 and saved["config"]["run_name"] == "lost"
 
@@ -492,23 +585,39 @@ def two_processes(monkeypatch):
     "error, reason",
     [
         (dist.DistBackendError(NCCL_REMOTE), "remote process exited or there was a network error"),
-        (dist.DistBackendError(NCCL_TIMEOUT),
-         TIMEOUT_REASON),
-        (dist.DistBackendError(f"[PG ID 0 PG GUID 0(default_pg) Rank 0] Process group watchdog thread terminated with "
-                               f"exception: {NCCL_TIMEOUT}"),
-         TIMEOUT_REASON),
-        (dist.DistBackendError("NCCL communicator was aborted on rank 0. Original reason for failure was: ..."),
-         "NCCL communicator was aborted on rank 0"),
+        (dist.DistBackendError(NCCL_TIMEOUT), TIMEOUT_REASON),
+        (
+            dist.DistBackendError(
+                f"[PG ID 0 PG GUID 0(default_pg) Rank 0] Process group watchdog thread terminated with "
+                f"exception: {NCCL_TIMEOUT}"
+            ),
+            TIMEOUT_REASON,
+        ),
+        (
+            dist.DistBackendError("NCCL communicator was aborted on rank 0. Original reason for failure was: ..."),
+            "NCCL communicator was aborted on rank 0",
+        ),
         (dist.DistNetworkError("Connection reset by peer"), "Connection reset by peer"),
-        (dist.DistStoreError("Failed to recv, got 0 bytes. Connection was likely closed."),
-         "Failed to recv, got 0 bytes"),
-        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
-                      "[10.0.0.2]:40211. This is typically caused by a remote worker crashing."),
-         "Connection closed by peer 10.0.0.2:40211"),
-        (RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for "
-                      "recv operation to complete"), "Timed out waiting 1800000ms for recv operation to complete"),
+        (
+            dist.DistStoreError("Failed to recv, got 0 bytes. Connection was likely closed."),
+            "Failed to recv, got 0 bytes",
+        ),
+        (
+            RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                "[10.0.0.2]:40211. This is typically caused by a remote worker crashing."
+            ),
+            "Connection closed by peer 10.0.0.2:40211",
+        ),
+        (
+            RuntimeError(
+                "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 1800000ms for "
+                "recv operation to complete"
+            ),
+            "Timed out waiting 1800000ms for recv operation to complete",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_lost_process_is_one_sentence_under_nccl_gloo_and_the_store(two_processes, error, reason):
     assert lost_process(error, Path("out/last.pt")) == f"the run lost process 1 of 2 ({reason}){ADVICE}"
 
@@ -527,13 +636,17 @@ def test_nccl_errors_are_recognised_by_type_not_wording(two_processes):
     [
         RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x9216 and 4096x10)"),
         ValueError("Connection closed by peer"),  # gloo's wording, but not a collective's error
-        dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:3690, invalid usage (run with NCCL_DEBUG=WARN for "
-                              "details), NCCL version 2.27.3\nncclInvalidUsage: This usually reflects invalid usage of "
-                              "NCCL library."),
-        dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:3690, unhandled cuda error (run with NCCL_DEBUG=INFO "
-                              "for details), NCCL version 2.27.3\nncclUnhandledCudaError: Call to CUDA function failed."),
+        dist.DistBackendError(
+            "NCCL error in: ProcessGroupNCCL.cpp:3690, invalid usage (run with NCCL_DEBUG=WARN for "
+            "details), NCCL version 2.27.3\nncclInvalidUsage: This usually reflects invalid usage of "
+            "NCCL library."
+        ),
+        dist.DistBackendError(
+            "NCCL error in: ProcessGroupNCCL.cpp:3690, unhandled cuda error (run with NCCL_DEBUG=INFO "
+            "for details), NCCL version 2.27.3\nncclUnhandledCudaError: Call to CUDA function failed."
+        ),
     ],
-)  # fmt: skip
+)
 def test_other_errors_propagate(two_processes, error):
     assert lost_process(error, Path("out/last.pt")) is None
 
@@ -564,8 +677,14 @@ def _cache_worker(rank: int, port: int, case: str, folder: Path) -> None:
     from training.distributed import data_peers, init_distributed
 
     torch.set_num_threads(1)  # a forked child must not join the parent's OpenMP threads (it would hang)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+    )
     if Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     resized = []
@@ -632,8 +751,10 @@ def test_a_bad_image_in_one_process_share_is_the_same_sentence_in_every_process(
     that one process alone would, and neither is left waiting for the other."""
     ranks = _two_readers(tmp_path, "bad")
     assert ranks[0]["outcome"] == ranks[1]["outcome"]
-    assert re.fullmatch(r"DataError: \S+/0001\.png cannot be decoded as an image \(.+\); replace it .+ or remove it\.",
-                        ranks[0]["outcome"]), ranks[0]["outcome"]  # fmt: skip
+    assert re.fullmatch(
+        r"DataError: \S+/0001\.png cannot be decoded as an image \(.+\); replace it .+ or remove it\.",
+        ranks[0]["outcome"],
+    ), ranks[0]["outcome"]
 
 
 def test_image_folder_and_voc_build_their_caches_through_the_shared_path(tmp_path):

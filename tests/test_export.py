@@ -49,8 +49,9 @@ def test_export_matches_pytorch_and_carries_metadata(trained, fmt):
     """Outputs within 1e-4 on 5 real pipeline inputs (traced on 2), and the metadata round-trips."""
     size = trained.input_size
     g = torch.Generator().manual_seed(3)
-    x = trained.preprocess(torch.randint(0, 256, (5, 3, trained.image_size, trained.image_size), generator=g,
-                                         dtype=torch.uint8))[:, 0].contiguous()  # fmt: skip
+    x = trained.preprocess(
+        torch.randint(0, 256, (5, 3, trained.image_size, trained.image_size), generator=g, dtype=torch.uint8)
+    )[:, 0].contiguous()
     data, difference = export(trained, fmt, x)
     assert difference <= 1e-4
     if trained.config.split_gpus:  # exported as the grouped model: the split one gives the same outputs
@@ -84,8 +85,9 @@ def test_export_writes_nothing_outside_out(tmp_path, run_main):
     tmp.mkdir()
     ours = ("ORT_DISABLE_TELEMETRY", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "TMP", "TEMP")
     env = {**{k: v for k, v in os.environ.items() if k not in ours}, "HOME": str(home), "TMPDIR": str(tmp)}
-    result = run_main("export", "--checkpoint", str(checkpoint), "--format", "onnx", "model.onnx", cwd=tmp_path,
-                      env=env)  # fmt: skip
+    result = run_main(
+        "export", "--checkpoint", str(checkpoint), "--format", "onnx", "model.onnx", cwd=tmp_path, env=env
+    )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert (tmp_path / "model.onnx").stat().st_size > 0
     assert sorted(home.rglob("*")) == [] and sorted(tmp.rglob("*")) == []

@@ -74,11 +74,18 @@ def test_resume_refuses_another_fidelity():
     checkpoint = {"config": {"model": "PaperAlexNet", "paper_train": True, "setup": "paper"}}  # 0.2: text
     args = main.get_args_parser().parse_args(["-pm", "-pt", "--fidelity", "code"])
     with pytest.raises(UserError, match="fidelity"):
-        config_from_checkpoint(checkpoint, "last.pt", args, explicit_flags(main.get_args_parser(), ["-pm", "-pt", "--fidelity",
-                                    "code"]), CPU, RESUME_MAY_CHANGE)  # fmt: skip
+        config_from_checkpoint(
+            checkpoint,
+            "last.pt",
+            args,
+            explicit_flags(main.get_args_parser(), ["-pm", "-pt", "--fidelity", "code"]),
+            CPU,
+            RESUME_MAY_CHANGE,
+        )
     args = main.get_args_parser().parse_args(["-pm", "-pt"])
-    resumed = config_from_checkpoint(checkpoint, "last.pt", args, explicit_flags(main.get_args_parser(), ["-pm", "-pt"]), CPU,
-                                          RESUME_MAY_CHANGE)  # fmt: skip
+    resumed = config_from_checkpoint(
+        checkpoint, "last.pt", args, explicit_flags(main.get_args_parser(), ["-pm", "-pt"]), CPU, RESUME_MAY_CHANGE
+    )
     assert resumed.fidelity == "text"
 
 
@@ -142,9 +149,23 @@ def test_cnorm2_against_the_kernel_written_as_loops(size):
 
 def test_code_network_order_and_cnorm2_sit_where_the_release_has_them():
     kinds = [type(m).__name__ for m in PaperAlexNet(10, fidelity="code").features]
-    assert kinds == ["CeilConv2d", "PaperLRN", "MaxPool2d", "ReLU",  # L:9-63
-                     "Conv2d", "ReLU", "Sequential", "MaxPool2d",  # L:65-131
-                     "Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d"]  # fmt: skip
+    assert kinds == [
+        "CeilConv2d",
+        "PaperLRN",
+        "MaxPool2d",
+        "ReLU",  # L:9-63
+        "Conv2d",
+        "ReLU",
+        "Sequential",
+        "MaxPool2d",  # L:65-131
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
     norm2 = PaperAlexNet(10, fidelity="code").features[6]
     assert [type(m).__name__ for m in norm2] == ["PaperLRN", "SameMapNorm"]
     assert (norm2[1].size, norm2[1].scale, norm2[1].power, norm2[1].min_div) == (5, 0.001, 0.75, 1.0)  # P:157-163
@@ -172,8 +193,9 @@ def test_code_conv1_is_the_ceil_rule_padding_on_the_right_and_bottom():
     assert PaperAlexNet(10, fidelity="text").features[0].padding == (2, 2)
 
 
-@pytest.mark.parametrize("model_fn", [lambda: PaperAlexNet(1000, fidelity="code"),
-                                      lambda: CifarAlexNet(10, paper=True, fidelity="code")])  # fmt: skip
+@pytest.mark.parametrize(
+    "model_fn", [lambda: PaperAlexNet(1000, fidelity="code"), lambda: CifarAlexNet(10, paper=True, fidelity="code")]
+)
 def test_code_initialisation_is_0_03_on_conv3_to_5(model_fn):
     torch.manual_seed(0)
     model = model_fn()
@@ -230,7 +252,9 @@ def test_code_biases_keep_rate_0_02_without_decay_across_a_weight_rate_drop():
     b = torch.nn.Parameter(torch.full((1,), 2.0, dtype=torch.float64))
     optimizer = release_sgd("code", [w, b])
     assert [(len(g["params"]), g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [
-        (1, 0.01, 0.9, 0.0005), (1, 0.02, 0.9, 0.0)]  # fmt: skip
+        (1, 0.01, 0.9, 0.0005),
+        (1, 0.02, 0.9, 0.0),
+    ]
     rates = [0.01, 0.01, 0.01, 0.001, 0.001]  # the schedule drops the weights' rate after 3 steps
     vw = vb = 0.0
     ww = wb = 2.0
@@ -383,8 +407,7 @@ def test_fidelity_table_states_the_release_values(repo_root):
 def test_milestones_drop_the_rate_after_those_epochs_and_count_as_drops():
     from training.schedule import PlateauSchedule, milestones_problem, parse_milestones
 
-    schedule = PlateauSchedule(base_lr=0.01, factor=0.1, patience=100, max_drops=3,
-                               milestones=parse_milestones("2,4"))  # fmt: skip
+    schedule = PlateauSchedule(base_lr=0.01, factor=0.1, patience=100, max_drops=3, milestones=parse_milestones("2,4"))
     rates = [schedule.step(score, epoch).lr for epoch, score in enumerate([1, 2, 3, 4, 5], start=1)]
     assert rates == pytest.approx([0.01, 0.001, 0.001, 0.0001, 0.0001]) and schedule.drops == 2
     # A plateau drop and a milestone drop at the same epoch are one drop; max_drops bounds both.
@@ -401,8 +424,7 @@ def test_milestones_drop_the_rate_after_those_epochs_and_count_as_drops():
 
 
 def test_lr_milestones_flag_reaches_the_config_and_is_checked():
-    config = config_from_args(main.get_args_parser().parse_args(["--lr-milestones", "25,51,79"]),
-                                   torch.device("cpu"))  # fmt: skip
+    config = config_from_args(main.get_args_parser().parse_args(["--lr-milestones", "25,51,79"]), torch.device("cpu"))
     assert config.lr_milestones == "25,51,79"
     with pytest.raises(SystemExit):
         main.get_args_parser().parse_args(["--lr-milestones", "0,3"])

@@ -144,8 +144,9 @@ def test_single_tower_networks_get_one_block():
 
 # CifarAlexNet has torchvision's head (dropout before fc6 and fc7), its paper variant the paper's
 # (dropout after their ReLUs): the two classifiers of every network in network.py.
-@pytest.mark.parametrize("build", [lambda: CifarAlexNet(10), lambda: CifarAlexNet(10, paper=True)],
-                         ids=["torchvision-head", "paper-head"])  # fmt: skip
+@pytest.mark.parametrize(
+    "build", [lambda: CifarAlexNet(10), lambda: CifarAlexNet(10, paper=True)], ids=["torchvision-head", "paper-head"]
+)
 def test_fc7_features_are_what_fc8_reads(build):
     torch.manual_seed(0)
     model = build().eval()
@@ -263,8 +264,12 @@ def test_trainer_logs_the_kernel_grid_every_lce_epochs_and_at_the_last():
     model = CifarAlexNet(10)
     writer = Writer()
     outputs = SimpleNamespace(writer=writer, tensorboard=lambda action: action(writer))  # as RunOutputs.tensorboard
-    trainer = SimpleNamespace(config=SimpleNamespace(log_confusion_epoch=2, n_epoch=5), model=model, outputs=outputs,
-                              progress=SimpleNamespace())  # fmt: skip
+    trainer = SimpleNamespace(
+        config=SimpleNamespace(log_confusion_epoch=2, n_epoch=5),
+        model=model,
+        outputs=outputs,
+        progress=SimpleNamespace(),
+    )
     for epoch in range(1, 6):
         trainer.progress.epoch, trainer.progress.global_step = epoch, 10 * epoch
         Trainer._log_kernels(trainer)
@@ -330,8 +335,20 @@ def paper_run(tmp_path_factory, run_main) -> Path:
 def test_figures_of_a_paper_checkpoint_show_two_towers(paper_run, tmp_path):
     best = only(paper_run / "checkpoints" / "Shapes", "*/best.pt")
     # 30 model inputs per batch: 3 training images of 10 views, so the 8 are streamed in 3 batches.
-    args = ["--checkpoint", str(best), "--out", str(tmp_path / "out"), "--images", "2", "--queries", "2",
-            "--batch-size", "30", "--device", "cpu"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(best),
+        "--out",
+        str(tmp_path / "out"),
+        "--images",
+        "2",
+        "--queries",
+        "2",
+        "--batch-size",
+        "30",
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     sizes = pngs(tmp_path / "out")
     assert sizes["kernels_best_epoch001.png"] == grid_size(96, 11, 3, 2)
@@ -347,8 +364,9 @@ def test_a_wrong_checkpoint_is_one_sentence(tmp_path, run_main):
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: checkpoint notes.pt cannot be loaded (")
-    assert line.endswith("); it is damaged or was not written by this tool, so use another one (best.pt or last.pt "
-                         "of the run).")  # fmt: skip
+    assert line.endswith(
+        "); it is damaged or was not written by this tool, so use another one (best.pt or last.pt of the run)."
+    )
     with pytest.raises(UserError, match="does not exist; pass the path of a last.pt or best.pt"):
         main(["--checkpoint", str(tmp_path / "missing.pt")])
 
@@ -362,7 +380,7 @@ def test_confusion_csv_keeps_its_columns_whatever_the_class_names(tmp_path):
     with open(tmp_path / "confusion.csv", newline="", encoding="utf-8") as file:
         rows = list(csv.reader(file))
     assert rows[0] == ["true\\predicted", *classes]
-    assert rows[1:] == [[name, *map(str, row)] for name, row in zip(classes, confusion.tolist())]
+    assert rows[1:] == [[name, *map(str, row)] for name, row in zip(classes, confusion.tolist(), strict=False)]
 
 
 def test_a_run_folder_this_user_cannot_write_is_one_sentence_or_out(cifar_run, tmp_path, run_main):
@@ -379,13 +397,16 @@ def test_a_run_folder_this_user_cannot_write_is_one_sentence_or_out(cifar_run, t
     os.chmod(run_dir, 0o555)
     try:
         refused = run_main("figures", "--checkpoint", str(best), "--device", "cpu", cwd=tmp_path, prefix=prefix)
-        drawn = run_main("figures", "--checkpoint", str(best), "--device", "cpu", "--out", "out", cwd=tmp_path,
-                         prefix=prefix)  # fmt: skip
+        drawn = run_main(
+            "figures", "--checkpoint", str(best), "--device", "cpu", "--out", "out", cwd=tmp_path, prefix=prefix
+        )
     finally:
         os.chmod(run_dir, 0o755)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    sentence = (f"error: the run folder of {best}, {run_dir}, cannot be written (Permission denied); pass --out DIR "
-                "for the figures.")  # fmt: skip
+    sentence = (
+        f"error: the run folder of {best}, {run_dir}, cannot be written (Permission denied); pass --out DIR "
+        "for the figures."
+    )
     assert refused.stderr.strip().splitlines() == [sentence]
     assert drawn.returncode == 0 and "Traceback" not in drawn.stderr and "error" not in drawn.stderr, drawn.stderr
     assert f"the run folder {run_dir} cannot be written (Permission denied)" in drawn.stderr

@@ -74,12 +74,14 @@ def file_fuzz_tests(name: str, original: bytes, suffix: str, check) -> tuple:
     return tuple(tests)
 
 
-BATCH = python2_pickle({
-    b"batch_label": b"training batch 1 of 5",
-    b"labels": [3, 1, 4],
-    b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072),
-    b"filenames": [b"a.png", b"b.png", b"c.png"],
-})  # fmt: skip
+BATCH = python2_pickle(
+    {
+        b"batch_label": b"training batch 1 of 5",
+        b"labels": [3, 1, 4],
+        b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072),
+        b"filenames": [b"a.png", b"b.png", b"c.png"],
+    }
+)
 
 
 def check_batch(path: Path) -> None:
@@ -173,15 +175,24 @@ def check_solution(path: Path) -> None:
     assert all(isinstance(wnid, str) and wnid and not wnid.isspace() for wnid in labels.values())
 
 
-test_imagenet_solution_mutated, test_imagenet_solution_random = file_fuzz_tests("imagenet_solution", SOLUTION, ".csv",
-                                                                                check_solution)  # fmt: skip
+test_imagenet_solution_mutated, test_imagenet_solution_random = file_fuzz_tests(
+    "imagenet_solution", SOLUTION, ".csv", check_solution
+)
 
 
 def small_checkpoint() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.pt"
-        torch.save({"model": {"w": torch.arange(6.0)}, "config": {"model": "X", "lr": 0.1}, "epoch": 3,
-                    "classes": ["a", "b"], "rng": {"torch": torch.get_rng_state()}}, path)  # fmt: skip
+        torch.save(
+            {
+                "model": {"w": torch.arange(6.0)},
+                "config": {"model": "X", "lr": 0.1},
+                "epoch": 3,
+                "classes": ["a", "b"],
+                "rng": {"torch": torch.get_rng_state()},
+            },
+            path,
+        )
         return path.read_bytes()
 
 
@@ -193,8 +204,9 @@ def check_checkpoint(path: Path) -> None:
     assert isinstance(checkpoint, dict) and isinstance(checkpoint["config"], dict)
 
 
-test_checkpoint_mutated, test_checkpoint_random = file_fuzz_tests("checkpoint", small_checkpoint(), ".pt",
-                                                                  check_checkpoint)  # fmt: skip
+test_checkpoint_mutated, test_checkpoint_random = file_fuzz_tests(
+    "checkpoint", small_checkpoint(), ".pt", check_checkpoint
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,8 +246,11 @@ def check_loaded(data: bytes) -> object:
         try:
             obj = safe_unpickle(path)
         except DataError as error:
-            assert re.match(rf"{re.escape(str(path))} (was not loaded: it |asks to call |is truncated or not a CIFAR "
-                            r"pickle)", str(error)), error  # fmt: skip
+            assert re.match(
+                rf"{re.escape(str(path))} (was not loaded: it |asks to call |is truncated or not a CIFAR "
+                r"pickle)",
+                str(error),
+            ), error
             return
         arrays = arrays_in(obj)
         assert sum(a.nbytes for a in arrays) <= budget(data)
@@ -276,17 +291,46 @@ def test_cifar_array_fields(shape, code, order, fortran, version, exact, off):
     assert array.shape == shape and array.nbytes == size and version == 1 and fortran in (0, 1)
 
 
-STEPS = st.sampled_from([
-    lambda o: o.reconstruct(), lambda o: o.dtype(), lambda o: o.dtype("i8", "<"), lambda o: o.dtype("u1", "|", False),
-    lambda o: o.bytes(b"\x01" * 3072), lambda o: o.bytes(b"b"), lambda o: o.text("latin1"), lambda o: o.text("hex"),
-    lambda o: o.text("\xff" * 100), lambda o: o.int(0), lambda o: o.int(1), lambda o: o.int(3), lambda o: o.int(3072),
-    lambda o: o.mark(), lambda o: o.tuple(), lambda o: o.tuple1(), lambda o: o.tuple2(), lambda o: o.tuple3(),
-    lambda o: o.reduce(), lambda o: o.build(), lambda o: o.dict(), lambda o: o.list(), lambda o: o.setitems(),
-    lambda o: o.appends(), lambda o: o.put(0), lambda o: o.put(1), lambda o: o.get(0), lambda o: o.get(1),
-    lambda o: o.false(), lambda o: o.none(), lambda o: o.glob("numpy", "ndarray"), lambda o: o.glob("_codecs", "encode"),
-    lambda o: o.glob("numpy", "dtype"), lambda o: o.glob("numpy.core.multiarray", "_reconstruct"),
-    lambda o: o.array((1, 3072), lambda o: o.bytes(b"\x02" * 3072)), lambda o: o.array((1, 3072), lambda o: o.get(0)),
-])  # fmt: skip
+STEPS = st.sampled_from(
+    [
+        lambda o: o.reconstruct(),
+        lambda o: o.dtype(),
+        lambda o: o.dtype("i8", "<"),
+        lambda o: o.dtype("u1", "|", False),
+        lambda o: o.bytes(b"\x01" * 3072),
+        lambda o: o.bytes(b"b"),
+        lambda o: o.text("latin1"),
+        lambda o: o.text("hex"),
+        lambda o: o.text("\xff" * 100),
+        lambda o: o.int(0),
+        lambda o: o.int(1),
+        lambda o: o.int(3),
+        lambda o: o.int(3072),
+        lambda o: o.mark(),
+        lambda o: o.tuple(),
+        lambda o: o.tuple1(),
+        lambda o: o.tuple2(),
+        lambda o: o.tuple3(),
+        lambda o: o.reduce(),
+        lambda o: o.build(),
+        lambda o: o.dict(),
+        lambda o: o.list(),
+        lambda o: o.setitems(),
+        lambda o: o.appends(),
+        lambda o: o.put(0),
+        lambda o: o.put(1),
+        lambda o: o.get(0),
+        lambda o: o.get(1),
+        lambda o: o.false(),
+        lambda o: o.none(),
+        lambda o: o.glob("numpy", "ndarray"),
+        lambda o: o.glob("_codecs", "encode"),
+        lambda o: o.glob("numpy", "dtype"),
+        lambda o: o.glob("numpy.core.multiarray", "_reconstruct"),
+        lambda o: o.array((1, 3072), lambda o: o.bytes(b"\x02" * 3072)),
+        lambda o: o.array((1, 3072), lambda o: o.get(0)),
+    ]
+)
 
 
 @SOME
@@ -304,10 +348,12 @@ def test_cifar_pickle_programs(steps):
 # VOC image ids: whatever a list says, an id names a file inside the folder or is refused
 
 ID_TEXT = st.text(
-    alphabet=st.one_of(st.sampled_from(["/", "\\", ".", "-", "\x00", "\r", "\n", "\ufeff", " ", "~", "\u2028"]),
-                       st.characters(exclude_categories=("Cs",))),
+    alphabet=st.one_of(
+        st.sampled_from(["/", "\\", ".", "-", "\x00", "\r", "\n", "\ufeff", " ", "~", "\u2028"]),
+        st.characters(exclude_categories=("Cs",)),
+    ),
     max_size=30,
-)  # fmt: skip
+)
 ID_SENTENCE = re.compile(
     r".*train\.txt (line \d+: the image id .*, so it cannot name a file in the VOC folder; fix the line or remove it"
     r"|is empty; replace it with the original from the VOC release)\.",
@@ -316,8 +362,11 @@ ID_SENTENCE = re.compile(
 
 
 @SOME
-@given(st.lists(ID_TEXT | st.sampled_from(["../../etc/passwd", "/etc/passwd", "..", ".", "x" * 210]), min_size=1,
-                max_size=4))  # fmt: skip
+@given(
+    st.lists(
+        ID_TEXT | st.sampled_from(["../../etc/passwd", "/etc/passwd", "..", ".", "x" * 210]), min_size=1, max_size=4
+    )
+)
 def test_voc_ids_name_files_inside_the_folder(lines):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "VOC2012"

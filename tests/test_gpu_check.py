@@ -15,9 +15,23 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
-STEPS = ["cuda-tests", "shapes-default", "shapes-compile", "shapes-fp16", "deterministic", "kill-resume",
-         "resume-gpu-cpu", "resume-cpu-gpu", "imagenet-stream", "predict", "export", "torchrun-1", "torchrun-2",
-         "split-gpus", "benchmark"]  # fmt: skip
+STEPS = [
+    "cuda-tests",
+    "shapes-default",
+    "shapes-compile",
+    "shapes-fp16",
+    "deterministic",
+    "kill-resume",
+    "resume-gpu-cpu",
+    "resume-cpu-gpu",
+    "imagenet-stream",
+    "predict",
+    "export",
+    "torchrun-1",
+    "torchrun-2",
+    "split-gpus",
+    "benchmark",
+]
 
 
 def gpu_check(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -52,9 +52,13 @@ def patch_gpu(monkeypatch, name: str, capability: tuple[int, int], count: int = 
 
 @pytest.mark.parametrize(
     "name, capability, amp",
-    [("Tesla V100-SXM2-16GB", (7, 0), "fp16"), ("Tesla T4", (7, 5), "fp16"), ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16"),
-     ("Tesla P100-PCIE-16GB", (6, 0), "off")],
-)  # fmt: skip
+    [
+        ("Tesla V100-SXM2-16GB", (7, 0), "fp16"),
+        ("Tesla T4", (7, 5), "fp16"),
+        ("NVIDIA A100-SXM4-40GB", (8, 0), "bf16"),
+        ("Tesla P100-PCIE-16GB", (6, 0), "off"),
+    ],
+)
 def test_a_new_runs_autocast_is_chosen_by_the_cards_capability(monkeypatch, name, capability, amp):
     patch_gpu(monkeypatch, name, capability)
     config = config_from_args(main.get_args_parser().parse_args([]), torch.device("cuda"))
@@ -99,8 +103,17 @@ def shapes() -> DataSet:
 
 
 def one_epoch(tmp_path: Path, shapes: DataSet, hw, **config) -> tuple[Trainer, Path]:
-    cfg = TrainConfig(model="CifarAlexNet", batch_size=16, n_epoch=1, output_dir=str(tmp_path), optimizer="adam",
-                      lr=1e-4, amp="off", channels_last=False, **config)  # fmt: skip
+    cfg = TrainConfig(
+        model="CifarAlexNet",
+        batch_size=16,
+        n_epoch=1,
+        output_dir=str(tmp_path),
+        optimizer="adam",
+        lr=1e-4,
+        amp="off",
+        channels_last=False,
+        **config,
+    )
     torch.manual_seed(0)
     trainer = Trainer(cfg, CifarAlexNet(10), shapes, hw)
     summary = trainer.fit()
@@ -182,8 +195,9 @@ class Unchanged:
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory) -> Split:
     photos = write_photos(tmp_path_factory.mktemp("photos"), 11)
-    return shard_split(photos, torch.arange(11), tmp_path_factory.mktemp("cache"), "train", 16, workers=1,
-                       shard_images=4)  # fmt: skip
+    return shard_split(
+        photos, torch.arange(11), tmp_path_factory.mktemp("cache"), "train", 16, workers=1, shard_images=4
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -202,8 +216,9 @@ def test_streamed_batches_decoded_in_the_training_process_equal_the_workers_deco
 
 
 def test_the_warm_up_batch_is_this_process_share_of_the_global_batch(tmp_path, shapes, monkeypatch):
-    cfg = TrainConfig(model="CifarAlexNet", batch_size=16, output_dir=str(tmp_path), dry_run=True, amp="off",
-                      channels_last=False)  # fmt: skip
+    cfg = TrainConfig(
+        model="CifarAlexNet", batch_size=16, output_dir=str(tmp_path), dry_run=True, amp="off", channels_last=False
+    )
     trainer = Trainer(cfg, CifarAlexNet(10), shapes, CPU)
     sizes = []
     first = trainer.train_loader.first

@@ -66,7 +66,9 @@ def test_one_folder_is_split_deterministically_by_the_val_fraction(tmp_path):
     assert np.bincount(lists.test_labels).tolist() == [2, 4, 1]  # round(0.2 n), at least one
     assert np.bincount(lists.train_labels).tolist() == [8, 16, 2]
     assert not set(lists.train_paths) & set(lists.test_paths)
-    assert all(p.parent.name == lists.classes[label] for p, label in zip(lists.test_paths, lists.test_labels))
+    assert all(
+        p.parent.name == lists.classes[label] for p, label in zip(lists.test_paths, lists.test_labels, strict=False)
+    )
     assert np.bincount(image_folder_lists(tmp_path, 0.5).test_labels).tolist() == [5, 10, 2]
 
 
@@ -119,8 +121,13 @@ def test_palette_alpha_greyscale_cmyk_and_16_bit_become_rgb(tmp_path):
 
 def test_image_folder_loads_at_32_for_the_32x32_network(tmp_path):
     write_class_folders(tmp_path / "data", {"a": 4, "b": 4}, size=40)
-    options = DataOptions(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"), image_size=32,
-                          val_fraction=0.25, train_size=4)  # fmt: skip
+    options = DataOptions(
+        data_dir=str(tmp_path / "data"),
+        cache_dir=str(tmp_path / "cache"),
+        image_size=32,
+        val_fraction=0.25,
+        train_size=4,
+    )
     data = load_dataset("ImageFolder", options)
     assert data.classes == ["a", "b"] and data.image_size == 32
     assert data.train.labels.tolist() == [0, 0, 1, 1] and data.test.labels.tolist() == [0, 1]
@@ -164,8 +171,10 @@ def test_entries_that_are_not_regular_files_are_skipped_with_a_count(tmp_path, c
     lists = image_folder_lists(tmp_path, 0.1)
     assert [p.name for p in lists.train_paths] == ["a_0.jpg", "a_1.jpg", "b_0.jpg", "b_1.jpg"]
     train = tmp_path / "train"
-    assert f"{train}: skipped 2 entries that are not regular files (FIFOs, sockets, devices or broken links)" in \
-        caplog.text  # fmt: skip
+    assert (
+        f"{train}: skipped 2 entries that are not regular files (FIFOs, sockets, devices or broken links)"
+        in caplog.text
+    )
     assert f"{train}: skipped 1 links to folders already read or holding their class folder (a loop)" in caplog.text
 
 
@@ -247,8 +256,9 @@ def test_a_phone_photo_for_the_32x32_network_on_cuda_is_cached_as_the_cpu_resize
     phone = write_image(data_dir / "train" / "a" / "phone.jpg", phone_photo())
     cut = data_dir / "train" / "b" / "phone_cut.jpg"
     cut.write_bytes(phone.read_bytes()[: phone.stat().st_size // 3])
-    args = main.get_args_parser().parse_args(["-c", "-ds", "ImageFolder", "--data-dir", str(data_dir), "--cache-dir",
-                                              str(tmp_path / "cache")])  # fmt: skip
+    args = main.get_args_parser().parse_args(
+        ["-c", "-ds", "ImageFolder", "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")]
+    )
     config = config_from_args(args, Capabilities.stand_in())
     with pytest.raises(DataError, match=r"^\S+/b/phone_cut\.jpg cannot be decoded as an image \(.+\); replace it "):
         load_dataset("ImageFolder", config)
@@ -264,8 +274,22 @@ def test_a_phone_photo_for_the_32x32_network_on_cuda_is_cached_as_the_cpu_resize
 def test_prepare_builds_both_splits_and_says_where(tmp_path, capsys):
     write_class_folders(tmp_path / "data", {"a": 3, "b": 3}, size=40)
     cache = tmp_path / "cache"
-    assert prepare.main(["-ds", "ImageFolder", "--data-dir", str(tmp_path / "data"), "--cache-dir", str(cache), "-c",
-                         "--workers", "1"]) == 0  # fmt: skip
+    assert (
+        prepare.main(
+            [
+                "-ds",
+                "ImageFolder",
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--cache-dir",
+                str(cache),
+                "-c",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     assert sorted(p.name for p in cache.iterdir()) == ["train_32", "val_32"]
     assert capsys.readouterr().out == (
@@ -283,8 +307,10 @@ def test_flag_combinations():
     assert data_image_size(True) == 32 and data_image_size(False) == 256
     assert "cannot train on ImageNet's 256x256 images" in combination("-c", "-ds", "ImageNet")
     assert combination("-ds", "Shapes", "--val-fraction", "0.2") == "--val-fraction only applies to -ds ImageFolder"
-    assert combination("-ds", "Shapes", "--train-size", "5") == "--train-size only applies to -ds ImageNet or -ds " \
-                                                                 "ImageFolder"  # fmt: skip
+    assert (
+        combination("-ds", "Shapes", "--train-size", "5") == "--train-size only applies to -ds ImageNet or -ds "
+        "ImageFolder"
+    )
     assert combination("-ds", "ImageNet", "--train-fraction", "0.1") is None
 
 
@@ -321,37 +347,85 @@ def _no_cache_in_train(work, result):
 PREPARE = ["prepare", "-ds", "ImageFolder", "--data-dir", "data", "--workers", "1"]
 
 ERRORS = [
-    Case("missing folder", ["-ds", "ImageFolder", "--data-dir", "nowhere", "-ne", "1"], 1,
-         r"data folder nowhere does not exist; create it and put one folder of images per class in it"),
-    Case("empty class folders", ["prepare", "-ds", "ImageFolder", "--data-dir", "data"], 1,
-         r"2 class folders in data hold no image files \(a, b\); add images or remove the folders\.$",
-         lambda work, earlier: [(work / "data" / c).mkdir(parents=True) for c in "ab"]),
-    Case("unreadable file", ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"], 1,
-         r"data/b/b_2\.jpg cannot be decoded as an image \(.*\); replace it with a good copy .*or remove it\.$",
-         _truncated),
-    isolated(Case("unreadable subfolder of a class", PREPARE, 1,
-         r"cannot read data/a/2024 \(Permission denied\), a subfolder of class a, whose images would be left out; give "
-         r"this user read access to it, or move it out of the data folder\.$", _unreadable_subfolder,
-         prefix=without_file_permission_override, restore=["data/a/2024"])),
-
-    isolated(Case("one class", ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"], 1,
-         r"data/train has one class folder \(a\); a classifier needs at least two classes, so add a folder of images "
-         r"for each other class\.$", _one_class)),
-
-    isolated(Case("--cache-dir that is a file", [*PREPARE, "--cache-dir", "afile"], 1,
-         r"--cache-dir afile is a file, not a folder; pass a folder for the resize cache \(it is created if missing\)\.$",
-         _two_classes_and("afile"))),
-
-    isolated(Case("read-only --cache-dir", [*PREPARE, "--cache-dir", "readonly"], 1,
-         r"cannot write the resize cache in readonly/train_256 \(Permission denied\); give this user write access to "
-         r"--cache-dir readonly, or pass another --cache-dir\.$", _two_classes_and("readonly"),
-         prefix=without_file_permission_override)),
-
-    isolated(Case("--cache-dir inside a split's folder", [*PREPARE, "--cache-dir", "data/train/cache"], 1,
-         r"--cache-dir data/train/cache is inside data/train, whose subfolders are read as classes, so the cache would "
-         r"become one; pass a --cache-dir outside data/train, or leave it out\.$", _two_classes_and(),
-         check=_no_cache_in_train)),
-]  # fmt: skip
+    Case(
+        "missing folder",
+        ["-ds", "ImageFolder", "--data-dir", "nowhere", "-ne", "1"],
+        1,
+        r"data folder nowhere does not exist; create it and put one folder of images per class in it",
+    ),
+    Case(
+        "empty class folders",
+        ["prepare", "-ds", "ImageFolder", "--data-dir", "data"],
+        1,
+        r"2 class folders in data hold no image files \(a, b\); add images or remove the folders\.$",
+        lambda work, earlier: [(work / "data" / c).mkdir(parents=True) for c in "ab"],
+    ),
+    Case(
+        "unreadable file",
+        ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"],
+        1,
+        r"data/b/b_2\.jpg cannot be decoded as an image \(.*\); replace it with a good copy .*or remove it\.$",
+        _truncated,
+    ),
+    isolated(
+        Case(
+            "unreadable subfolder of a class",
+            PREPARE,
+            1,
+            r"cannot read data/a/2024 \(Permission denied\), a subfolder "
+            r"of class a, whose images would be left out; give "
+            r"this user read access to it, or move it out of the data folder\.$",
+            _unreadable_subfolder,
+            prefix=without_file_permission_override,
+            restore=["data/a/2024"],
+        )
+    ),
+    isolated(
+        Case(
+            "one class",
+            ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"],
+            1,
+            r"data/train has one class folder \(a\); a classifier "
+            r"needs at least two classes, so add a folder of images "
+            r"for each other class\.$",
+            _one_class,
+        )
+    ),
+    isolated(
+        Case(
+            "--cache-dir that is a file",
+            [*PREPARE, "--cache-dir", "afile"],
+            1,
+            r"--cache-dir afile is a file, not a folder; pass a folder "
+            r"for the resize cache \(it is created if missing\)\.$",
+            _two_classes_and("afile"),
+        )
+    ),
+    isolated(
+        Case(
+            "read-only --cache-dir",
+            [*PREPARE, "--cache-dir", "readonly"],
+            1,
+            r"cannot write the resize cache in readonly/train_256 "
+            r"\(Permission denied\); give this user write access to "
+            r"--cache-dir readonly, or pass another --cache-dir\.$",
+            _two_classes_and("readonly"),
+            prefix=without_file_permission_override,
+        )
+    ),
+    isolated(
+        Case(
+            "--cache-dir inside a split's folder",
+            [*PREPARE, "--cache-dir", "data/train/cache"],
+            1,
+            r"--cache-dir data/train/cache is inside data/train, whose "
+            r"subfolders are read as classes, so the cache would "
+            r"become one; pass a --cache-dir outside data/train, or leave it out\.$",
+            _two_classes_and(),
+            check=_no_cache_in_train,
+        )
+    ),
+]
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=lambda c: c.name)

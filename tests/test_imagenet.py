@@ -63,10 +63,10 @@ def test_the_shared_sample_gets_its_real_indices(shared_data):
     assert len(lists.classes) == 1000 and lists.classes[0] == "tench" and wnids == sorted(wnids)
     assert (len(lists.train_paths), len(lists.test_paths)) == (48, 16)
     assert len(set(lists.train_labels)) == 48
-    for path, label in zip(lists.train_paths, lists.train_labels):
+    for path, label in zip(lists.train_paths, lists.train_labels, strict=False):
         assert wnids[label] == path.parent.name
     solution = dict(line.split(",")[:2] for line in (sample / "LOC_val_solution.csv").read_text().splitlines()[1:])
-    for path, label in zip(lists.test_paths, lists.test_labels):
+    for path, label in zip(lists.test_paths, lists.test_labels, strict=False):
         assert wnids[label] == solution[path.stem].split()[0]
     assert lists.test_labels[0] == wnids.index("n01968897")
 
@@ -115,8 +115,10 @@ def test_an_image_listed_twice_with_its_class_is_labelled_once(tmp_path, caplog)
     with open(tmp_path / "LOC_val_solution.csv", "a") as f:
         f.write("ILSVRC2012_val_00000002,n02 1 1 5 5\nILSVRC2012_val_00000099,n01 1 1 5 5\n")
     assert imagenet_lists(tmp_path).test_labels == [0, 1]
-    assert "LOC_val_solution.csv lists 1 images more than once, with the same class each time; each is labelled " \
-        "once" in caplog.text  # fmt: skip
+    assert (
+        "LOC_val_solution.csv lists 1 images more than once, with the same class each time; each is labelled "
+        "once" in caplog.text
+    )
 
 
 def test_one_class_without_a_mapping_is_refused(tmp_path):
@@ -146,20 +148,42 @@ def _solution_with(*rows):
 
 
 ERRORS = [
-    Case("no ImageNet", ["-ds", "ImageNet", "--data-dir", "data", "-ne", "1"], 1,
-         r"found no ImageNet in data: get ILSVRC-2012 from https://image-net\.org .* in data/imagenet/\.$",
-         lambda work, earlier: (work / "data").mkdir()),
-    Case("val label not a class", ["prepare", "-ds", "ImageNet", "--data-dir", "data"], 1,
-         r"LOC_val_solution\.csv labels ILSVRC2012_val_00000009\.JPEG n09, which is not a class of train/",
-         _imagenet_with_unknown_val_label),
-    isolated(Case("one image with two classes", ["prepare", "-ds", "ImageNet", "--data-dir", "data"], 1,
-         r"data/LOC_val_solution\.csv labels ILSVRC2012_val_00000001 twice, n01 on line 2 and n02 on line 4; keep the "
-         r"right line and remove the other\.$", _solution_with("ILSVRC2012_val_00000001,n02 0 0 7 7"))),
-
-    isolated(Case("label line beyond the bound", ["prepare", "-ds", "ImageNet", "--data-dir", "data"], 1,
-         r"data/LOC_val_solution\.csv line 4 is longer than 65,536 characters, which no line of the real file is; "
-         r"replace it with the original\.$", _solution_with("ILSVRC2012_val_00000003,n01" + " 0 0 7 7 n01" * 6000))),
-]  # fmt: skip
+    Case(
+        "no ImageNet",
+        ["-ds", "ImageNet", "--data-dir", "data", "-ne", "1"],
+        1,
+        r"found no ImageNet in data: get ILSVRC-2012 from https://image-net\.org .* in data/imagenet/\.$",
+        lambda work, earlier: (work / "data").mkdir(),
+    ),
+    Case(
+        "val label not a class",
+        ["prepare", "-ds", "ImageNet", "--data-dir", "data"],
+        1,
+        r"LOC_val_solution\.csv labels ILSVRC2012_val_00000009\.JPEG n09, which is not a class of train/",
+        _imagenet_with_unknown_val_label,
+    ),
+    isolated(
+        Case(
+            "one image with two classes",
+            ["prepare", "-ds", "ImageNet", "--data-dir", "data"],
+            1,
+            r"data/LOC_val_solution\.csv labels ILSVRC2012_val_00000001 "
+            r"twice, n01 on line 2 and n02 on line 4; keep the "
+            r"right line and remove the other\.$",
+            _solution_with("ILSVRC2012_val_00000001,n02 0 0 7 7"),
+        )
+    ),
+    isolated(
+        Case(
+            "label line beyond the bound",
+            ["prepare", "-ds", "ImageNet", "--data-dir", "data"],
+            1,
+            r"data/LOC_val_solution\.csv line 4 is longer than 65,536 characters, which no line of the real file is; "
+            r"replace it with the original\.$",
+            _solution_with("ILSVRC2012_val_00000003,n01" + " 0 0 7 7 n01" * 6000),
+        )
+    ),
+]
 
 
 @pytest.mark.parametrize("case", ERRORS, ids=lambda c: c.name)

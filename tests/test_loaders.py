@@ -35,16 +35,17 @@ def test_training_batches_follow_the_seed(shapes, device, input_size, paper, ran
     device = torch.device(device)
 
     def loaders(seed: int, rank: int = rank):
-        return make_loaders(shapes, input_size, paper, device, batch_size=8, eval_batch_size=20, seed=seed, rank=rank,
-                            world=world)  # fmt: skip
+        return make_loaders(
+            shapes, input_size, paper, device, batch_size=8, eval_batch_size=20, seed=seed, rank=rank, world=world
+        )
 
     made = loaders(5)
     got, again, other = first_batches(made.train), first_batches(loaders(5).train), first_batches(loaders(6).train)
     assert len(got) == len(again) == 2
-    for (x, y), (x0, y0) in zip(got, again):
+    for (x, y), (x0, y0) in zip(got, again, strict=False):
         assert x.device.type == device.type and x.shape[-1] == input_size
         assert torch.equal(x, x0) and torch.equal(y, y0)
-    assert not all(torch.equal(x, x1) for (x, _), (x1, _) in zip(got, other))
+    assert not all(torch.equal(x, x1) for (x, _), (x1, _) in zip(got, other, strict=False))
     if world > 1:
         assert not torch.equal(got[0][0], first_batches(loaders(5, rank=0).train)[0][0])
     assert made.train.pipeline is made.eval.pipeline is made.pipeline
@@ -61,8 +62,9 @@ def test_evaluation_batches_count_model_inputs(shapes, input_size, paper, views)
     assert images.shape[:2] == (40 // views, views) and torch.equal(labels, shapes.test.labels[: 40 // views])
     # Never fewer than one image, and under data parallelism the loader's batch is the global one.
     assert make_loaders(shapes, 224, True, torch.device("cpu"), batch_size=8, eval_batch_size=4).eval.batch_size == 1
-    shared = make_loaders(shapes, input_size, paper, torch.device("cpu"), batch_size=8, eval_batch_size=40, rank=1,
-                          world=2)  # fmt: skip
+    shared = make_loaders(
+        shapes, input_size, paper, torch.device("cpu"), batch_size=8, eval_batch_size=40, rank=1, world=2
+    )
     assert (shared.eval.batch_size, shared.eval.rank, shared.eval.world) == (2 * (40 // views), 1, 2)
 
 
@@ -84,7 +86,7 @@ def test_saved_generator_states_replay_the_same_batches(shapes, device):
     train.index_generator.set_state(states[0])
     train.generator.set_state(states[1])
     again = first_batches(train)
-    for (x, y), (x0, y0) in zip(again, first):
+    for (x, y), (x0, y0) in zip(again, first, strict=False):
         assert torch.equal(x, x0) and torch.equal(y, y0)
     train.generator.set_state(states[1])
     other = first_batches(train)  # the order moved on; the augmentation stream alone was restored
@@ -102,5 +104,5 @@ def test_a_cached_split_is_streamed_or_placed_as_the_loader_option_says(shapes, 
     assert f"48 images (0.00 GB) stay on disk in {path}: streaming them with a DataLoader of 0 workers" in caplog.text
     placed = make_loaders(data, 32, False, torch.device("cpu"), batch_size=8, eval_batch_size=8, loader="memory")
     assert not placed.train.streaming and placed.train.split.source is None
-    for (x, y), (x0, y0) in zip(first_batches(streamed.train), first_batches(placed.train)):
+    for (x, y), (x0, y0) in zip(first_batches(streamed.train), first_batches(placed.train), strict=False):
         assert torch.equal(x, x0) and torch.equal(y, y0)

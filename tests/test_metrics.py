@@ -70,7 +70,7 @@ def test_evaluate_counts_top1_top5_loss_and_confusion_exactly():
     assert result.loss == pytest.approx(expected_loss, rel=1e-6)
     predicted = logits.argmax(1)
     expected = torch.zeros(7, 7, dtype=torch.int64)
-    for t, p in zip(labels.tolist(), predicted.tolist()):
+    for t, p in zip(labels.tolist(), predicted.tolist(), strict=False):
         expected[t, p] += 1
     assert torch.equal(result.confusion, expected)
     assert result.count == n
@@ -95,7 +95,7 @@ def test_confusion_csv_is_labelled(tmp_path):
 def voc_ap_reference(scores: list[float], labels: list[int]) -> float:
     """VOCdevkit's VOCap, written out: precision/recall over the ranked list, a precision
     envelope, and the area summed where recall changes. Labels 0 are dropped first."""
-    kept = sorted(((s, y) for s, y in zip(scores, labels) if y != 0), key=lambda t: -t[0])
+    kept = sorted(((s, y) for s, y in zip(scores, labels, strict=False) if y != 0), key=lambda t: -t[0])
     n_pos = sum(y == 1 for _, y in kept)
     tp = fp = 0
     rec, prec = [], []

@@ -70,8 +70,10 @@ def test_cifar_alexnet_parameter_counts_follow_its_layer_table():
 
 
 def test_paper_alexnet_layer_table():
-    got = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0], c.groups)
-           for c in convs(PaperAlexNet(fidelity="text"))]  # fmt: skip
+    got = [
+        (c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0], c.groups)
+        for c in convs(PaperAlexNet(fidelity="text"))
+    ]
     assert got == [
         (3, 96, 11, 4, 2, 1),
         (96, 256, 5, 1, 2, 2),
@@ -91,10 +93,22 @@ def test_paper_alexnet_layer_table():
 def test_lrn_follows_the_relu_of_conv1_and_conv2_before_pooling():
     kinds = [type(m).__name__ for m in PaperAlexNet(fidelity="text").features]
     assert kinds == [
-        "Conv2d", "ReLU", "PaperLRN", "MaxPool2d",
-        "Conv2d", "ReLU", "PaperLRN", "MaxPool2d",
-        "Conv2d", "ReLU", "Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d",
-    ]  # fmt: skip
+        "Conv2d",
+        "ReLU",
+        "PaperLRN",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "PaperLRN",
+        "MaxPool2d",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
     lrn = PaperAlexNet(fidelity="text").features[2]
     assert (lrn.size, lrn.paper_alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 2.0)
 
@@ -110,9 +124,15 @@ def test_paper_alexnet_feature_maps(size):
     model = PaperAlexNet(input_size=size, fidelity="text")
     assert model.features[0].padding == ((2, 2) if size == 224 else (0, 0))
     assert feature_map_sizes(model, size) == [
-        ("Conv2d", 55), ("MaxPool2d", 27), ("Conv2d", 27), ("MaxPool2d", 13),
-        ("Conv2d", 13), ("Conv2d", 13), ("Conv2d", 13), ("MaxPool2d", 6),
-    ]  # fmt: skip
+        ("Conv2d", 55),
+        ("MaxPool2d", 27),
+        ("Conv2d", 27),
+        ("MaxPool2d", 13),
+        ("Conv2d", 13),
+        ("Conv2d", 13),
+        ("Conv2d", 13),
+        ("MaxPool2d", 6),
+    ]
 
 
 def test_paper_alexnet_refuses_other_input_sizes():
@@ -306,9 +326,15 @@ def test_cifar_alexnet_feature_maps(paper):
     model = CifarAlexNet(10, paper=paper)
     assert model.features[0].kernel_size == (3, 3) and model.features[0].stride == (1, 1)
     assert feature_map_sizes(model, 32) == [
-        ("Conv2d", 32), ("MaxPool2d", 15), ("Conv2d", 15), ("MaxPool2d", 7),
-        ("Conv2d", 7), ("Conv2d", 7), ("Conv2d", 7), ("MaxPool2d", 3),
-    ]  # fmt: skip
+        ("Conv2d", 32),
+        ("MaxPool2d", 15),
+        ("Conv2d", 15),
+        ("MaxPool2d", 7),
+        ("Conv2d", 7),
+        ("Conv2d", 7),
+        ("Conv2d", 7),
+        ("MaxPool2d", 3),
+    ]
 
 
 def test_cifar_alexnet_with_paper_features_has_the_split_and_lrn():
@@ -322,9 +348,13 @@ def test_cifar_alexnet_with_paper_features_has_the_split_and_lrn():
 
 @pytest.mark.parametrize(
     "model_fn, size",
-    [(lambda: PaperAlexNet(5), 224), (lambda: TorchAlexNet(5), 224), (lambda: CifarAlexNet(5), 32),
-     (lambda: CifarAlexNet(5, paper=True), 32)],
-)  # fmt: skip
+    [
+        (lambda: PaperAlexNet(5), 224),
+        (lambda: TorchAlexNet(5), 224),
+        (lambda: CifarAlexNet(5), 32),
+        (lambda: CifarAlexNet(5, paper=True), 32),
+    ],
+)
 def test_gradients_reach_every_parameter(model_fn, size):
     torch.manual_seed(0)
     model = model_fn().eval()  # no dropout, so every unit can contribute

@@ -32,13 +32,20 @@ from training.schedule import PlateauSchedule
 CLASSES = ["alpha", "beta", "gamma"]
 
 
-def make_checkpoint(folder: Path, model: str, paper_train: bool = False, fidelity: str = "code",
-                    split_gpus: bool = False, multilabel: bool = False) -> Path:  # fmt: skip
+def make_checkpoint(
+    folder: Path,
+    model: str,
+    paper_train: bool = False,
+    fidelity: str = "code",
+    split_gpus: bool = False,
+    multilabel: bool = False,
+) -> Path:
     """A checkpoint written by the real ``Checkpointer.state`` / ``save`` code path: a freshly
     initialised ``model`` (3 classes) and the pipeline ``make_pipeline`` builds for it, from
     tiny Shapes for a 32-input model, else from 6 random 256x256 images."""
-    config = TrainConfig(model=model, paper_train=paper_train, fidelity=fidelity, split_gpus=split_gpus,
-                         shapes_train=60, shapes_test=10)  # fmt: skip
+    config = TrainConfig(
+        model=model, paper_train=paper_train, fidelity=fidelity, split_gpus=split_gpus, shapes_train=60, shapes_test=10
+    )
     input_size = MODELS[model].input_size
     if input_size == 32:
         data = load_dataset("Shapes", config)
@@ -145,7 +152,7 @@ def test_probabilities_are_the_softmax_of_the_preprocessed_batch(cifar_ckpt, ima
     batch = torch.stack([read_image(f, 32) for f in files])
     with torch.inference_mode():
         expected = F.softmax(trained.model(trained.pipeline.evaluate(batch)[:, 0]), dim=1)
-    for result, row in zip(results, expected):
+    for result, row in zip(results, expected, strict=False):
         got = torch.zeros(len(trained.classes))
         for p in result["predictions"]:
             got[p["index"]] = p["probability"]
@@ -258,19 +265,31 @@ def test_stored_preprocessing_and_classes_must_fit_the_network(cifar_ckpt, paper
     modern = {"kind": "modern", "mean": torch.zeros(3), "std": torch.ones(3), "crop": 32}
     bias = checkpoint["model"]["classifier.6.bias"]
     crafted = [
-        ({"preprocess": {**saved, "image_size": 256}},
-         "its preprocess has a pipeline that enlarges images to 32 pixels, but its image_size is 256"),
-        ({"preprocess": {**saved, "pipeline": {**saved["pipeline"], "input_size": 224}}},
-         "its preprocess has a pipeline that makes 224-pixel inputs, but the network takes 32"),
-        ({"preprocess": {**saved, "pipeline": paper.pipeline.state(), "image_size": 256}},
-         "its preprocess has a pipeline that makes 224-pixel inputs, but the network takes 32"),
-        ({"preprocess": {**saved, "pipeline": modern, "image_size": 16}},
-         "its preprocess has a pipeline that crops 32 pixels, more than its image_size of 16"),
-        ({"classes": [*checkpoint["classes"], "extra"]},
-         "its classes are 11 names, but its CifarAlexNet's fc8 (classifier.6) has 10 outputs"),
-        ({"model": {**checkpoint["model"], "classifier.6.bias": bias[:7]}},
-         "its model's 'classifier.6.bias' is (7,), where a CifarAlexNet of 10 classes has (10,)"),
-    ]  # fmt: skip
+        (
+            {"preprocess": {**saved, "image_size": 256}},
+            "its preprocess has a pipeline that enlarges images to 32 pixels, but its image_size is 256",
+        ),
+        (
+            {"preprocess": {**saved, "pipeline": {**saved["pipeline"], "input_size": 224}}},
+            "its preprocess has a pipeline that makes 224-pixel inputs, but the network takes 32",
+        ),
+        (
+            {"preprocess": {**saved, "pipeline": paper.pipeline.state(), "image_size": 256}},
+            "its preprocess has a pipeline that makes 224-pixel inputs, but the network takes 32",
+        ),
+        (
+            {"preprocess": {**saved, "pipeline": modern, "image_size": 16}},
+            "its preprocess has a pipeline that crops 32 pixels, more than its image_size of 16",
+        ),
+        (
+            {"classes": [*checkpoint["classes"], "extra"]},
+            "its classes are 11 names, but its CifarAlexNet's fc8 (classifier.6) has 10 outputs",
+        ),
+        (
+            {"model": {**checkpoint["model"], "classifier.6.bias": bias[:7]}},
+            "its model's 'classifier.6.bias' is (7,), where a CifarAlexNet of 10 classes has (10,)",
+        ),
+    ]
     for change, problem in crafted:
         assert network_problem({**checkpoint, **change}) == problem
     assert network_problem({**checkpoint, "preprocess": {**saved, "pipeline": modern}}) is None
@@ -305,8 +324,17 @@ def skipping(cifar_ckpt, tmp_path_factory, run_main):
     os.chmod(photos / "locked", 0)
     try:
         # The limit only ends a hang (opening a FIFO waits for a writer); the command takes seconds.
-        return run_main("predict", "--checkpoint", str(cifar_ckpt), "photo.jpg", "photos", "--json", cwd=root,
-                        prefix=[*prefix, *PEAK], timeout=300)  # fmt: skip
+        return run_main(
+            "predict",
+            "--checkpoint",
+            str(cifar_ckpt),
+            "photo.jpg",
+            "photos",
+            "--json",
+            cwd=root,
+            prefix=[*prefix, *PEAK],
+            timeout=300,
+        )
     finally:
         os.chmod(photos / "locked", 0o755)
 
@@ -319,10 +347,14 @@ def test_only_regular_files_are_opened_and_every_skipped_path_is_named(skipping)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == ["photos/a.png"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    special = ("error: 2 paths are not regular files and were skipped: 'photo.jpg' (a FIFO); 'photos/fifo.jpg' (a "
-               "FIFO); pass image files or folders.")  # fmt: skip
-    folder = ("error: 1 folder could not be searched and was skipped: 'photos/locked' (Permission denied); give this "
-              "user read access to it, or leave it out.")  # fmt: skip
+    special = (
+        "error: 2 paths are not regular files and were skipped: 'photo.jpg' (a FIFO); 'photos/fifo.jpg' (a "
+        "FIFO); pass image files or folders."
+    )
+    folder = (
+        "error: 1 folder could not be searched and was skipped: 'photos/locked' (Permission denied); give this "
+        "user read access to it, or leave it out."
+    )
     assert errors == [special, folder]
 
 
@@ -335,18 +367,24 @@ def test_crafted_sizes_and_class_lists_are_refused_before_anything_is_built(cifa
     checkpoint = load_checkpoint(cifar_ckpt)
     pipeline = checkpoint["preprocess"]["pipeline"]
     crafted = {
-        "big.pt": ({"preprocess": {**checkpoint["preprocess"], "pipeline": {**pipeline, "input_size": 4096}}},
-                   "its preprocess has a pipeline that makes 4096-pixel inputs, but the network takes 32"),
-        "many.pt": ({"classes": [f"class {i}" for i in range(100_000)]},
-                    "its classes are 100000 names, but its CifarAlexNet's fc8 (classifier.6) has 10 outputs"),
-    }  # fmt: skip
+        "big.pt": (
+            {"preprocess": {**checkpoint["preprocess"], "pipeline": {**pipeline, "input_size": 4096}}},
+            "its preprocess has a pipeline that makes 4096-pixel inputs, but the network takes 32",
+        ),
+        "many.pt": (
+            {"classes": [f"class {i}" for i in range(100_000)]},
+            "its classes are 100000 names, but its CifarAlexNet's fc8 (classifier.6) has 10 outputs",
+        ),
+    }
     for name, (change, problem) in crafted.items():
         torch.save({**checkpoint, **change}, tmp_path / name)
         result = run_main("predict", "--checkpoint", name, "photo.png", cwd=tmp_path, prefix=PEAK)
         assert result.returncode == 1 and "Traceback" not in result.stderr and result.stdout == "", result.stderr
         (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-        assert line == (f"error: checkpoint {name} cannot be used: {problem}; it is damaged or was not written by "
-                        "this tool, so use another one (best.pt or last.pt of the run).")  # fmt: skip
+        assert line == (
+            f"error: checkpoint {name} cannot be used: {problem}; it is damaged or was not written by "
+            "this tool, so use another one (best.pt or last.pt of the run)."
+        )
         assert peak_mb(result) < peak_mb(skipping) + 500, (name, peak_mb(result), peak_mb(skipping))
 
 

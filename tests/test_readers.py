@@ -136,18 +136,28 @@ def test_crafted_pickle_cannot_run_code(tmp_path):
         (lambda b: b"hello, I am a text file\n", r"is truncated or not a CIFAR pickle"),
         (lambda b: python2_pickle({b"pixels": np.zeros((1, 3072), np.uint8)}), r"is not a CIFAR batch file"),
         (lambda b: python2_pickle([1, 2, 3]), r"is not a CIFAR batch file"),
-        (lambda b: python2_pickle({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}),
-         r"b'data' must be a uint8 N x 3072 array, found \(2, 1024\)"),
-        (lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
-         r"b'data' must be a uint8 N x 3072 array"),
-        (lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}),
-         r"must hold one whole-number label per image"),
-        (lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}),
-         r"labels must be 0..9, found 0..12"),
-        (lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [-1, 3]}),
-         r"labels must be 0..9, found -1..3"),
+        (
+            lambda b: python2_pickle({b"data": np.zeros((2, 1024), np.uint8), b"labels": [0, 1]}),
+            r"b'data' must be a uint8 N x 3072 array, found \(2, 1024\)",
+        ),
+        (
+            lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}),
+            r"b'data' must be a uint8 N x 3072 array",
+        ),
+        (
+            lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}),
+            r"must hold one whole-number label per image",
+        ),
+        (
+            lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 12]}),
+            r"labels must be 0..9, found 0..12",
+        ),
+        (
+            lambda b: python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [-1, 3]}),
+            r"labels must be 0..9, found -1..3",
+        ),
     ],
-)  # fmt: skip
+)
 def test_damaged_cifar_batches_are_clear_errors(tmp_path, damage, message):
     folder = tmp_path / "cifar-10"
     write_cifar10(folder)
@@ -172,8 +182,11 @@ def test_missing_batch_and_meta_files_are_named(tmp_path):
 def test_missing_or_empty_data_folder(tmp_path):
     with pytest.raises(DataError, match=r"data folder .*nowhere does not exist; create it and put CIFAR-10"):
         load_dataset("Cifar10", DataOptions(data_dir=tmp_path / "nowhere"))
-    with pytest.raises(DataError, match=r"found no CIFAR-100 in .*: put the official python version there as "
-                                        r"cifar-100/, cifar-100-python/ or cifar-100-python.tar.gz, or pass --download"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"found no CIFAR-100 in .*: put the official python version there as "
+        r"cifar-100/, cifar-100-python/ or cifar-100-python.tar.gz, or pass --download",
+    ):
         load_dataset("Cifar100", DataOptions(data_dir=tmp_path))
 
 
@@ -184,8 +197,11 @@ def test_download_failure_says_where_to_put_the_files(tmp_path, monkeypatch):
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(tv_utils, "download_url", offline)
-    with pytest.raises(DataError, match=r"could not download CIFAR-10 from https://www.cs.toronto.edu/~kriz/"
-                                        r"cifar-10-python.tar.gz \(.*no route to host.*\); download it by hand and put it in"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"could not download CIFAR-10 from https://www.cs.toronto.edu/~kriz/"
+        r"cifar-10-python.tar.gz \(.*no route to host.*\); download it by hand and put it in",
+    ):
         load_dataset("Cifar10", DataOptions(data_dir=tmp_path / "new", download=True))
 
 
@@ -208,8 +224,13 @@ def test_download_uses_torchvisions_checksummed_downloader_then_our_extraction(t
 
     monkeypatch.setattr(tv_utils, "download_url", fake)
     data = load_dataset("Cifar10", DataOptions(data_dir=tmp_path / "new", download=True))
-    assert calls == [("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
-                      "c58f30108f718f92721af3b95e74349a")]  # fmt: skip
+    assert calls == [
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+        )
+    ]
     assert len(data.train) == 15
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
     assert "left out 2 entries outside cifar-10-batches-py/" in caplog.text  # checkpoints/ and x.pt
@@ -255,9 +276,27 @@ def labels_by_hand(xml_path: Path) -> list[int]:
 
 def test_voc_class_order_is_the_official_one():
     assert VOC_CLASSES == [
-        "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
-        "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-    ]  # fmt: skip
+        "aeroplane",
+        "bicycle",
+        "bird",
+        "boat",
+        "bottle",
+        "bus",
+        "car",
+        "cat",
+        "chair",
+        "cow",
+        "diningtable",
+        "dog",
+        "horse",
+        "motorbike",
+        "person",
+        "pottedplant",
+        "sheep",
+        "sofa",
+        "train",
+        "tvmonitor",
+    ]
 
 
 def test_shared_voc2012_sample_labels(shared_data, tmp_path, caplog):
@@ -266,10 +305,10 @@ def test_shared_voc2012_sample_labels(shared_data, tmp_path, caplog):
     ids = (folder / "ImageSets" / "Main" / "trainval.txt").read_text().split()
     assert data.multilabel and data.classes == VOC_CLASSES
     assert data.train.labels.dtype == torch.int8 and data.train.labels.shape == (len(ids), 20)
-    for row, image_id in zip(data.train.labels.tolist(), ids):
+    for row, image_id in zip(data.train.labels.tolist(), ids, strict=False):
         assert row == labels_by_hand(folder / "Annotations" / f"{image_id}.xml"), image_id
     # 2007_000032 holds aeroplanes and people, nothing else.
-    first = dict(zip(VOC_CLASSES, data.train.labels[ids.index("2007_000032")].tolist()))
+    first = dict(zip(VOC_CLASSES, data.train.labels[ids.index("2007_000032")].tolist(), strict=False))
     assert {c for c, v in first.items() if v == 1} == {"aeroplane", "person"}
     assert "training on trainval.txt, evaluating on test.txt" in caplog.text
     assert data.train.images.shape == (len(ids), 3, 256, 256)
@@ -277,9 +316,13 @@ def test_shared_voc2012_sample_labels(shared_data, tmp_path, caplog):
 
 def test_shared_voc2007_difficult_objects(shared_data):
     """000005 has both difficult and non-difficult chairs: chair counts as present."""
-    labels = dict(zip(VOC_CLASSES, parse_voc_xml(shared_data / "VOCdevkit/VOC2007/Annotations/000005.xml").tolist()))
+    labels = dict(
+        zip(VOC_CLASSES, parse_voc_xml(shared_data / "VOCdevkit/VOC2007/Annotations/000005.xml").tolist(), strict=False)
+    )
     assert labels["chair"] == 1
-    assert labels == dict(zip(VOC_CLASSES, labels_by_hand(shared_data / "VOCdevkit/VOC2007/Annotations/000005.xml")))
+    assert labels == dict(
+        zip(VOC_CLASSES, labels_by_hand(shared_data / "VOCdevkit/VOC2007/Annotations/000005.xml"), strict=False)
+    )
 
 
 def make_voc(tmp_path: Path, layout: str = "seed") -> Path:
@@ -304,7 +347,7 @@ def test_voc_layouts_and_multilabel_targets(tmp_path, layout):
     make_voc(tmp_path, layout)
     data = load_dataset("PascalVOC2012", DataOptions(data_dir=tmp_path, cache_dir=tmp_path / "cache"))
     assert (len(data.train), len(data.test)) == (3, 2)  # train.txt / val.txt
-    rows = [dict(zip(VOC_CLASSES, r)) for r in data.train.labels.tolist() + data.test.labels.tolist()]
+    rows = [dict(zip(VOC_CLASSES, r, strict=False)) for r in data.train.labels.tolist() + data.test.labels.tolist()]
     assert {c for c, v in rows[0].items() if v == 1} == {"dog", "person"}
     assert rows[1]["cat"] == 0 and sum(v == 1 for v in rows[1].values()) == 0
     assert rows[2]["car"] == 1 and rows[2]["bus"] == 1
@@ -374,23 +417,36 @@ def test_read_only_voc_folder_caches_in_the_user_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda f: (f / "JPEGImages" / "2008_000003.jpg").unlink(),
-         (r"ImageSets/Main/train.txt names 2008_000003, but .*JPEGImages/2008_000003.jpg does not exist; "
-          r"restore it or remove the line\.")),
-        (lambda f: (f / "Annotations" / "2008_000004.xml").unlink(),
-         r"val.txt names 2008_000004, but .*Annotations/2008_000004.xml does not exist"),
-        (lambda f: (f / "JPEGImages" / "2008_000001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated"),
-         r"JPEGImages/2008_000001.jpg cannot be decoded as an image \(.*\); replace it with a good copy"),
-        (lambda f: (f / "Annotations" / "2008_000002.xml").write_text("<annotation><object><name>cat</name>"),
-         r"Annotations/2008_000002.xml is not well-formed XML \(.*\); restore it from the VOC release\."),
-        (lambda f: (f / "Annotations" / "2008_000005.xml").write_text(voc_xml("x.jpg", 5, 5, [("unicorn", False)])),
-         r"Annotations/2008_000005.xml names an unknown class 'unicorn' \(VOC has aeroplane, bicycle"),
-        (lambda f: (f / "ImageSets" / "Main" / "val.txt").write_text("\n"),
-         r"image list .*val.txt is empty"),
-        (lambda f: [(f / "ImageSets" / "Main" / n).unlink() for n in ("train.txt", "val.txt")],
-         r"ImageSets/Main has neither train.txt \+ val.txt nor trainval.txt \+ test.txt"),
+        (
+            lambda f: (f / "JPEGImages" / "2008_000003.jpg").unlink(),
+            (
+                r"ImageSets/Main/train.txt names 2008_000003, but .*JPEGImages/2008_000003.jpg does not exist; "
+                r"restore it or remove the line\."
+            ),
+        ),
+        (
+            lambda f: (f / "Annotations" / "2008_000004.xml").unlink(),
+            r"val.txt names 2008_000004, but .*Annotations/2008_000004.xml does not exist",
+        ),
+        (
+            lambda f: (f / "JPEGImages" / "2008_000001.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated"),
+            r"JPEGImages/2008_000001.jpg cannot be decoded as an image \(.*\); replace it with a good copy",
+        ),
+        (
+            lambda f: (f / "Annotations" / "2008_000002.xml").write_text("<annotation><object><name>cat</name>"),
+            r"Annotations/2008_000002.xml is not well-formed XML \(.*\); restore it from the VOC release\.",
+        ),
+        (
+            lambda f: (f / "Annotations" / "2008_000005.xml").write_text(voc_xml("x.jpg", 5, 5, [("unicorn", False)])),
+            r"Annotations/2008_000005.xml names an unknown class 'unicorn' \(VOC has aeroplane, bicycle",
+        ),
+        (lambda f: (f / "ImageSets" / "Main" / "val.txt").write_text("\n"), r"image list .*val.txt is empty"),
+        (
+            lambda f: [(f / "ImageSets" / "Main" / n).unlink() for n in ("train.txt", "val.txt")],
+            r"ImageSets/Main has neither train.txt \+ val.txt nor trainval.txt \+ test.txt",
+        ),
     ],
-)  # fmt: skip
+)
 def test_damaged_voc_is_a_clear_error(tmp_path, damage, message):
     damage(make_voc(tmp_path))
     with pytest.raises(DataError, match=message):
@@ -414,8 +470,11 @@ def test_xml_with_entities_is_refused_before_parsing(tmp_path):
 
 
 def test_no_voc_in_the_data_folder(tmp_path):
-    with pytest.raises(DataError, match=r"found no Pascal VOC 2012 in .*: put the VOCdevkit/VOC2012 folder there "
-                                        r"as PascalVOC2012/ \(or VOCdevkit/\)"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"found no Pascal VOC 2012 in .*: put the VOCdevkit/VOC2012 folder there "
+        r"as PascalVOC2012/ \(or VOCdevkit/\)",
+    ):
         load_dataset("PascalVOC2012", DataOptions(data_dir=tmp_path))
 
 

@@ -29,8 +29,19 @@ from main import get_args_parser
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(root: Path, dataset: str, name: str, *, seed: int, curve: list[float], top5: float, ips: float,
-             seconds: float, lr: float = 1e-4, mAP: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
+def make_run(
+    root: Path,
+    dataset: str,
+    name: str,
+    *,
+    seed: int,
+    curve: list[float],
+    top5: float,
+    ips: float,
+    seconds: float,
+    lr: float = 1e-4,
+    mAP: list[float] | None = None,
+) -> dict[str, Any]:
     """A run folder as main.py writes it: events with the validation scalars at steps 10, 20, ...
     and a summary whose best epoch is the curve's maximum (mAP's, for VOC)."""
     folder = root / "runs" / dataset / name
@@ -46,12 +57,27 @@ def make_run(root: Path, dataset: str, name: str, *, seed: int, curve: list[floa
     score = mAP if mAP is not None else curve
     best_epoch = score.index(max(score)) + 1
     summary = {
-        "run_name": name, "dataset": dataset, "model": "CifarAlexNet", "status": "finished",
-        "best_top1": curve[best_epoch - 1], "best_top5": top5, "best_epoch": best_epoch, "epochs": len(curve),
-        "train_images_per_second": ips, "train_seconds": seconds, "train_size": 500, "test_size": 100,
-        "config": {"dataset": dataset, "model": "CifarAlexNet", "lr": lr, "seed": seed, "run_name": name,
-                   "output_dir": str(root)},
-    }  # fmt: skip
+        "run_name": name,
+        "dataset": dataset,
+        "model": "CifarAlexNet",
+        "status": "finished",
+        "best_top1": curve[best_epoch - 1],
+        "best_top5": top5,
+        "best_epoch": best_epoch,
+        "epochs": len(curve),
+        "train_images_per_second": ips,
+        "train_seconds": seconds,
+        "train_size": 500,
+        "test_size": 100,
+        "config": {
+            "dataset": dataset,
+            "model": "CifarAlexNet",
+            "lr": lr,
+            "seed": seed,
+            "run_name": name,
+            "output_dir": str(root),
+        },
+    }
     if mAP is not None:
         summary["best_mAP"] = max(mAP)
     (folder / "summary.json").write_text(json.dumps(summary))
@@ -70,7 +96,7 @@ def read_tables(markdown: str) -> dict[str, list[dict[str, str]]]:
             if header is None:
                 header = cells
             elif not set(cells[0]) <= set("-:"):
-                tables.setdefault(section, []).append(dict(zip(header, cells)))
+                tables.setdefault(section, []).append(dict(zip(header, cells, strict=False)))
     return tables
 
 
@@ -83,13 +109,31 @@ def mean_pm_std(values: list[float]) -> str:
 @pytest.fixture
 def loose_runs(tmp_path: Path) -> dict[str, list[dict[str, Any]]]:
     """Three seeds of one variant and one of another on Shapes, two VOC seeds (mAP)."""
-    a = [make_run(tmp_path, "Shapes", f"sweep-a-s{s}", seed=s, curve=c, top5=t5, ips=ips, seconds=sec)
-         for s, (c, t5, ips, sec) in enumerate([([20.0, 55.5, 50.0], 90.0, 120.0, 30.0),
-                                                ([25.0, 40.0, 61.25], 95.5, 130.0, 31.0),
-                                                ([30.0, 70.0, 65.0], 97.0, 110.0, 35.5)])]  # fmt: skip
+    a = [
+        make_run(tmp_path, "Shapes", f"sweep-a-s{s}", seed=s, curve=c, top5=t5, ips=ips, seconds=sec)
+        for s, (c, t5, ips, sec) in enumerate(
+            [
+                ([20.0, 55.5, 50.0], 90.0, 120.0, 30.0),
+                ([25.0, 40.0, 61.25], 95.5, 130.0, 31.0),
+                ([30.0, 70.0, 65.0], 97.0, 110.0, 35.5),
+            ]
+        )
+    ]
     b = [make_run(tmp_path, "Shapes", "sweep-b-s0", seed=0, curve=[11.0, 12.5], top5=52.0, ips=99.0, seconds=20.0)]
-    voc = [make_run(tmp_path, "PascalVOC2012", f"voc-s{s}", seed=s, curve=[5.0, 7.0], top5=30.0, ips=12.0,
-                    seconds=100.0 + s, mAP=m) for s, m in enumerate([[8.0, 12.5], [15.0, 9.0]])]  # fmt: skip
+    voc = [
+        make_run(
+            tmp_path,
+            "PascalVOC2012",
+            f"voc-s{s}",
+            seed=s,
+            curve=[5.0, 7.0],
+            top5=30.0,
+            ips=12.0,
+            seconds=100.0 + s,
+            mAP=m,
+        )
+        for s, m in enumerate([[8.0, 12.5], [15.0, 9.0]])
+    ]
     return {"sweep-a": a, "sweep-b": b, "voc": voc}
 
 
@@ -151,8 +195,17 @@ def test_curves_follow_epochs_and_resume(tmp_path: Path) -> None:
 def test_group_by_config(tmp_path: Path) -> None:
     """Timestamped names: seeds grouped by their settings, variants named by what differs."""
     for seed, lr in [(0, 1e-3), (1, 1e-3), (0, 1e-4)]:
-        make_run(tmp_path, "Shapes", f"2026-01-0{seed}_{lr}", seed=seed, curve=[10.0 + seed], top5=50.0, ips=1.0,
-                 seconds=1.0, lr=lr)  # fmt: skip
+        make_run(
+            tmp_path,
+            "Shapes",
+            f"2026-01-0{seed}_{lr}",
+            seed=seed,
+            curve=[10.0 + seed],
+            top5=50.0,
+            ips=1.0,
+            seconds=1.0,
+            lr=lr,
+        )
     runs = find_runs([tmp_path], "auto")
     assert sorted((r.variant, r.seed) for r in runs) == [("lr=0.0001", 0), ("lr=0.001", 0), ("lr=0.001", 1)]
     assert {r.variant for r in find_runs([tmp_path], "run")} == {r.summary["run_name"] for r in runs}
@@ -162,13 +215,18 @@ def test_group_by_config(tmp_path: Path) -> None:
 def test_presets_parse_and_differ_only_where_they_should(scale: str) -> None:
     """Every variant is a valid main.py command line, and the variants of a finding differ
     exactly in the flags the finding is about (at full scale)."""
-    expected = {"warm_start": {"--warm-start"}, "first_kernel": {"-c"}, "lrn": {"--no-lrn"},
-                "dataset_difficulty": {"-ds"}, "lr_by_data_size": {"--warm-start", "--shapes-train"}}  # fmt: skip
+    expected = {
+        "warm_start": {"--warm-start"},
+        "first_kernel": {"-c"},
+        "lrn": {"--no-lrn"},
+        "dataset_difficulty": {"-ds"},
+        "lr_by_data_size": {"--warm-start", "--shapes-train"},
+    }
     assert set(PRESETS) == set(expected)
     parser = get_args_parser()
     for name, preset in PRESETS.items():
         flag_sets = [preset.flags(v, scale) for v in preset.variants]
-        for variant, flags in zip(preset.variants, flag_sets):
+        for variant, flags in zip(preset.variants, flag_sets, strict=False):
             args = parser.parse_args(flags_to_argv(flags))
             assert args.lrn or args.paper_model, f"{name}/{variant.name}: --no-lrn needs -pm"
             assert not (args.cifar and args.dataset == "PascalVOC2012")
@@ -192,8 +250,12 @@ def test_plan_skips_resumes_and_starts(tmp_path: Path) -> None:
     (interrupted / "checkpoints" / "Shapes" / "y").mkdir(parents=True)
     (interrupted / "checkpoints" / "Shapes" / "y" / "last.pt").write_bytes(b"")
     runs = {r.run_id: r for r in plan(preset, "tiny", [0, 1], tmp_path)}
-    assert {k: r.action for k, r in runs.items()} == {"plain-s0": "skip", "plain-s1": "start",
-                                                       "warm10-s0": "resume", "warm10-s1": "start"}  # fmt: skip
+    assert {k: r.action for k, r in runs.items()} == {
+        "plain-s0": "skip",
+        "plain-s1": "start",
+        "warm10-s0": "resume",
+        "warm10-s1": "start",
+    }
     resume = runs["warm10-s0"].command()
     assert resume[2:4] == ["--resume", str(interrupted / "checkpoints" / "Shapes" / "y" / "last.pt")]
     assert resume[-2:] == ["--output-dir", str(interrupted)] and "--seed" in resume

@@ -25,8 +25,18 @@ from training.tasks import MULTI, SINGLE, task_for
 
 #: The last commit of version 0.1 (before the trainer was split): its checkpoints must resume.
 VERSION_0_1 = "5b1de5904d7f874e14474987c95995b655ad4545"
-EPOCH_SCALARS = {"step", "seconds", "train/epoch", "train/lr", "train/epoch_loss", "train/images_per_second",
-                 "val/loss", "val/top1", "val/top5", "val/top1_max"}  # fmt: skip
+EPOCH_SCALARS = {
+    "step",
+    "seconds",
+    "train/epoch",
+    "train/lr",
+    "train/epoch_loss",
+    "train/images_per_second",
+    "val/loss",
+    "val/top1",
+    "val/top5",
+    "val/top1_max",
+}
 
 
 def metrics_of(root: Path) -> list[dict]:
@@ -54,9 +64,15 @@ def test_metrics_jsonl_has_every_scalar_of_every_epoch_and_is_cut_back_on_resume
 @pytest.fixture(scope="module")
 def run_of_version_0_1(tmp_path_factory, repo_root, tiny_shapes) -> Path:
     """A folder with a finished run written by version 0.1's own code (from git history)."""
-    has_commit = shutil.which("git") and subprocess.run(
-        ["git", "-C", str(repo_root), "cat-file", "-e", f"{VERSION_0_1}^{{commit}}"], capture_output=True, check=False
-    ).returncode == 0  # fmt: skip
+    has_commit = (
+        shutil.which("git")
+        and subprocess.run(
+            ["git", "-C", str(repo_root), "cat-file", "-e", f"{VERSION_0_1}^{{commit}}"],
+            capture_output=True,
+            check=False,
+        ).returncode
+        == 0
+    )
     if not has_commit:
         pytest.skip("version 0.1 is not in this checkout's git history")
     root = tmp_path_factory.mktemp("v01")
@@ -66,8 +82,14 @@ def run_of_version_0_1(tmp_path_factory, repo_root, tiny_shapes) -> Path:
     archive = subprocess.run(["git", "-C", str(repo_root), "archive", VERSION_0_1], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
     flags = ["-c", "-ne", "1", "--seed", "4", *tiny_shapes]
-    result = subprocess.run([sys.executable, str(code / "main.py"), *flags], cwd=work, capture_output=True, text=True,
-                            timeout=600, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(code / "main.py"), *flags],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return work
 
@@ -97,8 +119,11 @@ def test_progress_round_trips_through_a_checkpoint_dict():
 
 def test_check_compatible_only_checks_and_load_weights_loads(tmp_path):
     source, target = CifarAlexNet(10), CifarAlexNet(10)
-    checkpoint = {"config": {"model": "CifarAlexNet", "dataset": "Shapes"}, "classes": list("abcdefghij"),
-                  "model": source.state_dict()}  # fmt: skip
+    checkpoint = {
+        "config": {"model": "CifarAlexNet", "dataset": "Shapes"},
+        "classes": list("abcdefghij"),
+        "model": source.state_dict(),
+    }
     before = target.features[0].weight.clone()
     check_compatible(checkpoint, tmp_path / "x.pt", target, 10, "Shapes")
     assert torch.equal(target.features[0].weight, before)

@@ -49,7 +49,7 @@ def test_shapes_vary_in_position_size_and_colour():
         centres = np.array([np.argwhere(m).mean(0) for m in masks])
         assert areas.max() > 2 * areas.min(), SHAPES_CLASSES[label]
         assert centres.std(0).min() > 2.0, SHAPES_CLASSES[label]
-        colours = np.array([img.double().numpy()[:, m].mean(1) for img, m in zip(images, masks)])
+        colours = np.array([img.double().numpy()[:, m].mean(1) for img, m in zip(images, masks, strict=False)])
         assert colours.std(0).min() > 15, SHAPES_CLASSES[label]
 
 
@@ -68,7 +68,7 @@ def test_shape_masks_are_the_named_shapes():
             cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
             vals.append(m[cy, cx])
         centre_fill.append(np.mean(vals))
-    fill = dict(zip(SHAPES_CLASSES, centre_fill))
+    fill = dict(zip(SHAPES_CLASSES, centre_fill, strict=False))
     for name in ["disc", "square", "diamond", "plus", "cross", "hbar", "vbar"]:
         assert fill[name] > 0.9, (name, fill[name])
     for name in ["ring", "frame"]:

@@ -31,8 +31,9 @@ PER_SHARD = 5
 
 
 def build(paths: list[Path], cache: Path, **kwargs) -> Split:
-    return shard_split(paths, torch.arange(len(paths)), cache, "train", SIZE, workers=1, shard_images=PER_SHARD,
-                       **kwargs)  # fmt: skip
+    return shard_split(
+        paths, torch.arange(len(paths)), cache, "train", SIZE, workers=1, shard_images=PER_SHARD, **kwargs
+    )
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -85,7 +86,7 @@ def test_stored_statistics_equal_those_of_the_decoded_images(cached):
     decoded = cached.images.decode_all()
     store = cached.images
     for ours, theirs in [(store.channel_stats(), channel_stats(decoded)), (store.rgb_eigen(), rgb_eigen(decoded))]:
-        for a, b in zip(ours, theirs):
+        for a, b in zip(ours, theirs, strict=False):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(store.mean_image(), mean_image(decoded), atol=1e-4, rtol=0)
     paper = make_pipeline(cached, 224, True)
@@ -179,8 +180,11 @@ data.shards.shard_split(paths, torch.zeros(len(paths)), Path(sys.argv[2]), "trai
 
 def test_kill_9_while_preparing_then_a_rerun_equals_a_fresh_build(photos, cached, tmp_path):
     cache = tmp_path / "cache"
-    process = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(photos[0].parent), str(cache)], cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, str(photos[0].parent), str(cache)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     folder = cache / f"train_{SIZE}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(folder.glob("*.shard")) if folder.exists() else []) < 3:
@@ -297,8 +301,10 @@ def test_an_oversized_verified_json_is_not_read_and_the_shards_are_hashed_again(
         f.truncate(1 << 30)
     second = run_main(*flags, cwd=tmp_path, prefix=prefix)
     assert second.returncode == 0 and "Traceback" not in second.stderr, second.stderr
-    warning = (r"cache/train_32/verified\.json is larger than the record of 1 shards can be \(over [\d,]+ bytes\), so "
-               r"it was not read; every shard in cache/train_32 is hashed again")  # fmt: skip
+    warning = (
+        r"cache/train_32/verified\.json is larger than the record of 1 shards can be \(over [\d,]+ bytes\), so "
+        r"it was not read; every shard in cache/train_32 is hashed again"
+    )
     assert re.search(warning, second.stderr), second.stderr
     record = json.loads((folder / "verified.json").read_text())  # written anew: what a start reads next time
     assert sorted(record["shards"]) == ["00000.shard"] == sorted(mtimes(folder))

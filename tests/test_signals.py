@@ -41,8 +41,22 @@ def reference(tmp_path_factory, run_main, flags: list[str]) -> dict:
     return torch.load(only(root / "checkpoints" / "Shapes", "*/last.pt"), weights_only=True)
 
 
-FLAGS = ["-c", "--seed", "5", "--deterministic", "-ne", "3", "--shapes-train", "200", "--shapes-test", "40",
-         "--batch-size", "20", "-lls", "1"]  # fmt: skip
+FLAGS = [
+    "-c",
+    "--seed",
+    "5",
+    "--deterministic",
+    "-ne",
+    "3",
+    "--shapes-train",
+    "200",
+    "--shapes-test",
+    "40",
+    "--batch-size",
+    "20",
+    "-lls",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -217,8 +231,24 @@ def test_sigterm_to_the_process_group_while_streaming_saves_and_stops(tmp_path):
     """Slurm and systemd signal every process of the job: the DataLoader workers ignore SIGTERM,
     the main process saves last.pt and stops with 143, then shuts the workers down."""
     small_voc(tmp_path / "data")
-    process = start(["-ds", "PascalVOC2012", "--data-dir", "data", "-ne", "2", "--batch-size", "1", "--loader",
-                     "stream", "--workers", "2"], tmp_path, new_session=True)  # fmt: skip
+    process = start(
+        [
+            "-ds",
+            "PascalVOC2012",
+            "--data-dir",
+            "data",
+            "-ne",
+            "2",
+            "--batch-size",
+            "1",
+            "--loader",
+            "stream",
+            "--workers",
+            "2",
+        ],
+        tmp_path,
+        new_session=True,
+    )
     seen = []
     for line in process.stderr:
         seen.append(line)
@@ -252,11 +282,33 @@ def test_a_streaming_worker_killed_by_sigkill_is_one_sentence_and_leaves_no_temp
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()
     tmp.mkdir()
-    flags = ["-c", "-ds", "ImageFolder", "--data-dir", "data", "--cache-dir", "cache", "--loader", "stream", "--workers",
-             "2", "--batch-size", "1", "-ne", "5", "-d"]  # fmt: skip
-    process = subprocess.Popen(command(*flags), cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                               text=True, start_new_session=True, env={**os.environ, "HOME": str(home),
-                               "TMPDIR": str(tmp)})  # fmt: skip
+    flags = [
+        "-c",
+        "-ds",
+        "ImageFolder",
+        "--data-dir",
+        "data",
+        "--cache-dir",
+        "cache",
+        "--loader",
+        "stream",
+        "--workers",
+        "2",
+        "--batch-size",
+        "1",
+        "-ne",
+        "5",
+        "-d",
+    ]
+    process = subprocess.Popen(
+        command(*flags),
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)},
+    )
     try:
         seen = wait_for(process, "augmentation:")  # the training loop is next
         while len(children(process.pid)) < 2 and process.poll() is None:  # its workers have started
@@ -273,10 +325,14 @@ def test_a_streaming_worker_killed_by_sigkill_is_one_sentence_and_leaves_no_temp
     assert "Traceback" not in rest, rest
     errors = [line for line in rest.splitlines() if "error: " in line]
     assert errors == [
-        (f"error: DataLoader worker (pid {workers[0]}) was killed by SIGKILL, most often by the kernel's out-of-memory "
-         "killer (dmesg names it); run again with fewer workers (e.g. --workers 1) or a smaller --batch-size (nothing "
-         "was saved yet).")
-    ], rest  # fmt: skip
+        (
+            f"error: DataLoader worker (pid {workers[0]}) was killed "
+            "by SIGKILL, most often by the kernel's out-of-memory "
+            "killer (dmesg names it); run again with fewer workers "
+            "(e.g. --workers 1) or a smaller --batch-size (nothing "
+            "was saved yet)."
+        )
+    ], rest
     assert list(home.iterdir()) == []
     assert [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")] == []
 
@@ -294,8 +350,10 @@ def test_the_sentence_for_a_lost_worker_says_what_is_kept_and_how_to_resume(tmp_
     assert lost_worker_sentence(gone, None, 3, True) == (
         "DataLoader workers (pid 4242, 4243) stopped unexpectedly; run again with fewer workers, e.g. --workers 1."
     )
-    bus = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
-                       "workers are out of shared memory.")  # fmt: skip
+    bus = RuntimeError(
+        "DataLoader worker (pid 7) is killed by signal: Bus error. It is possible that dataloader's "
+        "workers are out of shared memory."
+    )
     assert lost_worker_sentence(bus, None, 2, True).startswith(
         "DataLoader worker (pid 7) was killed by SIGBUS, most often for want of shared memory (/dev/shm); "
     )

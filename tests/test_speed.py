@@ -37,8 +37,9 @@ FP16_REL = 0.005
 
 def _batches(steps: int, n: int = 8, size: int = 32, classes: int = 10):
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g))
-            for _ in range(steps)]  # fmt: skip
+    return [
+        (torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)) for _ in range(steps)
+    ]
 
 
 def _losses(amp: str, channels_last: bool, steps: int = 3) -> list[float]:
@@ -157,8 +158,12 @@ def test_benchmark_quick_writes_every_key(tmp_path, repo_root):
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "benchmarks/speed.py", "--quick", "--json", str(out)],
-        check=False, cwd=repo_root, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        check=False,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     for model in ("CifarAlexNet", "TorchAlexNet", "PaperAlexNet"):
@@ -250,14 +255,20 @@ def test_a_datasheet_peak_only_for_a_card_identified_by_name_and_capability(name
 
 def test_tf32_peak_measurement_restores_the_matmul_settings():
     backends = torch.backends
-    before = (torch.get_float32_matmul_precision(), backends.cuda.matmul.fp32_precision,
-              backends.mkldnn.matmul.fp32_precision)  # fmt: skip
+    before = (
+        torch.get_float32_matmul_precision(),
+        backends.cuda.matmul.fp32_precision,
+        backends.mkldnn.matmul.fp32_precision,
+    )
     with pytest.raises(RuntimeError, match="inside"), matmul_precision("tf32"):
         assert backends.cuda.matmul.fp32_precision == "tf32"
         assert torch.get_float32_matmul_precision() == "high"  # legacy and new flags agree
         raise RuntimeError("inside")
-    after = (torch.get_float32_matmul_precision(), backends.cuda.matmul.fp32_precision,
-             backends.mkldnn.matmul.fp32_precision)  # fmt: skip
+    after = (
+        torch.get_float32_matmul_precision(),
+        backends.cuda.matmul.fp32_precision,
+        backends.mkldnn.matmul.fp32_precision,
+    )
     assert after == before
     with matmul_precision("fp32"):
         assert backends.cuda.matmul.fp32_precision == "ieee"

@@ -278,8 +278,11 @@ def test_towers_keep_the_split_where_two_devices_exist_and_name_no_split_gpus_wh
     )
     # Under torchrun each process runs a whole model: the split cannot go on there.
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match=r"^run/last.pt was trained with --split-gpus, which runs one model over two GPUs "
-                                        r"in one process, not under torchrun; add --no-split-gpus"):  # fmt: skip
+    with pytest.raises(
+        UserError,
+        match=r"^run/last.pt was trained with --split-gpus, which runs one model over two GPUs "
+        r"in one process, not under torchrun; add --no-split-gpus",
+    ):
         towers(split, cuda, last)
 
 
@@ -336,8 +339,24 @@ def test_a_split_runs_optimizer_state_continues_in_the_grouped_model(settings):
 
 
 #: A one-epoch run of the paper's network split over two towers, both on the CPU; float32.
-SPLIT_RUN = ["-pm", "--split-gpus", "--device", "cpu", "--amp", "off", "-ne", "1", "--shapes-train", "16",
-             "--shapes-test", "8", "--batch-size", "8", "--seed", "1"]  # fmt: skip
+SPLIT_RUN = [
+    "-pm",
+    "--split-gpus",
+    "--device",
+    "cpu",
+    "--amp",
+    "off",
+    "-ne",
+    "1",
+    "--shapes-train",
+    "16",
+    "--shapes-test",
+    "8",
+    "--batch-size",
+    "8",
+    "--seed",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -374,8 +393,7 @@ def test_evaluate_runs_a_split_checkpoint_as_the_grouped_model_on_one_gpu(split_
     assert error_line(capsys).endswith("found 1; drop --split-gpus to train the grouped model on one device.")
 
 
-def test_resume_of_a_split_run_on_one_gpu_names_no_split_gpus_and_writes_nothing(split_run, tmp_path, one_gpu,
-                                                                                   capsys):  # fmt: skip
+def test_resume_of_a_split_run_on_one_gpu_names_no_split_gpus_and_writes_nothing(split_run, tmp_path, one_gpu, capsys):
     last = copy_run(split_run, tmp_path / "work")
     before = snapshot(tmp_path / "work")
     assert main.main(["--resume", str(last), "-ne", "2"]) == 1
@@ -401,8 +419,7 @@ def test_resume_with_no_split_gpus_goes_on_as_the_grouped_model(split_run, tmp_p
     assert main.main(["--resume", str(last), "-ne", "2"]) == 0
 
 
-def test_predict_export_and_figures_of_a_split_checkpoint_run_the_grouped_model(split_run, tmp_path, one_gpu,
-                                                                                 capsys):  # fmt: skip
+def test_predict_export_and_figures_of_a_split_checkpoint_run_the_grouped_model(split_run, tmp_path, one_gpu, capsys):
     last = copy_run(split_run, tmp_path / "work")
     trained = load_trained(last)
     assert trained.config.split_gpus and type(trained.model) is PaperAlexNet

@@ -39,13 +39,23 @@ class Unchanged(Pipeline):
 @pytest.fixture(scope="module")
 def stored(tmp_path_factory) -> Split:
     photos = write_photos(tmp_path_factory.mktemp("photos"), COUNT)
-    return shard_split(photos, torch.arange(COUNT), tmp_path_factory.mktemp("cache"), "train", SIZE, workers=1,
-                       shard_images=5)  # fmt: skip
+    return shard_split(
+        photos, torch.arange(COUNT), tmp_path_factory.mktemp("cache"), "train", SIZE, workers=1, shard_images=5
+    )
 
 
 def loader(split: Split, seed: int = 0, workers: int = 0, rank: int = 0, world: int = 1, train: bool = True):
-    return BatchLoader(split, BATCH, Unchanged(), train, "cpu", index_generator=torch.Generator().manual_seed(seed),
-                       workers=workers, rank=rank, world=world)  # fmt: skip
+    return BatchLoader(
+        split,
+        BATCH,
+        Unchanged(),
+        train,
+        "cpu",
+        index_generator=torch.Generator().manual_seed(seed),
+        workers=workers,
+        rank=rank,
+        world=world,
+    )
 
 
 def test_place_split_streams_a_store_when_asked_and_decodes_it_otherwise(stored):
@@ -75,7 +85,7 @@ def test_a_mid_epoch_resume_replays_the_same_batches_bit_for_bit(stored):
     full = list(first.iterate())
     resumed = list(loader(stored, seed=99).iterate(order=first.order, skip=3))  # another seed: the order rules
     assert len(resumed) == len(full) - 3
-    for (a, la), (b, lb) in zip(full[3:], resumed):
+    for (a, la), (b, lb) in zip(full[3:], resumed, strict=False):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -102,7 +112,9 @@ def test_two_gloo_processes_read_disjoint_shares_that_cover_every_image(stored, 
     for train in (True, False):
         shares = [set(g[train].tolist()) for g in gathered]
         assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(COUNT)), train
-        assert all(len(g[train]) == len(s) for g, s in zip(gathered, shares))  # none twice within a process
+        assert all(
+            len(g[train]) == len(s) for g, s in zip(gathered, shares, strict=False)
+        )  # none twice within a process
 
 
 MEMORY = """
@@ -144,8 +156,15 @@ def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound
         images = [ramp + (i % 128) for i in range(per)]
         write_shard(tmp_path / f"{number:05d}.shard", images, "0" * 64, number)
     command = [sys.executable, "-c", MEMORY, str(tmp_path), str(size), str(count), str(per)]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                            text=True, timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     total, growth, decoded, bound = map(int, result.stdout.split())
     assert total == count and decoded == count * 3 * size * size and bound == 3 * 16 * 3 * size * size
@@ -158,8 +177,16 @@ def augmented(split: Split, workers: int) -> BatchLoader:
     from data.transforms import ModernPipeline
 
     pipeline = ModernPipeline(torch.full((3,), 0.5), torch.full((3,), 0.25), crop=8)
-    return BatchLoader(split, BATCH, pipeline, True, "cpu", generator=torch.Generator().manual_seed(3),
-                       index_generator=torch.Generator().manual_seed(0), workers=workers)  # fmt: skip
+    return BatchLoader(
+        split,
+        BATCH,
+        pipeline,
+        True,
+        "cpu",
+        generator=torch.Generator().manual_seed(3),
+        index_generator=torch.Generator().manual_seed(0),
+        workers=workers,
+    )
 
 
 def test_augmented_in_workers_the_same_for_any_workers_and_resumed_bit_for_bit(stored):
@@ -180,7 +207,7 @@ def test_augmented_in_workers_the_same_for_any_workers_and_resumed_bit_for_bit(s
     resumed.generator.set_state(states[2])
     replay = list(resumed.iterate(order=inline.order, skip=3))
     assert len(replay) == len(full) - 3
-    for (a, la), (b, lb) in zip(full[3:], replay):
+    for (a, la), (b, lb) in zip(full[3:], replay, strict=False):
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
@@ -200,7 +227,8 @@ class Unchanged:
         return x
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-folder, size, count, per, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+folder = Path(sys.argv[1])
+size, count, per, batch = (int(arg) for arg in sys.argv[2:6])
 files = sorted(folder.glob("*.shard"))
 read = [read_shard(f, "0" * 64, i, per, size) for i, f in enumerate(files)]
 stats = sum((s for _, s in read[1:]), read[0][1])
@@ -228,8 +256,15 @@ def test_decoding_in_process_streams_large_batches_from_8_workers_within_256_fil
     for number in range(count // per):
         write_shard(tmp_path / f"{number:05d}.shard", [ramp + (i % 200) for i in range(per)], "0" * 64, number)
     command = [sys.executable, "-c", DESCRIPTORS, str(tmp_path), str(size), str(count), str(per), str(batch)]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                            text=True, timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", str(count // batch)]
 

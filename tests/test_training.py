@@ -102,8 +102,9 @@ def test_paper_schedule_stops_at_the_plateau_after_the_third_drop():
 
 
 def test_warm_start_comes_down_to_the_base_rate_before_counted_drops():
-    schedule = PlateauSchedule(base_lr=0.01, factor=0.1, patience=1, max_drops=1, warm_start=50.0,
-                               stop_after_last_drop=True)  # fmt: skip
+    schedule = PlateauSchedule(
+        base_lr=0.01, factor=0.1, patience=1, max_drops=1, warm_start=50.0, stop_after_last_drop=True
+    )
     assert schedule.lr == pytest.approx(0.5)
     steps = run_schedule(schedule, [1, 1, 1, 1, 1])
     # epoch 1 improves (first score); then each epoch is a plateau: 0.5 -> 0.05 -> 0.01 (clipped
@@ -135,8 +136,9 @@ def scripted_trainer(monkeypatch, tmp_path, scores, **config) -> Trainer:
 
 
 def test_trainer_stops_early_on_a_scripted_curve(monkeypatch, tmp_path):
-    trainer = scripted_trainer(monkeypatch, tmp_path, [10, 20, 20, 20, 20, 20, 20, 20], n_epoch=8, early_stop=3,
-                               plateau_patience=2, lr=1e-4)  # fmt: skip
+    trainer = scripted_trainer(
+        monkeypatch, tmp_path, [10, 20, 20, 20, 20, 20, 20, 20], n_epoch=8, early_stop=3, plateau_patience=2, lr=1e-4
+    )
     summary = trainer.fit()
     assert summary["epochs"] == 5 and summary["best_epoch"] == 2 and summary["best_top1"] == 20
     assert summary["stop_reason"] == "no better score for 3 epochs"
@@ -147,9 +149,20 @@ def test_trainer_stops_early_on_a_scripted_curve(monkeypatch, tmp_path):
 
 
 def test_trainer_paper_setup_ends_at_the_plateau_after_the_last_drop(monkeypatch, tmp_path):
-    trainer = scripted_trainer(monkeypatch, tmp_path, [5, 5, 6, 6, 7, 7, 7, 7, 7], n_epoch=90, early_stop=0,
-                               plateau_patience=1, max_lr_drops=2, stop_after_last_drop=True, optimizer="sgd",
-                               paper_update=True, lr=0.01, dry_run=True)  # fmt: skip
+    trainer = scripted_trainer(
+        monkeypatch,
+        tmp_path,
+        [5, 5, 6, 6, 7, 7, 7, 7, 7],
+        n_epoch=90,
+        early_stop=0,
+        plateau_patience=1,
+        max_lr_drops=2,
+        stop_after_last_drop=True,
+        optimizer="sgd",
+        paper_update=True,
+        lr=0.01,
+        dry_run=True,
+    )
     assert isinstance(trainer.optimizer, PaperSGD)
     summary = trainer.fit()
     assert summary["epochs"] == 6 and summary["lr_drops"] == 2

@@ -97,8 +97,9 @@ def test_rgb_eigen_decomposes_the_pixel_covariance():
     cov = np.cov(pixels, bias=True)
     assert np.all(np.diff(values.numpy()) <= 0)  # descending
     for j in range(3):
-        assert np.allclose(cov @ vectors[:, j].double().numpy(), values[j].item() * vectors[:, j].double().numpy(),
-                           atol=1e-6)  # fmt: skip
+        assert np.allclose(
+            cov @ vectors[:, j].double().numpy(), values[j].item() * vectors[:, j].double().numpy(), atol=1e-6
+        )
     assert np.allclose(sorted(np.linalg.eigvalsh(cov)), sorted(values.double().numpy()), atol=1e-7)
 
 
@@ -156,8 +157,17 @@ def test_resized_crops_equal_grid_sample_of_the_same_boxes(dtype):
     from data.transforms import resized_crops
 
     x = torch.randint(0, 256, (7, 3, 29, 23), generator=torch.Generator().manual_seed(0)).to(dtype)
-    box = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 0.0, -1.0, 1.0], [0.3, -0.2, 0.5, 0.7], [-0.6, 0.5, -0.4, 0.5],
-                        [0.9, 0.9, 0.1, 0.1], [0.0, 0.0, 0.05, 0.2], [-0.5, 0.1, 0.5, 0.9]])  # fmt: skip
+    box = torch.tensor(
+        [
+            [0.0, 0.0, 1.0, 1.0],
+            [0.0, 0.0, -1.0, 1.0],
+            [0.3, -0.2, 0.5, 0.7],
+            [-0.6, 0.5, -0.4, 0.5],
+            [0.9, 0.9, 0.1, 0.1],
+            [0.0, 0.0, 0.05, 0.2],
+            [-0.5, 0.1, 0.5, 0.9],
+        ]
+    )
     theta = torch.zeros(7, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = box[:, 2], box[:, 0], box[:, 3], box[:, 1]
     for size in (11, 40):

@@ -226,72 +226,152 @@ PREPARE_FOLDER = ["prepare", "-ds", "ImageFolder", "--data-dir", "data", "--cach
 
 CASES = [
     # 1. An archive creates its own data set's folder and nothing else, and deletes nothing.
-    Case("archive without its data folder", CIFAR_HERE, 1,
-         r"cifar-10-python.tar.gz holds no CIFAR-10 in a cifar-10-batches-py/ folder, so it is not the official "
-         r"archive; download it again\.", prepare=archive_over_checkpoints),
-    Case("folder in the archive's way", CIFAR, 1,
-         r"data/cifar-10-batches-py already exists but holds no CIFAR-10; remove or rename it so that "
-         r"cifar-10-python.tar.gz can be unpacked there\.", prepare=folder_in_the_way, check=still_there),
+    Case(
+        "archive without its data folder",
+        CIFAR_HERE,
+        1,
+        r"cifar-10-python.tar.gz holds no CIFAR-10 in a cifar-10-batches-py/ folder, so it is not the official "
+        r"archive; download it again\.",
+        prepare=archive_over_checkpoints,
+    ),
+    Case(
+        "folder in the archive's way",
+        CIFAR,
+        1,
+        r"data/cifar-10-batches-py already exists but holds no CIFAR-10; remove or rename it so that "
+        r"cifar-10-python.tar.gz can be unpacked there\.",
+        prepare=folder_in_the_way,
+        check=still_there,
+    ),
     # 2. What a file yields is backed by its own bytes; memory is bounded by its size.
-    Case("pickle conjuring images from one byte", CIFAR, 1,
-         r"data/cifar-10/data_batch_2 was not loaded: it calls numpy.ndarray directly, which no CIFAR file does "
-         r"\(it may be crafted\)" + OFFICIAL, prepare=lambda w, e: replace_batch(w, zero_stride_batch(100))),
-    Case("pickle array without its bytes", CIFAR, 1,
-         r"data/cifar-10/data_batch_2 was not loaded: it makes an array without giving it its bytes, which no CIFAR "
-         r"file does \(it may be crafted\)" + OFFICIAL,
-         prepare=lambda w, e: replace_batch(w, Ops().batch(lambda o: o.reconstruct(), lambda o: o.list()))),
-    Case("pickle codec chain", CIFAR, 1,
-         r"data/cifar-10/data_batch_2 was not loaded: it calls _codecs.encode other than as encode\(text, 'latin1'\) "
-         r"for bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
-         prepare=lambda w, e: replace_batch(w, codec_chain(22))),
-    Case("pickle reusing its bytes for many arrays", CIFAR, 1,
-         r"data/cifar-10/data_batch_2 was not loaded: it needs more than [\d,]+ bytes of memory for its [\d,]+ "
-         r"bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
-         prepare=lambda w, e: replace_batch(w, memo_reuse_batch(400))),
+    Case(
+        "pickle conjuring images from one byte",
+        CIFAR,
+        1,
+        r"data/cifar-10/data_batch_2 was not loaded: it calls numpy.ndarray directly, which no CIFAR file does "
+        r"\(it may be crafted\)" + OFFICIAL,
+        prepare=lambda w, e: replace_batch(w, zero_stride_batch(100)),
+    ),
+    Case(
+        "pickle array without its bytes",
+        CIFAR,
+        1,
+        r"data/cifar-10/data_batch_2 was not loaded: it makes an array without giving it its bytes, which no CIFAR "
+        r"file does \(it may be crafted\)" + OFFICIAL,
+        prepare=lambda w, e: replace_batch(w, Ops().batch(lambda o: o.reconstruct(), lambda o: o.list())),
+    ),
+    Case(
+        "pickle codec chain",
+        CIFAR,
+        1,
+        r"data/cifar-10/data_batch_2 was not loaded: it calls _codecs.encode other than as encode\(text, 'latin1'\) "
+        r"for bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
+        prepare=lambda w, e: replace_batch(w, codec_chain(22)),
+    ),
+    Case(
+        "pickle reusing its bytes for many arrays",
+        CIFAR,
+        1,
+        r"data/cifar-10/data_batch_2 was not loaded: it needs more than [\d,]+ bytes of memory for its [\d,]+ "
+        r"bytes, which no CIFAR file does \(it may be crafted\)" + OFFICIAL,
+        prepare=lambda w, e: replace_batch(w, memo_reuse_batch(400)),
+    ),
     # 3. Names from data files become paths only through utils.safe_child.
-    Case("image id leading out of the folder", VOC_DRY_RUN, 1,
-         r"data/PascalVOC2012/ImageSets/Main/train.txt line 2: the image id '../../../outside/x' holds a path "
-         r"separator, so it cannot name a file in the VOC folder; fix the line or remove it\.",
-         prepare=lambda w, e: [outside_image(w), image_list(w, ["2010_000000", "../../../outside/x"])]),
-    Case("absolute image id", VOC_DRY_RUN, 1,
-         r"data/PascalVOC2012/ImageSets/Main/train.txt line 1: the image id '/.*' holds a path separator, "
-         r"so it cannot name a file in the VOC folder; fix the line or remove it\.",
-         prepare=lambda w, e: image_list(w, [str(outside_image(w)), "2010_000000"])),
+    Case(
+        "image id leading out of the folder",
+        VOC_DRY_RUN,
+        1,
+        r"data/PascalVOC2012/ImageSets/Main/train.txt line 2: the image id '../../../outside/x' holds a path "
+        r"separator, so it cannot name a file in the VOC folder; fix the line or remove it\.",
+        prepare=lambda w, e: [outside_image(w), image_list(w, ["2010_000000", "../../../outside/x"])],
+    ),
+    Case(
+        "absolute image id",
+        VOC_DRY_RUN,
+        1,
+        r"data/PascalVOC2012/ImageSets/Main/train.txt line 1: the image id '/.*' holds a path separator, "
+        r"so it cannot name a file in the VOC folder; fix the line or remove it\.",
+        prepare=lambda w, e: image_list(w, [str(outside_image(w)), "2010_000000"]),
+    ),
     # 4. Meta files and images are what they claim.
-    Case("class names of another count", CIFAR, 1,
-         r"data/cifar-10/batches.meta lists 11 class names under b'label_names', but CIFAR-10 has 10" + OFFICIAL,
-         prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
-             meta_with([n.encode() for n in CIFAR10_NAMES] + [b"unicorn"]))),
-    Case("repeated class name", CIFAR, 1,
-         r"data/cifar-10/batches.meta: class name 4 under b'label_names' \('bird'\) is the same as name 3" + OFFICIAL,
-         prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
-             meta_with([n.encode() for n in CIFAR10_NAMES[:3]] + [b"bird"] + [n.encode() for n in CIFAR10_NAMES[4:]]))),
-    Case("XML bomb in UTF-16", VOC_DRY_RUN, 1,
-         r"data/PascalVOC2012/Annotations/2010_000001.xml declares a DOCTYPE or entities, which VOC annotations never "
-         r"do; it was not parsed\.",
-         prepare=lambda w, e: (voc(w) / "Annotations/2010_000001.xml").write_bytes(BOMB.encode("utf-16"))),
-    Case("floating-point image", VOC_DRY_RUN, 1,
-         r"data/PascalVOC2012/JPEGImages/2010_000001.jpg holds F pixels \(32-bit integers or floating point\), which "
-         r"have no fixed white level; save it as an 8-bit JPEG or PNG\.", prepare=lambda w, e: float_image(w)),
+    Case(
+        "class names of another count",
+        CIFAR,
+        1,
+        r"data/cifar-10/batches.meta lists 11 class names under b'label_names', but CIFAR-10 has 10" + OFFICIAL,
+        prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
+            meta_with([n.encode() for n in CIFAR10_NAMES] + [b"unicorn"])
+        ),
+    ),
+    Case(
+        "repeated class name",
+        CIFAR,
+        1,
+        r"data/cifar-10/batches.meta: class name 4 under b'label_names' \('bird'\) is the same as name 3" + OFFICIAL,
+        prepare=lambda w, e: (cifar(w) / "batches.meta").write_bytes(
+            meta_with([n.encode() for n in CIFAR10_NAMES[:3]] + [b"bird"] + [n.encode() for n in CIFAR10_NAMES[4:]])
+        ),
+    ),
+    Case(
+        "XML bomb in UTF-16",
+        VOC_DRY_RUN,
+        1,
+        r"data/PascalVOC2012/Annotations/2010_000001.xml declares a DOCTYPE or entities, which VOC annotations never "
+        r"do; it was not parsed\.",
+        prepare=lambda w, e: (voc(w) / "Annotations/2010_000001.xml").write_bytes(BOMB.encode("utf-16")),
+    ),
+    Case(
+        "floating-point image",
+        VOC_DRY_RUN,
+        1,
+        r"data/PascalVOC2012/JPEGImages/2010_000001.jpg holds F pixels \(32-bit integers or floating point\), which "
+        r"have no fixed white level; save it as an 8-bit JPEG or PNG\.",
+        prepare=lambda w, e: float_image(w),
+    ),
     # 5. Issue 22: images beyond the bound are refused from their header, by every reader; archive
     # entries that lead out of their folder refuse the archive.
-    isolated(Case("image claiming 169 megapixels", PREPARE_FOLDER, 1,
-         r"data/b/bomb\.png claims to be 13000x13000 pixels, more than 50 megapixels \(a decompression bomb, a damaged "
-         r"header, or a photo to downscale first\); replace it with a smaller image or remove it\.$",
-         prepare=bomb_among_images, prefix=capped_main, check=within_500_mb)),
-    isolated(Case("archive entry leading out of its folder", CIFAR, 1,
-         r"archive data/cifar-10-python\.tar\.gz was not unpacked: its entry 'cifar-10-batches-py/\.\./x' leads out of "
-         r"cifar-10-batches-py/ \(no official archive of CIFAR-10 holds such an entry: it may be crafted\); download "
-         r"it again\.$", prepare=lambda w, e: cifar_archive_with(w, [("cifar-10-batches-py/../x", b"escaped")]),
-         check=nothing_unpacked)),
-    isolated(Case("archive entry written through a link", CIFAR, 1,
-         r"archive data/cifar-10-python\.tar\.gz was not unpacked: its entry 'cifar-10-batches-py/up' is a link to "
-         r"'\.\.', out of cifar-10-batches-py/ \(no official archive of CIFAR-10 holds such an entry: it may be "
-         r"crafted\); download it again\.$",
-         prepare=lambda w, e: cifar_archive_with(w, [("cifar-10-batches-py/up", b"", ".."),
-                                                     ("cifar-10-batches-py/up/x", b"escaped")]),
-         check=nothing_unpacked)),
-]  # fmt: skip
+    isolated(
+        Case(
+            "image claiming 169 megapixels",
+            PREPARE_FOLDER,
+            1,
+            r"data/b/bomb\.png claims to be 13000x13000 pixels, more "
+            r"than 50 megapixels \(a decompression bomb, a damaged "
+            r"header, or a photo to downscale first\); replace it with a smaller image or remove it\.$",
+            prepare=bomb_among_images,
+            prefix=capped_main,
+            check=within_500_mb,
+        )
+    ),
+    isolated(
+        Case(
+            "archive entry leading out of its folder",
+            CIFAR,
+            1,
+            r"archive data/cifar-10-python\.tar\.gz was not unpacked: "
+            r"its entry 'cifar-10-batches-py/\.\./x' leads out of "
+            r"cifar-10-batches-py/ \(no official archive of CIFAR-10 "
+            r"holds such an entry: it may be crafted\); download "
+            r"it again\.$",
+            prepare=lambda w, e: cifar_archive_with(w, [("cifar-10-batches-py/../x", b"escaped")]),
+            check=nothing_unpacked,
+        )
+    ),
+    isolated(
+        Case(
+            "archive entry written through a link",
+            CIFAR,
+            1,
+            r"archive data/cifar-10-python\.tar\.gz was not unpacked: its entry 'cifar-10-batches-py/up' is a link to "
+            r"'\.\.', out of cifar-10-batches-py/ \(no official archive of CIFAR-10 holds such an entry: it may be "
+            r"crafted\); download it again\.$",
+            prepare=lambda w, e: cifar_archive_with(
+                w, [("cifar-10-batches-py/up", b"", ".."), ("cifar-10-batches-py/up/x", b"escaped")]
+            ),
+            check=nothing_unpacked,
+        )
+    ),
+]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -311,17 +391,22 @@ def test_archive_entries_beside_its_folder_are_left_out_and_nothing_is_replaced(
     work = tmp_path / "work"
     shutil.copytree(earlier, work, copy_function=os.link)  # hard links: a rewrite shows as a new inode
     write_cifar100(work / "cifar-100-python")
-    cifar_archive(work / "cifar-10-python.tar.gz", {
-        "checkpoints/Shapes/evil/last.pt": "not a checkpoint",
-        "cifar-100-python/train": "not CIFAR-100",
-        "runs": "a file where the runs folder is",
-    })  # fmt: skip
+    cifar_archive(
+        work / "cifar-10-python.tar.gz",
+        {
+            "checkpoints/Shapes/evil/last.pt": "not a checkpoint",
+            "cifar-100-python/train": "not CIFAR-100",
+            "runs": "a file where the runs folder is",
+        },
+    )
     before = snapshot(work)
     names = {p.name for p in work.iterdir()}
     result = run_main(*CIFAR_HERE, cwd=work)
     assert result.returncode == 0, result.stderr
-    assert "cifar-10-python.tar.gz: left out 3 entries outside cifar-10-batches-py/ (an archive of CIFAR-10 may " \
-        "create only that folder)" in result.stderr  # fmt: skip
+    assert (
+        "cifar-10-python.tar.gz: left out 3 entries outside cifar-10-batches-py/ (an archive of CIFAR-10 may "
+        "create only that folder)" in result.stderr
+    )
     assert unchanged(work, before)
     assert {p.name for p in work.iterdir()} == names | {"cifar-10-batches-py"}
     assert not (work / "checkpoints" / "Shapes" / "evil").exists()
@@ -342,15 +427,25 @@ def test_extraction_leaves_no_trace_when_the_archive_is_refused(tmp_path):
         ([("cifar-10-batches-py/../x", b"escaped")], "cifar-10-batches-py/../x", "leads out of cifar-10-batches-py/"),
         ([("../x", b"escaped")], "../x", "leads out of the folder it is unpacked into"),
         ([("/cifar-10-batches-py/x", b"x")], "/cifar-10-batches-py/x", "has an absolute name"),
-        ([("cifar-10-batches-py/up", b"", "../..")], "cifar-10-batches-py/up",
-         "is a link to '../..', out of cifar-10-batches-py/"),
+        (
+            [("cifar-10-batches-py/up", b"", "../..")],
+            "cifar-10-batches-py/up",
+            "is a link to '../..', out of cifar-10-batches-py/",
+        ),
         ([("cifar-10-batches-py/abs", b"", "/etc")], "cifar-10-batches-py/abs", "is a link to the absolute path /etc"),
-        ([("cifar-10-batches-py/h", b"", "x", tarfile.LNKTYPE), ("x", b"beside")], "cifar-10-batches-py/h",
-         "is a link to 'x', out of cifar-10-batches-py/"),
-        ([("cifar-10-batches-py/f", b"", None, tarfile.FIFOTYPE)], "cifar-10-batches-py/f", "is a device file or a FIFO"),
+        (
+            [("cifar-10-batches-py/h", b"", "x", tarfile.LNKTYPE), ("x", b"beside")],
+            "cifar-10-batches-py/h",
+            "is a link to 'x', out of cifar-10-batches-py/",
+        ),
+        (
+            [("cifar-10-batches-py/f", b"", None, tarfile.FIFOTYPE)],
+            "cifar-10-batches-py/f",
+            "is a device file or a FIFO",
+        ),
         ([("runs", b"", "/etc")], "runs", "is a link to the absolute path /etc"),
     ],
-)  # fmt: skip
+)
 def test_an_archive_entry_that_leads_out_refuses_the_archive(tmp_path, monkeypatch, entries, named, reason, filtered):
     """PEP 706's ``data`` filter's rules, with the data set's folder as the destination, on every
     Python (the filter came with 3.11.4 and 3.12): the entry is named and nothing is left."""
@@ -448,7 +543,9 @@ def test_crafted_pickles_are_refused_within_a_bounded_memory(tmp_path):
         path.parent.mkdir()
         path.write_bytes(data())
         calls.append((path, "data.cifar.read_cifar_batch(path, b'labels', 10)"))
-    for (name, (_, phrase)), (path, _), (grew, outcome) in zip(CRAFTED.items(), calls, peak_growth(calls)):
+    for (name, (_, phrase)), (path, _), (grew, outcome) in zip(
+        CRAFTED.items(), calls, peak_growth(calls), strict=False
+    ):
         assert outcome.startswith(f"DataError: {path} was not loaded: it {phrase}"), outcome
         assert grew < 32 * MB, f"{name}: peak memory grew by {grew / MB:.0f} MB"
 
@@ -476,7 +573,7 @@ def test_thin_images_decode_within_a_bounded_memory(tmp_path):
         Image.fromarray(np.tile(column, (1, width))).convert("RGB").save(path)
         assert path.stat().st_size < 64_000
         calls.append((path, "data.images.decode_resized(path, 256)"))
-    for (path, call), (grew, outcome) in zip(calls, peak_growth(calls)):
+    for (path, call), (grew, outcome) in zip(calls, peak_growth(calls), strict=False):
         assert outcome.startswith("loaded (") and outcome.endswith("256, 256)"), (path.name, call, outcome)
         assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
 
@@ -513,7 +610,7 @@ def test_headers_beyond_the_bound_and_huge_label_lines_are_refused_within_a_boun
         f"DataError: {line} line 2 is longer than 65,536 characters, which no line of the real file is",
         f"DataError: {large} is 104,857,600 bytes, more than the 67,108,864 a label file of ILSVRC-2012 may have",
     ]
-    for (path, call), (grew, outcome), start in zip(calls, peak_growth(calls), expected):
+    for (path, call), (grew, outcome), start in zip(calls, peak_growth(calls), expected, strict=False):
         assert outcome.startswith(start), (call, outcome)
         assert grew < 32 * MB, f"{path.name} {call}: peak memory grew by {grew / MB:.0f} MB"
 
@@ -573,20 +670,44 @@ def test_a_thin_image_is_its_centre_resized(tmp_path):
 @pytest.mark.parametrize(
     "build, phrase",
     [
-        (lambda o: o.array((2, 3072), lambda o: o.bytes(b"\x00" * 100)),
-         "builds a 2 x 3072 uint8 array of 6,144 bytes from 100 bytes"),
-        (lambda o: o.reconstruct().mark().int(1).shape((1, 3072)).dtype("O").false().bytes(b"").tuple().build(),
-         "asks for numpy dtype 'O', which is not a plain number type"),
-        (lambda o: o.array((1, 3072), lambda o: o.bytes(b"\x00" * 3072), order=">"),
-         "gives numpy dtype 'u1' a state numpy never writes"),
-        (lambda o: o.dict().mark().array((1, 1), lambda o: o.bytes(b"\x00")).bytes(b"x").setitems(),
-         "uses an array as a dictionary key"),
-        (lambda o: o.dict().mark().bytes(b"data").reconstruct().setitems(), "makes an array without giving it its bytes"),
-        (lambda o: o.array((1, 1), lambda o: o.bytes(b"\x00")).put(9).mark().int(1).shape((1, 1)).dtype().false()
-         .bytes(b"\x01").tuple().build(), "sets the state of one array twice"),
+        (
+            lambda o: o.array((2, 3072), lambda o: o.bytes(b"\x00" * 100)),
+            "builds a 2 x 3072 uint8 array of 6,144 bytes from 100 bytes",
+        ),
+        (
+            lambda o: o.reconstruct().mark().int(1).shape((1, 3072)).dtype("O").false().bytes(b"").tuple().build(),
+            "asks for numpy dtype 'O', which is not a plain number type",
+        ),
+        (
+            lambda o: o.array((1, 3072), lambda o: o.bytes(b"\x00" * 3072), order=">"),
+            "gives numpy dtype 'u1' a state numpy never writes",
+        ),
+        (
+            lambda o: o.dict().mark().array((1, 1), lambda o: o.bytes(b"\x00")).bytes(b"x").setitems(),
+            "uses an array as a dictionary key",
+        ),
+        (
+            lambda o: o.dict().mark().bytes(b"data").reconstruct().setitems(),
+            "makes an array without giving it its bytes",
+        ),
+        (
+            lambda o: (
+                o.array((1, 1), lambda o: o.bytes(b"\x00"))
+                .put(9)
+                .mark()
+                .int(1)
+                .shape((1, 1))
+                .dtype()
+                .false()
+                .bytes(b"\x01")
+                .tuple()
+                .build()
+            ),
+            "sets the state of one array twice",
+        ),
         (lambda o: o.list().dict().build(), "sets the state of a list"),
     ],
-)  # fmt: skip
+)
 def test_arrays_only_from_their_own_bytes(tmp_path, build, phrase):
     path = tmp_path / "batch"
     ops = Ops()
@@ -647,8 +768,10 @@ def test_official_and_python3_arrays_still_load_exactly(tmp_path):
 def test_image_ids_must_be_names_inside_the_folder(tmp_path, line, problem):
     path = tmp_path / "train.txt"
     path.write_text(f"2008_000001\n\n{line} 1\n")
-    message = rf"train\.txt line 3: the image id .*{re.escape(problem)}, so it cannot name a file in the VOC folder; " \
-        r"fix the line or remove it\."  # fmt: skip
+    message = (
+        rf"train\.txt line 3: the image id .*{re.escape(problem)}, so it cannot name a file in the VOC folder; "
+        r"fix the line or remove it\."
+    )
     with pytest.raises(DataError, match=message):
         read_image_list(path)
 
@@ -687,8 +810,10 @@ def test_a_zeroed_cache_is_rebuilt_through_the_command_line(tmp_path, run_main):
     shard.write_bytes(built[:200] + bytes(1000) + built[1200:])  # within the first JPEG, past the head
     result = run_main(*VOC_DRY_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "cache shard cache/train_256/00000.shard does not match its digest (it was damaged or changed); " \
-        "rebuilding it" in result.stderr  # fmt: skip
+    assert (
+        "cache shard cache/train_256/00000.shard does not match its digest (it was damaged or changed); "
+        "rebuilding it" in result.stderr
+    )
     assert shard.read_bytes() == built
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["train_256", "val_256"]
 
@@ -735,8 +860,9 @@ def test_an_untouched_cache_is_used_without_a_warning(tmp_path, caplog):
 def test_class_names_are_the_official_count_of_unique_printable_text(tmp_path, names, message):
     folder = tmp_path / "cifar-100-python"
     write_cifar100(folder)
-    (folder / "meta").write_bytes(python2_pickle({b"fine_label_names": names,
-                                                 b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}))  # fmt: skip
+    (folder / "meta").write_bytes(
+        python2_pickle({b"fine_label_names": names, b"coarse_label_names": [f"c{i}".encode() for i in range(20)]})
+    )
     with pytest.raises(DataError, match=message):
         load_dataset("Cifar100", DataOptions(data_dir=tmp_path))
 
@@ -744,8 +870,14 @@ def test_class_names_are_the_official_count_of_unique_printable_text(tmp_path, n
 def test_cifar100_coarse_names_must_be_twenty(tmp_path):
     folder = tmp_path / "cifar-100-python"
     write_cifar100(folder)
-    (folder / "meta").write_bytes(python2_pickle({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                                                 b"coarse_label_names": [f"c{i}".encode() for i in range(21)]}))  # fmt: skip
+    (folder / "meta").write_bytes(
+        python2_pickle(
+            {
+                b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                b"coarse_label_names": [f"c{i}".encode() for i in range(21)],
+            }
+        )
+    )
     assert load_dataset("Cifar100", DataOptions(data_dir=tmp_path)).num_classes == 100
     with pytest.raises(DataError, match=r"lists 21 class names under b'coarse_label_names', but CIFAR-100 has 20"):
         load_dataset("Cifar100", DataOptions(data_dir=tmp_path, coarse_labels=True))
@@ -813,12 +945,21 @@ def test_sixteen_bit_big_endian_and_32_bit_modes(tmp_path):
 
 @pytest.mark.parametrize(
     "codec, declared",
-    [("utf-16", "UTF-16"), ("utf-16-be", "UTF-16BE"), ("utf-16-le", "UTF-16"), ("utf-8-sig", "UTF-8"),
-     ("latin-1", "ISO-8859-1"), ("cp1252", "windows-1252"), ("utf-8", "UTF-8")],
-)  # fmt: skip
+    [
+        ("utf-16", "UTF-16"),
+        ("utf-16-be", "UTF-16BE"),
+        ("utf-16-le", "UTF-16"),
+        ("utf-8-sig", "UTF-8"),
+        ("latin-1", "ISO-8859-1"),
+        ("cp1252", "windows-1252"),
+        ("utf-8", "UTF-8"),
+    ],
+)
 def test_a_doctype_is_found_whatever_the_encoding(tmp_path, codec, declared):
-    text = (f'<?xml version="1.0" encoding="{declared}"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-            "<annotation><object><name>&x;</name></object></annotation>")  # fmt: skip
+    text = (
+        f'<?xml version="1.0" encoding="{declared}"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        "<annotation><object><name>&x;</name></object></annotation>"
+    )
     path = tmp_path / "a.xml"
     path.write_bytes(text.encode(codec))
     with pytest.raises(DataError, match=r"declares a DOCTYPE or entities, which VOC annotations never do"):

@@ -116,13 +116,19 @@ def test_fc8_bias_must_fit_its_weight_and_a_folder_is_named(tmp_path):
     state["classifier.6.bias"] = state["classifier.6.bias"][:7].clone()
     classes = [f"c{i}" for i in range(10)]
     torch.save(state, tmp_path / "plain.pth")
-    with pytest.raises(WeightsError, match=r"weights file .*plain.pth does not fit CifarAlexNet: its 'classifier\.6\."
-                       r"bias' is \(7,\), where its 'classifier\.6\.weight' has 10 rows; pass weights"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"weights file .*plain.pth does not fit CifarAlexNet: its 'classifier\.6\."
+        r"bias' is \(7,\), where its 'classifier\.6\.weight' has 10 rows; pass weights",
+    ):
         load_initial_weights(tmp_path / "plain.pth", CifarAlexNet(10), "CifarAlexNet", classes)
     checkpoint = {"model": state, "config": asdict(TrainConfig(model="CifarAlexNet")), "epoch": 1, "classes": classes}
     torch.save(checkpoint, tmp_path / "best.pt")
-    with pytest.raises(WeightsError, match=r"best.pt cannot be used as --weights: its model's 'classifier\.6\.bias' is "
-                       r"\(7,\), where a CifarAlexNet of 10 classes has \(10,\); it is damaged"):  # fmt: skip
+    with pytest.raises(
+        WeightsError,
+        match=r"best.pt cannot be used as --weights: its model's 'classifier\.6\.bias' is "
+        r"\(7,\), where a CifarAlexNet of 10 classes has \(10,\); it is damaged",
+    ):
         load_initial_weights(tmp_path / "best.pt", CifarAlexNet(10), "CifarAlexNet", classes)
     with pytest.raises(
         WeightsError, match=r"weights file .* is a folder; pass the path of a file in it: torchvision's"
@@ -154,19 +160,25 @@ def test_cli_wrong_network_and_non_alexnet(cifar_run, tmp_path, capsys, own_sign
     checkpoint = only(cifar_run / "checkpoints" / "Shapes", "*/best.pt")
     tiny = ["-d", "--shapes-train", "20", "--shapes-test", "10", "--output-dir", str(tmp_path)]
     assert main.main([*tiny, "-c", "-pm", "--weights", str(checkpoint)]) == 1
-    assert error_line(capsys) == (f"error: checkpoint {checkpoint} holds a CifarAlexNet, but this run builds a "
-                                  "PaperCifarAlexNet; set -c / -pm as that run did, or pass a checkpoint of this "
-                                  "network.")  # fmt: skip
+    assert error_line(capsys) == (
+        f"error: checkpoint {checkpoint} holds a CifarAlexNet, but this run builds a "
+        "PaperCifarAlexNet; set -c / -pm as that run did, or pass a checkpoint of this "
+        "network."
+    )
     foreign = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
     assert main.main([*tiny, "-c", "--weights", str(foreign)]) == 1
-    assert error_line(capsys) == (f"error: weights file {foreign} does not fit CifarAlexNet: it has no tensor "
-                                  "'features.0.weight'; pass weights of this network.")  # fmt: skip
+    assert error_line(capsys) == (
+        f"error: weights file {foreign} does not fit CifarAlexNet: it has no tensor "
+        "'features.0.weight'; pass weights of this network."
+    )
 
 
 def test_flags_that_do_not_go_with_weights(capsys, own_signals):
-    for flags, message in ((["--weights", "w.pth", "--resume", "last.pt"], "--weights starts a new run"),
-                           (["--freeze-features"], "--freeze-features keeps the starting weights' features")):  # fmt: skip
+    for flags, message in (
+        (["--weights", "w.pth", "--resume", "last.pt"], "--weights starts a new run"),
+        (["--freeze-features"], "--freeze-features keeps the starting weights' features"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             main.main(flags)
         assert stopped.value.code == 2
@@ -179,9 +191,29 @@ def test_checkpoint_fine_tuned_on_another_data_set_with_frozen_features(cifar_ru
     classifier trains, fc8 is the new run's own; --resume continues without the weights file."""
     source = copy_run(cifar_run, tmp_path / "source")
     write_cifar10(tmp_path / "data" / "cifar-10-batches-py", per_batch=8, n_test=8)
-    flags = ["-c", "-ds", "Cifar10", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out"),
-             "--run-name", "tuned", "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--weight-decay",
-             "0.01", "-ne", "1", "--seed", "3"]  # fmt: skip
+    flags = [
+        "-c",
+        "-ds",
+        "Cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--run-name",
+        "tuned",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "0.05",
+        "--weight-decay",
+        "0.01",
+        "-ne",
+        "1",
+        "--seed",
+        "3",
+    ]
     assert main.main([*flags, "--weights", str(source), "--freeze-features"]) == 0
     log = capsys.readouterr().err  # main.main logs to stderr (utils.setup_logging)
     before = torch.load(source, weights_only=True)

@@ -83,14 +83,21 @@ class Check:
             return ["--shapes-train", "64", "--shapes-test", "32", "--batch-size", "32", "-ne", "1"]
         return ["-ne", "3"]
 
-    def run(self, folder: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600,
-            command: list[str] | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    def run(
+        self,
+        folder: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: int = 600,
+        command: list[str] | None = None,
+    ) -> subprocess.CompletedProcess:
         """``python main.py *args`` (or ``command``) in ``out/folder``; fails with its stderr's end."""
         cwd = self.out / folder
         cwd.mkdir(parents=True, exist_ok=True)
         argv = command or [sys.executable, str(ROOT / "main.py"), *args]
-        result = subprocess.run(argv, cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                                timeout=timeout, check=False)  # fmt: skip
+        result = subprocess.run(
+            argv, cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False
+        )
         (cwd / "output.txt").write_text(f"$ {' '.join(argv)}\n{result.stdout}\n{result.stderr}")
         if result.returncode != 0:
             tail = " | ".join(result.stderr.strip().splitlines()[-3:])
@@ -133,8 +140,10 @@ def identical(a: Path, b: Path) -> str:
 
 
 def cuda_tests(c: Check) -> str:
-    result = c.run("cuda-tests", command=[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m",
-                                          "cuda", str(ROOT / "tests")])  # fmt: skip
+    result = c.run(
+        "cuda-tests",
+        command=[sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", str(ROOT / "tests")],
+    )
     return result.stdout.strip().splitlines()[-1]
 
 
@@ -196,8 +205,14 @@ def kill_resume(c: Check) -> str:
     if code != 128 + signal.SIGTERM:
         raise Failed(f"the stopped run exited {code}, not {128 + signal.SIGTERM}")
     resumed = c.run("kill-resume", "--resume", str(c.last("kill-resume")), "--device", c.device)
-    where = next((line.split("resumed after ")[1].split(" (")[0] for line in resumed.stderr.splitlines()
-                  if "resumed after " in line), "?")  # fmt: skip
+    where = next(
+        (
+            line.split("resumed after ")[1].split(" (")[0]
+            for line in resumed.stderr.splitlines()
+            if "resumed after " in line
+        ),
+        "?",
+    )
     return f"resumed after {where}: " + identical(c.last("kill-resume"), c.kept["deterministic"])
 
 
@@ -205,8 +220,16 @@ def resume_gpu_cpu(c: Check) -> str:
     if "gpu" not in c.kept:
         raise Skipped("needs the shapes-default run")
     epochs = 2 if c.rehearse else 4
-    result = c.run("shapes-default", "--resume", str(c.kept["gpu"]), "-ne", str(epochs), "--device", "cpu",
-                   env={"ALEXNET_CUDA_STAND_IN": ""})  # fmt: skip
+    result = c.run(
+        "shapes-default",
+        "--resume",
+        str(c.kept["gpu"]),
+        "-ne",
+        str(epochs),
+        "--device",
+        "cpu",
+        env={"ALEXNET_CUDA_STAND_IN": ""},
+    )
     if f"epoch {epochs}/{epochs}" not in result.stderr:
         raise Failed(f"no epoch {epochs}")
     return f"epoch {epochs} trained on the CPU from the GPU's last.pt"
@@ -225,9 +248,24 @@ def imagenet_stream(c: Check) -> str:
     if not (SAMPLE / "train").is_dir():
         raise Failed(f"no ImageNet sample at {SAMPLE}")
     small = ["--workers", "2", "--train-size", "8", "--batch-size", "8"] if c.rehearse else ["--workers", "8"]
-    result = c.run("imagenet-stream", "-pm", "-pt", "-ds", "ImageNet", "--data-dir", str(SAMPLE), "-ne", "1",
-                   "--loader", "stream", "--device", c.device, "--cache-dir", str(c.out / "imagenet-stream" / "cache"),
-                   *small)  # fmt: skip
+    result = c.run(
+        "imagenet-stream",
+        "-pm",
+        "-pt",
+        "-ds",
+        "ImageNet",
+        "--data-dir",
+        str(SAMPLE),
+        "-ne",
+        "1",
+        "--loader",
+        "stream",
+        "--device",
+        c.device,
+        "--cache-dir",
+        str(c.out / "imagenet-stream" / "cache"),
+        *small,
+    )
     streaming = [line.split("streaming ", 1)[1] for line in result.stderr.splitlines() if "streaming " in line]
     if not streaming:
         raise Failed("the run did not stream")
@@ -252,8 +290,16 @@ def predict(c: Check) -> str:
 def export(c: Check) -> str:
     if "best" not in c.kept:
         raise Skipped("needs the shapes-default run")
-    c.run("export", "export", "--checkpoint", str(c.kept["best"]), "--format", "onnx", "--force",
-          str(c.out / "export" / "model.onnx"))  # fmt: skip
+    c.run(
+        "export",
+        "export",
+        "--checkpoint",
+        str(c.kept["best"]),
+        "--format",
+        "onnx",
+        "--force",
+        str(c.out / "export" / "model.onnx"),
+    )
     return f"{(c.out / 'export' / 'model.onnx').stat().st_size / 1e6:.1f} MB ONNX, verified by onnxruntime"
 
 
@@ -262,8 +308,16 @@ def torchrun(c: Check, processes: int) -> str:
         raise Skipped(f"needs {processes} GPUs, this machine has {c.gpus}")
     shapes = c.shapes if c.rehearse else ["--shapes-train", "2000", "--shapes-test", "400", "-ne", "1"]
     folder = f"torchrun-{processes}"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            str(ROOT / "main.py"), "-c", *shapes]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        str(ROOT / "main.py"),
+        "-c",
+        *shapes,
+    ]
     if c.rehearse:
         argv.extend(["--device", "cpu"])
     result = c.run(folder, command=argv)
@@ -285,12 +339,34 @@ def split_gpus(c: Check) -> str:
 
 def benchmark(c: Check) -> str:
     json_path = c.out / "benchmark" / "speed.json"
-    extra = ["--quick", "--models", "CifarAlexNet", "--imagenet", "none", "--images", "256", "--train-steps", "1",
-             "--batch-size", "32"]  # fmt: skip
+    extra = [
+        "--quick",
+        "--models",
+        "CifarAlexNet",
+        "--imagenet",
+        "none",
+        "--images",
+        "256",
+        "--train-steps",
+        "1",
+        "--batch-size",
+        "32",
+    ]
     extra = extra if c.rehearse else []
     compile_flag = [] if c.rehearse else ["--compile"]
-    c.run("benchmark", command=[sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--device", c.device,
-                                *compile_flag, "--json", str(json_path), *extra])  # fmt: skip
+    c.run(
+        "benchmark",
+        command=[
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--device",
+            c.device,
+            *compile_flag,
+            "--json",
+            str(json_path),
+            *extra,
+        ],
+    )
     figures = json.loads(json_path.read_text())
     ratios = {k.split(".")[0]: v for k, v in figures.items() if k.endswith("train.ratio")}
     return "training speed ours / usual: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
@@ -317,8 +393,11 @@ STEPS: list[tuple[str, Callable[[Check], str], bool]] = [  # (name, step, needs 
 
 def machine(rehearse: bool) -> dict[str, object]:
     if rehearse:
-        return {"gpu": "none (rehearsal on the CPU, standing in for compute capability 9.0)", "torch": torch.__version__,
-                "cuda": torch.version.cuda}  # fmt: skip
+        return {
+            "gpu": "none (rehearsal on the CPU, standing in for compute capability 9.0)",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+        }
     return {
         "gpu": torch.cuda.get_device_name(0),
         "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
@@ -337,10 +416,18 @@ def table(about: dict[str, object], results: list[dict[str, object]]) -> str:
 
 #: The rehearsal's two lanes: each step after the ones it starts from (``Check.kept``).
 REHEARSAL_LANES = (
-    {"cuda-tests", "shapes-default", "shapes-compile", "shapes-fp16", "resume-gpu-cpu", "predict", "export",
-     "imagenet-stream"},
+    {
+        "cuda-tests",
+        "shapes-default",
+        "shapes-compile",
+        "shapes-fp16",
+        "resume-gpu-cpu",
+        "predict",
+        "export",
+        "imagenet-stream",
+    },
     {"deterministic", "kill-resume", "resume-cpu-gpu", "torchrun-1", "torchrun-2", "split-gpus", "benchmark"},
-)  # fmt: skip
+)
 
 
 def run_step(check: Check, name: str, step: Callable[[Check], str], needs_cuda: bool) -> dict[str, object]:
@@ -361,14 +448,20 @@ def run_step(check: Check, name: str, step: Callable[[Check], str], needs_cuda: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="a new folder for the runs and the report (default: gpu_check/<date>_<time>)")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a new folder for the runs and the report (default: gpu_check/<date>_<time>)",
+    )
     parser.add_argument("--rehearse", action="store_true", help="run the steps on the CPU standing in for a GPU")
     parser.add_argument("--steps", nargs="*", default=None, help="only these steps (default: all)")
     args = parser.parse_args(argv)
     if not args.rehearse and not torch.cuda.is_available():
-        print("gpu_check: this machine has no usable CUDA GPU; run it on one, or rehearse it here with --rehearse.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "gpu_check: this machine has no usable CUDA GPU; run it on one, or rehearse it here with --rehearse.",
+            file=sys.stderr,
+        )
         return 2
     args.out = args.out or Path("gpu_check") / time.strftime("%Y-%m-%d_%H-%M-%S")
     if args.out.exists() and any(args.out.iterdir()):
@@ -378,8 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.rehearse:
         env["ALEXNET_CUDA_STAND_IN"] = "9.0"
-    check = Check(args.out.resolve(), args.rehearse, "cpu" if args.rehearse else "cuda",
-                  0 if args.rehearse else torch.cuda.device_count(), env)  # fmt: skip
+    check = Check(
+        args.out.resolve(),
+        args.rehearse,
+        "cpu" if args.rehearse else "cuda",
+        0 if args.rehearse else torch.cuda.device_count(),
+        env,
+    )
     about = machine(args.rehearse)
     chosen = [step for step in STEPS if args.steps is None or step[0] in args.steps]
     if args.rehearse:

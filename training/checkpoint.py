@@ -182,7 +182,10 @@ def _byte_states(rng: dict) -> bool:
 
 def _ap(value: object) -> bool:
     """Per-class AP: percentages, or None / NaN for a class absent from the split."""
-    ok = lambda a: a is None or (type(a) is float and (0 <= a <= 100 or math.isnan(a)))
+
+    def ok(a: object) -> bool:
+        return a is None or (type(a) is float and (0 <= a <= 100 or math.isnan(a)))
+
     return isinstance(value, list) and len(value) <= MAX_CLASSES and all(map(ok, value))
 
 
@@ -383,8 +386,9 @@ def network_problem(checkpoint: dict[str, Any]) -> str | None:
 # Checks that need the model, the optimiser or the data
 
 
-def check_compatible(checkpoint: dict[str, Any], path: Path, model: nn.Module, num_classes: int,
-                     data_name: str) -> None:  # fmt: skip
+def check_compatible(
+    checkpoint: dict[str, Any], path: Path, model: nn.Module, num_classes: int, data_name: str
+) -> None:
     """One sentence when the checkpoint holds another kind of model or another class count than
     the model and data it is meant for (nothing is loaded: ``load_weights`` does that)."""
     config = checkpoint["config"]
@@ -454,7 +458,7 @@ def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimize
     groups = saved["param_groups"]
     if len(groups) != len(fresh["param_groups"]):
         return f"its optimizer has {len(groups)} parameter groups, this model's {len(fresh['param_groups'])}"
-    for group, ours in zip(groups, fresh["param_groups"]):
+    for group, ours in zip(groups, fresh["param_groups"], strict=False):
         if group["params"] != ours["params"] or set(group) != set(ours):
             return f"its optimizer state is not a {type(optimizer).__name__} state of this model"
         for key, value in group.items():
@@ -464,7 +468,10 @@ def check_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimize
                 return f"its optimizer's {quoted(key)} is not a finite number"
     # state_dict() numbers the parameters in the order the groups list them.
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    shapes = {index: p.shape for index, p in zip((i for g in fresh["param_groups"] for i in g["params"]), params)}
+    shapes = {
+        index: p.shape
+        for index, p in zip((i for g in fresh["param_groups"] for i in g["params"]), params, strict=False)
+    }
     allowed = OPTIMIZER_STATE_KEYS.get(type(optimizer).__name__, set())
     for index, entry in saved["state"].items():
         if index not in shapes:
@@ -526,10 +533,9 @@ class Progress:
         return cls(**{f.name: checkpoint[f.name] for f in fields(cls) if checkpoint.get(f.name) is not None})
 
 
-#: The format of what ``Checkpointer.state`` writes. 2: written by the split trainer (0.2), the
-#: same fields as 1 (0.1.x, which wrote no ``format``) plus ``format``; 3: plus ``preprocess``
-#: (``preprocess_state``). All load; without ``preprocess``, predict rebuilds the pipeline from
-#: the data set, as ``--evaluate`` does.
+#: The format of what ``Checkpointer.state`` writes (the formats before it: CHANGELOG.md). All
+#: load; without ``preprocess``, predict rebuilds the pipeline from the data set, as
+#: ``--evaluate`` does.
 CHECKPOINT_FORMAT = 3
 
 
@@ -543,8 +549,15 @@ class Checkpointer:
     an order of this training split) and then loads it all back.
     """
 
-    def __init__(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Any,
-                 scaler: torch.amp.GradScaler | None, generators: dict[str, torch.Generator]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        schedule: Any,
+        scaler: torch.amp.GradScaler | None,
+        generators: dict[str, torch.Generator],
+    ) -> None:
         self.folder = folder
         self.model = model
         self.optimizer = optimizer
@@ -566,9 +579,16 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return rng
 
-    def state(self, progress: Progress, task_score_key: str, classes: list[str], config: TrainConfig,
-              pipeline: Pipeline | None = None, image_size: int = 0, task: str = "single-label"
-              ) -> dict[str, Any]:  # fmt: skip
+    def state(
+        self,
+        progress: Progress,
+        task_score_key: str,
+        classes: list[str],
+        config: TrainConfig,
+        pipeline: Pipeline | None = None,
+        image_size: int = 0,
+        task: str = "single-label",
+    ) -> dict[str, Any]:
         """The checkpoint of this moment (under torchrun a collective: every process calls it).
         With the run's ``pipeline`` (and the data's ``image_size`` and ``task``) it carries the
         evaluation preprocessing (``preprocess_state``)."""
@@ -654,8 +674,9 @@ class Checkpointer:
         if rng["augment"].numel() == augment.get_state().numel():
             augment.set_state(rng["augment"])
         else:  # recorded on another kind of device, whose generator state has another size
-            logger.warning("the augmentation stream was recorded on another kind of device; drawing a new one from "
-                           "the seed")  # fmt: skip
+            logger.warning(
+                "the augmentation stream was recorded on another kind of device; drawing a new one from the seed"
+            )
             augment.manual_seed(seed + rank + epoch)
         cuda = rng.get("cuda", [])
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

@@ -48,9 +48,16 @@ SETUPS: dict[str, dict[str, Any]] = {
     # §5 of the paper: batch 128, momentum 0.9, weight decay 5e-4 with the paper's update rule,
     # lr 0.01 divided by 10 when the validation error stops improving, "reduced three times
     # prior to termination", about 90 epochs.
-    "paper": {"optimizer": "sgd", "paper_update": True, "lr": 0.01, "weight_decay": 5e-4, "n_epoch": 90,
-              "early_stop": 0, "stop_after_last_drop": True},
-}  # fmt: skip
+    "paper": {
+        "optimizer": "sgd",
+        "paper_update": True,
+        "lr": 0.01,
+        "weight_decay": 5e-4,
+        "n_epoch": 90,
+        "early_stop": 0,
+        "stop_after_last_drop": True,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -89,12 +96,14 @@ class TrainConfig(DataOptions):
     log_confusion_epoch: int = setting(10, POSITIVE, resume=True, identity=False)
     seed: int = setting(0, Check(int, 0, MAX_SEED), identity=False)
     deterministic: bool = setting(False, FLAG, resume=True, identity=False)
-    device: str = setting("cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False,
-                          per_process=True)  # fmt: skip
+    device: str = setting(
+        "cpu", Check(str, rule=device_problem), resume=True, evaluate=True, identity=False, per_process=True
+    )
     # Autocast precision of forward and backward, and the memory layout: they follow the device
     # unless given, so a run moved from a GPU to a CPU drops bf16.
-    amp: str = setting("off", Check(str, choices=AMP_CHOICES), resume=True, evaluate=True, identity=False,
-                       per_process=True)  # fmt: skip
+    amp: str = setting(
+        "off", Check(str, choices=AMP_CHOICES), resume=True, evaluate=True, identity=False, per_process=True
+    )
     channels_last: bool = setting(False, FLAG, resume=True, evaluate=True, identity=False, per_process=True)
     compile: bool = setting(False, FLAG, resume=True, evaluate=True, identity=False)
     split_gpus: bool = setting(False, FLAG, evaluate=True)
@@ -186,8 +195,9 @@ def code_version() -> str:
 
 
 def _git(*args: str) -> str:
-    done = subprocess.run(["git", "-C", str(CODE_ROOT), *args], capture_output=True, text=True, timeout=GIT_SECONDS,
-                          check=True)  # fmt: skip
+    done = subprocess.run(
+        ["git", "-C", str(CODE_ROOT), *args], capture_output=True, text=True, timeout=GIT_SECONDS, check=True
+    )
     return done.stdout.strip()
 
 
@@ -215,8 +225,11 @@ def config_from_args(args: argparse.Namespace, hw: torch.device | Capabilities) 
     value; the model's name from -c / -pm, the device (``hw``) and what follows it, the code's
     version."""
     hw = capabilities(hw)
-    flags = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()
-             if name in SETTINGS and value is not None}  # fmt: skip
+    flags = {
+        name: str(value) if isinstance(value, Path) else value
+        for name, value in vars(args).items()
+        if name in SETTINGS and value is not None
+    }
     overrides = {
         "amp": hw.amp,
         "channels_last": hw.channels_last,
@@ -258,9 +271,13 @@ EVALUATE_MAY_CHANGE = changeable("evaluate")
 
 
 def config_from_checkpoint(
-    checkpoint: dict[str, Any], path: Path, args: argparse.Namespace, given: set[str],
-    hw: torch.device | Capabilities, may_change: frozenset[str],
-) -> TrainConfig:  # fmt: skip
+    checkpoint: dict[str, Any],
+    path: Path,
+    args: argparse.Namespace,
+    given: set[str],
+    hw: torch.device | Capabilities,
+    may_change: frozenset[str],
+) -> TrainConfig:
     """The checkpoint's config with the flags the user gave on top, where they may change it."""
     base = TrainConfig.from_dict(checkpoint["config"])
     new = config_from_args(args, hw)

@@ -49,9 +49,14 @@ class TrainStep:
     Returns the detached loss without waiting for the device."""
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Any, device: torch.device,
-        amp: str = "off", channels_last: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Any,
+        device: torch.device,
+        amp: str = "off",
+        channels_last: bool = False,
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn

@@ -28,7 +28,7 @@ def write_confusion_csv(confusion: torch.Tensor, classes: list[str], path: Path)
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file, lineterminator="\n")
         writer.writerow(["true\\predicted", *classes])
-        writer.writerows([name, *(int(v) for v in row)] for name, row in zip(classes, confusion.tolist()))
+        writer.writerows([name, *(int(v) for v in row)] for name, row in zip(classes, confusion.tolist(), strict=False))
 
 
 def confusion_figure(confusion: torch.Tensor, classes: list[str], title: str) -> Any:
@@ -169,9 +169,11 @@ def kernel_grid(kernels: torch.Tensor, towers: int = 1, scale: int | None = None
     for index in range(count):
         top, left = layout.origin(index)
         canvas[:, top : top + layout.cell, left : left + layout.cell] = pixels[index]
-    labels = [f"conv1: {count} kernels, {size}x{size}"] if towers == 1 else [
-        f"GPU {t + 1}: kernels {t * layout.per_tower}-{(t + 1) * layout.per_tower - 1}" for t in range(towers)
-    ]  # fmt: skip
+    labels = (
+        [f"conv1: {count} kernels, {size}x{size}"]
+        if towers == 1
+        else [f"GPU {t + 1}: kernels {t * layout.per_tower}-{(t + 1) * layout.per_tower - 1}" for t in range(towers)]
+    )
     return _with_labels(canvas, [(t * (layout.block_height + GAP), PAD, text) for t, text in enumerate(labels)])
 
 
@@ -243,8 +245,9 @@ def true_classes(label: torch.Tensor) -> list[int]:
     return [int(i) for i in torch.nonzero(label == 1).flatten()]
 
 
-def predictions_figure(images: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: list[str],
-                       multilabel: bool, top: int = 5) -> Any:  # fmt: skip
+def predictions_figure(
+    images: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: list[str], multilabel: bool, top: int = 5
+) -> Any:
     """The paper's Figure 4 (left): each image (uint8 3 x H x W) above the ``top`` best of its
     ``scores`` (N x C: softmax probabilities, or per-class sigmoid scores for multi-label data)
     as bars with the class names. The true class is named above the image and its bar is red
@@ -259,8 +262,17 @@ def predictions_figure(images: torch.Tensor, scores: torch.Tensor, labels: torch
     figure = plt.figure(figsize=(width / PREDICTIONS_DPI, height / PREDICTIONS_DPI), dpi=PREDICTIONS_DPI)
     rows = math.ceil(count / PREDICTIONS_COLUMNS)
     # Margins in pixels: the heading and the first titles above, the bars' tick labels below.
-    grid = figure.add_gridspec(2 * rows, PREDICTIONS_COLUMNS, height_ratios=[3, 2] * rows, left=0.02, right=0.98,
-                               top=1 - 36 / height, bottom=16 / height, hspace=0.45, wspace=0.12)  # fmt: skip
+    grid = figure.add_gridspec(
+        2 * rows,
+        PREDICTIONS_COLUMNS,
+        height_ratios=[3, 2] * rows,
+        left=0.02,
+        right=0.98,
+        top=1 - 36 / height,
+        bottom=16 / height,
+        hspace=0.45,
+        wspace=0.12,
+    )
     k = min(top, len(classes))
     for n in range(count):
         row, column = divmod(n, PREDICTIONS_COLUMNS)
@@ -315,8 +327,7 @@ class NeighbourLayout:
 
     def origin(self, row: int, column: int) -> tuple[int, int]:
         """(top, left) of the frame of image ``column`` (0: the query) in row ``row``."""
-        return (LABEL_HEIGHT + PAD + row * (self.cell + PAD),
-                PAD + column * (self.cell + PAD) + (GAP if column else 0))  # fmt: skip
+        return (LABEL_HEIGHT + PAD + row * (self.cell + PAD), PAD + column * (self.cell + PAD) + (GAP if column else 0))
 
 
 def shown_at(images: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -345,8 +356,11 @@ def neighbours_grid(queries: torch.Tensor, neighbours: torch.Tensor, same_class:
             colour = QUERY_COLOUR if column == 0 else SAME_COLOUR if same_class[row, column - 1] else OTHER_COLOUR
             top, left = layout.origin(row, column)
             canvas[:, top : top + layout.cell, left : left + layout.cell] = torch.tensor(colour)[:, None, None]
-            inner = (slice(None), slice(top + FRAME, top + FRAME + NEIGHBOUR_PIXELS),
-                     slice(left + FRAME, left + FRAME + NEIGHBOUR_PIXELS))  # fmt: skip
+            inner = (
+                slice(None),
+                slice(top + FRAME, top + FRAME + NEIGHBOUR_PIXELS),
+                slice(left + FRAME, left + FRAME + NEIGHBOUR_PIXELS),
+            )
             canvas[inner] = shown[row, column]
     title = f"query | its {k} nearest training images by fc7 (Euclidean); green: shares a class"
     return _with_labels(canvas, [(0, PAD, title)])

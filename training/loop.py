@@ -43,9 +43,17 @@ class EpochEnd:
 
 
 def train_one_epoch(
-    step: TrainStep, loader: BatchLoader, epoch: int, progress: Any, stop: StopRequest, *, log_every: int,
-    lr: float, on_loss: Callable[[float, int], None] | None = None, partial: dict[str, Any] | None = None,
-) -> EpochEnd:  # fmt: skip
+    step: TrainStep,
+    loader: BatchLoader,
+    epoch: int,
+    progress: Any,
+    stop: StopRequest,
+    *,
+    log_every: int,
+    lr: float,
+    on_loss: Callable[[float, int], None] | None = None,
+    partial: dict[str, Any] | None = None,
+) -> EpochEnd:
     """One pass over the training split, or the rest of the interrupted one that ``partial``
     describes. ``progress.global_step`` counts the steps.
 
@@ -66,8 +74,15 @@ def train_one_epoch(
     first_bad = torch.tensor(-1, device=device)
     window_steps, batches_done = 0, skip
     batches = loader.iterate(partial["order"] if partial else None, skip)
-    bar = tqdm(batches, desc=f"epoch {epoch}", total=len(loader), initial=skip, leave=False,
-               disable=not sys.stderr.isatty() or rank != 0, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        batches,
+        desc=f"epoch {epoch}",
+        total=len(loader),
+        initial=skip,
+        leave=False,
+        disable=not sys.stderr.isatty() or rank != 0,
+        dynamic_ncols=True,
+    )
 
     def check_finite(bad: int) -> None:
         if bad >= 0:
@@ -98,12 +113,16 @@ def train_one_epoch(
         if agree_stop(stop, device, synced) and batches_done < len(loader):
             check_finite(int(all_max(first_bad)))
             bar.close()
-            return EpochEnd(0.0, 0.0, {
-                "order": loader.order.cpu(),
-                "batches_done": batches_done,
-                "loss_sum": all_sum(loss_sum).item(),
-                "seconds": seconds_before + time.perf_counter() - start,
-            })  # fmt: skip
+            return EpochEnd(
+                0.0,
+                0.0,
+                {
+                    "order": loader.order.cpu(),
+                    "batches_done": batches_done,
+                    "loss_sum": all_sum(loss_sum).item(),
+                    "seconds": seconds_before + time.perf_counter() - start,
+                },
+            )
     bar.close()
     check_finite(int(all_max(first_bad)))  # the epoch's sync
     # Resumed under DDP, every process carries the whole interrupted sum: count it once.
@@ -113,9 +132,13 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module, loader: BatchLoader, num_classes: int, multilabel: bool = False, amp: str = "off",
+    model: nn.Module,
+    loader: BatchLoader,
+    num_classes: int,
+    multilabel: bool = False,
+    amp: str = "off",
     channels_last: bool = False,
-) -> EvalResult:  # fmt: skip
+) -> EvalResult:
     """Loss, top-1/top-5, the confusion matrix and (multi-label) AP per class over ``loader``
     (``training.tasks`` says how for each task).
 

@@ -91,7 +91,7 @@ class PaperSGD(torch.optim.Optimizer):
         torch._foreach_add_(new_velocities, step, alpha=-group["lr"])
         new_params = torch._foreach_add(params, new_velocities)
         skip = found_inf != 0
-        for old, new in zip(velocities + params, new_velocities + new_params):
+        for old, new in zip(velocities + params, new_velocities + new_params, strict=False):
             old.copy_(torch.where(skip, old, new))
 
 
@@ -154,11 +154,14 @@ def grouped_optimizer_state(saved: dict[str, Any], model: PaperAlexNet, config: 
         if first is None:  # no step taken yet
             continue
         second = saved["state"].get(index.get(f"towers.1.{name}"), {})  # fc8's bias lives on the first tower only
-        state[i] = {key: join_towers({name: value}, {name: second[key]})[name]
-                    if isinstance(value, torch.Tensor) and value.ndim and key in second else value
-                    for key, value in first.items()}  # fmt: skip
+        state[i] = {
+            key: join_towers({name: value}, {name: second[key]})[name]
+            if isinstance(value, torch.Tensor) and value.ndim and key in second
+            else value
+            for key, value in first.items()
+        }
     # The groups keep their settings (rates, decay) and take the grouped model's numbering.
-    param_groups = [{**old, "params": new["params"]} for old, new in zip(saved["param_groups"], groups)]
+    param_groups = [{**old, "params": new["params"]} for old, new in zip(saved["param_groups"], groups, strict=False)]
     return {"state": state, "param_groups": param_groups}
 
 

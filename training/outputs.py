@@ -128,8 +128,10 @@ class RunLock:
 
     def _in_use(self) -> str:
         pid, host, day, time = (printable(w) for w in self._holder())
-        return (f"{self.what} is in use by process {pid} on {host} (since {day} {time}); wait for it to finish or "
-                f"stop it, then run this again.")  # fmt: skip
+        return (
+            f"{self.what} is in use by process {pid} on {host} (since {day} {time}); wait for it to finish or "
+            f"stop it, then run this again."
+        )
 
     def release(self) -> None:
         """Give the lock back (removing the file first, so no one locks a file on its way out)."""
@@ -189,8 +191,11 @@ def run_paths(output: Path, dataset: str, name: str) -> tuple[Path, Path, Path]:
     """(runs/<ds>/<run>, checkpoints/<ds>/<run>, log/<run>.log) under ``output``; ``UserError``
     when a name would lead elsewhere."""
     try:
-        return (safe_child(output / "runs", dataset, name), safe_child(output / "checkpoints", dataset, name),
-                safe_child(output / "log", f"{name}.log"))  # fmt: skip
+        return (
+            safe_child(output / "runs", dataset, name),
+            safe_child(output / "checkpoints", dataset, name),
+            safe_child(output / "log", f"{name}.log"),
+        )
     except UnsafeName as error:
         raise UserError(f"the run name {error}; pick another with --run-name.") from None
 
@@ -222,8 +227,9 @@ def make_dirs(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def claim_run(config: TrainConfig, resume_from: Path | None = None, resume_step: int = 0,
-              rewind: bool = False) -> RunFolders:  # fmt: skip
+def claim_run(
+    config: TrainConfig, resume_from: Path | None = None, resume_step: int = 0, rewind: bool = False
+) -> RunFolders:
     """Name the run (a new one) or check its folders (a resumed one) and lock it; the folders'
     ``name`` is the run's name, which the caller puts in its config before freezing it for the
     run. Under torchrun rank 0 decides and the others follow, or all stop with rank 0's
@@ -245,15 +251,16 @@ def claim_run(config: TrainConfig, resume_from: Path | None = None, resume_step:
     return folders
 
 
-def _claim(config: TrainConfig, output: Path, resume_from: Path | None, resume_step: int,
-           rewind: bool) -> RunFolders:  # fmt: skip
+def _claim(config: TrainConfig, output: Path, resume_from: Path | None, resume_step: int, rewind: bool) -> RunFolders:
     if resume_from is None:
         name = config.run_name or new_run_name(output, config)
         if config.run_name:
             existing = taken(output, config.dataset, name)
             if existing:
-                raise UserError(f"--run-name {name}: {existing} already exists; pick another name, or --resume the "
-                                "run from its last.pt.")  # fmt: skip
+                raise UserError(
+                    f"--run-name {name}: {existing} already exists; pick another name, or --resume the "
+                    "run from its last.pt."
+                )
     elif not config.run_name:
         raise UserError(f"checkpoint {resume_from} names no run; pass a last.pt or best.pt from checkpoints/.")
     else:
@@ -266,8 +273,10 @@ def _claim(config: TrainConfig, output: Path, resume_from: Path | None, resume_s
     try:
         folders.created = make_dirs(folders.ckpt_dir)
     except OSError as error:
-        raise UserError(f"cannot write to {error.filename or folders.ckpt_dir} ({error.strerror or error}); pass a "
-                        "writable --output-dir.") from None  # fmt: skip
+        raise UserError(
+            f"cannot write to {error.filename or folders.ckpt_dir} ({error.strerror or error}); pass a "
+            "writable --output-dir."
+        ) from None
     try:
         # A read-only checkpoint folder (a resumed run's) fails here, at its lock file.
         folders.lock = writing(folders.ckpt_dir, lambda: RunLock(folders.ckpt_dir, f"run {name}").acquire())
@@ -314,8 +323,13 @@ def _check_rewind(folders: RunFolders, resume_from: Path, resume_step: int, rewi
         )
     kept = _free_name(folders.ckpt_dir, f"last.epoch{epoch}" if epoch >= 0 else "last.unreadable")
     os.replace(last, kept)
-    logger.warning("rewinding run %s to step %d; its last.pt (%s) is kept as %s", folders.name, resume_step,
-                   what.removeprefix("is "), kept)  # fmt: skip
+    logger.warning(
+        "rewinding run %s to step %d; its last.pt (%s) is kept as %s",
+        folders.name,
+        resume_step,
+        what.removeprefix("is "),
+        kept,
+    )
 
 
 def _free_name(folder: Path, stem: str) -> Path:
@@ -383,8 +397,15 @@ class RunOutputs:
     the interrupted run logged after its last checkpoint disappears.
     """
 
-    def __init__(self, config: TrainConfig, folders: RunFolders, data_name: str, classes: list[str], task: Any,
-                 resume_step: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: TrainConfig,
+        folders: RunFolders,
+        data_name: str,
+        classes: list[str],
+        task: Any,
+        resume_step: int | None = None,
+    ) -> None:
         self.config = config
         self.folders = folders
         self.run_dir = folders.run_dir
@@ -472,16 +493,33 @@ class RunOutputs:
 
     # -- during the run
 
-    def start(self, model_name: str, train_size: int, test_size: int, lr: float, device: torch.device,
-              pipeline: str, resumed_at: str | None) -> None:  # fmt: skip
+    def start(
+        self,
+        model_name: str,
+        train_size: int,
+        test_size: int,
+        lr: float,
+        device: torch.device,
+        pipeline: str,
+        resumed_at: str | None,
+    ) -> None:
         """The opening lines: what trains on what, and where a resumed run goes on from."""
         config = self.config
         logger.info(
             "run %s: %s on %s (%d train / %d test images, %d classes), %s setup, %s lr %g, batch %d, device %s%s",
-            config.run_name, model_name, self.data_name, train_size, test_size, len(self.classes), config.setup,
-            config.optimizer + (" (paper rule)" if config.paper_update else ""), lr, config.batch_size, device,
+            config.run_name,
+            model_name,
+            self.data_name,
+            train_size,
+            test_size,
+            len(self.classes),
+            config.setup,
+            config.optimizer + (" (paper rule)" if config.paper_update else ""),
+            lr,
+            config.batch_size,
+            device,
             " (dry run: nothing saved under runs/ or checkpoints/)" if config.dry_run else "",
-        )  # fmt: skip
+        )
         if resumed_at:
             logger.info("%s", resumed_at)
         if config.message:
@@ -492,15 +530,22 @@ class RunOutputs:
         """The mean training loss of the last ``-lls`` steps."""
         self.tensorboard(lambda writer: writer.add_scalar(f"{self.data_name}/train/loss", mean, step))
 
-    def epoch(self, progress: Any, result: Any, train_loss: float, lr: float, images_per_s: float,
-              seconds: float) -> None:  # fmt: skip
+    def epoch(
+        self, progress: Any, result: Any, train_loss: float, lr: float, images_per_s: float, seconds: float
+    ) -> None:
         """The epoch's line, its scalars (TensorBoard and ``metrics.jsonl``) and, every
         ``-lce`` epochs and at the last, the confusion matrix."""
         config, epoch = self.config, progress.epoch
         logger.info(
             "epoch %d/%d  train loss %.4f  %s  lr %.2e  %.0f img/s  %.1f s",
-            epoch, config.n_epoch, train_loss, format_metrics(result), lr, images_per_s, seconds,
-        )  # fmt: skip
+            epoch,
+            config.n_epoch,
+            train_loss,
+            format_metrics(result),
+            lr,
+            images_per_s,
+            seconds,
+        )
         if self.writer is None:
             return
         scalars = {
@@ -575,13 +620,20 @@ class RunOutputs:
             logger.info("%s", line)
         logger.info(
             "best top-1 %.2f%% (top-5 %.2f%%) at epoch %d of %d; final top-1 %.2f%%; %.0f training images/s",
-            best["top1"], best["top5"], progress.best_epoch, progress.epoch, summary["final_top1"],
+            best["top1"],
+            best["top5"],
+            progress.best_epoch,
+            progress.epoch,
+            summary["final_top1"],
             summary["train_images_per_second"],
-        )  # fmt: skip
+        )
         if self.writes:
             assert self.writer is not None
-            metrics = {"hparam/best_top1": best["top1"], "hparam/best_top5": best["top5"],
-                       **self.task.hparam_metrics(best)}  # fmt: skip
+            metrics = {
+                "hparam/best_top1": best["top1"],
+                "hparam/best_top5": best["top5"],
+                **self.task.hparam_metrics(best),
+            }
             hparams = {k: v for k, v in asdict(self.config).items() if isinstance(v, (int, float, str, bool))}
             self.tensorboard(lambda w: w.add_hparams(hparams, metrics, run_name="."))
             writing(self.run_dir, lambda: atomic_write_json(summary, self.run_dir / "summary.json"))

@@ -26,7 +26,7 @@ class PlateauSchedule:
 
     A plateau is ``patience`` epochs in a row without a better score; each plateau multiplies
     the learning rate by ``factor``, at most ``max_drops`` times. With ``warm_start`` = F > 1 the
-    run starts at F x ``base_lr`` (the seed's finding: start large, decay on plateau); the
+    run starts at F x ``base_lr`` (the original v2 tool's finding: start large, decay on plateau); the
     plateaus that bring it back down to ``base_lr`` do not count as drops. Then:
 
     - ``stop_after_last_drop`` (paper): the first plateau after the last drop ends the run;

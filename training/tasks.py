@@ -156,10 +156,12 @@ class Task:
     def finalise(self, totals: Totals, count: int, num_classes: int) -> EvalResult:
         """The metrics of the whole split: the totals of every process added up (exact for the
         counts); ``count`` is the split's size."""
-        sums = torch.cat([
-            torch.stack([totals.loss_sum, totals.loss_weight, totals.hits1.double(), totals.hits5.double()]),
-            totals.confusion.double(),
-        ])  # fmt: skip
+        sums = torch.cat(
+            [
+                torch.stack([totals.loss_sum, totals.loss_weight, totals.hits1.double(), totals.hits5.double()]),
+                totals.confusion.double(),
+            ]
+        )
         sums = all_sum(sums)
         return EvalResult(
             loss=sums[0].item() / max(sums[1].item(), 1.0),
@@ -220,11 +222,18 @@ class MultiLabel(Task):
 
     def best_fields(self, best: dict[str, Any], last: dict[str, Any], classes: list[str]) -> dict[str, Any]:
         # Classes absent from the evaluation split have no AP: null.
-        return {"best_mAP": best["mAP"], "final_mAP": last["mAP"], "best_ap_per_class": dict(zip(classes, best["ap"]))}
+        return {
+            "best_mAP": best["mAP"],
+            "final_mAP": last["mAP"],
+            "best_ap_per_class": dict(zip(classes, best["ap"], strict=False)),
+        }
 
     def scalars(self, result: EvalResult, classes: list[str]) -> dict[str, float]:
         assert result.mAP is not None and result.ap is not None
-        return {"val/mAP": result.mAP, **{f"val/AP/{c}": a for c, a in zip(classes, result.ap) if not math.isnan(a)}}
+        return {
+            "val/mAP": result.mAP,
+            **{f"val/AP/{c}": a for c, a in zip(classes, result.ap, strict=False) if not math.isnan(a)},
+        }
 
     def hparam_metrics(self, best: dict[str, Any]) -> dict[str, float]:
         return {"hparam/best_mAP": best["mAP"]}

@@ -73,23 +73,31 @@ def read_weights(path: Path) -> dict:
     kind = not_regular(path)
     if kind is not None:
         where = " in it" if kind == "a folder" else ""
-        raise WeightsError(f"weights file {path} is {kind}; pass the path of a file{where}: torchvision's "
-                           "alexnet-owt-*.pth or a checkpoint of this tool (last.pt, best.pt).")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} is {kind}; pass the path of a file{where}: torchvision's "
+            "alexnet-owt-*.pth or a checkpoint of this tool (last.pt, best.pt)."
+        )
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist; pass torchvision's alexnet-owt-*.pth or a "
-                           "checkpoint of this tool.")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} does not exist; pass torchvision's alexnet-owt-*.pth or a checkpoint of this tool."
+        )
     problem = hash_problem(path)
     if problem:
-        raise WeightsError(f"weights file {path} is damaged or not the file its name says ({problem}); download it "
-                           "again.")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} is damaged or not the file its name says ({problem}); download it again."
+        )
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (truncated zip, foreign pickle, refused global: all "unusable")
-        raise WeightsError(f"weights file {path} cannot be loaded ({short_reason(error)}); pass torchvision's "
-                           "alexnet-owt-*.pth or a checkpoint of this tool.") from None  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} cannot be loaded ({short_reason(error)}); pass torchvision's "
+            "alexnet-owt-*.pth or a checkpoint of this tool."
+        ) from None
     if not isinstance(loaded, dict):
-        raise WeightsError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict or a checkpoint; "
-                           "pass torchvision's alexnet-owt-*.pth or a checkpoint of this tool.")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} holds a {type(loaded).__name__}, not a state dict or a checkpoint; "
+            "pass torchvision's alexnet-owt-*.pth or a checkpoint of this tool."
+        )
     return loaded
 
 
@@ -136,8 +144,9 @@ def _value_problem(state: Mapping[str, object]) -> str | None:
     return None
 
 
-def load_initial_weights(path: Path, model: nn.Module, model_name: str, classes: Sequence[str],
-                         paper_train: bool = False) -> InitialWeights:  # fmt: skip
+def load_initial_weights(
+    path: Path, model: nn.Module, model_name: str, classes: Sequence[str], paper_train: bool = False
+) -> InitialWeights:
     """Put the weights of ``path`` (torchvision's AlexNet state dict or one of this tool's
     checkpoints) into ``model``, the freshly initialised ``network.MODELS[model_name]`` of a run
     on ``classes``; fc8 keeps its initialisation when the class count (or a checkpoint's class
@@ -160,8 +169,11 @@ def load_initial_weights(path: Path, model: nn.Module, model_name: str, classes:
     reinitialised = tuple(key for key in fc8_keys if key not in keep and key in model.state_dict())
     logger.info("initial weights: %s (%s)", path, source)
     if reinitialised:
-        why = (f"the weights were trained on {count} classes, this run has {len(classes)}" if count != len(classes)
-               else f"the weights' {count} classes are not this run's")  # fmt: skip
+        why = (
+            f"the weights were trained on {count} classes, this run has {len(classes)}"
+            if count != len(classes)
+            else f"the weights' {count} classes are not this run's"
+        )
         logger.info("fc8 (%s) re-initialised: %s", fc8, why)
     return InitialWeights(source, reinitialised)
 
@@ -172,12 +184,16 @@ def _checkpoint_state(checkpoint: dict, path: Path, model_name: str) -> tuple[di
     missing = [key for key in EVALUATE_FIELDS if key not in checkpoint]
     problem = f"it lacks {', '.join(missing)}" if missing else check_fields(checkpoint) or network_problem(checkpoint)
     if problem:
-        raise WeightsError(f"checkpoint {path} cannot be used as --weights: {problem}; it is damaged or was not "
-                           "written by this tool, so use another one (best.pt or last.pt of the run).")  # fmt: skip
+        raise WeightsError(
+            f"checkpoint {path} cannot be used as --weights: {problem}; it is damaged or was not "
+            "written by this tool, so use another one (best.pt or last.pt of the run)."
+        )
     theirs = str(checkpoint["config"].get("model"))
     if theirs != model_name:
-        raise WeightsError(f"checkpoint {path} holds a {quoted(theirs)[1:-1]}, but this run builds a {model_name}; "
-                           "set -c / -pm as that run did, or pass a checkpoint of this network.")  # fmt: skip
+        raise WeightsError(
+            f"checkpoint {path} holds a {quoted(theirs)[1:-1]}, but this run builds a {model_name}; "
+            "set -c / -pm as that run did, or pass a checkpoint of this network."
+        )
     config = checkpoint["config"]
     source = f"checkpoint of run {config.get('run_name')} on {config.get('dataset')}, epoch {checkpoint['epoch']}"
     return checkpoint["model"], checkpoint["classes"], source
@@ -188,19 +204,24 @@ def _torchvision_state(state: dict, path: Path, model: nn.Module, paper_train: b
     ``TorchAlexNet``, or in front of the paper's pipeline, whose inputs (0-255 pixels minus the
     mean image) are about 55 times the normalised ones these weights were trained on."""
     if not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()):
-        raise WeightsError(f"weights file {path} is neither a state dict of named tensors nor a checkpoint of this "
-                           "tool; pass torchvision's alexnet-owt-*.pth or a last.pt / best.pt.")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} is neither a state dict of named tensors nor a checkpoint of this "
+            "tool; pass torchvision's alexnet-owt-*.pth or a last.pt / best.pt."
+        )
     with torch.device("meta"):  # only the names and shapes: nothing to initialise
         reference = TorchAlexNet()
     shapes = {key: tensor.shape for key, tensor in reference.state_dict().items()}
     torchvision = _shape_problem(state, shapes, last_linear(reference)) is None
     if not isinstance(model, TorchAlexNet) and torchvision:
-        raise WeightsError(f"weights file {path} holds torchvision's AlexNet, which only TorchAlexNet takes; drop -c "
-                           "and -pm.")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} holds torchvision's AlexNet, which only TorchAlexNet takes; drop -c and -pm."
+        )
     if paper_train and torchvision:
-        raise WeightsError(f"weights file {path} holds torchvision's weights, trained on mean/std-normalised inputs, "
-                           "but -pt feeds 0-255 pixels minus the mean image; drop -pt and choose the optimiser "
-                           "with --optimizer / --lr.")  # fmt: skip
+        raise WeightsError(
+            f"weights file {path} holds torchvision's weights, trained on mean/std-normalised inputs, "
+            "but -pt feeds 0-255 pixels minus the mean image; drop -pt and choose the optimiser "
+            "with --optimizer / --lr."
+        )
     return state
 
 
