@@ -775,6 +775,7 @@ def test_dist_timeout_reaches_the_process_group_in_minutes(monkeypatch, own_sign
     """``--dist-timeout`` (120 minutes unless given) is the group's timeout; zero or less is one
     sentence from the parser."""
     import main
+    import training.run
     from training.distributed import DIST_TIMEOUT_MINUTES
     from utils import UserError
 
@@ -784,8 +785,8 @@ def test_dist_timeout_reaches_the_process_group_in_minutes(monkeypatch, own_sign
         joined.append(timeout)
         raise UserError("joined")
 
-    monkeypatch.setattr(main, "launched_by_torchrun", lambda: True)
-    monkeypatch.setattr(main, "init_distributed", join)
+    monkeypatch.setattr(training.run, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(training.run, "init_distributed", join)
     assert main.main(["-c"]) == 1 and main.main(["-c", "--dist-timeout", "7.5"]) == 1
     assert joined == [timedelta(minutes=DIST_TIMEOUT_MINUTES), timedelta(minutes=7.5)] and DIST_TIMEOUT_MINUTES == 120
     with pytest.raises(SystemExit):
