@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data.core import DataSet
 from data.loaders import Loaders, make_loaders
 from hardware.capabilities import Capabilities, capabilities
-from training.checkpoint import Checkpointer, Progress, load_checkpoint, load_weights
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.distributed import Interrupted, StopRequest, agree_stop, barrier, rank_and_world
 from training.fastpath import AMP_DTYPES, TrainStep, compile_model, prepare_model, training_loss, unwrap
@@ -55,6 +55,7 @@ from training.figures import model_kernel_grid
 from training.loop import LossNotFinite, evaluate, train_one_epoch
 from training.optim import build_optimizer, set_lr
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
+from training.resume import Checkpointer, Progress, load_weights
 from training.schedule import PlateauSchedule, parse_milestones
 from training.tasks import EvalResult, format_metrics, task_for
 from training.weights import freeze_features

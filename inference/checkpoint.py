@@ -24,8 +24,9 @@ from data.core import DataError
 from data.images import UNREADABLE, open_resized
 from data.transforms import Pipeline, make_pipeline, pipeline_from_state
 from network import MODELS, make_model
-from training.checkpoint import CheckpointError, load_checkpoint, load_weights, not_regular
+from training.checkpoint import CheckpointError, load_checkpoint, not_regular
 from training.config import TrainConfig
+from training.resume import load_weights
 from training.tasks import MULTI
 from utils import short_reason
 

@@ -42,7 +42,7 @@ from hardware.capabilities import resolve_device
 from network import make_model
 from settings.rules import POSITIVE
 from trainer import run_loaders
-from training.checkpoint import load_checkpoint, load_weights
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.figures import (
     figure_image,
@@ -53,6 +53,7 @@ from training.figures import (
     true_classes,
 )
 from training.outputs import output_dir_of, run_paths
+from training.resume import load_weights
 from utils import UserError, short_reason, temp_file_beside
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,9 @@ from hypothesis import strategies as st
 from main_cli import copy_run, only, start, wait_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from training.checkpoint import FIELDS, check_fields, check_optimizer_state, check_partial_epoch
+from training.checkpoint import FIELDS, check_fields
 from training.config import TrainConfig
+from training.resume import check_optimizer_state, check_partial_epoch
 from training.schedule import check_schedule_state
 from utils import _atomic_write, atomic_write_json, printable
 

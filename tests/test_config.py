@@ -17,8 +17,8 @@ from data.core import DataOptions
 from hardware.capabilities import Capabilities
 from network import make_model
 from training import config as config_module
-from training.checkpoint import check_compatible
 from training.config import NOT_THE_EXPERIMENT, TrainConfig, code_version
+from training.resume import check_compatible
 from utils import UserError, __version__
 
 CPU = torch.device("cpu")

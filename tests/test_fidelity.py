@@ -21,7 +21,6 @@ from network import (
     SplitPaperAlexNet,
     make_model,
 )
-from training.checkpoint import check_optimizer_state
 from training.config import (
     RESUME_MAY_CHANGE,
     TrainConfig,
@@ -32,6 +31,7 @@ from training.config import (
     resolve,
 )
 from training.optim import build_optimizer, set_lr
+from training.resume import check_optimizer_state
 from utils import UserError
 
 CPU = torch.device("cpu")

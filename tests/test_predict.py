@@ -24,9 +24,10 @@ from data.transforms import make_pipeline, pipeline_from_state
 from inference.checkpoint import load_trained, read_image
 from inference.predict import image_files, predict_files
 from network import MODELS, make_model
-from training.checkpoint import Checkpointer, CheckpointError, Progress, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.loop import evaluate
+from training.resume import Checkpointer, Progress
 from training.schedule import PlateauSchedule
 
 CLASSES = ["alpha", "beta", "gamma"]

@@ -19,8 +19,8 @@ from main_cli import only
 from data.core import DataSet, Split
 from experiments.report import read_curves
 from network import CifarAlexNet, TorchAlexNet
-from training.checkpoint import CHECKPOINT_FORMAT, Progress, check_compatible, load_weights
 from training.outputs import read_metrics
+from training.resume import CHECKPOINT_FORMAT, Progress, check_compatible, load_weights
 from training.tasks import MULTI, SINGLE, task_for
 
 #: The last commit of version 0.1 (before the trainer was split): its checkpoints must resume.

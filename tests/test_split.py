@@ -26,9 +26,9 @@ from network import (
     split_devices,
     split_grouped,
 )
-from training.checkpoint import check_optimizer_state
 from training.config import TrainConfig
 from training.optim import build_optimizer, grouped_optimizer_state
+from training.resume import check_optimizer_state
 from training.run import towers
 from training.weights import freeze_features
 from utils import UserError

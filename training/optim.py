@@ -124,7 +124,7 @@ def build_optimizer(params: Any, config: TrainConfig, fused: bool = False) -> to
     that do not train (``--freeze-features``) stay out, so weight decay and momentum cannot
     move them either. ``fused`` (``Capabilities.fused_optimizer``: on GPUs) gives Adam its fused
     kernel; how an optimiser runs is the machine's choice, never the run's, so a checkpoint's
-    flags are replaced by this one's on resume (``training.checkpoint.machine_flags``)."""
+    flags are replaced by this one's on resume (``training.resume.with_machine_flags``)."""
     params = [p for p in params if p.requires_grad]
     if config.optimizer == "sgd" and config.paper_update:
         groups = release_groups(params, config.lr) if config.fidelity == "code" else params

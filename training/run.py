@@ -26,7 +26,7 @@ from data.registry import load_dataset
 from hardware.capabilities import Capabilities, resolve_device
 from network import MODELS, SplitPaperAlexNet, make_model, split_devices
 from trainer import Trainer, evaluate_checkpoint
-from training.checkpoint import load_checkpoint, load_weights
+from training.checkpoint import load_checkpoint
 from training.config import (
     EVALUATE_MAY_CHANGE,
     RESUME_MAY_CHANGE,
@@ -44,6 +44,7 @@ from training.distributed import (
 )
 from training.optim import grouped_optimizer_state
 from training.outputs import RunFolders, claim_run, output_dir_of
+from training.resume import load_weights
 from training.tasks import format_metrics
 from training.weights import load_initial_weights
 from utils import UserError
