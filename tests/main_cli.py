@@ -62,9 +62,12 @@ def run(
     )
 
 
-def start(flags: list[str], cwd: Path, new_session: bool = False) -> subprocess.Popen:
+def start(
+    flags: list[str], cwd: Path, new_session: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """``python main.py *flags`` started in ``cwd``, its stderr a text pipe (``wait_for``), its
-    stdout discarded; with ``new_session``, in a process group of its own (``os.killpg``)."""
+    stdout discarded; with ``new_session``, in a process group of its own (``os.killpg``); ``env``
+    replaces the environment where given."""
     return subprocess.Popen(
         command(*flags),
         cwd=cwd,
@@ -72,6 +75,7 @@ def start(flags: list[str], cwd: Path, new_session: bool = False) -> subprocess.
         stdout=subprocess.DEVNULL,
         text=True,
         start_new_session=new_session,
+        env=env,
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakedata import small_voc, voc_xml, write_class_folders
-from main_cli import VOC_DRY_RUN, command, copy_run, only, snapshot, start, unchanged, wait_for
+from main_cli import VOC_DRY_RUN, copy_run, only, snapshot, start, unchanged, wait_for
 
 import main
 from data.core import DataError
@@ -300,15 +300,7 @@ def test_a_streaming_worker_killed_by_sigkill_is_one_sentence_and_leaves_no_temp
         "5",
         "-d",
     ]
-    process = subprocess.Popen(
-        command(*flags),
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)},
-    )
+    process = start(flags, tmp_path, new_session=True, env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)})
     try:
         seen = wait_for(process, "augmentation:")  # the training loop is next
         while len(children(process.pid)) < 2 and process.poll() is None:  # its workers have started
