@@ -15,7 +15,7 @@ import math
 import multiprocessing.util
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,11 +119,10 @@ class _CacheRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         if self.array is None:
             self.array = np.load(self.path, mmap_mode="r", allow_pickle=False)
-        rows = index.numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.array[rows])), self.labels[index]
+        return torch.from_numpy(np.ascontiguousarray(self.array[rows])), self.labels[torch.from_numpy(rows)]
 
 
 class _StoreBatches(torch.utils.data.Dataset):
@@ -145,17 +144,18 @@ class _StoreBatches(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(
-        self, item: torch.Tensor | tuple[torch.Tensor, int]
+        self, item: np.ndarray | tuple[np.ndarray, int]
     ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor] | _Failed:
         try:
             if self.pipeline is not None:
-                index, seed = item
+                index, seed = torch.from_numpy(item[0]), item[1]
                 images = self.pipeline.train(self.store.decode(index), torch.Generator().manual_seed(seed))
                 return images, self.labels[index]
-            images = self.store.encoded(item) if self.encoded else self.store.decode(item)
+            index = torch.from_numpy(item)
+            images = self.store.encoded(index) if self.encoded else self.store.decode(index)
         except DataError as error:  # a damaged shard (``ShardStore.decode_encoded``)
             return _Failed(error)
-        return images, self.labels[item]
+        return images, self.labels[index]
 
 
 @dataclass
@@ -180,6 +180,18 @@ def _seeded_shares(shares: list[torch.Tensor], generator: torch.Generator) -> It
     ahead.set_state(generator.get_state())
     for share in shares:
         yield share, _batch_seed(ahead)
+
+
+def _by_value(shares: Iterable[torch.Tensor] | Iterable[tuple[torch.Tensor, int]]) -> Iterator:
+    """The batches' indices as numpy arrays, which cross the workers' queue by value. A tensor
+    there goes through shared memory, its file descriptor handed over a socket by a thread of this
+    process; a worker killed in the middle of that (the out-of-memory killer's way) made that
+    thread print a traceback above the one sentence that says what happened."""
+    for share in shares:
+        if isinstance(share, tuple):
+            yield share[0].cpu().numpy(), share[1]
+        else:
+            yield share.cpu().numpy()
 
 
 #: Batches each DataLoader worker reads ahead (DataLoader's default ``prefetch_factor``).
@@ -329,7 +341,7 @@ class BatchLoader:
             _share_the_temporary_folder()
         loader = torch.utils.data.DataLoader(
             dataset,
-            sampler=shares,
+            sampler=_by_value(shares),
             batch_size=None,
             num_workers=self.workers,
             prefetch_factor=PREFETCH if self.workers else None,

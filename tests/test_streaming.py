@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ from data.core import Split
 from data.loaders import BatchLoader, place_split
 from data.shards import shard_split
 from data.transforms import Pipeline
+from hardware.capabilities import Capabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNT, SIZE, BATCH = 23, 16, 4
@@ -125,6 +127,7 @@ from data.loaders import BatchLoader, stream_bound
 from data.shards import ShardStats, ShardStore, read_shard
 from data.core import Split
 from data.transforms import Pipeline
+from hardware.capabilities import Capabilities
 
 class Unchanged(Pipeline):
     def train(self, x, generator=None):
@@ -209,6 +212,38 @@ def test_augmented_in_workers_the_same_for_any_workers_and_resumed_bit_for_bit(s
     assert len(replay) == len(full) - 3
     for (a, la), (b, lb) in zip(full[3:], replay, strict=False):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def _reader(stored: Split, path: str) -> BatchLoader:
+    if path == "augmented":  # CPU training: the workers decode and augment
+        return augmented(stored, 0)
+    if path == "decoded":  # CPU evaluation: the workers decode
+        return loader(stored, train=False)
+    return BatchLoader(stored, BATCH, Unchanged(), True, Capabilities.stand_in())  # bytes, decoded here
+
+
+@pytest.mark.parametrize("path", ["augmented", "decoded", "encoded"])
+def test_the_workers_get_each_batchs_indices_by_value_not_through_shared_memory(stored, monkeypatch, path):
+    """A tensor on the workers' queue goes through shared memory, its file descriptor handed
+    over a socket by a thread of the main process; a worker killed mid-handover (the SIGKILL
+    test, once in CI) made that thread print a traceback. Each batch's indices are numpy arrays."""
+    sent = []
+
+    class Recording(torch.utils.data.DataLoader):
+        def __init__(self, dataset, sampler, **options):
+            def record():
+                for item in sampler:
+                    sent.append(item)
+                    yield item
+
+            super().__init__(dataset, sampler=record(), **options)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
+    batches = list(_reader(stored, path))
+    assert len(sent) == len(batches) == -(-COUNT // BATCH)
+    indices = [item[0] if path == "augmented" else item for item in sent]
+    assert all(type(index) is np.ndarray for index in indices), [type(i) for i in indices]
+    assert sorted(np.concatenate(indices).tolist()) == list(range(COUNT))
 
 
 DESCRIPTORS = """
