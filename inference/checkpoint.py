@@ -11,13 +11,11 @@ so old Shapes checkpoints need nothing); when the data set is not there, the sen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from data.core import DataError
@@ -27,7 +25,7 @@ from network import MODELS, make_model
 from training.checkpoint import CheckpointError, load_checkpoint, not_regular
 from training.config import TrainConfig
 from training.resume import load_weights
-from training.tasks import MULTI
+from training.tasks import MULTI, Task, task_for
 from utils import short_reason
 
 
@@ -66,10 +64,11 @@ class Trained:
         inputs = self.preprocess(images)
         n, views = inputs.shape[:2]
         logits = self.model(inputs.flatten(0, 1)).float().view(n, views, -1)
-        if self.multilabel:
-            return torch.sigmoid(logits).mean(1)
-        # exp of the trainer's log of the mean softmax (training.tasks), computed stably
-        return (torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(views)).exp()
+        return self.task.probabilities(self.task.scores(logits))
+
+    @property
+    def task(self) -> Task:
+        return task_for(self.multilabel)
 
 
 def _preprocessing(

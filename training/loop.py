@@ -157,5 +157,5 @@ def evaluate(
         n, views = images.shape[:2]
         with autocast(device, amp):
             logits = model(model_input(images.flatten(0, 1), channels_last)).float().view(n, views, -1)
-        task.accumulate(totals, logits, labels)
+        task.accumulate(totals, task.scores(logits), labels)
     return task.finalise(totals, len(loader.split), num_classes)

@@ -126,24 +126,45 @@ class Task:
         confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
         return Totals(zero, zero.clone(), count, count.clone(), confusion)
 
-    def _scores(self, logits: torch.Tensor, labels: torch.Tensor, totals: Totals) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image class scores from the N x V x C logits of V views, adding the batch's loss to
-        ``totals``; and the one-hot N x C matrix of each image's true classes."""
-        views = logits.shape[1]
-        # log of the mean of the views' softmax, computed stably
-        scores = torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(views)
+    #: The space of ``scores``: log-probabilities (softmax), or probabilities (per-class sigmoid).
+    log_scores = True
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-image class scores from the N x V x C fp32 logits of V views: the log of the mean
+        of the views' softmax, computed stably (the paper's averaging over its 10 patches)."""
+        return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(logits.shape[1])
+
+    def probabilities(self, scores: torch.Tensor) -> torch.Tensor:
+        """The class probabilities that ``scores`` are (or are the logs of)."""
+        return scores.exp() if self.log_scores else scores
+
+    def combine(self, scores: list[torch.Tensor]) -> torch.Tensor:
+        """An ensemble's scores: the mean of its members' probabilities (``scores`` of each),
+        in the same space. Taken relative to the largest member's value, so that a member given
+        twice (or alone) gives back exactly its own scores."""
+        if len(scores) == 1:
+            return scores[0]
+        stack = torch.stack(scores)
+        top = stack.amax(0)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        if self.log_scores:
+            return top + (stack - top).exp().mean(0).log()
+        return top + (stack - top).mean(0)
+
+    def _add_loss(self, totals: Totals, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add the batch's loss to ``totals``; the one-hot N x C matrix of each image's true classes."""
         totals.loss_sum += F.nll_loss(scores, labels, reduction="sum")
         totals.loss_weight += labels.shape[0]
-        return scores, F.one_hot(labels, logits.shape[-1]).float()
+        return F.one_hot(labels, scores.shape[-1]).float()
 
     def _hits(self, top: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """N x k: whether each of the k best classes is a true class."""
         return top == labels[:, None]
 
-    def accumulate(self, totals: Totals, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Add one batch (N x V x C fp32 logits of V views) to ``totals``."""
-        num_classes = logits.shape[-1]
-        scores, true = self._scores(logits, labels, totals)
+    def accumulate(self, totals: Totals, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add one batch's N x C ``scores`` (of its views, and of an ensemble's members) to ``totals``."""
+        num_classes = scores.shape[-1]
+        true = self._add_loss(totals, scores, labels)
         top = scores.topk(min(5, num_classes), dim=1).indices
         hit = self._hits(top, labels)
         predicted = F.one_hot(top[:, 0], num_classes).float()
@@ -195,8 +216,13 @@ class MultiLabel(Task):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return multilabel_loss(logits, labels)
 
-    def _scores(self, logits: torch.Tensor, labels: torch.Tensor, totals: Totals) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = torch.sigmoid(logits).mean(1)
+    log_scores = False
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mean of the views' per-class sigmoids."""
+        return torch.sigmoid(logits).mean(1)
+
+    def _add_loss(self, totals: Totals, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         weight = (labels != 0).double()
         target = (labels > 0).double()
         totals.loss_sum += F.binary_cross_entropy(
@@ -205,7 +231,7 @@ class MultiLabel(Task):
         totals.loss_weight += weight.sum()
         totals.scores.append(scores)
         totals.labels.append(labels)
-        return scores, (labels > 0).float()  # every positive label of an image is a true class
+        return (labels > 0).float()  # every positive label of an image is a true class
 
     def _hits(self, top: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return labels.gather(1, top) > 0
