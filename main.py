@@ -5,7 +5,7 @@ python main.py -c                                   # CifarAlexNet on the built-
 python main.py -c -ds Cifar10 --data-dir dataset    # CIFAR-10
 python main.py -pm -pt -ds PascalVOC2012            # the paper's network and training setup
 python main.py --resume checkpoints/Shapes/<run>/last.pt
-python main.py --evaluate checkpoints/Shapes/<run>/best.pt
+python main.py --evaluate checkpoints/Shapes/<run>/best.pt    # or several: one ensemble; --crops 1|10
 python main.py -ds Cifar10 --weights alexnet-owt-7be5be79.pth   # fine-tune torchvision's ImageNet weights
 python main.py prepare -ds ImageNet --data-dir /data       # the one-time resize, before training
 python main.py predict --checkpoint best.pt photo.jpg      # also: export, figures (COMMANDS)
@@ -204,8 +204,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     ckpt.add_argument("--resume", type=path_type, metavar="PATH", help="continue the run of this last.pt where it "
                       "stopped: same run folder, epoch, learning rate, counters and random streams; -ne may extend "
                       "it (default: none)")
-    ckpt.add_argument("--evaluate", type=path_type, metavar="PATH", help="evaluate this checkpoint on the evaluation "
-                      "split (10-crop if it was trained with -pt), print the metrics as JSON and exit (default: none)")
+    ckpt.add_argument("--evaluate", type=path_type, nargs="+", metavar="PATH", help="evaluate this checkpoint on "
+                      "the evaluation split, or several as one ensemble (their softmax averaged, each network with "
+                      "its own preprocessing), print the metrics and errors as JSON and exit (default: none)")
+    checkpoints.add_argument("--crops", type=int, choices=(1, 10), help="views per image for --evaluate: 1, the "
+                             "centre crop; 10, the paper's four corners and centre and their mirrors (default: the "
+                             "run's own, 10 under -pt, else 1)")
     switch(checkpoints, "--rewind", help="with --resume: allow going back to a checkpoint older than the run's "
            "last.pt (best.pt, say); that last.pt is kept as last.epoch<N>.pt (default: off, refused)")
 

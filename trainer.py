@@ -57,7 +57,7 @@ from training.optim import build_optimizer, set_lr
 from training.outputs import RunFolders, RunOutputs, claim_run, writing
 from training.resume import Checkpointer, Progress, load_weights
 from training.schedule import PlateauSchedule, parse_milestones
-from training.tasks import EvalResult, format_metrics, task_for
+from training.tasks import format_metrics, task_for
 from training.weights import freeze_features
 from utils import UserError
 
@@ -70,7 +70,6 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "compile_model",
-    "evaluate_checkpoint",
     "format_metrics",
     "load_checkpoint",
     "load_weights",
@@ -104,16 +103,6 @@ def run_loaders(config: TrainConfig, data: DataSet, input_size: int, device: tor
         world=world,
         fidelity=config.fidelity,
     )
-
-
-def evaluate_checkpoint(
-    config: TrainConfig, model: nn.Module, data: DataSet, device: torch.device | Capabilities
-) -> EvalResult:
-    """``--evaluate``: the metrics of ``model`` (weights already loaded) on the evaluation split,
-    with the run's pipeline (10-crop under the paper setup)."""
-    model = prepare_model(model, capabilities(device).device, config.channels_last)
-    loaders = run_loaders(config, data, unwrap(model).input_size, device)
-    return evaluate(model, loaders.eval, data.num_classes, task_for(data).multilabel, config.amp, config.channels_last)
 
 
 class Trainer:

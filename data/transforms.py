@@ -10,6 +10,7 @@ pipeline's evaluation in checkpoints and exported files (``predict``, ``export``
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +100,16 @@ def ten_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), ((h - size) // 2, (w - size) // 2)]
     crops = [img[..., top : top + size, left : left + size] for img in (x, x.flip(-1)) for top, left in corners]
     return torch.stack(crops, dim=1)
+
+
+def crops(x: torch.Tensor, size: int, views: int) -> torch.Tensor:
+    """The test views of ``size x size`` (N x views x C x size x size): the centre crop (1), or
+    the paper's ten patches (10, ``ten_crop``, whose fifth is that centre crop)."""
+    if views == 10:
+        return ten_crop(x, size)
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size].unsqueeze(1)
 
 
 #: Images resampled at a time on a CPU: 4 x 3 x 224 x 256 float32 intermediates are 2.8 MB, and
@@ -194,6 +205,24 @@ class Pipeline:
 
     def describe(self) -> str:
         return self.name
+
+    def with_views(self, views: int) -> Pipeline:
+        """This pipeline evaluating ``views`` views per image (``--crops``): 1, the centre crop;
+        10, the four corners and the centre and their mirrors, the paper's ten patches. The
+        training augmentation is unchanged."""
+        if views not in (1, 10):
+            raise ValueError(f"views must be 1 or 10, not {views}")
+        other = copy.copy(self)
+        other.views = views
+        return other
+
+    def to(self, device: torch.device | str) -> Pipeline:
+        """This pipeline with its statistics on ``device``."""
+        other = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(other, name, value.to(device))
+        return other
 
     def state(self) -> dict[str, Any]:
         """What rebuilds this pipeline's evaluation (``pipeline_from_state``): its ``kind`` and its
@@ -303,7 +332,13 @@ class CifarPipeline(Pipeline):
         return self._finish(x)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        return self._finish(x).unsqueeze(1)
+        if self.views == 1:
+            return self._finish(x).unsqueeze(1)
+        # The ten crops of the padded image that training draws from: corners, centre, mirrors.
+        n, size = x.shape[0], x.shape[-1]
+        p = self.padding
+        views = ten_crop(F.pad(x, (p, p, p, p)), size)
+        return self._finish(views.flatten(0, 1)).unflatten(0, (n, self.views))
 
     def describe(self) -> str:
         resize = f", upsampled to {self.input_size}" if self.input_size != 32 else ""
@@ -362,10 +397,8 @@ class PaperPipeline(Pipeline):
         self.mean_crop = mean_image[:, border : border + crop, border : border + crop]
         # The standard deviation along each eigenvector, in pixel units (0-255).
         self.stdevs = 255 * eigenvalues.clamp_min(0).sqrt()
-        self._train, self._evaluate = {
-            "code": (self._train_release, self._evaluate_release),
-            "text": (self._train_text, self._evaluate_text),
-        }[fidelity]
+        if fidelity not in ("code", "text"):
+            raise ValueError(f"fidelity must be code or text, not {fidelity!r}")
 
     def _based(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -373,11 +406,14 @@ class PaperPipeline(Pipeline):
             x = F.interpolate(x, size=(self.base, self.base), mode="bilinear", align_corners=False)
         return x
 
+    # Chosen per call, not bound once: a copy (``with_views``, ``to``) works on its own attributes.
     def train(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self._train(self._based(x), generator)
+        train = self._train_release if self.fidelity == "code" else self._train_text
+        return train(self._based(x), generator)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        return self._evaluate(self._based(x))
+        evaluate = self._evaluate_release if self.fidelity == "code" else self._evaluate_text
+        return evaluate(self._based(x))
 
     def _train_text(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         x = x - self.mean_image
@@ -386,7 +422,7 @@ class PaperPipeline(Pipeline):
         return random_crop_flip(x, self.crop, 0, generator)
 
     def _evaluate_text(self, x: torch.Tensor) -> torch.Tensor:
-        return ten_crop(x - self.mean_image, self.crop)
+        return crops(x - self.mean_image, self.crop, self.views)
 
     def _train_release(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         # The same draws in the same order as the text's: the colour first, then the crops.
@@ -396,7 +432,7 @@ class PaperPipeline(Pipeline):
         return (x + noise[:, :, None, None]) / (1 + self.sigma)
 
     def _evaluate_release(self, x: torch.Tensor) -> torch.Tensor:
-        return ten_crop(x, self.crop) - self.mean_crop
+        return crops(x, self.crop, self.views) - self.mean_crop
 
     def describe(self) -> str:
         if self.fidelity == "code":
@@ -440,10 +476,8 @@ class ModernPipeline(Pipeline):
         return x.mul_(1 / (255 * self.std)).sub_(self.mean / self.std)
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        top, left = (h - self.crop) // 2, (w - self.crop) // 2
-        x = x[..., top : top + self.crop, left : left + self.crop].float().div_(255)
-        return ((x - self.mean) / self.std).unsqueeze(1)
+        x = crops(x, self.crop, self.views).float().div_(255)
+        return (x - self.mean) / self.std
 
     def describe(self) -> str:
         return f"random-resized crop {self.crop} (area {self.scale[0]:.0%}-100%) + mirror; centre crop test"

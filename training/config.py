@@ -337,6 +337,8 @@ def combination_problem(parser: argparse.ArgumentParser, args: argparse.Namespac
         return "--split-gpus runs one model over two GPUs in one process; start it with python, not torchrun"
     if args.rewind and not args.resume:
         return "--rewind only applies to --resume"
+    if args.crops is not None and not args.evaluate:
+        return "--crops chooses the views of --evaluate; add --evaluate PATH, or drop --crops"
     if args.weights and (args.resume or args.evaluate):
         # A checkpoint's own weights are what --resume continues and --evaluate measures.
         return "--weights starts a new run; drop it with --resume or --evaluate, which use the checkpoint's weights"

@@ -9,6 +9,7 @@ a warm-up step and drops back to eager with a warning.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -105,6 +106,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain model under ``torch.compile`` and DistributedDataParallel wrappers."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
+
+
+def choose_kernels(deterministic: bool, hw: Any) -> None:
+    """Bit-for-bit repeatable kernels (``--deterministic``: deterministic algorithms only, no
+    cuDNN autotuning, and the cuBLAS workspace setting deterministic CUDA matmuls need), or on a
+    GPU cuDNN's autotuner, which times its convolution algorithms once per shape and keeps the
+    fastest (``hw``: ``hardware.capabilities.Capabilities``)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif hw.autotune:
+        torch.backends.cudnn.benchmark = True
 
 
 def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:

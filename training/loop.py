@@ -1,7 +1,8 @@
 """The loop: one epoch of training, and one evaluation, as plain functions.
 
 ``train_one_epoch`` runs the optimisation steps of one pass over the training split (or the rest
-of an interrupted one); ``evaluate`` computes the metrics of a model over an evaluation split.
+of an interrupted one); ``evaluate`` computes the metrics of a model over an evaluation split,
+and ``evaluate_ensemble`` those of several networks and of their average, in one pass.
 Everything around them (the schedule, checkpoints, outputs, resume) is the ``Trainer``'s.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data.loaders import BatchLoader
+from data.transforms import Pipeline
 from training.distributed import StopRequest, agree_stop, all_max, all_sum, rank_and_world
 from training.fastpath import TrainStep, autocast, model_input
 from training.tasks import EvalResult, task_for
@@ -159,3 +161,46 @@ def evaluate(
             logits = model(model_input(images.flatten(0, 1), channels_last)).float().view(n, views, -1)
         task.accumulate(totals, task.scores(logits), labels)
     return task.finalise(totals, len(loader.split), num_classes)
+
+
+@dataclass
+class Member:
+    """One network of an ensemble: the model (eval mode, on the loader's device) with its own
+    evaluation ``pipeline`` and precision."""
+
+    model: nn.Module
+    pipeline: Pipeline
+    amp: str = "off"
+    channels_last: bool = False
+
+
+@torch.inference_mode()
+def evaluate_ensemble(
+    members: list[Member], loader: BatchLoader, num_classes: int, multilabel: bool = False
+) -> tuple[list[EvalResult], EvalResult]:
+    """The metrics of each member and of their ensemble over ``loader``, whose batches are the
+    images as read (its pipeline leaves them alone): each member turns a batch into its own
+    views, its scores average its views (``Task.scores``), and the ensemble's average the
+    members' probabilities (``Task.combine``). The evaluation split is read once and every
+    member runs on each batch before the next is read: nothing is kept per image but what
+    ``evaluate`` keeps. With one member the ensemble is that member."""
+    task = task_for(multilabel)
+    device = loader.device
+    totals = [task.totals(num_classes, device) for _ in members]
+    together = task.totals(num_classes, device) if len(members) > 1 else totals[0]
+    for member in members:
+        member.model.eval()
+    for images, labels in loader:
+        scores = []
+        for member, sums in zip(members, totals, strict=True):
+            inputs = member.pipeline.evaluate(images)
+            n, views = inputs.shape[:2]
+            with autocast(device, member.amp):
+                logits = member.model(model_input(inputs.flatten(0, 1), member.channels_last))
+            scores.append(task.scores(logits.float().view(n, views, -1)))
+            task.accumulate(sums, scores[-1], labels)
+        if len(members) > 1:
+            task.accumulate(together, task.combine(scores), labels)
+    count = len(loader.split)
+    results = [task.finalise(sums, count, num_classes) for sums in totals]
+    return results, results[0] if len(members) == 1 else task.finalise(together, count, num_classes)

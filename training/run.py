@@ -10,10 +10,7 @@ on, not a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -24,11 +21,10 @@ import torch
 from data.loaders import lost_worker
 from data.registry import load_dataset
 from hardware.capabilities import Capabilities, resolve_device
-from network import MODELS, SplitPaperAlexNet, make_model, split_devices
-from trainer import Trainer, evaluate_checkpoint
+from network import SplitPaperAlexNet, make_model, split_devices
+from trainer import Trainer
 from training.checkpoint import load_checkpoint
 from training.config import (
-    EVALUATE_MAY_CHANGE,
     RESUME_MAY_CHANGE,
     TrainConfig,
     config_from_args,
@@ -42,10 +38,11 @@ from training.distributed import (
     lost_process,
     rank_and_world,
 )
+from training.evaluation import evaluate_members, read_member, same_data
+from training.fastpath import choose_kernels
 from training.optim import grouped_optimizer_state
 from training.outputs import RunFolders, claim_run, output_dir_of
 from training.resume import load_weights
-from training.tasks import format_metrics
 from training.weights import load_initial_weights
 from utils import UserError
 
@@ -78,49 +75,57 @@ def _run(args: argparse.Namespace, given: set[str], stop: StopSignals) -> int:
         logger.info(
             "data parallel: %d processes (%s), global batch split between them", rank_and_world()[1], hw.backend
         )
-    checkpoint_path = args.resume or args.evaluate
+    if args.evaluate:
+        return _evaluate(args, given, hw, stop)
+    checkpoint_path = args.resume
     stop.phase = "reading the checkpoint"
     checkpoint = load_checkpoint(checkpoint_path, resume=bool(args.resume)) if checkpoint_path else None
     if checkpoint is None:
         config = config_from_args(args, hw)
     else:
-        may_change = RESUME_MAY_CHANGE if args.resume else EVALUATE_MAY_CHANGE
-        if args.resume and args.split_gpus is False:
+        may_change = RESUME_MAY_CHANGE
+        if args.split_gpus is False:
             may_change |= {"split_gpus"}  # a split run goes on as the grouped model (_build_and_go)
         config = config_from_checkpoint(checkpoint, checkpoint_path, args, given, hw, may_change)
-        if args.evaluate and args.split_gpus is None:
-            # The checkpoint holds the grouped model's weights, which evaluate the same on one device.
-            config = replace(config, split_gpus=False)
-        if args.resume and "output_dir" not in given:
+        if "output_dir" not in given:
             config = replace(config, output_dir=output_dir_of(checkpoint_path, config) or config.output_dir)
     split = towers(config, hw.device, checkpoint_path if args.resume else None)
-    if config.deterministic:
-        make_deterministic()
-    elif hw.autotune:
-        # Let cuDNN time its convolution algorithms once per input shape and keep the fastest.
-        torch.backends.cudnn.benchmark = True
-    folders: RunFolders | None = None
-    if not args.evaluate:
-        # Named, checked and locked before the data are read: a second process on the same run,
-        # or a name that is taken, is told at once. Released here, the one owner, however it ends.
-        stop.phase = "preparing the run's folders"
-        resume_step = checkpoint.get("global_step", 0) if checkpoint is not None and args.resume else 0
-        folders = claim_run(config, checkpoint_path if args.resume else None, resume_step, args.rewind)
-        # From here on the run's settings are fixed: name and output folder included.
-        config = replace(config, run_name=folders.name)
+    choose_kernels(config.deterministic, hw)
+    # Named, checked and locked before the data are read: a second process on the same run, or
+    # a name that is taken, is told at once. Released here, the one owner, however it ends.
+    stop.phase = "preparing the run's folders"
+    resume_step = checkpoint.get("global_step", 0) if checkpoint is not None else 0
+    folders = claim_run(config, checkpoint_path, resume_step, args.rewind)
+    # From here on the run's settings are fixed: name and output folder included.
+    config = replace(config, run_name=folders.name)
     try:
         return _build_and_go(args, config, checkpoint, checkpoint_path, hw, split, folders, stop)
     except RuntimeError as error:
         # Under torchrun, a collective whose peer process is gone; anywhere, a DataLoader worker's death.
-        saved = folders is not None and not config.dry_run
-        last = folders.ckpt_dir / "last.pt" if saved else None
-        sentence = lost_process(error, last) or lost_worker_sentence(error, last, config.workers, folders is None)
+        last = None if config.dry_run else folders.ckpt_dir / "last.pt"
+        sentence = lost_process(error, last) or lost_worker_sentence(error, last, config.workers, False)
         if sentence is None:
             raise
         raise UserError(sentence) from None
     finally:
-        if folders is not None:
-            folders.release()
+        folders.release()
+
+
+def _evaluate(args: argparse.Namespace, given: set[str], hw: Capabilities, stop: StopSignals) -> int:
+    """``--evaluate``: the checkpoints read and checked, then evaluated (``training.evaluation``)."""
+    stop.phase = "reading the checkpoint"
+    checkpoints = [read_member(path, args, given, hw) for path in args.evaluate]
+    same_data(checkpoints)
+    config = checkpoints[0].config
+    split = towers(config, hw.device, None)
+    choose_kernels(config.deterministic, hw)
+    try:
+        return evaluate_members(checkpoints, args.crops, hw, split, stop)
+    except RuntimeError as error:  # a DataLoader worker's death
+        sentence = lost_worker_sentence(error, None, config.workers, True)
+        if sentence is None:
+            raise
+        raise UserError(sentence) from None
 
 
 def _build_and_go(
@@ -156,22 +161,6 @@ def _build_and_go(
             checkpoint_path,
             device,
         )
-    if args.evaluate:
-        stop.phase = "evaluating"
-        result = evaluate_checkpoint(config, model, data, hw)
-        # The 32-input networks see the centre view under -pt too (datasets.make_pipeline).
-        views = " (10-crop)" if config.paper_train and MODELS[config.model].input_size != 32 else ""
-        logger.info(
-            "%s on %s, %d images%s: %s", checkpoint_path, data.name, result.count, views, format_metrics(result)
-        )
-        recorded = checkpoint.get("last") or {}
-        if recorded and config.dataset == checkpoint["config"].get("dataset"):
-            metric = "mAP" if "mAP" in recorded else "top1"
-            logger.info("recorded at epoch %d: %s %.2f%%", checkpoint["epoch"], metric, recorded[metric])
-        # Strict JSON: a loss that overflowed is null, not NaN (which JSON does not have).
-        metrics = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.metrics().items()}
-        print(json.dumps({"checkpoint": str(checkpoint_path), "dataset": data.name, **metrics}, allow_nan=False))
-        return 0
     stop.phase = "preparing training"
     trainer = Trainer(config, model, data, hw, resume=checkpoint if args.resume else None, folders=folders)
     stop.phase = "training"
@@ -219,11 +208,3 @@ def towers(config: TrainConfig, device: torch.device, resumed: Path | None) -> t
             f"it, which this machine does not have; add --no-split-gpus to resume it as the grouped model on {device} "
             "(the same weights; dropout then draws one mask per layer instead of one per tower)."
         ) from None
-
-
-def make_deterministic() -> None:
-    """Bit-for-bit repeatable runs (``--deterministic``): deterministic kernels only, no cuDNN
-    autotuning, and the cuBLAS workspace setting that deterministic CUDA matmuls need."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
