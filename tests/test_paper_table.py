@@ -87,9 +87,8 @@ def records(tmp_path: Path) -> Path:
     # 1 CNN, two seeds, centre crop: 45.25, 46.75 -> 46.0 ± 1.06 (1.5 / sqrt 2); 20, 22 -> 21.0 ± 1.41.
     record(shapes / "1cnn-s0-centre.json", "Shapes", 1, 45.25, 20.0)
     record(shapes / "1cnn-s1-centre.json", "Shapes", 1, 46.75, 22.0)
-    record(
-        shapes / "3cnns-centre.json", "Shapes", 1, 43.0, 17.25, pretrained=(False,) * 3
-    )  # a row the paper has not; 17.25 prints 17.2 (half to even)
+    # 3 CNNs, a row the paper has not; 17.25 prints 17.2 (one decimal, half to even).
+    record(shapes / "3cnns-centre.json", "Shapes", 1, 43.0, 17.25, pretrained=(False,) * 3)
     record(shapes / "5cnns-10crop.json", "Shapes", 10, 38.125, 16.0, pretrained=(False,) * 5)  # 38.125 prints 38.1
     record(shapes / "1cnn-pretrained.json", "Shapes", 10, 39.5, 16.5, pretrained=(True,))
     record(shapes / "2cnns-one-pretrained.json", "Shapes", 10, 37.0, 15.5, pretrained=(False, True))
