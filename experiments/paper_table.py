@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,26 +145,28 @@ def read_evaluation(path: Path) -> Evaluation | None:
 def _problem(record: dict[str, Any]) -> str | None:
     """What keeps an evaluation record out of the table, or None."""
 
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
     def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return (whole(value) or isinstance(value, float)) and math.isfinite(value)
 
     checks = {
-        "dataset": lambda v: isinstance(v, str) and bool(v),
-        "count": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "crops": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
-        "top1_error": number,
-        "top5_error": number,
-        "members": lambda v: (
-            isinstance(v, list)
-            and bool(v)
-            and all(isinstance(m, dict) and isinstance(m.get("pretrained"), bool) for m in v)
-        ),
+        "dataset": (lambda v: isinstance(v, str) and bool(v), "a data set's name"),
+        "count": (whole, "a number of images"),
+        "crops": (lambda v: v is None or whole(v), "1, 10 or null"),
+        "top1_error": (number, "a number"),
+        "top5_error": (number, "a number"),
+        "members": (lambda v: isinstance(v, list) and bool(v), "a list of members"),
     }
-    for key, valid in checks.items():
+    for key, (valid, expected) in checks.items():
         if key not in record:
             return f"the record has no {key!r}"
         if not valid(record[key]):
-            return f"its {key!r} is not what --evaluate writes ({json.dumps(record[key])[:60]})"
+            return f"its {key!r} is {json.dumps(record[key])[:40]}, not {expected}"
+    for index, member in enumerate(record["members"], start=1):
+        if not isinstance(member, dict) or not isinstance(member.get("pretrained"), bool):
+            return f"member {index} has no 'pretrained' (true or false)"
     return None
 
 

@@ -21,6 +21,7 @@ from experiments.paper_table import (
     find_evaluations,
     format_cell,
     heading,
+    read_evaluation,
     row_label,
     write_paper_table,
 )
@@ -99,6 +100,9 @@ def records(tmp_path: Path) -> Path:
     broken = record(root / "no-top5.json", "Shapes", 10, 30.0, 10.0)
     del broken["top5_error"]
     (root / "no-top5.json").write_text(json.dumps(broken))
+    unmarked = record(root / "unmarked.json", "Shapes", 10, 30.0, 10.0)
+    del unmarked["members"][0]["pretrained"]
+    (root / "unmarked.json").write_text(json.dumps(unmarked))
     run = root / "runs" / "Shapes" / "run-s0"
     run.mkdir(parents=True)
     (run / "summary.json").write_text(json.dumps({"run_name": "run-s0", "best_top1": 50.0, "status": "finished"}))
@@ -154,13 +158,14 @@ def test_table_from_fixture_records(records: Path, tmp_path: Path, caplog: pytes
 
 
 def test_skipped_files_are_named(records: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A *.json that does not parse, a record without a key and one whose members used different
-    crops are each named in a warning; other JSON (a summary.json, a list) passes without one."""
+    """A *.json that does not parse, a record without a key, one whose members lack a key and one
+    whose members used different crops are each named in a warning; other JSON (a summary.json, a
+    list) passes without one."""
     with caplog.at_level(logging.WARNING, logger="experiments"):
         evaluations = find_evaluations([records])
     assert len(evaluations) == 11
     warnings = sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     assert warnings[0].startswith(f"skipping {records / 'junk.json'}: cannot read it as JSON (")
     assert warnings[1] == (
         f"skipping {records / 'mixed.json'}: its members were evaluated with different numbers of crops (crops "
@@ -170,6 +175,34 @@ def test_skipped_files_are_named(records: Path, tmp_path: Path, caplog: pytest.L
         f"skipping {records / 'no-top5.json'}: the record has no 'top5_error'; make it again with python main.py "
         "--evaluate A.pt [B.pt ...] --crops 10 > evaluations/NAME.json"
     )
+    assert warnings[3] == (
+        f"skipping {records / 'unmarked.json'}: member 1 has no 'pretrained' (true or false); make it again with "
+        "python main.py --evaluate A.pt [B.pt ...] --crops 10 > evaluations/NAME.json"
+    )
+
+
+AGAIN = "; make it again with python main.py --evaluate A.pt [B.pt ...] --crops 10 > evaluations/NAME.json"
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"top1_error": "40.7"}, "its 'top1_error' is \"40.7\", not a number" + AGAIN),
+        ({"top5_error": float("nan")}, "its 'top5_error' is NaN, not a number" + AGAIN),
+        ({"members": []}, "its 'members' is [], not a list of members" + AGAIN),
+        ({"crops": 5}, "crops 5 is neither the centre crop (1) nor 10 crops"),
+        ({"mAP": 80.0}, "a multi-label (mAP) evaluation of Shapes has no Table 2 errors"),
+    ],
+)
+def test_records_the_table_cannot_use(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: dict[str, Any], reason: str
+) -> None:
+    """A record with a value --evaluate does not write, or one Table 2 has no place for, is named."""
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({**record(path, "Shapes", 10, 40.0, 18.0), **change}))
+    with caplog.at_level(logging.WARNING, logger="experiments"):
+        assert read_evaluation(path) is None
+    assert [r.getMessage() for r in caplog.records] == [f"skipping {path}: {reason}"]
 
 
 def test_mean_and_sample_sd() -> None:
