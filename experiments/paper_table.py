@@ -86,7 +86,7 @@ def find_evaluations(roots: Sequence[Path]) -> list[Evaluation]:
     for root in roots:
         if not root.exists():
             raise ExperimentError(f"{root} does not exist; pass a folder of evaluation records ({MAKE_RECORDS}).")
-        for path in [root] if root.is_file() else sorted(root.rglob("*.json")):
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*.json") if p.is_file()):
             paths.setdefault(path.resolve(), path)
     evaluations = [e for e in map(read_evaluation, paths.values()) if e is not None]
     if not evaluations:

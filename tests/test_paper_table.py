@@ -109,6 +109,7 @@ def records(tmp_path: Path) -> Path:
     (run / "config.json").write_text(json.dumps({"seed": 0}))
     (root / "list.json").write_text("[1, 2, 3]")
     (root / "notes.txt").write_text("not a record, not *.json")
+    (root / "old.json").mkdir()  # a folder with a record's name
     return root
 
 
