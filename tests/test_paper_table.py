@@ -206,6 +206,13 @@ def test_records_the_table_cannot_use(
     assert [r.getMessage() for r in caplog.records] == [f"skipping {path}: {reason}"]
 
 
+def test_a_record_file_is_a_root_and_counted_once(records: Path) -> None:
+    """A record named on the command line is read; named again under its folder, it counts once."""
+    five = records / "shapes" / "5cnns-10crop.json"
+    assert [e.members for e in find_evaluations([five])] == [5]
+    assert len(find_evaluations([five, records / "shapes"])) == 10
+
+
 def test_mean_and_sample_sd() -> None:
     """One record as it is, to one decimal; several as mean ± sample sd (n − 1) and n."""
     assert format_cell([100 - 59.3]) == "40.7"  # 40.700000000000003
