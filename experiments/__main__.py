@@ -6,6 +6,7 @@ python -m experiments run all --scale small --data-dir ../shared/data --seeds 2
 python -m experiments run lrn --scale tiny --seeds 1 --dry-list     # what would run, and how
 python -m experiments report runs/experiments/full --out report
 python -m experiments report runs/ --group-by config                # any runs, not only presets
+python -m experiments report evaluations --paper-table              # the paper's Table 2 from --evaluate records
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from experiments import ExperimentError
+from experiments.paper_table import write_paper_table
 from experiments.presets import PRESETS, SCALES
 from experiments.report import GROUP_BY, write_report
 from experiments.runner import execute, extra_args, plan, supports_run_name, write_manifest
@@ -65,7 +67,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     report = commands.add_parser("report", help="Markdown table and PNG curves of the runs under some folders")
-    report.add_argument("folders", nargs="+", type=Path, metavar="FOLDER", help="folders searched for summary.json")
+    report.add_argument(
+        "folders",
+        nargs="+",
+        type=Path,
+        metavar="FOLDER",
+        help="folders searched for summary.json (with --paper-table: for *.json evaluation records, or such files)",
+    )
     report.add_argument("--out", type=Path, default=Path("report"), help="report folder (default: %(default)s)")
     report.add_argument(
         "--group-by",
@@ -73,6 +81,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="variants of runs outside a preset: name (run name less -s<seed>), config (settings less the "
         "seed), run (each alone), auto (name where it ends in -s<seed>, else config) (default: %(default)s)",
+    )
+    report.add_argument(
+        "--paper-table",
+        action="store_true",
+        help="instead of the runs' report, the paper's Table 2 (k CNNs, centre and 10 crops, its printed errors "
+        "beside) from the records `main.py --evaluate ... > NAME.json` wrote, into <out>/paper-table.md "
+        "(default: off)",
     )
     return parser
 
@@ -149,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "run":
             return run_presets(args)
+        if args.paper_table:
+            table, text = write_paper_table(args.folders, args.out)
+            print(text, end="")
+            print(f"\npaper table: {table}")
+            return 0
         report, tables = write_report(args.folders, args.out, args.group_by)
         print(tables)
         print(f"\nreport: {report}")
