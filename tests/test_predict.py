@@ -129,6 +129,12 @@ def paper(paper_ckpt):
 
 
 @pytest.fixture(scope="module")
+def cifar(cifar_ckpt) -> Trained:
+    """``cifar_ckpt`` loaded once for the tests that only read it."""
+    return load_trained(cifar_ckpt)
+
+
+@pytest.fixture(scope="module")
 def shapes_train() -> tuple[Split, list[str]]:
     """The training split and classes of the tiny Shapes that ``make_checkpoint`` uses (32x32)."""
     data = load_dataset("Shapes", TrainConfig(shapes_train=60, shapes_test=10))
@@ -266,18 +272,18 @@ def read_all(files: list[Path], size: int) -> torch.Tensor:
 RTOL = 1e-5
 
 
-def test_an_ensemble_of_one_or_of_the_same_checkpoint_twice_is_that_checkpoint(cifar_ckpt, paper, images):
-    """Exactly, bit for bit: for one view (-c) and for ten (-pt), and with two loaded copies."""
-    files = [images / "wide.png", images / "grey.jpg", images / "rgba.webp"]
-    for trained, again in ((load_trained(cifar_ckpt), load_trained(cifar_ckpt)), (paper, paper)):
+def test_an_ensemble_of_one_or_of_the_same_checkpoint_twice_is_that_checkpoint(cifar, cifar_ckpt, paper, images):
+    """Exactly, bit for bit: for one view (-c, two loaded copies) and for ten (-pt)."""
+    photos = [images / "wide.png", images / "grey.jpg", images / "rgba.webp"]
+    for trained, again, files in ((cifar, load_trained(cifar_ckpt), photos), (paper, paper, photos[:1])):
         alone = trained.probabilities(read_all(files, trained.image_size))
         for members in ([trained], [trained, again]):
             records, failed = predicted(members, files, batch_size=2, k=len(trained.classes))
             assert not failed and torch.equal(as_tensor(records, len(trained.classes)), alone)
 
 
-def test_an_ensemble_is_the_mean_of_its_members_softmax(cifar_ckpt, cifar_other, images):
-    a, b = load_trained(cifar_ckpt), load_trained(cifar_other)
+def test_an_ensemble_is_the_mean_of_its_members_softmax(cifar, cifar_ckpt, cifar_other, images):
+    a, b = cifar, load_trained(cifar_other)
     files = [images / "wide.png", images / "grey.jpg", images / "sub" / "palette.gif"]
     batch = read_all(files, 32)
     expected = (by_hand(a, batch) + by_hand(b, batch)) / 2
@@ -305,7 +311,7 @@ def test_members_with_their_own_preprocessing_and_image_size(paper, cifar_three,
     assert sorted(reads) == [("grey.jpg", 32), ("grey.jpg", 256), ("wide.png", 32), ("wide.png", 256)]
 
 
-def test_a_224_input_and_a_32_input_member_of_one_32x32_data_set(cifar_ckpt, shapes_train, images, monkeypatch):
+def test_a_224_input_and_a_32_input_member_of_one_32x32_data_set(cifar, shapes_train, images, monkeypatch):
     """TorchAlexNet on 32x32 Shapes (inputs upsampled to 224) beside a -c network of the same
     data: one read of each file serves both. The 224 member is built in memory (writing and
     reading its 240 MB checkpoint would add seconds, and both are tested above)."""
@@ -320,7 +326,7 @@ def test_a_224_input_and_a_32_input_member_of_one_32x32_data_set(cifar_ckpt, sha
         32,
         False,
     )
-    small = load_trained(cifar_ckpt)
+    small = cifar
     files = [images / "wide.png", images / "rgba.webp"]
     batch = read_all(files, 32)
     expected = (by_hand(large, batch) + by_hand(small, batch)) / 2
@@ -336,10 +342,9 @@ def test_a_224_input_and_a_32_input_member_of_one_32x32_data_set(cifar_ckpt, sha
     assert reads == ["wide.png", "rgba.webp"]
 
 
-def test_members_must_share_classes_in_order_and_task(cifar_ckpt):
+def test_members_must_share_classes_in_order_and_task(cifar):
     """The first difference, in one sentence: the class count, a class at an index, the task."""
-    a = load_trained(cifar_ckpt)  # Shapes: disc, square, triangle, ...
-    a.path = Path("A.pt")
+    a = replace(cifar, path=Path("A.pt"))  # Shapes: disc, square, triangle, ...
     swapped = replace(a, path=Path("B.pt"), classes=[a.classes[1], a.classes[0], *a.classes[2:]])
     fewer = replace(a, path=Path("B.pt"), classes=a.classes[:3])
     voc = replace(a, path=Path("B.pt"), multilabel=True)
@@ -378,18 +383,27 @@ def test_a_mismatched_ensemble_is_one_sentence_and_nothing_on_stdout(
     ]
 
 
-def test_the_output_names_the_averaged_checkpoints(cifar_ckpt, cifar_other, images, capsys):
+def test_the_output_names_the_averaged_checkpoints(cifar, cifar_ckpt, cifar_other, images, capsys, monkeypatch):
     """``predict``'s own ``main``: with --json every record carries "checkpoints" beside its keys,
-    and the table starts with a line naming them."""
+    and the table starts with a line naming them; a checkpoint given twice is loaded once."""
     one, two = str(cifar_ckpt), str(cifar_other)
+    loaded = {one: cifar, two: load_trained(cifar_other)}
+    loads = []
+
+    def load(path: Path, device: torch.device) -> Trained:
+        loads.append(str(path))
+        return loaded[str(path)]
+
+    monkeypatch.setattr(inference.predict, "load_trained", load)
     files = [str(images / "wide.png"), str(images / "grey.jpg")]
     assert inference.predict.main(["--checkpoint", one, "--checkpoint", two, *files, "--json", "--topk", "2"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["path"] for r in records] == files
     assert all(set(r) == {"path", "predictions", "checkpoints"} and r["checkpoints"] == [one, two] for r in records)
-    assert inference.predict.main(["--checkpoint", one, "--checkpoint", two, *files]) == 0
+    loads.clear()
+    assert inference.predict.main(["--checkpoint", one, "--checkpoint", one, *files]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"mean of 2 checkpoints: {one}, {two}" and lines[1] == files[0]
+    assert loads == [one] and lines[0] == f"mean of 2 checkpoints: {one}, {one}" and lines[1] == files[0]
 
 
 def test_folder_search_and_bad_files_in_one_sentence(cifar_ckpt, images, run_main, tmp_path):
