@@ -27,7 +27,7 @@ from training.checkpoint import CheckpointError, load_checkpoint, not_regular
 from training.config import TrainConfig
 from training.resume import load_weights
 from training.tasks import MULTI, Task, task_for
-from utils import printable, quoted, short_reason
+from utils import quoted, short_reason
 
 
 @dataclass
@@ -123,7 +123,8 @@ NAMED_CLASSES = 3
 
 
 def _names(classes: list[str]) -> str:
-    shown = ", ".join(printable(c) for c in classes[:NAMED_CLASSES])
+    """The first few class names, quoted (a name may hold a comma) and cut short."""
+    shown = ", ".join(quoted(c, 30) for c in classes[:NAMED_CLASSES])
     return shown + (", ..." if len(classes) > NAMED_CLASSES else "")
 
 

@@ -349,7 +349,7 @@ def test_members_must_share_classes_in_order_and_task(cifar):
     fewer = replace(a, path=Path("B.pt"), classes=a.classes[:3])
     voc = replace(a, path=Path("B.pt"), multilabel=True)
     same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
-    names = ", ".join(a.classes[:3])
+    names = ", ".join(f"'{c}'" for c in a.classes[:3])
     cases = [
         ([a, a, fewer], f"checkpoint 'B.pt' has 3 classes ({names}), 'A.pt' has 10 ({names}, ...); {same}"),
         (
@@ -377,9 +377,9 @@ def test_a_mismatched_ensemble_is_one_sentence_and_nothing_on_stdout(
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        f"error: checkpoint {quoted(str(cifar_three))} has 3 classes (alpha, beta, gamma), {quoted(str(cifar_ckpt))} "
-        "has 10 (disc, square, triangle, ...); an ensemble needs the same classes in the same order, so pass "
-        "checkpoints of runs on one data set."
+        f"error: checkpoint {quoted(str(cifar_three))} has 3 classes ('alpha', 'beta', 'gamma'), "
+        f"{quoted(str(cifar_ckpt))} has 10 ('disc', 'square', 'triangle', ...); an ensemble needs the same "
+        "classes in the same order, so pass checkpoints of runs on one data set."
     ]
 
 
