@@ -295,7 +295,8 @@ def test_an_ensemble_is_the_mean_of_its_members_softmax(cifar, cifar_ckpt, cifar
 
 def test_members_with_their_own_preprocessing_and_image_size(paper, cifar_three, images, monkeypatch):
     """A -pm -pt member (256-pixel images, ten 224 crops) and a -c one (32 pixels, one view) are
-    averaged, each with its own pipeline; every file is read once at each size."""
+    averaged, each with its own pipeline; every file is read once at each size, a batch at a
+    time (the first record comes before the second batch is read)."""
     small = load_trained(cifar_three)
     files = [images / "wide.png", images / "grey.jpg"]
     expected = (by_hand(paper, read_all(files, 256)) + by_hand(small, read_all(files, 32))) / 2
@@ -306,9 +307,23 @@ def test_members_with_their_own_preprocessing_and_image_size(paper, cifar_three,
         return read_image(path, size)
 
     monkeypatch.setattr(inference.predict, "read_image", counted)
-    records, _ = predicted([paper, small], files, batch_size=2, k=3)
+    stream = predictions([paper, small], files, 1, 3, [])
+    records = [next(stream)]
+    assert reads == [("wide.png", 256), ("wide.png", 32)]
+    records += list(stream)
     assert torch.allclose(as_tensor(records, 3), expected, rtol=RTOL, atol=0)
-    assert sorted(reads) == [("grey.jpg", 32), ("grey.jpg", 256), ("wide.png", 32), ("wide.png", 256)]
+    assert reads == [("wide.png", 256), ("wide.png", 32), ("grey.jpg", 256), ("grey.jpg", 32)]
+
+
+def test_a_multilabel_ensemble_is_the_mean_of_its_members_sigmoids(cifar, cifar_other, images):
+    """Per-class sigmoid scores are averaged as they are (the two networks made multi-label)."""
+    a, b = replace(cifar, multilabel=True), replace(load_trained(cifar_other), multilabel=True)
+    files = [images / "wide.png", images / "grey.jpg"]
+    inputs = read_all(files, 32)
+    with torch.inference_mode():
+        expected = sum(torch.sigmoid(m.model(m.pipeline.evaluate(inputs)[:, 0])) for m in (a, b)) / 2
+    records, _ = predicted([a, b], files, batch_size=2, k=10)
+    assert torch.allclose(as_tensor(records, 10), expected, rtol=RTOL, atol=0)
 
 
 def test_a_224_input_and_a_32_input_member_of_one_32x32_data_set(cifar, shapes_train, images, monkeypatch):
