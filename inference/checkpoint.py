@@ -1,7 +1,7 @@
 """A checkpoint alone is enough: load one of this tool's checkpoints for inference, with its
 network (the grouped one for a ``--split-gpus`` run), its evaluation preprocessing and its class
-names (``load_trained``), and turn image files into the uint8 squares its data set's cache held
-(``read_image``).
+names (``load_trained``), check that several can be averaged (``check_ensemble``), and turn
+image files into the uint8 squares its data set's cache held (``read_image``).
 
 Checkpoints since format 3 carry the preprocessing (``training.checkpoint.preprocess_state``).
 An older one does not: its pipeline is rebuilt from its data set, the way ``--evaluate`` does,
@@ -11,6 +11,7 @@ so old Shapes checkpoints need nothing); when the data set is not there, the sen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from training.checkpoint import CheckpointError, load_checkpoint, not_regular
 from training.config import TrainConfig
 from training.resume import load_weights
 from training.tasks import MULTI, Task, task_for
-from utils import short_reason
+from utils import quoted, short_reason
 
 
 @dataclass
@@ -57,14 +58,21 @@ class Trained:
         return self.pipeline.evaluate(images.to(self.device))
 
     @torch.inference_mode()
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """N x classes probabilities of uint8 images: the softmax (per-class sigmoid for
-        multi-label data) of each view, averaged over the views, as ``training.loop.evaluate``
-        scores them (10-crop under ``-pt``)."""
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """N x classes scores of uint8 images (``Task.scores``: the log of the views' mean
+        softmax, or the mean of their sigmoids for multi-label data), as ``training.loop.evaluate``
+        scores them (10-crop under ``-pt``). Kept in the task's space rather than as
+        probabilities so that an ensemble's ``Task.combine`` is exact for a member given alone."""
         inputs = self.preprocess(images)
         n, views = inputs.shape[:2]
         logits = self.model(inputs.flatten(0, 1)).float().view(n, views, -1)
-        return self.task.probabilities(self.task.scores(logits))
+        return self.task.scores(logits)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """N x classes probabilities of uint8 images: the softmax (per-class sigmoid for
+        multi-label data) of each view, averaged over the views."""
+        return self.task.probabilities(self.scores(images))
 
     @property
     def task(self) -> Task:
@@ -108,6 +116,44 @@ def load_trained(path: Path | str, device: torch.device | str = "cpu") -> Traine
     load_weights(checkpoint, path, model, len(classes), str(config.dataset))
     pipeline, image_size, multilabel = _preprocessing(checkpoint, config, path, device)
     return Trained(path, config, model.to(device).eval(), pipeline, classes, image_size, multilabel)
+
+
+#: How many class names a mismatch sentence shows before "...".
+NAMED_CLASSES = 3
+
+
+def _names(classes: list[str]) -> str:
+    """The first few class names, quoted (a name may hold a comma) and cut short."""
+    shown = ", ".join(quoted(c, 30) for c in classes[:NAMED_CLASSES])
+    return shown + (", ..." if len(classes) > NAMED_CLASSES else "")
+
+
+def check_ensemble(members: Sequence[Trained]) -> None:
+    """Refuse networks whose outputs cannot be averaged: every member must have the first one's
+    class names, in the same order (an output is a class index), and its task (softmax and
+    sigmoid scores mean different things). The first mismatch is one ``CheckpointError``;
+    anything else (model, preprocessing, image size) may differ, since each member prepares
+    its own inputs."""
+    first = members[0]
+    for member in members[1:]:
+        a, b = quoted(str(first.path)), quoted(str(member.path))
+        same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
+        if len(member.classes) != len(first.classes):
+            raise CheckpointError(
+                f"checkpoint {b} has {len(member.classes)} classes ({_names(member.classes)}), {a} has "
+                f"{len(first.classes)} ({_names(first.classes)}); {same}"
+            )
+        for index, (ours, theirs) in enumerate(zip(first.classes, member.classes, strict=True)):
+            if ours != theirs:
+                raise CheckpointError(
+                    f"checkpoint {b} has class {quoted(theirs)} at index {index}, where {a} has {quoted(ours)}; {same}"
+                )
+        if member.multilabel != first.multilabel:
+            kinds = {True: "multi-label (sigmoid scores)", False: "single-label (softmax scores)"}
+            raise CheckpointError(
+                f"checkpoint {b} is {kinds[member.multilabel]} but {a} is {kinds[first.multilabel]}; an ensemble "
+                "averages scores of one kind, so pass checkpoints of runs on one data set."
+            )
 
 
 def read_image(path: Path, size: int) -> torch.Tensor:

@@ -1,8 +1,12 @@
-"""``python main.py predict --checkpoint CKPT PATH...``: the top-k classes of image files.
+"""``python main.py predict --checkpoint CKPT [--checkpoint CKPT ...] PATH...``: the top-k
+classes of image files, by one network or by the mean of several (an ensemble, as the paper's
+Table 2 averages five).
 
 Each image goes the way the checkpoint's evaluation images went: resized (short side) and
 centre-cropped to the data set's image size, as the caches hold them, then the run's evaluation
-pipeline (10-crop averaged under ``-pt``), then softmax scores (per-class sigmoid for VOC).
+pipeline (10-crop averaged under ``-pt``), then softmax scores (per-class sigmoid for VOC). An
+ensemble's members each do this with their own preprocessing, and their probabilities are
+averaged a batch at a time (``Task.combine``), so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from PIL import Image
 
 from data.core import DataError
 from hardware.capabilities import resolve_device
-from inference.checkpoint import Trained, load_trained, read_image
+from inference.checkpoint import Trained, check_ensemble, load_trained, read_image
 from settings.rules import Check
 from training.checkpoint import not_regular
 from utils import UserError, printable, quoted, short_reason
@@ -34,8 +38,10 @@ NAMED_FAILURES = 3
 EPILOG = """\
 output: a table per image (rank, probability, class), or with --json one JSON object per line
 and image: {"path": the file as found, "predictions": [{"class": name, "index": class index,
-"probability": 0-1}, best first]}. Probabilities are softmax scores (they add up to 1 over all
-classes), or for multi-label checkpoints (VOC) each class's own sigmoid score.
+"probability": 0-1}, best first]}, and with several checkpoints "checkpoints": [each, in the order
+given] (the table then starts with a line naming them). Probabilities are softmax scores (they
+add up to 1 over all classes), or for multi-label checkpoints (VOC) each class's own sigmoid
+score; with several checkpoints, the mean of theirs.
 
 exit status: 0 when every image was predicted; 1 when some path could not be read: a file that
 is not an image, a path that is not a regular file (a FIFO, a device: never opened), a folder
@@ -57,7 +63,14 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="image files (any format Pillow reads, any size) or folders (searched recursively)",
     )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a last.pt or best.pt of this tool")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        type=Path,
+        help="a last.pt or best.pt of this tool; given again, the networks' probabilities are averaged (an ensemble "
+        "of checkpoints with the same classes)",
+    )
     parser.add_argument("--topk", type=Check(int, 1, 100_000).parse, default=5, help="classes shown per image (5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
     parser.add_argument(
@@ -149,22 +162,28 @@ def _search(folder: Path, known: set[str], skipped: Skipped) -> list[Path]:
 
 
 def batches(
-    files: list[Path], size: int, image_size: int, failed: list[tuple[Path, str]]
-) -> Iterator[tuple[list[Path], torch.Tensor]]:
-    """Batches of up to ``size`` decoded images and their paths; the files that cannot be read
-    go to ``failed`` with the reason."""
+    files: list[Path], size: int, image_sizes: Sequence[int], failed: list[tuple[Path, str]]
+) -> Iterator[tuple[list[Path], dict[int, torch.Tensor]]]:
+    """Batches of up to ``size`` paths and their decoded images at each of ``image_sizes`` (each
+    file read once per size, whatever the number of networks that take it); the files that
+    cannot be read go to ``failed`` with the reason."""
     for start in range(0, len(files), size):
-        good, images = [], []
+        good: list[Path] = []
+        images: dict[int, list[torch.Tensor]] = {s: [] for s in image_sizes}
         for path in files[start : start + size]:
             try:
-                images.append(read_image(path, image_size))
-                good.append(path)
+                read = {s: read_image(path, s) for s in image_sizes}
             except DataError as error:
                 failed.append((path, str(error)))
+                continue
             except OSError as error:  # a path that vanished or is not readable
                 failed.append((path, error.strerror or "unreadable"))
+                continue
+            good.append(path)
+            for s, image in read.items():
+                images[s].append(image)
         if good:
-            yield good, torch.stack(images)
+            yield good, {s: torch.stack(stack) for s, stack in images.items()}
 
 
 def top_predictions(probabilities: torch.Tensor, classes: list[str], k: int) -> list[list[dict[str, Any]]]:
@@ -177,24 +196,22 @@ def top_predictions(probabilities: torch.Tensor, classes: list[str], k: int) -> 
 
 
 def predictions(
-    trained: Trained, files: list[Path], batch_size: int, k: int, failed: list[tuple[Path, str]]
+    members: Sequence[Trained], files: list[Path], batch_size: int, k: int, failed: list[tuple[Path, str]]
 ) -> Iterator[dict[str, Any]]:
-    """The top-``k`` predictions of each readable file as {"path", "predictions"} records, a batch
-    of ``batch_size`` images at a time (so output starts at once and memory stays bounded);
-    the files that cannot be read go to ``failed`` with the reason."""
-    for paths, images in batches(files, batch_size, trained.image_size, failed):
-        for path, top in zip(
-            paths, top_predictions(trained.probabilities(images).cpu(), trained.classes, k), strict=False
-        ):
-            yield {"path": str(path), "predictions": top}
-
-
-def predict_files(
-    trained: Trained, files: list[Path], batch_size: int, k: int
-) -> tuple[list[dict[str, Any]], list[tuple[Path, str]]]:
-    """``predictions`` as a list, and the files that could not be read with the reason."""
-    failed: list[tuple[Path, str]] = []
-    return list(predictions(trained, files, batch_size, k, failed)), failed
+    """The top-``k`` predictions of each readable file as {"path", "predictions"} records (and
+    "checkpoints" when ``members`` are several: ``check_ensemble`` passed them), a batch of
+    ``batch_size`` images at a time: every member scores the batch and their mean is taken
+    before the next batch is read, so output starts at once and memory stays bounded. The
+    files that cannot be read go to ``failed`` with the reason."""
+    first = members[0]
+    task = first.task
+    sizes = list(dict.fromkeys(m.image_size for m in members))
+    named = {"checkpoints": [str(m.path) for m in members]} if len(members) > 1 else {}
+    for paths, images in batches(files, batch_size, sizes, failed):
+        scores = task.combine([m.scores(images[m.image_size]) for m in members])
+        top = top_predictions(task.probabilities(scores).cpu(), first.classes, k)
+        for path, best in zip(paths, top, strict=True):
+            yield {"path": str(path), "predictions": best, **named}
 
 
 def failure_sentence(failed: list[tuple[Path, str]], total: int) -> str:
@@ -209,16 +226,28 @@ def failure_sentence(failed: list[tuple[Path, str]], total: int) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
+    """An image's path and its predictions, a line each."""
     lines = [printable(result["path"])]
     for rank, p in enumerate(result["predictions"], 1):
         lines.append(f"  {rank:>3}  {100 * p['probability']:7.2f}%  {printable(p['class'])}")
     return "\n".join(lines)
 
 
+def _network(trained: Trained) -> str:
+    """``PaperAlexNet, 10-crop`` for the log line."""
+    views = trained.pipeline.views
+    return trained.config.model + (f", {views}-crop" if views > 1 else "")
+
+
 def main(argv: Sequence[str]) -> int:
     args = get_parser().parse_args(list(argv))
     device = resolve_device(args.device)
-    trained = load_trained(args.checkpoint, device)
+    loaded: dict[Path, Trained] = {}
+    for path in args.checkpoint:  # a checkpoint given twice is loaded once (and still counts twice)
+        if path not in loaded:
+            loaded[path] = load_trained(path, device)
+    members = [loaded[path] for path in args.checkpoint]
+    check_ensemble(members)
     skipped = Skipped()
     files = image_files(args.paths, skipped)
     notes = skipped.sentences()
@@ -231,18 +260,30 @@ def main(argv: Sequence[str]) -> int:
             f"no image files found in {', '.join(quoted(str(p)) for p in args.paths)}; pass image "
             "files or folders holding them."
         )
-    views = trained.pipeline.views
-    logger.info(
-        "%s: %s on %d image(s), %s scores%s",
-        args.checkpoint,
-        trained.config.model,
-        len(files),
-        "sigmoid" if trained.multilabel else "softmax",
-        f", {views}-crop" if views > 1 else "",
-    )
+    scores = "sigmoid" if members[0].multilabel else "softmax"
+    if len(members) == 1:
+        views = members[0].pipeline.views
+        logger.info(
+            "%s: %s on %d image(s), %s scores%s",
+            members[0].path,
+            members[0].config.model,
+            len(files),
+            scores,
+            f", {views}-crop" if views > 1 else "",
+        )
+    else:
+        logger.info(
+            "mean of %d networks (%s) on %d image(s), %s scores",
+            len(members),
+            "; ".join(f"{m.path}: {_network(m)}" for m in members),
+            len(files),
+            scores,
+        )
     failed: list[tuple[Path, str]] = []
     predicted = 0
-    for result in predictions(trained, files, args.batch_size, args.topk, failed):
+    for result in predictions(members, files, args.batch_size, args.topk, failed):
+        if not predicted and not args.json and len(members) > 1:
+            print(f"mean of {len(members)} checkpoints: {', '.join(printable(str(m.path)) for m in members)}")
         print(json.dumps(result) if args.json else format_table(result), flush=True)
         predicted += 1
     if failed and not predicted and not notes:

@@ -1,6 +1,7 @@
 """``predict`` and the checkpoints it reads: the saved preprocessing round-trips and is checked,
 probabilities are the model's softmax (sigmoid for multi-label) of the run's own evaluation
-pipeline, 10-crop equals the trainer's evaluation, bad files are one sentence."""
+pipeline, 10-crop equals the trainer's evaluation, an ensemble's are the mean of its members',
+bad files and mismatched members are one sentence."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +19,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import inference.predict
 from data.core import Split
 from data.loaders import eval_loader
 from data.registry import load_dataset
 from data.transforms import make_pipeline, pipeline_from_state
-from inference.checkpoint import load_trained, read_image
-from inference.predict import image_files, predict_files
+from inference.checkpoint import Trained, check_ensemble, load_trained, read_image
+from inference.predict import image_files, predictions
 from network import MODELS, make_model
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.loop import evaluate
 from training.resume import Checkpointer, Progress
 from training.schedule import PlateauSchedule
+from utils import quoted
 
 CLASSES = ["alpha", "beta", "gamma"]
 
@@ -67,6 +71,40 @@ def make_checkpoint(
     return checkpointer.last
 
 
+def checkpoint_of(folder: Path, model: str, train: Split, classes: list[str], seed: int) -> Path:
+    """A checkpoint as ``make_checkpoint`` writes one, of a network initialised from ``seed`` on
+    the given training images and classes: the members of the ensembles below, which need the
+    same classes under other weights or image sizes."""
+    config = TrainConfig(model=model, shapes_train=60, shapes_test=10)
+    torch.manual_seed(seed)
+    net = make_model(model, len(classes), lrn=config.lrn)
+    pipeline = make_pipeline(train, MODELS[model].input_size, False, "cpu")
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    generators = {"index": torch.Generator(), "augment": torch.Generator()}
+    checkpointer = Checkpointer(folder, net, optimizer, PlateauSchedule(base_lr=0.01), None, generators)
+    state = checkpointer.state(Progress(), "top1", classes, config, pipeline, train.images.shape[-1], "single-label")
+    checkpointer.save(state, best=False, epoch=0)
+    return checkpointer.last
+
+
+def predicted(
+    members: list[Trained], files: list[Path], batch_size: int, k: int
+) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """What ``predict`` prints for ``files``, as records, and the files it could not read."""
+    failed: list[tuple[Path, str]] = []
+    return list(predictions(members, files, batch_size, k, failed)), failed
+
+
+def as_tensor(records: list[dict], num_classes: int) -> torch.Tensor:
+    """The images' probabilities of every class (records of ``k`` = ``num_classes``), as the
+    float32 they were computed in (a float32 goes through a Python float unchanged)."""
+    out = torch.zeros(len(records), num_classes)
+    for row, record in zip(out, records, strict=True):
+        for p in record["predictions"]:
+            row[p["index"]] = p["probability"]
+    return out
+
+
 def photo(path: Path, width: int, height: int, seed: int, mode: str = "RGB") -> Path:
     rng = np.random.default_rng(seed)
     pixels = (rng.random((height, width, 3)) * 255).astype(np.uint8)
@@ -88,6 +126,33 @@ def paper_ckpt(tmp_path_factory) -> Path:
 def paper(paper_ckpt):
     """The -pm -pt checkpoint loaded once (60M parameters: loading and checking take seconds)."""
     return load_trained(paper_ckpt)
+
+
+@pytest.fixture(scope="module")
+def cifar(cifar_ckpt) -> Trained:
+    """``cifar_ckpt`` loaded once for the tests that only read it."""
+    return load_trained(cifar_ckpt)
+
+
+@pytest.fixture(scope="module")
+def shapes_train() -> tuple[Split, list[str]]:
+    """The training split and classes of the tiny Shapes that ``make_checkpoint`` uses (32x32)."""
+    data = load_dataset("Shapes", TrainConfig(shapes_train=60, shapes_test=10))
+    return data.train, data.classes
+
+
+@pytest.fixture(scope="module")
+def cifar_other(tmp_path_factory, shapes_train) -> Path:
+    """``cifar_ckpt``'s network (Shapes classes) with other initial weights."""
+    return checkpoint_of(tmp_path_factory.mktemp("other"), "CifarAlexNet", *shapes_train, seed=1)
+
+
+@pytest.fixture(scope="module")
+def cifar_three(tmp_path_factory) -> Path:
+    """A -c checkpoint (32x32 images, one view) with ``paper_ckpt``'s classes (256x256, 10-crop)."""
+    g = torch.Generator().manual_seed(2)
+    train = Split(torch.randint(0, 256, (6, 3, 32, 32), generator=g, dtype=torch.uint8), torch.zeros(6))
+    return checkpoint_of(tmp_path_factory.mktemp("three"), "CifarAlexNet", train, CLASSES, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +213,7 @@ def test_old_checkpoint_without_its_data_is_one_sentence(cifar_ckpt, tmp_path):
 def test_probabilities_are_the_softmax_of_the_preprocessed_batch(cifar_ckpt, images):
     trained = load_trained(cifar_ckpt)
     files = [images / "wide.png", images / "grey.jpg"]
-    results, failed = predict_files(trained, files, batch_size=1, k=len(trained.classes))
+    results, failed = predicted([trained], files, batch_size=1, k=len(trained.classes))
     assert not failed and [r["path"] for r in results] == [str(f) for f in files]
     batch = torch.stack([read_image(f, 32) for f in files])
     with torch.inference_mode():
@@ -178,17 +243,182 @@ def test_ten_crop_equals_the_trainers_evaluation(paper, images):
     trained = paper
     assert trained.pipeline.views == 10
     files = [images / "wide.png", images / "grey.jpg"]
-    results, _ = predict_files(trained, files, batch_size=2, k=3)
-    probs = torch.zeros(2, 3)
-    for i, result in enumerate(results):
-        for p in result["predictions"]:
-            probs[i, p["index"]] = p["probability"]
+    results, _ = predicted([trained], files, batch_size=2, k=3)
+    probs = as_tensor(results, 3)
     labels = torch.tensor([0, 2])
     split = Split(torch.stack([read_image(f, 256) for f in files]), labels)
     metrics = evaluate(trained.model, eval_loader(split, trained.pipeline, torch.device("cpu"), batch_size=20), 3)
     loss = -probs[torch.arange(2), labels].log().mean().item()
     assert math.isclose(metrics.loss, loss, rel_tol=1e-5)
     assert metrics.top1 == 100.0 * (probs.argmax(1) == labels).float().mean().item()
+
+
+def by_hand(trained: Trained, images: torch.Tensor) -> torch.Tensor:
+    """The softmax of each view of ``images`` (uint8 at ``trained.image_size``) by the network,
+    averaged over the views: the paper's prediction, written out without ``Task``."""
+    inputs = trained.pipeline.evaluate(images)
+    n, views = inputs.shape[:2]
+    with torch.inference_mode():
+        return F.softmax(trained.model(inputs.flatten(0, 1)).view(n, views, -1), dim=-1).mean(1)
+
+
+def read_all(files: list[Path], size: int) -> torch.Tensor:
+    return torch.stack([read_image(f, size) for f in files])
+
+
+#: The ensemble's mean goes through log_softmax, logsumexp, exp and log in float32 where the
+#: hand-made one is a softmax and a plain mean: a few float32 roundings apart (3e-7 of the
+#: probability at most, measured on 64 images), well inside this relative tolerance.
+RTOL = 1e-5
+
+
+def test_an_ensemble_of_one_or_of_the_same_checkpoint_twice_is_that_checkpoint(cifar, cifar_ckpt, paper, images):
+    """Exactly, bit for bit: for one view (-c, two loaded copies) and for ten (-pt)."""
+    photos = [images / "wide.png", images / "grey.jpg", images / "rgba.webp"]
+    for trained, again, files in ((cifar, load_trained(cifar_ckpt), photos), (paper, paper, photos[:1])):
+        alone = trained.probabilities(read_all(files, trained.image_size))
+        for members in ([trained], [trained, again]):
+            records, failed = predicted(members, files, batch_size=2, k=len(trained.classes))
+            assert not failed and torch.equal(as_tensor(records, len(trained.classes)), alone)
+
+
+def test_an_ensemble_is_the_mean_of_its_members_softmax(cifar, cifar_ckpt, cifar_other, images):
+    a, b = cifar, load_trained(cifar_other)
+    files = [images / "wide.png", images / "grey.jpg", images / "sub" / "palette.gif"]
+    batch = read_all(files, 32)
+    expected = (by_hand(a, batch) + by_hand(b, batch)) / 2
+    assert not torch.allclose(by_hand(a, batch), by_hand(b, batch), rtol=RTOL)  # two different networks
+    records, _ = predicted([a, b], files, batch_size=2, k=10)
+    assert torch.allclose(as_tensor(records, 10), expected, rtol=RTOL, atol=0)
+    assert all(r["checkpoints"] == [str(cifar_ckpt), str(cifar_other)] for r in records)
+
+
+def test_members_with_their_own_preprocessing_and_image_size(paper, cifar_three, images, monkeypatch):
+    """A -pm -pt member (256-pixel images, ten 224 crops) and a -c one (32 pixels, one view) are
+    averaged, each with its own pipeline; every file is read once at each size, a batch at a
+    time (the first record comes before the second batch is read)."""
+    small = load_trained(cifar_three)
+    files = [images / "wide.png", images / "grey.jpg"]
+    expected = (by_hand(paper, read_all(files, 256)) + by_hand(small, read_all(files, 32))) / 2
+    reads = []
+
+    def counted(path: Path, size: int) -> torch.Tensor:
+        reads.append((path.name, size))
+        return read_image(path, size)
+
+    monkeypatch.setattr(inference.predict, "read_image", counted)
+    stream = predictions([paper, small], files, 1, 3, [])
+    records = [next(stream)]
+    assert reads == [("wide.png", 256), ("wide.png", 32)]
+    records += list(stream)
+    assert torch.allclose(as_tensor(records, 3), expected, rtol=RTOL, atol=0)
+    assert reads == [("wide.png", 256), ("wide.png", 32), ("grey.jpg", 256), ("grey.jpg", 32)]
+
+
+def test_a_multilabel_ensemble_is_the_mean_of_its_members_sigmoids(cifar, cifar_other, images):
+    """Per-class sigmoid scores are averaged as they are (the two networks made multi-label)."""
+    a, b = replace(cifar, multilabel=True), replace(load_trained(cifar_other), multilabel=True)
+    files = [images / "wide.png", images / "grey.jpg"]
+    inputs = read_all(files, 32)
+    with torch.inference_mode():
+        expected = sum(torch.sigmoid(m.model(m.pipeline.evaluate(inputs)[:, 0])) for m in (a, b)) / 2
+    records, _ = predicted([a, b], files, batch_size=2, k=10)
+    assert torch.allclose(as_tensor(records, 10), expected, rtol=RTOL, atol=0)
+
+
+def test_a_224_input_and_a_32_input_member_of_one_32x32_data_set(cifar, shapes_train, images, monkeypatch):
+    """TorchAlexNet on 32x32 Shapes (inputs upsampled to 224) beside a -c network of the same
+    data: one read of each file serves both. The 224 member is built in memory (writing and
+    reading its 240 MB checkpoint would add seconds, and both are tested above)."""
+    train, classes = shapes_train
+    torch.manual_seed(3)
+    large = Trained(
+        Path("torch.pt"),
+        TrainConfig(model="TorchAlexNet"),
+        make_model("TorchAlexNet", len(classes), lrn=False).eval(),
+        make_pipeline(train, 224, False, "cpu"),
+        classes,
+        32,
+        False,
+    )
+    small = cifar
+    files = [images / "wide.png", images / "rgba.webp"]
+    batch = read_all(files, 32)
+    expected = (by_hand(large, batch) + by_hand(small, batch)) / 2
+    reads = []
+
+    def counted(path: Path, size: int) -> torch.Tensor:
+        reads.append(path.name)
+        return read_image(path, size)
+
+    monkeypatch.setattr(inference.predict, "read_image", counted)
+    records, _ = predicted([large, small], files, batch_size=2, k=10)
+    assert torch.allclose(as_tensor(records, 10), expected, rtol=RTOL, atol=0)
+    assert reads == ["wide.png", "rgba.webp"]
+
+
+def test_members_must_share_classes_in_order_and_task(cifar):
+    """The first difference, in one sentence: the class count, a class at an index, the task."""
+    a = replace(cifar, path=Path("A.pt"))  # Shapes: disc, square, triangle, ...
+    swapped = replace(a, path=Path("B.pt"), classes=[a.classes[1], a.classes[0], *a.classes[2:]])
+    fewer = replace(a, path=Path("B.pt"), classes=a.classes[:3])
+    voc = replace(a, path=Path("B.pt"), multilabel=True)
+    same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
+    names = ", ".join(f"'{c}'" for c in a.classes[:3])
+    cases = [
+        ([a, a, fewer], f"checkpoint 'B.pt' has 3 classes ({names}), 'A.pt' has 10 ({names}, ...); {same}"),
+        (
+            [a, swapped],
+            f"checkpoint 'B.pt' has class '{a.classes[1]}' at index 0, where 'A.pt' has '{a.classes[0]}'; {same}",
+        ),
+        (
+            [a, voc],
+            "checkpoint 'B.pt' is multi-label (sigmoid scores) but 'A.pt' is single-label (softmax scores); an "
+            "ensemble averages scores of one kind, so pass checkpoints of runs on one data set.",
+        ),
+    ]
+    for members, sentence in cases:
+        with pytest.raises(CheckpointError) as raised:
+            check_ensemble(members)
+        assert str(raised.value) == sentence
+    check_ensemble([a, a])
+
+
+def test_a_mismatched_ensemble_is_one_sentence_and_nothing_on_stdout(
+    cifar_ckpt, cifar_three, images, run_main, tmp_path
+):
+    photo = str(images / "wide.png")
+    result = run_main("predict", "--checkpoint", str(cifar_ckpt), "--checkpoint", str(cifar_three), photo, cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: checkpoint {quoted(str(cifar_three))} has 3 classes ('alpha', 'beta', 'gamma'), "
+        f"{quoted(str(cifar_ckpt))} has 10 ('disc', 'square', 'triangle', ...); an ensemble needs the same "
+        "classes in the same order, so pass checkpoints of runs on one data set."
+    ]
+
+
+def test_the_output_names_the_averaged_checkpoints(cifar, cifar_ckpt, cifar_other, images, capsys, monkeypatch):
+    """``predict``'s own ``main``: with --json every record carries "checkpoints" beside its keys,
+    and the table starts with a line naming them; a checkpoint given twice is loaded once."""
+    one, two = str(cifar_ckpt), str(cifar_other)
+    loaded = {one: cifar, two: load_trained(cifar_other)}
+    loads = []
+
+    def load(path: Path, device: torch.device) -> Trained:
+        loads.append(str(path))
+        return loaded[str(path)]
+
+    monkeypatch.setattr(inference.predict, "load_trained", load)
+    files = [str(images / "wide.png"), str(images / "grey.jpg")]
+    assert inference.predict.main(["--checkpoint", one, "--checkpoint", two, *files, "--json", "--topk", "2"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in records] == files
+    assert all(set(r) == {"path", "predictions", "checkpoints"} and r["checkpoints"] == [one, two] for r in records)
+    loads.clear()
+    assert inference.predict.main(["--checkpoint", one, "--checkpoint", one, *files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert loads == [one] and lines[0] == f"mean of 2 checkpoints: {one}, {one}" and lines[1] == files[0]
 
 
 def test_folder_search_and_bad_files_in_one_sentence(cifar_ckpt, images, run_main, tmp_path):
@@ -211,7 +441,7 @@ def test_predicts_real_photos(paper, shared_data):
     if not folder.is_dir():
         pytest.skip(f"{folder} not found")
     files = image_files([folder])[:2]
-    results, failed = predict_files(paper, files, batch_size=2, k=3)
+    results, failed = predicted([paper], files, batch_size=2, k=3)
     assert not failed and len(results) == 2
     for result in results:
         assert len(result["predictions"]) == 3
