@@ -25,6 +25,7 @@ from data.transforms import Pipeline, make_pipeline, pipeline_from_state
 from network import MODELS, make_model
 from training.checkpoint import CheckpointError, load_checkpoint, not_regular
 from training.config import TrainConfig
+from training.evaluation import class_mismatch
 from training.resume import load_weights
 from training.tasks import MULTI, Task, task_for
 from utils import quoted, short_reason
@@ -118,37 +119,19 @@ def load_trained(path: Path | str, device: torch.device | str = "cpu") -> Traine
     return Trained(path, config, model.to(device).eval(), pipeline, classes, image_size, multilabel)
 
 
-#: How many class names a mismatch sentence shows before "...".
-NAMED_CLASSES = 3
-
-
-def _names(classes: list[str]) -> str:
-    """The first few class names, quoted (a name may hold a comma) and cut short."""
-    shown = ", ".join(quoted(c, 30) for c in classes[:NAMED_CLASSES])
-    return shown + (", ..." if len(classes) > NAMED_CLASSES else "")
-
-
 def check_ensemble(members: Sequence[Trained]) -> None:
     """Refuse networks whose outputs cannot be averaged: every member must have the first one's
-    class names, in the same order (an output is a class index), and its task (softmax and
-    sigmoid scores mean different things). The first mismatch is one ``CheckpointError``;
-    anything else (model, preprocessing, image size) may differ, since each member prepares
-    its own inputs."""
+    class names, in the same order (``training.evaluation.class_mismatch``), and its task
+    (softmax and sigmoid scores mean different things). The first mismatch is one
+    ``CheckpointError``; anything else (model, preprocessing, image size) may differ, since each
+    member prepares its own inputs."""
     first = members[0]
     for member in members[1:]:
-        a, b = quoted(str(first.path)), quoted(str(member.path))
-        same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
-        if len(member.classes) != len(first.classes):
-            raise CheckpointError(
-                f"checkpoint {b} has {len(member.classes)} classes ({_names(member.classes)}), {a} has "
-                f"{len(first.classes)} ({_names(first.classes)}); {same}"
-            )
-        for index, (ours, theirs) in enumerate(zip(first.classes, member.classes, strict=True)):
-            if ours != theirs:
-                raise CheckpointError(
-                    f"checkpoint {b} has class {quoted(theirs)} at index {index}, where {a} has {quoted(ours)}; {same}"
-                )
+        problem = class_mismatch(first.path, first.classes, member.path, member.classes)
+        if problem is not None:
+            raise CheckpointError(problem)
         if member.multilabel != first.multilabel:
+            a, b = quoted(str(first.path)), quoted(str(member.path))
             kinds = {True: "multi-label (sigmoid scores)", False: "single-label (softmax scores)"}
             raise CheckpointError(
                 f"checkpoint {b} is {kinds[member.multilabel]} but {a} is {kinds[first.multilabel]}; an ensemble "

@@ -36,7 +36,7 @@ from training.fastpath import prepare_model
 from training.loop import Member, evaluate_ensemble
 from training.resume import load_weights
 from training.tasks import EvalResult, format_metrics
-from utils import UserError
+from utils import UserError, quoted
 
 logger = logging.getLogger("alexnet")
 
@@ -119,19 +119,39 @@ def same_data(checkpoints: list[Checkpoint]) -> None:
     for other in checkpoints[1:]:
         if other.config.dataset != first.config.dataset:
             raise UserError(
-                f"{other.path} was trained on {other.config.dataset} and {first.path} on {first.config.dataset}; the "
-                "networks of an ensemble must share the data set, so evaluate them apart (or all on one, with -ds)."
+                f"checkpoint {quoted(str(other.path))} was trained on {other.config.dataset} and "
+                f"{quoted(str(first.path))} on {first.config.dataset}; the networks of an ensemble must share the data "
+                "set, so evaluate them apart (or all on one, with -ds)."
             )
-        ours, theirs = list(first.saved["classes"]), list(other.saved["classes"])
-        if ours != theirs:
-            if len(ours) != len(theirs):
-                where = f"has {len(theirs)} classes where {first.path} has {len(ours)}"
-            else:
-                i = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
-                where = f"names class {i} {theirs[i]!r} where {first.path} names it {ours[i]!r}"
-            raise UserError(
-                f"{other.path} {where}; the networks of an ensemble must have the same classes in the same order."
-            )
+        problem = class_mismatch(first.path, first.saved["classes"], other.path, other.saved["classes"])
+        if problem is not None:
+            raise UserError(problem)
+
+
+#: Class names a sentence shows.
+NAMED_CLASSES = 3
+
+
+def class_mismatch(first: Path, ours: list[str], other: Path, theirs: list[str]) -> str | None:
+    """Why the network of checkpoint ``other`` (classes ``theirs``) cannot be averaged with that
+    of ``first`` (``ours``), or None: an output is a class index, so an ensemble needs the same
+    classes in the same order (``--evaluate`` and ``predict`` alike)."""
+    a, b = quoted(str(first)), quoted(str(other))
+    same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
+    if len(theirs) != len(ours):
+        return (
+            f"checkpoint {b} has {len(theirs)} classes ({_names(theirs)}), {a} has {len(ours)} ({_names(ours)}); {same}"
+        )
+    for index, (mine, yours) in enumerate(zip(ours, theirs, strict=True)):
+        if mine != yours:
+            return f"checkpoint {b} has class {quoted(yours)} at index {index}, where {a} has {quoted(mine)}; {same}"
+    return None
+
+
+def _names(classes: list[str]) -> str:
+    """The first few class names, quoted (a name may hold a comma) and cut short."""
+    shown = ", ".join(quoted(c, 30) for c in classes[:NAMED_CLASSES])
+    return shown + (", ..." if len(classes) > NAMED_CLASSES else "")
 
 
 def member(
