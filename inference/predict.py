@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,13 @@ def get_parser() -> argparse.ArgumentParser:
         type=Path,
         help="a last.pt or best.pt of this tool; given again, the networks' probabilities are averaged (an ensemble "
         "of checkpoints with the same classes)",
+    )
+    parser.add_argument(
+        "--crops",
+        type=int,
+        choices=(1, 10),
+        help="views per image: 1, the centre crop; 10, the paper's four corners and centre and their mirrors "
+        "(default: each run's own, 10 under -pt, else 1)",
     )
     parser.add_argument("--topk", type=Check(int, 1, 100_000).parse, default=5, help="classes shown per image (5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per image instead of a table")
@@ -246,6 +253,8 @@ def main(argv: Sequence[str]) -> int:
     for path in args.checkpoint:  # a checkpoint given twice is loaded once (and still counts twice)
         if path not in loaded:
             loaded[path] = load_trained(path, device)
+    if args.crops is not None:
+        loaded = {p: replace(t, pipeline=t.pipeline.with_views(args.crops)) for p, t in loaded.items()}
     members = [loaded[path] for path in args.checkpoint]
     check_ensemble(members)
     skipped = Skipped()

@@ -625,3 +625,19 @@ def test_a_folder_or_a_fifo_as_checkpoint_is_named_for_what_it_is(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match=r"checkpoint .*last.pt is a FIFO, not a file; pass the path of a"):
         load_checkpoint(tmp_path / "last.pt")
+
+
+def test_crops_choose_the_centre_crop_or_the_ten_patches(paper, images, capsys, monkeypatch):
+    """``--crops 1`` scores a -pt network on its centre patch alone, ``--crops 10`` (its default)
+    on the ten; the network itself is left as it was loaded."""
+    monkeypatch.setattr(inference.predict, "load_trained", lambda path, device: paper)
+    files = [str(images / "wide.png"), str(images / "grey.jpg")]
+    out = {}
+    for crops in ("1", "10"):
+        assert inference.predict.main(["--checkpoint", "p.pt", "--crops", crops, *files, "--json", "--topk", "3"]) == 0
+        out[crops] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert paper.pipeline.views == 10
+    centre = replace(paper, pipeline=paper.pipeline.with_views(1))
+    paths = [Path(f) for f in files]
+    assert out["1"] == predicted([centre], paths, 32, 3)[0]
+    assert out["10"] == predicted([paper], paths, 32, 3)[0] != out["1"]
