@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Flags for a Shapes run small enough to take seconds.
 TINY = ["--shapes-train", "120", "--shapes-test", "40", "--batch-size", "40"]
@@ -119,7 +121,8 @@ def unchanged(root: Path, before: dict[Path, tuple[int, int, int]]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# The bad-input catalogue: one row of the bad-input table (docs/troubleshooting.md) per case
+# The bad-input catalogue: one row of the bad-input table (docs/troubleshooting.md) per case. The
+# rows live with their subject, in bad_data.py, bad_checkpoints.py and bad_flags.py.
 
 
 @dataclass
@@ -140,6 +143,37 @@ class Case:
     preexec: Callable | None = None
     check: Callable[[Path, subprocess.CompletedProcess], None] | None = None
     restore: list[str] = field(default_factory=lambda: ["data", "readonly"])  # made unreadable by prepare
+
+
+def without_file_permission_override() -> list[str]:
+    """A command prefix under which file permissions apply: root normally ignores them (the test
+    is skipped as root without ``setpriv``)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot make a folder unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def isolated(case: Case) -> Case:
+    """``case`` run with HOME and TMPDIR in fresh folders of the work folder, checked empty after:
+    nothing is written outside the folders the command is given."""
+    prepare, prefix, check = case.prepare, case.prefix, case.check
+
+    def prepare_too(work: Path, earlier: Path) -> None:
+        (work / "home").mkdir()
+        (work / "tmpdir").mkdir()
+        prepare(work, earlier)
+
+    def check_too(work: Path, result: subprocess.CompletedProcess) -> None:
+        assert [*(work / "home").iterdir(), *(work / "tmpdir").iterdir()] == []
+        if check is not None:
+            check(work, result)
+
+    case.prepare, case.check = prepare_too, check_too
+    case.prefix = lambda: ["env", "HOME=home", "TMPDIR=tmpdir", *prefix()]
+    return case
 
 
 def earlier_checkpoint(earlier: Path) -> Path:

@@ -4,7 +4,7 @@ files or none, and checkpoints refused in one sentence: damaged, foreign, of ano
 flags that change the run, or crafted (every field checked in process, over many values).
 
 A run stopped by a signal or ``kill -9`` and resumed is in test_signals.py; the bad-input table's
-rows about checkpoints run in test_faults.py's catalogue.
+rows about checkpoints run in test_bad_checkpoints.py.
 """
 
 from __future__ import annotations

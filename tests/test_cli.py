@@ -3,7 +3,8 @@
 summary, checkpoints, log), dry runs, every model, and a run that must learn.
 
 Real data sets through the command line are in test_cli_data.py; resume and --evaluate in
-test_checkpoints.py; the bad-input table (docs/troubleshooting.md) in test_faults.py."""
+test_checkpoints.py; the bad-input table (docs/troubleshooting.md) in test_bad_flags.py,
+test_bad_data.py and test_bad_checkpoints.py."""
 
 import argparse
 import json

@@ -1,6 +1,6 @@
 """Real data sets through the command line: CIFAR-10, the shared CIFAR-100 and VOC samples, VOC in
-memory and streamed (the data errors are rows of the catalogues in test_faults.py and
-test_untrusted_data.py)."""
+memory and streamed (the data errors are rows of the bad-input table in bad_data.py, run by
+test_bad_data.py)."""
 
 import json
 from pathlib import Path

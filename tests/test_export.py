@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from test_predict import make_checkpoint
+from checkpoint_files import make_checkpoint
 
 from inference.checkpoint import load_trained
 from inference.export import (

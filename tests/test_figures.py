@@ -387,8 +387,7 @@ def test_a_run_folder_this_user_cannot_write_is_one_sentence_or_out(cifar_run, t
     """Without --out: one sentence before anything is drawn. With --out: the PNGs and the
     TensorBoard images go there (TensorBoard's writer thread raised a PermissionError before);
     the run folder is left as it was either way."""
-    from main_cli import snapshot, unchanged
-    from test_faults import without_file_permission_override
+    from main_cli import snapshot, unchanged, without_file_permission_override
 
     prefix = without_file_permission_override()
     best = copy_run(cifar_run, tmp_path / "work").with_name("best.pt")

@@ -1,5 +1,6 @@
 """The ImageFolder reader: both layouts, the stratified split and subsets, the image modes and
-EXIF orientation, the 32x32 size for -c, and its errors through the command line."""
+EXIF orientation, the 32x32 size for -c, and its errors (through the command line: the
+``IMAGE_FOLDER`` rows of bad_data.py, run by test_bad_data.py)."""
 
 import logging
 import os
@@ -8,10 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fakedata import class_colour, small_voc, solid, write_class_folders, write_image, write_imagenet
-from main_cli import Case, run_case
 from PIL import Image
-from test_faults import without_file_permission_override
-from test_untrusted_data import isolated
 
 import main
 from data import prepare
@@ -312,122 +310,3 @@ def test_flag_combinations():
         "ImageFolder"
     )
     assert combination("-ds", "ImageNet", "--train-fraction", "0.1") is None
-
-
-def _truncated(work, earlier):
-    write_class_folders(work / "data", {"a": 3, "b": 3})
-    (work / "data" / "b" / "b_2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
-
-
-def _unreadable_subfolder(work, earlier):
-    write_class_folders(work / "data", {"a": 2, "b": 2})
-    write_class_folders(work / "data" / "a" / "2024", {"x": 1})
-    os.chmod(work / "data" / "a" / "2024", 0)
-
-
-def _one_class(work, earlier):
-    write_class_folders(work / "data" / "train", {"a": 3})
-    write_class_folders(work / "data" / "val", {"a": 1})
-
-
-def _two_classes_and(*paths):
-    def prepare(work, earlier):
-        write_class_folders(work / "data" / "train", {"a": 2, "b": 2})
-        write_class_folders(work / "data" / "val", {"a": 1, "b": 1})
-        for path in paths:
-            (work / path).mkdir(mode=0o555) if path == "readonly" else (work / path).write_text("a file")
-
-    return prepare
-
-
-def _no_cache_in_train(work, result):
-    assert sorted(p.name for p in (work / "data" / "train").iterdir()) == ["a", "b"]
-
-
-PREPARE = ["prepare", "-ds", "ImageFolder", "--data-dir", "data", "--workers", "1"]
-
-ERRORS = [
-    Case(
-        "missing folder",
-        ["-ds", "ImageFolder", "--data-dir", "nowhere", "-ne", "1"],
-        1,
-        r"data folder nowhere does not exist; create it and put one folder of images per class in it",
-    ),
-    Case(
-        "empty class folders",
-        ["prepare", "-ds", "ImageFolder", "--data-dir", "data"],
-        1,
-        r"2 class folders in data hold no image files \(a, b\); add images or remove the folders\.$",
-        lambda work, earlier: [(work / "data" / c).mkdir(parents=True) for c in "ab"],
-    ),
-    Case(
-        "unreadable file",
-        ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"],
-        1,
-        r"data/b/b_2\.jpg cannot be decoded as an image \(.*\); replace it with a good copy .*or remove it\.$",
-        _truncated,
-    ),
-    isolated(
-        Case(
-            "unreadable subfolder of a class",
-            PREPARE,
-            1,
-            r"cannot read data/a/2024 \(Permission denied\), a subfolder "
-            r"of class a, whose images would be left out; give "
-            r"this user read access to it, or move it out of the data folder\.$",
-            _unreadable_subfolder,
-            prefix=without_file_permission_override,
-            restore=["data/a/2024"],
-        )
-    ),
-    isolated(
-        Case(
-            "one class",
-            ["-ds", "ImageFolder", "--data-dir", "data", "-ne", "1", "--cache-dir", "cache"],
-            1,
-            r"data/train has one class folder \(a\); a classifier "
-            r"needs at least two classes, so add a folder of images "
-            r"for each other class\.$",
-            _one_class,
-        )
-    ),
-    isolated(
-        Case(
-            "--cache-dir that is a file",
-            [*PREPARE, "--cache-dir", "afile"],
-            1,
-            r"--cache-dir afile is a file, not a folder; pass a folder "
-            r"for the resize cache \(it is created if missing\)\.$",
-            _two_classes_and("afile"),
-        )
-    ),
-    isolated(
-        Case(
-            "read-only --cache-dir",
-            [*PREPARE, "--cache-dir", "readonly"],
-            1,
-            r"cannot write the resize cache in readonly/train_256 "
-            r"\(Permission denied\); give this user write access to "
-            r"--cache-dir readonly, or pass another --cache-dir\.$",
-            _two_classes_and("readonly"),
-            prefix=without_file_permission_override,
-        )
-    ),
-    isolated(
-        Case(
-            "--cache-dir inside a split's folder",
-            [*PREPARE, "--cache-dir", "data/train/cache"],
-            1,
-            r"--cache-dir data/train/cache is inside data/train, whose "
-            r"subfolders are read as classes, so the cache would "
-            r"become one; pass a --cache-dir outside data/train, or leave it out\.$",
-            _two_classes_and(),
-            check=_no_cache_in_train,
-        )
-    ),
-]
-
-
-@pytest.mark.parametrize("case", ERRORS, ids=lambda c: c.name)
-def test_image_folder_errors_are_one_sentence(case, tmp_path, earlier):
-    run_case(case, tmp_path, earlier)

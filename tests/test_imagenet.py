@@ -1,6 +1,7 @@
 """The ImageNet reader: the sorted-wnid class index, the three val layouts, the real sample in
 ../shared/data/imagenet-sample, the odd files real ImageNet holds (greyscale, CMYK, a PNG named
-.JPEG), torchvision's evaluation protocol, and its errors through the command line."""
+.JPEG), torchvision's evaluation protocol, and its errors (through the command line: the
+``IMAGENET`` rows of bad_data.py, run by test_bad_data.py)."""
 
 import importlib.util
 
@@ -8,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fakedata import solid, write_image, write_imagenet
-from main_cli import Case, run_case
 from PIL import Image
-from test_untrusted_data import isolated
 from torchvision.transforms import v2
 
 from data.core import DataError, DataOptions
@@ -129,63 +128,3 @@ def test_one_class_without_a_mapping_is_refused(tmp_path):
         imagenet_lists(tmp_path)
     write_imagenet(tmp_path, {}, {}, mapping=["n01", "n02"])  # the class index of ILSVRC-2012, all of it
     assert imagenet_lists(tmp_path).classes == ["class 01", "class 02"]
-
-
-def _imagenet_with_unknown_val_label(work, earlier):
-    write_imagenet(work / "data", {"n01": 1}, {"n01": 1}, "kaggle")
-    with open(work / "data" / "LOC_val_solution.csv", "a") as f:
-        f.write("ILSVRC2012_val_00000009,n09 0 0 1 1\n")
-    write_image(work / "data" / "val" / "ILSVRC2012_val_00000009.JPEG", solid((1, 2, 3)))
-
-
-def _solution_with(*rows):
-    def prepare(work, earlier):
-        write_imagenet(work / "data", {"n01": 1, "n02": 1}, {"n01": 1, "n02": 1}, "kaggle")
-        with open(work / "data" / "LOC_val_solution.csv", "a") as f:
-            f.write("".join(f"{row}\n" for row in rows))
-
-    return prepare
-
-
-ERRORS = [
-    Case(
-        "no ImageNet",
-        ["-ds", "ImageNet", "--data-dir", "data", "-ne", "1"],
-        1,
-        r"found no ImageNet in data: get ILSVRC-2012 from https://image-net\.org .* in data/imagenet/\.$",
-        lambda work, earlier: (work / "data").mkdir(),
-    ),
-    Case(
-        "val label not a class",
-        ["prepare", "-ds", "ImageNet", "--data-dir", "data"],
-        1,
-        r"LOC_val_solution\.csv labels ILSVRC2012_val_00000009\.JPEG n09, which is not a class of train/",
-        _imagenet_with_unknown_val_label,
-    ),
-    isolated(
-        Case(
-            "one image with two classes",
-            ["prepare", "-ds", "ImageNet", "--data-dir", "data"],
-            1,
-            r"data/LOC_val_solution\.csv labels ILSVRC2012_val_00000001 "
-            r"twice, n01 on line 2 and n02 on line 4; keep the "
-            r"right line and remove the other\.$",
-            _solution_with("ILSVRC2012_val_00000001,n02 0 0 7 7"),
-        )
-    ),
-    isolated(
-        Case(
-            "label line beyond the bound",
-            ["prepare", "-ds", "ImageNet", "--data-dir", "data"],
-            1,
-            r"data/LOC_val_solution\.csv line 4 is longer than 65,536 characters, which no line of the real file is; "
-            r"replace it with the original\.$",
-            _solution_with("ILSVRC2012_val_00000003,n01" + " 0 0 7 7 n01" * 6000),
-        )
-    ),
-]
-
-
-@pytest.mark.parametrize("case", ERRORS, ids=lambda c: c.name)
-def test_imagenet_errors_are_one_sentence(case, tmp_path, earlier):
-    run_case(case, tmp_path, earlier)

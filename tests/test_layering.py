@@ -148,3 +148,46 @@ def test_tests_import_each_name_from_its_own_module() -> None:
                 own = facades[node.module]
                 found += [f"{path.name}: {a.name} from {node.module}" for a in node.names if a.name not in own]
     assert not found, "imported through a facade: " + "; ".join(found)
+
+
+def imported_names(tree: ast.AST) -> list[str]:
+    """Every module name a source imports: ``import x``, ``from x import y``, ``__import__("x")``
+    and ``importlib.import_module("x")``."""
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            function = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            if function in ("__import__", "import_module") and isinstance(node.args[0].value, str):
+                names.append(node.args[0].value)
+    return names
+
+
+def test_no_test_module_imports_another() -> None:
+    """What several test modules share (cases, file builders, checkpoints) lives in a helper module of
+    tests/ (``main_cli``, ``fakedata``, ``bad_data`` ...): a test module that imported another would
+    tie the two together, so that moving or renaming a test breaks another file's imports."""
+    tests = {path.stem for path in (ROOT / "tests").glob("test_*.py")}
+    assert {"test_layering", "test_faults"} <= tests
+    found = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        for name in imported_names(ast.parse(path.read_text(encoding="utf-8"))):
+            if name.split(".")[0] in tests:
+                found.append(f"{path.name} imports {name}")
+    assert not found, "test modules imported: " + "; ".join(found)
+
+
+def test_the_import_finder_sees_every_form() -> None:
+    source = (
+        "import a\n"
+        "from b import x\n"
+        "def f():\n"
+        "    from c.d import y\n"
+        "    __import__('e')\n"
+        "    importlib.import_module('f')\n"
+        "from . import z\n"
+    )
+    assert imported_names(ast.parse(source)) == ["a", "b", "c.d", "e", "f"]

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from checkpoint_files import CLASSES, make_checkpoint
 from PIL import Image
 
 import inference.predict
@@ -33,42 +34,6 @@ from training.loop import evaluate
 from training.resume import Checkpointer, Progress
 from training.schedule import PlateauSchedule
 from utils import quoted
-
-CLASSES = ["alpha", "beta", "gamma"]
-
-
-def make_checkpoint(
-    folder: Path,
-    model: str,
-    paper_train: bool = False,
-    fidelity: str = "code",
-    split_gpus: bool = False,
-    multilabel: bool = False,
-) -> Path:
-    """A checkpoint written by the real ``Checkpointer.state`` / ``save`` code path: a freshly
-    initialised ``model`` (3 classes) and the pipeline ``make_pipeline`` builds for it, from
-    tiny Shapes for a 32-input model, else from 6 random 256x256 images."""
-    config = TrainConfig(
-        model=model, paper_train=paper_train, fidelity=fidelity, split_gpus=split_gpus, shapes_train=60, shapes_test=10
-    )
-    input_size = MODELS[model].input_size
-    if input_size == 32:
-        data = load_dataset("Shapes", config)
-        train, classes = data.train, data.classes
-    else:
-        g = torch.Generator().manual_seed(1)
-        train = Split(torch.randint(0, 256, (6, 3, 256, 256), generator=g, dtype=torch.uint8), torch.zeros(6))
-        classes = CLASSES
-    torch.manual_seed(0)
-    net = make_model(model, len(classes), lrn=config.lrn, fidelity=fidelity)
-    pipeline = make_pipeline(train, input_size, paper_train, "cpu", fidelity)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    generators = {"index": torch.Generator(), "augment": torch.Generator()}
-    checkpointer = Checkpointer(folder, net, optimizer, PlateauSchedule(base_lr=0.01), None, generators)
-    task = "multi-label" if multilabel else "single-label"
-    state = checkpointer.state(Progress(), "top1", classes, config, pipeline, train.images.shape[-1], task)
-    checkpointer.save(state, best=False, epoch=0)
-    return checkpointer.last
 
 
 def checkpoint_of(folder: Path, model: str, train: Split, classes: list[str], seed: int) -> Path:
@@ -542,7 +507,7 @@ def peak_mb(result) -> float:
 def skipping(cifar_ckpt, tmp_path_factory, run_main):
     """``predict`` on a FIFO named like a photo, and on a folder holding a photo, another FIFO
     and a subfolder this user cannot search (the command, measured with ``PEAK``, in its folder)."""
-    from test_faults import without_file_permission_override
+    from main_cli import without_file_permission_override
 
     prefix = without_file_permission_override()
     root = tmp_path_factory.mktemp("skipping")

@@ -327,7 +327,7 @@ def test_a_damaged_jpeg_is_one_sentence_naming_its_shard(rotten, where, workers)
     """Wherever the JPEG is decoded: by the loader on a CPU, in the training process in one call
     on CUDA (``decode_in_process``, the CPU standing in), after DataLoader workers passed its bytes,
     or all at once into memory (``--loader memory``). The workers' own path (decoding and
-    augmenting there) goes through the command line in test_faults.py."""
+    augmenting there) goes through the command line in test_bad_data.py."""
     from data.core import DataError
     from hardware.capabilities import Capabilities
 
