@@ -752,10 +752,3 @@ def make_model(
     """The registered network ``name`` (freshly initialised); ``fidelity`` applies to the paper's
     networks only."""
     return MODELS[name].build(num_classes, dropout, lrn, fidelity)
-
-
-def build_model(
-    cifar: bool, paper_model: bool, num_classes: int, dropout: float = 0.5, lrn: bool = True, fidelity: str = "code"
-) -> nn.Module:
-    """The network the original v2 tool's flags ``-c`` / ``-pm`` choose (see ``model_name``)."""
-    return make_model(model_name(cifar, paper_model), num_classes, dropout, lrn, fidelity)

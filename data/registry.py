@@ -1,5 +1,6 @@
 """The registry of data sets (``DATASETS``): each one's reader, the size of the images it yields,
-its task and the reader options it takes; ``load_dataset`` reads one by name.
+its task and the reader options it takes; ``load_dataset`` reads one by name and checks that its
+labels are those of its task.
 
 - ``Shapes``: built in, generated from a seed (no download; ``data.shapes``).
 - ``Cifar10`` / ``Cifar100``: the official python pickles, read with a restricted unpickler
@@ -29,6 +30,7 @@ from utils import short_reason
 
 SINGLE_LABEL = "single-label"
 MULTI_LABEL = "multi-label"
+TASKS = (SINGLE_LABEL, MULTI_LABEL)
 #: Reader options every data set accepts; the others are listed by the data sets that take them.
 COMMON_OPTIONS = frozenset({"data_dir", "download", "cache_dir", "image_size", "resize_workers"})
 #: The training subset flags (``data.folders.stratified_subset``).
@@ -41,7 +43,8 @@ class DatasetInfo:
     (``single-label``: one class per image; ``multi-label``: 1 / -1 / 0 per class, VOC style)
     and the reader options it takes beyond ``COMMON_OPTIONS``. A ``resizable`` one is resized to
     whatever the model takes (``DataOptions.image_size``: 32 for the 32x32 network), so
-    ``image_size`` is only its default."""
+    ``image_size`` is only its default. Training picks its task from the labels
+    (``DataSet.multilabel``), so ``load_dataset`` holds a reader to the ``task`` declared here."""
 
     load: Callable[[DataOptions, Peers], DataSet]
     image_size: int
@@ -76,8 +79,9 @@ def load_dataset(name: str, options: DataOptions, peers: Peers = ALONE) -> DataS
     its ``peers`` (``training.distributed.data_peers``), and they build any cache together."""
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}.")
+    info = DATASETS[name]
     try:
-        return DATASETS[name].load(options, peers)
+        data = info.load(options, peers)
     except OSError as error:  # permissions, I/O errors: whatever the readers did not foresee
         where = error.filename or options.data_dir
         cache = options.cache_path
@@ -90,3 +94,7 @@ def load_dataset(name: str, options: DataOptions, peers: Peers = ALONE) -> DataS
             f"cannot read {where} ({short_reason(error.strerror or error)}); check that this user may read it, "
             "or pass another --data-dir."
         ) from None
+    if data.multilabel != (info.task == MULTI_LABEL):  # a reader's bug, not the user's
+        task = MULTI_LABEL if data.multilabel else SINGLE_LABEL
+        raise RuntimeError(f"the {name} reader made {task} labels, but its registry entry says {info.task}")
+    return data

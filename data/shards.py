@@ -481,14 +481,9 @@ def encode_images(images: Iterable[torch.Tensor]) -> tuple[list[bytes], ShardSta
     return blobs, stats
 
 
-def write_shard(path: Path, images: Iterable[torch.Tensor], print_: str, number: int) -> tuple[np.ndarray, ShardStats]:
-    """Encode ``images`` into the shard ``path`` (a temporary file renamed when complete) and
-    return their offsets in it and the stats of the images as they decode from it."""
-    blobs, stats = encode_images(images)
-    return _write(path, blobs, stats, print_, number), stats
-
-
-def _write(path: Path, blobs: list[bytes], stats: ShardStats, print_: str, number: int) -> np.ndarray:
+def write_shard(path: Path, blobs: list[bytes], stats: ShardStats, print_: str, number: int) -> np.ndarray:
+    """Write the JPEGs ``blobs`` (and their ``stats``, from ``encode_images``) as the shard ``path``
+    of fingerprint ``print_``: a temporary file renamed when complete. Returns their offsets in it."""
     offsets = np.concatenate([[HEAD_BYTES], HEAD_BYTES + np.cumsum([len(b) for b in blobs])]).astype(np.int64)
     data = MAGIC + print_.encode() + b"".join(blobs)
     tail = io.BytesIO()
@@ -559,7 +554,7 @@ def _ensure_shard(job: _Job) -> _Done:
     blobs, stats = encode_images(_resized(job, failures))  # every image, so that all failures are named
     if failures:
         return _Done(job.number, None, None, failures, warning)
-    offsets = _write(job.path, blobs, stats, job.fingerprint, job.number)
+    offsets = write_shard(job.path, blobs, stats, job.fingerprint, job.number)
     return _Done(job.number, offsets, stats, [], warning, True, _stamp(job.path.stat()))
 
 

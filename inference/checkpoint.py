@@ -3,7 +3,7 @@ network (the grouped one for a ``--split-gpus`` run), its evaluation preprocessi
 names (``load_trained``), check that several can be averaged (``check_ensemble``), and turn
 image files into the uint8 squares its data set's cache held (``read_image``).
 
-Checkpoints since format 3 carry the preprocessing (``training.checkpoint.preprocess_state``).
+Checkpoints since format 3 carry the preprocessing (``training.resume.preprocess_state``).
 An older one does not: its pipeline is rebuilt from its data set, the way ``--evaluate`` does,
 because that gives exactly the statistics the run trained with (Shapes is generated on the spot,
 so old Shapes checkpoints need nothing); when the data set is not there, the sentence says so.

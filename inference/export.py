@@ -180,14 +180,6 @@ def run_onnx(data: bytes, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-def onnx_metadata(data: bytes) -> dict[str, Any]:
-    """The metadata of an exported ONNX file (its ``METADATA_KEY`` entry)."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
-    return json.loads(props[METADATA_KEY])
-
-
 def to_torchscript(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
     """The TorchScript file of ``model`` (traced; the batch size stays free), metadata included."""
     with warnings.catch_warnings():
@@ -204,14 +196,6 @@ def run_torchscript(data: bytes, x: torch.Tensor) -> torch.Tensor:
         module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     with torch.inference_mode():
         return module(x)
-
-
-def torchscript_metadata(data: bytes) -> dict[str, Any]:
-    files = {EXTRA_FILE: ""}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=files)
-    return json.loads(files[EXTRA_FILE])
 
 
 FORMATS = {"onnx": (to_onnx, run_onnx), "torchscript": (to_torchscript, run_torchscript)}

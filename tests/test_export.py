@@ -4,21 +4,17 @@ in their metadata, and the command never replaces a file without ``--force``."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import warnings
 
 import pytest
 import torch
 from checkpoint_files import make_checkpoint
 
 from inference.checkpoint import load_trained
-from inference.export import (
-    export,
-    export_metadata,
-    onnx_metadata,
-    run_onnx,
-    run_torchscript,
-    torchscript_metadata,
-)
+from inference.export import EXTRA_FILE, METADATA_KEY, export, export_metadata, run_onnx, run_torchscript
 from network import PaperAlexNet, SplitPaperAlexNet
 
 pytest.importorskip("onnxruntime")
@@ -32,6 +28,26 @@ KINDS = {
     "paper-code-split": ("PaperAlexNet", True, "code", True),
     "paper-text": ("PaperAlexNet", True, "text", False),
 }
+
+
+def onnx_metadata(data: bytes) -> dict:
+    """What another program reads from an exported ONNX file: its ``metadata_props`` entry."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+    return json.loads(props[METADATA_KEY])
+
+
+def torchscript_metadata(data: bytes) -> dict:
+    """What another program reads from an exported TorchScript file: its extra file, the way
+    docs/using-a-network.md shows (``torch.jit.load(f, _extra_files=...)``)."""
+    files = {EXTRA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=files)
+    return json.loads(files[EXTRA_FILE])
+
+
 METADATA = {"onnx": onnx_metadata, "torchscript": torchscript_metadata}
 RUN = {"onnx": run_onnx, "torchscript": run_torchscript}
 

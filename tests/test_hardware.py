@@ -20,10 +20,10 @@ from data.shards import shard_split
 from hardware.capabilities import Capabilities
 from network import CifarAlexNet
 from trainer import Trainer
-from training.checkpoint import load_checkpoint, on_cpu
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, config_from_args
 from training.outputs import claim_run
-from training.resume import load_weights, with_machine_flags
+from training.resume import load_weights, on_cpu, with_machine_flags
 
 CPU = torch.device("cpu")
 

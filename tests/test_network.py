@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from network import CifarAlexNet, PaperAlexNet, PaperLRN, TorchAlexNet, build_model
+from network import CifarAlexNet, PaperAlexNet, PaperLRN, TorchAlexNet, make_model, model_name
 
 
 def n_params(model: nn.Module) -> int:
@@ -373,8 +373,8 @@ def test_gradients_reach_every_parameter(model_fn, size):
         (True, True, CifarAlexNet),
     ],
 )
-def test_build_model_follows_the_seed_flags(cifar, paper, expected):
-    model = build_model(cifar=cifar, paper_model=paper, num_classes=7)
+def test_the_original_tools_model_flags_choose_the_network(cifar, paper, expected):
+    model = make_model(model_name(cifar, paper), num_classes=7)
     assert type(model) is expected
     assert linears(model)[-1].out_features == 7
     if cifar:

@@ -1,6 +1,6 @@
 """What a run leaves behind and reads back: ``metrics.jsonl`` (written per epoch, cut back on
 resume, read by the report), checkpoints written by version 0.1 (resumed and evaluated by this
-one), ``Progress`` and the weight checks, and the task chosen from the data set."""
+one), ``Progress`` and the weight checks, and the task chosen from the data set's labels."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_check_compatible_only_checks_and_load_weights_loads(tmp_path):
         load_weights(checkpoint, tmp_path / "x.pt", TorchAlexNet(10), 10, "Shapes")
 
 
-def test_the_task_comes_from_the_data_sets_registry_entry():
+def test_the_task_follows_the_labels_whatever_the_data_set_is_called():
     images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
     single = Split(images, torch.zeros(2, dtype=torch.int64))
     multi = Split(images, torch.zeros(2, 20, dtype=torch.int8))
@@ -141,6 +141,23 @@ def test_the_task_comes_from_the_data_sets_registry_entry():
     assert task_for(DataSet("PascalVOC2012", [str(i) for i in range(20)], multi, multi)) is MULTI
     assert task_for(DataSet("made in code", ["a", "b"], multi, multi)) is MULTI  # unregistered: by its labels
     assert (SINGLE.score_key, MULTI.score_key) == ("top1", "mAP")
+
+
+def test_a_reader_whose_labels_disagree_with_its_registry_entrys_task_is_a_programming_error(monkeypatch):
+    """The registry declares each data set's task; training reads it from the labels, so
+    ``load_dataset`` refuses a reader that makes the other kind (a bug, not bad input)."""
+    from dataclasses import replace
+
+    from data.core import DataOptions
+    from data.registry import DATASETS, MULTI_LABEL, load_dataset
+
+    options = DataOptions(shapes_train=20, shapes_test=10)
+    assert task_for(load_dataset("Shapes", options)) is SINGLE
+    monkeypatch.setitem(DATASETS, "Shapes", replace(DATASETS["Shapes"], task=MULTI_LABEL))
+    with pytest.raises(
+        RuntimeError, match="^the Shapes reader made single-label labels, but its registry entry says multi-label$"
+    ):
+        load_dataset("Shapes", options)
 
 
 def test_a_metrics_row_that_cannot_be_written_is_one_sentence(tmp_path):

@@ -151,13 +151,13 @@ def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound
     """A subprocess streams 800 images of 64 x 64 (9.8 MB decoded, against a bound of 0.6 MB
     for batches of 16 without workers): its peak resident memory grows by far less than the
     decoded cache, which it would if the images were kept. Plain gradients: quick to encode."""
-    from data.shards import write_shard
+    from data.shards import encode_images, write_shard
 
     size, count, per = 64, 800, 100
     ramp = torch.arange(size, dtype=torch.uint8).expand(3, size, size)
     for number in range(count // per):
         images = [ramp + (i % 128) for i in range(per)]
-        write_shard(tmp_path / f"{number:05d}.shard", images, "0" * 64, number)
+        write_shard(tmp_path / f"{number:05d}.shard", *encode_images(images), "0" * 64, number)
     command = [sys.executable, "-c", MEMORY, str(tmp_path), str(size), str(count), str(per)]
     result = subprocess.run(
         command,
@@ -284,12 +284,13 @@ def test_decoding_in_process_streams_large_batches_from_8_workers_within_256_fil
     used: one tensor per image would need 8 workers x 2 prefetched x 256 images of them, far past
     a 256 (or the usual 1,024) descriptor limit. A subprocess under ``ulimit -n 256`` streams an
     evaluation of 2,048 images in batches of 256 through the CPU stand-in for a GPU."""
-    from data.shards import write_shard
+    from data.shards import encode_images, write_shard
 
     size, count, per, batch = 16, 2048, 256, 256
     ramp = torch.arange(size, dtype=torch.uint8).expand(3, size, size)
     for number in range(count // per):
-        write_shard(tmp_path / f"{number:05d}.shard", [ramp + (i % 200) for i in range(per)], "0" * 64, number)
+        images = [ramp + (i % 200) for i in range(per)]
+        write_shard(tmp_path / f"{number:05d}.shard", *encode_images(images), "0" * 64, number)
     command = [sys.executable, "-c", DESCRIPTORS, str(tmp_path), str(size), str(count), str(per), str(batch)]
     result = subprocess.run(
         command,

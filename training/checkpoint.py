@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from data.core import DataOptions
-from data.registry import DATASETS
-from data.transforms import Pipeline, pipeline_from_state
+from data.registry import DATASETS, TASKS
+from data.transforms import pipeline_from_state
 from network import MODELS, make_model
 from settings.rules import Check
 from training.config import TrainConfig
@@ -73,19 +73,6 @@ def save_checkpoint(checkpoint: dict[str, Any], last: Path, best: Path | None) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def on_cpu(value: Any) -> Any:
-    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU:
-    what checkpoints hold, so that ``torch.load(path, weights_only=True)`` reads them on a
-    machine without the GPU they were trained on, with no ``map_location``."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {key: on_cpu(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(on_cpu(item) for item in value)
-    return value
 
 
 def not_regular(path: Path) -> str | None:
@@ -207,6 +194,8 @@ METRICS = [
     *((f".{key}", PERCENT if key != "count" else COUNT, None) for key in ("top1", "top5", "count", "mAP")),
     ("", lambda m: "mAP" not in m or _ap(m.get("ap")), "has per-class AP that are not percentages"),
 ]
+#: What ``GradScaler.state_dict`` holds.
+SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 #: The fields this tool reads, each with the rules of its entries: (field path, rule, problem).
 #: A path's parts after the field name an entry (absent: skipped), or "*" every item of a list or
 #: value of a dict. A rule with a problem is a test; one without raises its own words (ValueError),
@@ -271,11 +260,7 @@ FIELD_RULES: list[tuple[str, Callable[[Any], Any], str | None]] = [
     *((f"rng{path}", *rule) for path, *rule in RNG),
     ("rng_ranks", _sized(1, MAX_RANKS), "is not a list of the processes' random streams"),
     *((f"rng_ranks.*{path}", *rule) for path, *rule in RNG),
-    (
-        "scaler",
-        _keys("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker", among=True),
-        "is not a loss-scaler state",
-    ),
+    ("scaler", _keys(*SCALER_KEYS, among=True), "is not a loss-scaler state"),
     (
         "scaler.*",
         lambda x: type(x) in (int, float) and math.isfinite(x) and x >= 0,
@@ -284,11 +269,7 @@ FIELD_RULES: list[tuple[str, Callable[[Any], Any], str | None]] = [
     ("version", TEXT, None),
     ("preprocess", _keys("pipeline", "image_size", "task"), "is not a description of the evaluation preprocessing"),
     ("preprocess.image_size", Check(int, SMALLEST_IMAGE, LARGEST_IMAGE), "its preprocess's image_size "),
-    (
-        "preprocess.task",
-        lambda task: task in ("single-label", "multi-label"),
-        "names a task other than single-label or multi-label",
-    ),
+    ("preprocess.task", lambda task: task in TASKS, "names a task other than single-label or multi-label"),
     ("preprocess.pipeline", lambda state: pipeline_from_state(state, largest=LARGEST_IMAGE), "has a pipeline that "),
 ]
 OPTIONAL = {"best_metric", "best", "last", "partial", "rng_ranks", "scaler", "preprocess"}
@@ -330,20 +311,6 @@ def check_fields(checkpoint: dict[str, Any]) -> str | None:
     return None
 
 
-def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str, Any] | None:
-    """The ``preprocess`` entry of a checkpoint: what ``predict`` and ``export`` need besides the
-    weights and class names, so that a checkpoint alone is enough. The evaluation pipeline
-    (``Pipeline.state``), the side of the square images the data set's cache holds (what a photo
-    is resized and centre-cropped to before the pipeline: 32, or 256 for the 224-input models)
-    and the task (``training.tasks``: softmax or per-class sigmoid scores). None for a pipeline
-    kind that cannot describe itself."""
-    try:
-        state = pipeline.state()
-    except NotImplementedError:  # a pipeline kind without a state: predict rebuilds it from the data
-        return None
-    return {"pipeline": state, "image_size": int(image_size), "task": task}
-
-
 def network_problem(checkpoint: dict[str, Any]) -> str | None:
     """What in a checkpoint does not fit the network its config names, in words that complete
     "checkpoint X cannot be used: ...", or None; for a checkpoint whose fields passed
@@ -378,7 +345,3 @@ def network_problem(checkpoint: dict[str, Any]) -> str | None:
         except ValueError as error:
             return f"its preprocess has a pipeline that {error}"
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Checks that need the model, the optimiser or the data

@@ -1,8 +1,8 @@
 """Putting a checkpoint back: its weights into a model (``check_compatible``, ``load_weights``),
 its optimiser state and partial epoch checked against the run that resumes it, and the run's
-progress and checkpoints (``Progress``, ``Checkpointer``: what they hold, writing them, and
-restoring a run as it was). The file itself (the atomic save, loading with every field checked)
-is ``training.checkpoint``'s.
+progress and checkpoints (``Progress``, ``Checkpointer``: what they hold, with ``on_cpu`` and
+``preprocess_state``, writing them, and restoring a run as it was). The file itself (the atomic
+save, loading with every field checked) is ``training.checkpoint``'s.
 """
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ from torch import nn
 
 from data.transforms import Pipeline
 from network import MODELS
-from training.checkpoint import (
-    CheckpointError,
-    on_cpu,
-    preprocess_state,
-    save_checkpoint,
-)
+from training.checkpoint import CheckpointError, save_checkpoint
 from training.config import TrainConfig
 from training.distributed import gather_objects, rank_and_world
 from training.fastpath import plain_state_dict
@@ -183,6 +178,33 @@ class Progress:
 #: load; without ``preprocess``, predict rebuilds the pipeline from the data set, as
 #: ``--evaluate`` does.
 CHECKPOINT_FORMAT = 3
+
+
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (in dicts, lists and tuples, at any depth) on the CPU:
+    what checkpoints hold, so that ``torch.load(path, weights_only=True)`` reads them on a
+    machine without the GPU they were trained on, with no ``map_location``."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
+
+
+def preprocess_state(pipeline: Pipeline, image_size: int, task: str) -> dict[str, Any] | None:
+    """The ``preprocess`` entry of a checkpoint: what ``predict`` and ``export`` need besides the
+    weights and class names, so that a checkpoint alone is enough. The evaluation pipeline
+    (``Pipeline.state``), the side of the square images the data set's cache holds (what a photo
+    is resized and centre-cropped to before the pipeline: 32, or 256 for the 224-input models)
+    and the task (``training.tasks``: softmax or per-class sigmoid scores). None for a pipeline
+    kind that cannot describe itself."""
+    try:
+        state = pipeline.state()
+    except NotImplementedError:  # a pipeline kind without a state: predict rebuilds it from the data
+        return None
+    return {"pipeline": state, "image_size": int(image_size), "task": task}
 
 
 class Checkpointer:
