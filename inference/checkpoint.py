@@ -28,7 +28,7 @@ from training.config import TrainConfig
 from training.evaluation import class_mismatch
 from training.resume import load_weights
 from training.tasks import MULTI, Task, task_for
-from utils import quoted, short_reason
+from utils import short_reason
 
 
 @dataclass
@@ -131,7 +131,7 @@ def check_ensemble(members: Sequence[Trained]) -> None:
         if problem is not None:
             raise CheckpointError(problem)
         if member.multilabel != first.multilabel:
-            a, b = quoted(str(first.path)), quoted(str(member.path))
+            a, b = first.path, member.path
             kinds = {True: "multi-label (sigmoid scores)", False: "single-label (softmax scores)"}
             raise CheckpointError(
                 f"checkpoint {b} is {kinds[member.multilabel]} but {a} is {kinds[first.multilabel]}; an ensemble "

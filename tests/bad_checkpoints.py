@@ -61,6 +61,11 @@ def set_config(**values):
     return change
 
 
+def swapped_classes(checkpoint):
+    classes = checkpoint["classes"]
+    checkpoint["classes"] = [classes[1], classes[0], *classes[2:]]
+
+
 def older_step(checkpoint):
     checkpoint["global_step"] -= 1
     checkpoint["partial"] = None
@@ -116,6 +121,22 @@ CASES = [
         r"checkpoint .*last.pt was trained on 10 classes \(Shapes\), but Cifar100 has 20; pass a checkpoint trained "
         r"on Cifar100\.",
         prepare=lambda w, e: write_cifar100(w / "data" / "cifar-100"),
+    ),
+    Case(
+        "ensemble of checkpoints with other classes",
+        ["--evaluate", "EARLIER", "swapped.pt"],
+        1,
+        r"checkpoint swapped.pt has class 'square' at index 0, where \S+/last.pt has 'disc'; an ensemble needs the "
+        r"same classes in the same order, so pass checkpoints of runs on one data set\.",
+        prepare=lambda w, e: crafted(w, "swapped.pt", swapped_classes),
+    ),
+    Case(
+        "ensemble of checkpoints of two data sets",
+        ["--evaluate", "EARLIER", "cifar.pt"],
+        1,
+        r"checkpoint cifar.pt was trained on Cifar10 and \S+/last.pt on Shapes; the networks of an ensemble must "
+        r"share the data set, so evaluate them apart \(or all on one, with -ds\)\.",
+        prepare=lambda w, e: crafted(w, "cifar.pt", set_config(dataset="Cifar10")),
     ),
     Case(
         "checkpoint folder not writable",

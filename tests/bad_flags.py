@@ -37,6 +37,12 @@ CASES = [
         r"-c \(CifarAlexNet, 32x32 inputs\) cannot train on PascalVOC2012's 256x256 images; drop -c",
     ),
     Case("-ne 0", ["-ne", "0"], 2, r"argument -ne/--n_epoch: must be at least 1, got 0"),
+    Case(
+        "--crops without --evaluate",
+        ["--crops", "10", *TINY],
+        2,
+        r"--crops chooses the views of --evaluate; add --evaluate PATH, or drop --crops",
+    ),
     Case("negative value", ["-lls", "-5"], 2, r"argument -lls/--log_loss_step: must be at least 1, got -5"),
     Case(
         "output folder not writable",

@@ -27,7 +27,6 @@ from training.evaluation import AsRead
 from training.loop import Member, evaluate_ensemble
 from training.resume import Checkpointer, Progress
 from training.schedule import PlateauSchedule
-from utils import quoted
 
 SHAPES = {"shapes_train": 60, "shapes_test": 12}
 
@@ -214,8 +213,8 @@ def test_members_that_name_other_classes_are_one_sentence(checkpoints, tmp_path,
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip().splitlines()[-1] == (
-        f"error: checkpoint {quoted(str(tmp_path / 'swapped.pt'))} has class '{classes[1]}' at index 0, where "
-        f"{quoted(str(checkpoints['a']))} has '{classes[0]}'; an ensemble needs the same classes in the same "
+        f"error: checkpoint {tmp_path / 'swapped.pt'} has class '{classes[1]}' at index 0, where "
+        f"{checkpoints['a']} has '{classes[0]}'; an ensemble needs the same classes in the same "
         "order, so pass checkpoints of runs on one data set."
     )
 

@@ -33,7 +33,6 @@ from training.config import TrainConfig
 from training.loop import evaluate
 from training.resume import Checkpointer, Progress
 from training.schedule import PlateauSchedule
-from utils import quoted
 
 
 def checkpoint_of(folder: Path, model: str, train: Split, classes: list[str], seed: int) -> Path:
@@ -331,14 +330,14 @@ def test_members_must_share_classes_in_order_and_task(cifar):
     same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
     names = ", ".join(f"'{c}'" for c in a.classes[:3])
     cases = [
-        ([a, a, fewer], f"checkpoint 'B.pt' has 3 classes ({names}), 'A.pt' has 10 ({names}, ...); {same}"),
+        ([a, a, fewer], f"checkpoint B.pt has 3 classes ({names}), A.pt has 10 ({names}, ...); {same}"),
         (
             [a, swapped],
-            f"checkpoint 'B.pt' has class '{a.classes[1]}' at index 0, where 'A.pt' has '{a.classes[0]}'; {same}",
+            f"checkpoint B.pt has class '{a.classes[1]}' at index 0, where A.pt has '{a.classes[0]}'; {same}",
         ),
         (
             [a, voc],
-            "checkpoint 'B.pt' is multi-label (sigmoid scores) but 'A.pt' is single-label (softmax scores); an "
+            "checkpoint B.pt is multi-label (sigmoid scores) but A.pt is single-label (softmax scores); an "
             "ensemble averages scores of one kind, so pass checkpoints of runs on one data set.",
         ),
     ]
@@ -357,8 +356,8 @@ def test_a_mismatched_ensemble_is_one_sentence_and_nothing_on_stdout(
     assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        f"error: checkpoint {quoted(str(cifar_three))} has 3 classes ('alpha', 'beta', 'gamma'), "
-        f"{quoted(str(cifar_ckpt))} has 10 ('disc', 'square', 'triangle', ...); an ensemble needs the same "
+        f"error: checkpoint {cifar_three} has 3 classes ('alpha', 'beta', 'gamma'), "
+        f"{cifar_ckpt} has 10 ('disc', 'square', 'triangle', ...); an ensemble needs the same "
         "classes in the same order, so pass checkpoints of runs on one data set."
     ]
 

@@ -119,8 +119,8 @@ def same_data(checkpoints: list[Checkpoint]) -> None:
     for other in checkpoints[1:]:
         if other.config.dataset != first.config.dataset:
             raise UserError(
-                f"checkpoint {quoted(str(other.path))} was trained on {other.config.dataset} and "
-                f"{quoted(str(first.path))} on {first.config.dataset}; the networks of an ensemble must share the data "
+                f"checkpoint {other.path} was trained on {other.config.dataset} and "
+                f"{first.path} on {first.config.dataset}; the networks of an ensemble must share the data "
                 "set, so evaluate them apart (or all on one, with -ds)."
             )
         problem = class_mismatch(first.path, first.saved["classes"], other.path, other.saved["classes"])
@@ -136,7 +136,7 @@ def class_mismatch(first: Path, ours: list[str], other: Path, theirs: list[str])
     """Why the network of checkpoint ``other`` (classes ``theirs``) cannot be averaged with that
     of ``first`` (``ours``), or None: an output is a class index, so an ensemble needs the same
     classes in the same order (``--evaluate`` and ``predict`` alike)."""
-    a, b = quoted(str(first)), quoted(str(other))
+    a, b = first, other
     same = "an ensemble needs the same classes in the same order, so pass checkpoints of runs on one data set."
     if len(theirs) != len(ours):
         return (
