@@ -21,6 +21,7 @@ from experiments.paper_table import (
     find_evaluations,
     format_cell,
     heading,
+    paper_table,
     read_evaluation,
     row_label,
     write_paper_table,
@@ -279,3 +280,13 @@ def test_no_records_is_one_sentence(
         f"error: {tmp_path / 'gone'} does not exist; pass a folder of evaluation records (python main.py --evaluate "
         "A.pt [B.pt ...] --crops 10 > evaluations/NAME.json)."
     ]
+
+
+def test_the_readmes_table_is_the_one_its_records_make(repo_root):
+    """The README's Table 2 example is what the report makes of the records it was built from
+    (experiments/results/table2_shapes), row for row."""
+    readme = (repo_root / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(readme) if line.startswith("| model | centre crop top-1 |"))
+    shown = readme[start : readme.index("", start)]
+    made = paper_table(find_evaluations([repo_root / "experiments" / "results" / "table2_shapes"])).splitlines()
+    assert len(shown) == 4 and made[made.index(shown[0]) :][:4] == shown
