@@ -31,7 +31,7 @@ from hardware.capabilities import Capabilities
 from network import MODELS, SplitPaperAlexNet, make_model
 from training.checkpoint import load_checkpoint
 from training.config import EVALUATE_MAY_CHANGE, TrainConfig, config_from_checkpoint
-from training.distributed import data_peers
+from training.distributed import StopSignals, data_peers
 from training.fastpath import prepare_model
 from training.loop import Member, evaluate_ensemble
 from training.resume import load_weights
@@ -63,7 +63,7 @@ class AsRead(Pipeline):
     def __init__(self, views: int) -> None:
         self.views = views
 
-    def evaluate(self, x):
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
@@ -83,7 +83,7 @@ def evaluate_members(
     crops: int | None,
     hw: Capabilities,
     split: tuple[torch.device, torch.device] | None,
-    stop: Any,
+    stop: StopSignals,
 ) -> int:
     """Evaluate ``checkpoints`` (``read_member``, ``same_data``) on their data set's evaluation
     split with ``crops`` views (None: each run's own), each network on ``hw.device`` or its two
