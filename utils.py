@@ -98,9 +98,13 @@ def printable(text: str) -> str:
 
 
 def quoted(text: str, limit: int = 60) -> str:
-    """``text`` in quotes for a one-line message: printable, and cut to ``limit`` characters."""
+    """``text`` in quotes for a one-line message: printable, and cut to ``limit`` characters in
+    the middle, so that a long path keeps where it starts and its file name."""
     text = printable(text)
-    return "'" + (text if len(text) <= limit else text[: limit - 3] + "...") + "'"
+    if len(text) > limit:
+        head = (limit - 3) // 3
+        text = text[:head] + "..." + text[len(text) - (limit - 3 - head) :]
+    return "'" + text + "'"
 
 
 def temp_file_beside(path: Path) -> tuple[int, str]:

@@ -13,8 +13,10 @@ import itertools
 import logging
 import math
 import multiprocessing.util
+import os
 import re
 import signal
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,13 +101,40 @@ def lost_worker(error: BaseException) -> str | None:
     return f"{who} was killed by {lost.signal_name}{cause}"
 
 
+#: The longest path of a Unix socket (``sun_path``, 108 bytes with the final NUL), and what
+#: multiprocessing adds to its temporary folder's parent: ``/pymp-XXXXXXXX/listener-XXXXXXXX``.
+SOCKET_PATH_MAX, SOCKET_NAME = 107, 32
+
+
 def _share_the_temporary_folder() -> None:
     """Make multiprocessing's temporary folder (``pymp-*`` in TMPDIR) before the workers start.
     Each worker that hands a batch over makes one of its own otherwise, for the socket that passes
     its shared memory, and removes it when it exits; a worker killed (by the out-of-memory
     killer, say) leaves it behind. Made here, it is inherited by the forked workers (Linux's
-    way of starting them) and removed by this process when it exits, however they end."""
-    multiprocessing.util.get_temp_dir()
+    way of starting them) and removed by this process when it exits, however they end.
+
+    Where TMPDIR is too long a path for those sockets (more than 75 characters: a cluster job's
+    scratch folder, say), every batch a worker hands over would fail ("AF_UNIX path too long"):
+    the folder is made in the first short standard one instead, as Python 3.13 does itself."""
+    base = tempfile.gettempdir()
+    short = _short_temporary_base(base)
+    if short is None or short == base:
+        multiprocessing.util.get_temp_dir()
+        return
+    saved, tempfile.tempdir = tempfile.tempdir, short
+    try:
+        multiprocessing.util.get_temp_dir()
+    finally:
+        tempfile.tempdir = saved
+
+
+def _short_temporary_base(base: str) -> str | None:
+    """``base`` if its sockets' paths fit, else the first of /tmp, /var/tmp, /dev/shm that is a
+    writable folder whose do, else None (and the workers' sockets fail as they would have)."""
+    for folder in (base, "/tmp", "/var/tmp", "/dev/shm"):
+        if len(folder) + SOCKET_NAME <= SOCKET_PATH_MAX and os.path.isdir(folder) and os.access(folder, os.W_OK):
+            return folder
+    return None
 
 
 class _CacheRows(torch.utils.data.Dataset):

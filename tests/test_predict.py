@@ -33,6 +33,7 @@ from training.config import TrainConfig
 from training.loop import evaluate
 from training.resume import Checkpointer, Progress
 from training.schedule import PlateauSchedule
+from utils import quoted
 
 
 def checkpoint_of(folder: Path, model: str, train: Split, classes: list[str], seed: int) -> Path:
@@ -605,3 +606,12 @@ def test_crops_choose_the_centre_crop_or_the_ten_patches(paper, images, capsys, 
     paths = [Path(f) for f in files]
     assert out["1"] == predicted([centre], paths, 32, 3)[0]
     assert out["10"] == predicted([paper], paths, 32, 3)[0] != out["1"]
+
+
+def test_a_long_path_in_a_sentence_keeps_its_start_and_its_file_name():
+    """A sentence quotes a path in at most 60 characters by cutting its middle: a long TMPDIR or
+    data folder once cut ``broken.jpg`` off the sentence that was about it."""
+    path = "/scratch/job-12345/" + "x" * 150 + "/holiday/broken.jpg"
+    shown = quoted(path)
+    assert len(shown) == 62 and shown.startswith("'/scratch/job-12345") and shown.endswith("/holiday/broken.jpg'")
+    assert "..." in shown and quoted("short.jpg") == "'short.jpg'"

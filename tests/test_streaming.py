@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from fakedata import write_photos
+from fakedata import write_class_folders, write_photos
+from main_cli import run
 
 from data.core import Split
 from data.loaders import BatchLoader, place_split
@@ -343,3 +344,19 @@ def test_a_damaged_jpeg_is_one_sentence_naming_its_shard(rotten, where, workers)
         else:
             hw = Capabilities.stand_in() if where == "cuda" else "cpu"
             list(BatchLoader(rotten, BATCH, Unchanged(), False, hw, workers=workers))
+
+
+def test_workers_hand_batches_over_under_a_temporary_folder_too_long_for_their_sockets(tmp_path):
+    """A worker hands a batch over through a Unix socket in multiprocessing's folder under TMPDIR,
+    and a socket's path has at most 107 characters: under a TMPDIR of 120 (a cluster job's scratch
+    folder, say) every hand-over failed with "AF_UNIX path too long". The folder then goes to a
+    short standard one, and a streamed epoch with two workers runs as anywhere else."""
+    write_class_folders(tmp_path / "data", {"a": 6, "b": 6}, size=40)
+    deep = tmp_path / ("t" * max(1, 120 - len(str(tmp_path)) - 1))
+    deep.mkdir()
+    assert len(str(deep)) >= 120
+    flags = ["-c", "-ds", "ImageFolder", "--data-dir", "data", "--loader", "stream", "--workers", "2"]
+    result = run(*flags, "--batch-size", "4", "-ne", "1", "-d", cwd=tmp_path, env={**os.environ, "TMPDIR": str(deep)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "epoch 1/1" in result.stderr
+    assert [p.name for p in deep.iterdir() if not p.name.startswith("torchinductor_")] == []
