@@ -116,12 +116,8 @@ def _share_the_temporary_folder() -> None:
     Where TMPDIR is too long a path for those sockets (more than 75 characters: a cluster job's
     scratch folder, say), every batch a worker hands over would fail ("AF_UNIX path too long"):
     the folder is made in the first short standard one instead, as Python 3.13 does itself."""
-    base = tempfile.gettempdir()
-    short = _short_temporary_base(base)
-    if short is None or short == base:
-        multiprocessing.util.get_temp_dir()
-        return
-    saved, tempfile.tempdir = tempfile.tempdir, short
+    saved = tempfile.gettempdir()
+    tempfile.tempdir = _short_temporary_base(saved) or saved
     try:
         multiprocessing.util.get_temp_dir()
     finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments import ExperimentError
-from experiments.report import MISSING, mean_std
+from experiments.report import MISSING, make_report_folder, mean_std
 
 logger = logging.getLogger(__name__)
 
@@ -248,12 +248,7 @@ def write_paper_table(roots: Sequence[Path], out: Path) -> tuple[Path, str]:
     and its text (for the terminal)."""
     evaluations = find_evaluations(roots)
     text = paper_table(evaluations)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file where a folder should be, no permission, a full disk
-        raise ExperimentError(
-            f"cannot create the report folder {out} ({error.strerror or error}); pass another --out."
-        ) from None
+    make_report_folder(out)
     path = out / TABLE_FILE
     path.write_text(text)
     logger.info("wrote %s from %d evaluation record(s)", path, len(evaluations))

@@ -422,17 +422,22 @@ def _scale_note(scale: str) -> str:
     )
 
 
-def write_report(roots: Sequence[Path], out: Path, group_by: str = "auto") -> tuple[Path, str]:
-    """Write ``report.md`` and one PNG per section into ``out``; returns the report's path and
-    its tables (for the terminal)."""
-    runs = find_runs(roots, group_by)
-    sections = sections_of(runs)
+def make_report_folder(out: Path) -> None:
+    """``out`` made if needed; one sentence where it cannot be."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file where a folder should be, no permission, a full disk
         raise ExperimentError(
             f"cannot create the report folder {out} ({error.strerror or error}); pass another --out."
         ) from None
+
+
+def write_report(roots: Sequence[Path], out: Path, group_by: str = "auto") -> tuple[Path, str]:
+    """Write ``report.md`` and one PNG per section into ``out``; returns the report's path and
+    its tables (for the terminal)."""
+    runs = find_runs(roots, group_by)
+    sections = sections_of(runs)
+    make_report_folder(out)
     curves = {run.folder: read_curves(run.folder, run.dataset) for run in runs}
     sources = ", ".join(f"`{r}`" for r in roots)
     plural = "s" if len(sections) != 1 else ""

@@ -26,6 +26,7 @@ from network import MODELS, make_model
 from training.checkpoint import CheckpointError, load_checkpoint, not_regular
 from training.config import TrainConfig
 from training.evaluation import class_mismatch
+from training.loop import view_scores
 from training.resume import load_weights
 from training.tasks import MULTI, Task, task_for
 from utils import short_reason
@@ -64,10 +65,7 @@ class Trained:
         softmax, or the mean of their sigmoids for multi-label data), as ``training.loop.evaluate``
         scores them (10-crop under ``-pt``). Kept in the task's space rather than as
         probabilities so that an ensemble's ``Task.combine`` is exact for a member given alone."""
-        inputs = self.preprocess(images)
-        n, views = inputs.shape[:2]
-        logits = self.model(inputs.flatten(0, 1)).float().view(n, views, -1)
-        return self.task.scores(logits)
+        return view_scores(self.task, self.model, self.preprocess(images))
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
@@ -86,10 +84,7 @@ def _preprocessing(
     """The pipeline, image size and task: the checkpoint's own, or rebuilt from its data set."""
     saved = checkpoint.get("preprocess")
     if saved is not None:
-        pipeline = pipeline_from_state(saved["pipeline"])  # checked by load_checkpoint
-        for name, value in vars(pipeline).items():
-            if isinstance(value, torch.Tensor):
-                setattr(pipeline, name, value.to(device))
+        pipeline = pipeline_from_state(saved["pipeline"]).to(device)  # checked by load_checkpoint
         return pipeline, saved["image_size"], saved["task"] == MULTI.name
     from data.registry import load_dataset  # only old checkpoints need the data set
 

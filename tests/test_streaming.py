@@ -148,20 +148,21 @@ print(total, growth, split.nbytes, stream_bound(16, 3 * size * size, 0))
 """
 
 
-def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound(tmp_path):
-    """A subprocess streams 800 images of 64 x 64 (9.8 MB decoded, against a bound of 0.6 MB
-    for batches of 16 without workers): its peak resident memory grows by far less than the
-    decoded cache, which it would if the images were kept. Plain gradients: quick to encode."""
+def ramp_shards(folder: Path, size: int, count: int, per: int, levels: int) -> None:
+    """``count`` plain gradients of ``size`` x ``size`` (quick to encode), ``per`` to a shard, image
+    ``i`` of a shard brightened by ``i % levels``, written as preparation writes shards."""
     from data.shards import encode_images, write_shard
 
-    size, count, per = 64, 800, 100
     ramp = torch.arange(size, dtype=torch.uint8).expand(3, size, size)
     for number in range(count // per):
-        images = [ramp + (i % 128) for i in range(per)]
-        write_shard(tmp_path / f"{number:05d}.shard", *encode_images(images), "0" * 64, number)
-    command = [sys.executable, "-c", MEMORY, str(tmp_path), str(size), str(count), str(per)]
-    result = subprocess.run(
-        command,
+        images = [ramp + (i % levels) for i in range(per)]
+        write_shard(folder / f"{number:05d}.shard", *encode_images(images), "0" * 64, number)
+
+
+def run_script(script: str, *args: object) -> subprocess.CompletedProcess:
+    """``python -c script *args`` in a fresh process at the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -169,6 +170,15 @@ def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound
         timeout=120,
         check=False,
     )
+
+
+def test_host_memory_stays_bounded_while_streaming_a_cache_larger_than_the_bound(tmp_path):
+    """A subprocess streams 800 images of 64 x 64 (9.8 MB decoded, against a bound of 0.6 MB
+    for batches of 16 without workers): its peak resident memory grows by far less than the
+    decoded cache, which it would if the images were kept. Plain gradients: quick to encode."""
+    size, count, per = 64, 800, 100
+    ramp_shards(tmp_path, size, count, per, levels=128)
+    result = run_script(MEMORY, tmp_path, size, count, per)
     assert result.returncode == 0, result.stderr
     total, growth, decoded, bound = map(int, result.stdout.split())
     assert total == count and decoded == count * 3 * size * size and bound == 3 * 16 * 3 * size * size
@@ -285,23 +295,9 @@ def test_decoding_in_process_streams_large_batches_from_8_workers_within_256_fil
     used: one tensor per image would need 8 workers x 2 prefetched x 256 images of them, far past
     a 256 (or the usual 1,024) descriptor limit. A subprocess under ``ulimit -n 256`` streams an
     evaluation of 2,048 images in batches of 256 through the CPU stand-in for a GPU."""
-    from data.shards import encode_images, write_shard
-
     size, count, per, batch = 16, 2048, 256, 256
-    ramp = torch.arange(size, dtype=torch.uint8).expand(3, size, size)
-    for number in range(count // per):
-        images = [ramp + (i % 200) for i in range(per)]
-        write_shard(tmp_path / f"{number:05d}.shard", *encode_images(images), "0" * 64, number)
-    command = [sys.executable, "-c", DESCRIPTORS, str(tmp_path), str(size), str(count), str(per), str(batch)]
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    ramp_shards(tmp_path, size, count, per, levels=200)
+    result = run_script(DESCRIPTORS, tmp_path, size, count, per, batch)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", str(count // batch)]
 

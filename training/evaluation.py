@@ -169,8 +169,7 @@ def member(
     if split is not None:
         model = SplitPaperAlexNet(model, split)
         logger.info("the two towers run on %s and %s", *model.devices)
-    else:
-        model = prepare_model(model, hw.device, config.channels_last)
+    model = prepare_model(model, hw.device, config.channels_last)  # the split model stays on its towers
     pipeline = preprocessing(checkpoint, data, hw)
     if crops is not None:
         pipeline = pipeline.with_views(crops)

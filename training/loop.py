@@ -22,7 +22,7 @@ from data.loaders import BatchLoader
 from data.transforms import Pipeline
 from training.distributed import StopRequest, agree_stop, all_max, all_sum, rank_and_world
 from training.fastpath import TrainStep, autocast, model_input
-from training.tasks import EvalResult, task_for
+from training.tasks import EvalResult, Task, task_for
 
 
 class LossNotFinite(Exception):
@@ -156,11 +156,20 @@ def evaluate(
     device = loader.device
     totals = task.totals(num_classes, device)
     for images, labels in loader:
-        n, views = images.shape[:2]
-        with autocast(device, amp):
-            logits = model(model_input(images.flatten(0, 1), channels_last)).float().view(n, views, -1)
-        task.accumulate(totals, task.scores(logits), labels)
+        task.accumulate(totals, view_scores(task, model, images, amp, channels_last), labels)
     return task.finalise(totals, len(loader.split), num_classes)
+
+
+def view_scores(
+    task: Task, model: nn.Module, inputs: torch.Tensor, amp: str = "off", channels_last: bool = False
+) -> torch.Tensor:
+    """The task's per-image scores of N x V x C x H x W model inputs: the model on every view
+    (under autocast ``amp``, in its memory layout), the views' fp32 outputs averaged
+    (``Task.scores``)."""
+    n, views = inputs.shape[:2]
+    with autocast(inputs.device, amp):
+        logits = model(model_input(inputs.flatten(0, 1), channels_last))
+    return task.scores(logits.float().view(n, views, -1))
 
 
 @dataclass
@@ -192,12 +201,8 @@ def evaluate_ensemble(
         member.model.eval()
     for images, labels in loader:
         scores = []
-        for member, sums in zip(members, totals, strict=True):
-            inputs = member.pipeline.evaluate(images)
-            n, views = inputs.shape[:2]
-            with autocast(device, member.amp):
-                logits = member.model(model_input(inputs.flatten(0, 1), member.channels_last))
-            scores.append(task.scores(logits.float().view(n, views, -1)))
+        for m, sums in zip(members, totals, strict=True):
+            scores.append(view_scores(task, m.model, m.pipeline.evaluate(images), m.amp, m.channels_last))
             task.accumulate(sums, scores[-1], labels)
         if len(members) > 1:
             task.accumulate(together, task.combine(scores), labels)
